@@ -97,6 +97,7 @@ class RunConfig:
     loss: str = "cosine"
     kd_weight: float = 0.0  # logit KD through the cached teacher head; 0 turns it off
     kd_temperature: float = 2.0
+    kd_tokens: int = 128  # positions per batch that get the KD term (each costs two vocab projections); 0 = all
     head_mode: str = "new"
     head_kd_weight: float = 0.0  # Phase 3: KD from the teacher's logits next to the CE
     eval_every: int = 50
@@ -126,7 +127,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}: set it to 1 or more")
-        for name in ("lm_head_steps", "warmup_steps", "ckpt_every", "ablation_steps", "ablation_head_steps"):
+        for name in ("lm_head_steps", "warmup_steps", "ckpt_every", "ablation_steps", "ablation_head_steps",
+                     "kd_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.lr <= 0 or self.head_lr <= 0:
@@ -198,6 +200,12 @@ def check_dataset_name(name: str) -> None:
         return
     raise ConfigError(f"unknown dataset {name!r}: use one of {list(DATASETS)}, a Hub dataset 'org/name', or "
                       f"an existing local .txt/.jsonl/.py file, folder or glob. Offline, use {STDLIB_CORPUS!r}")
+
+
+def describe(cfg: RunConfig, preset: str | None = None) -> str:
+    """The effective configuration, as the notebook prints it."""
+    head = f"effective configuration (preset: {preset or 'none, the form values'})"
+    return "\n".join([head] + [f"  {f.name:<20} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)])
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -732,12 +740,13 @@ def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, va
 
     Every val_every-th document goes to the held-out stream (until it is full), so train and held-out
     blocks never share a document. A document contributes at most max_doc_blocks blocks, for variety.
-    Returns (train (N, T) int32, val (M, T) int32).
+    Returns (train (N, T) int32, val (M, T) int32, indices of the held-out documents).
     """
     eos = tokenizer.eos_token_id
     want = {"train": num_train * seq_len, "val": num_val * seq_len}
     streams = {"train": [], "val": []}
     cap = max_doc_blocks * seq_len
+    val_docs = []
     for i, text in enumerate(texts):
         full = {k: len(v) >= want[k] for k, v in streams.items()}
         if all(full.values()):
@@ -745,6 +754,8 @@ def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, va
         split = "val" if (i % val_every == val_every - 1 and not full["val"]) or full["train"] else "train"
         ids = tokenizer(text[: cap * 12], add_special_tokens=False).input_ids[:cap]  # ~4 chars a token
         streams[split].extend(ids + [eos])
+        if split == "val":
+            val_docs.append(i)
     blocks = {}
     for split, ids in streams.items():
         n = min(len(ids) // seq_len, want[split] // seq_len)
@@ -756,7 +767,7 @@ def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, va
     for split, n in (("train", num_train), ("val", num_val)):
         if len(blocks[split]) < n:
             print(f"note: the dataset ran out after {len(blocks[split])} of {n} {split} blocks")
-    return blocks["train"], blocks["val"]
+    return blocks["train"], blocks["val"], val_docs
 
 
 CACHE_VERSION = 1
@@ -883,8 +894,8 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     if context and cfg.seq_len > context:
         raise ConfigError(f"seq_len={cfg.seq_len} is beyond the teacher's context ({context}): lower MAX_SEQ_LENGTH")
     D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
-    train, val = pack_blocks(iter_texts(cfg.dataset, cfg.seed), tokenizer, cfg.seq_len, cfg.num_samples,
-                             cfg.val_samples)
+    train, val, val_docs = pack_blocks(iter_texts(cfg.dataset, cfg.seed), tokenizer, cfg.seq_len,
+                                       cfg.num_samples, cfg.val_samples)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").unlink(missing_ok=True)  # from here on the folder is incomplete
     _check_disk(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2)
@@ -921,7 +932,7 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     for split in ("train", "val"):
         files[f"{split}_states.npy"]["data_offset"] = offsets[split]
     manifest = {"request": request, "teacher_dim": D, "vocab_size": head.shape[0], "files": files,
-                "num_train": len(train), "num_val": len(val), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "num_train": len(train), "num_val": len(val), "val_docs": val_docs, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
     free_teacher(teacher)
     print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {folder}")
@@ -932,40 +943,43 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
 # losses and training
 
 
-def _masked_mean(x, mask):
-    """Mean of per-token values x (B, T) over mask (B, T); masked-out entries cannot leak in, even as NaN."""
+def _real(mask, *xs):
+    """Keep real tokens only: (B, T, ...) -> (n_real, ...). Selecting before computing keeps padded positions
+    out of the value and the gradient, even when they hold NaN."""
     if mask is None:
-        return x.mean()
+        return tuple(x.reshape(-1, *x.shape[2:]) for x in xs)
     mask = mask.bool()
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+    return tuple(x[mask] for x in xs)
 
 
 def cosine_loss(pred, target, mask=None):
     """1 - cos(pred, target) per token, averaged over real tokens. pred, target: (B, T, D)."""
-    return _masked_mean(1 - F.cosine_similarity(pred, target, dim=-1), mask)
+    pred, target = _real(mask, pred, target)
+    return (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
 
 
 def mse_loss(pred, target, mask=None):
-    return _masked_mean((pred - target).pow(2).mean(dim=-1), mask)
+    pred, target = _real(mask, pred, target)
+    return (pred - target).pow(2).mean()
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float = 1.0, mask=None):
     """KL(teacher || student) per token at temperature T, times T^2 (Hinton et al.). logits: (B, T, V)."""
-    t = temperature
-    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(dim=-1)  # (B, T)
-    return _masked_mean(kl, mask) * t * t
+    s, t = _real(mask, student_logits, teacher_logits)
+    s_logp = F.log_softmax(s.float() / temperature, dim=-1)
+    t_logp = F.log_softmax(t.float() / temperature, dim=-1)
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") / max(1, len(s))
+    return kl * temperature ** 2
 
 
 def next_token_ce(logits, tokens, mask=None, reduction="mean"):
-    """CE of logits[:, t] against tokens[:, t + 1] over positions whose target is real."""
-    V = logits.size(-1)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1), reduction="none")
-    ce = ce.view(tokens.size(0), -1)  # (B, T-1)
-    if reduction == "none":
-        return ce
-    return _masked_mean(ce, None if mask is None else mask[:, 1:])
+    """CE of logits[:, t] against tokens[:, t + 1], over positions whose target is real."""
+    if reduction == "none":  # (B, T-1), for sums over whole packed blocks
+        V = logits.size(-1)
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1), reduction="none")
+        return ce.view(tokens.size(0), -1)
+    logits, targets = _real(None if mask is None else mask[:, 1:], logits[:, :-1], tokens[:, 1:])
+    return F.cross_entropy(logits.float(), targets)
 
 
 def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
@@ -1000,6 +1014,12 @@ def _autocast(device: torch.device):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", enabled=False)
+
+
+def _adamw(params, lr, weight_decay):
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one fused kernel instead of many small ops
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
 
 
 def _check_batch(cfg: RunConfig, cache: TeacherCache):
@@ -1041,7 +1061,9 @@ def load_checkpoint(run_dir, phase: str, signature: dict):
             warnings.warn(f"checkpoint {path} is corrupt or partial ({type(e).__name__}); trying the previous one")
             continue
         if state.get("signature") != signature:
-            print(f"{path} comes from other settings: starting {phase} afresh (it is kept until overwritten)")
+            aside = path.with_name(f"{phase}.other-settings.pt")
+            os.replace(path, aside)
+            print(f"{path} comes from other settings: moved it to {aside.name} and starting {phase} afresh")
             return None
         return state
     return None
@@ -1056,61 +1078,85 @@ def _set_rng_state(gen: torch.Generator, state: dict):
     torch.set_rng_state(state["torch"])
 
 
-def _phase2_loss(cfg, pred, target, teacher_head, mask=None):
+def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None):
+    """Cosine and/or MSE over real tokens, plus logit KD through the teacher head on kd_positions
+    (flat indices into B*T; None = every real token)."""
     loss = 0.0
     if cfg.loss in ("cosine", "cosine+mse"):
         loss = loss + cosine_loss(pred, target, mask)
     if cfg.loss in ("mse", "cosine+mse"):
         loss = loss + mse_loss(pred, target, mask)
     if cfg.kd_weight > 0:
+        p, t = _real(mask, pred, target)  # (n, D)
+        if kd_positions is not None:
+            p, t = p[kd_positions], t[kd_positions]
         with torch.no_grad():
-            t_logits = teacher_head(target)  # the teacher's own logits, recomputed from its cached state
-        loss = loss + cfg.kd_weight * kd_loss(teacher_head(pred), t_logits, cfg.kd_temperature, mask)
+            t_logits = teacher_head(t)  # the teacher's own logits, recomputed from its cached state
+        loss = loss + cfg.kd_weight * kd_loss(teacher_head(p)[None], t_logits[None], cfg.kd_temperature)
     return loss
 
 
 @torch.no_grad()
-def held_out_cosine(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16) -> float:
-    """Mean cosine of projector(student) against the teacher over every held-out token."""
-    was_training = model.training
-    model.eval()
-    device = model.tok_embeddings.weight.device
+def held_out_cosine(model: BitNetStudent | None, cache: TeacherCache, batch_size: int = 16, predict=None) -> float:
+    """Mean cosine against the teacher over every held-out token. The prediction is projector(student) unless
+    predict(tokens, idx) -> (B, T, D) is given (the baseline, or the teacher's own states in tests)."""
+    was_training = model is not None and model.training
+    if predict is None:
+        model.eval()
+        device = model.tok_embeddings.weight.device
+        predict = lambda tokens, idx: model.projector(model(tokens.to(device)))  # noqa: E731
     total = 0.0
     for i in range(0, cache.num_val, batch_size):
         idx = np.arange(i, min(i + batch_size, cache.num_val))
-        pred = model.projector(model(cache.tokens("val", idx).to(device)))
-        total += F.cosine_similarity(pred.float(), cache.states("val", idx).to(device), dim=-1).sum().item()
-    model.train(was_training)
+        pred = predict(cache.tokens("val", idx), idx).float()
+        total += F.cosine_similarity(pred, cache.states("val", idx).to(pred.device), dim=-1).sum().item()
+    if was_training:
+        model.train()
     return total / (cache.num_val * cache.seq_len)
 
 
-@torch.no_grad()
 def baseline_cosine(cache: TeacherCache, batch_size: int = 16) -> float:
     """The constant predictor: the mean teacher vector of the training cache, scored on held-out tokens."""
     mean = torch.from_numpy(cache.train_mean)
-    total = 0.0
-    for i in range(0, cache.num_val, batch_size):
-        target = cache.states("val", np.arange(i, min(i + batch_size, cache.num_val)))
-        total += F.cosine_similarity(mean.expand_as(target), target, dim=-1).sum().item()
-    return total / (cache.num_val * cache.seq_len)
+    return held_out_cosine(None, cache, batch_size, lambda tokens, idx: mean.expand(len(idx), cache.seq_len, -1))
 
 
 def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherCache) -> dict:
     keys = {"phase2": ("superposition_steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
-                       "grad_clip", "loss", "kd_weight", "kd_temperature", "seed"),
+                       "grad_clip", "loss", "kd_weight", "kd_temperature", "kd_tokens", "seed"),
             "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_kd_weight", "seed")}[phase]
     return {"cache": str(cache.path.name), "student": asdict(model.cfg) if phase == "phase2" else
             {k: v for k, v in asdict(model.cfg).items() if k != "head_mode"},
             **{k: getattr(cfg, k) for k in keys}}
 
 
+def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teacher_head=None, gen=None):
+    """One Phase 2 step on a batch: tokens (B, T), target (B, T, D). Returns the loss; a non-finite loss
+    is returned before any weight changes."""
+    device = tokens.device
+    kd_positions = None
+    if cfg.kd_weight > 0 and 0 < cfg.kd_tokens < tokens.numel():
+        kd_positions = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens].to(device)
+    with _cuda_oom_hint(), _autocast(device):
+        pred = model.projector(model(tokens)).float()  # (B, T, D)
+        loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions)
+    if not torch.isfinite(loss):
+        return loss.detach()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # every trainable parameter, projector included
+    opt.step()
+    return loss.detach()
+
+
 def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
-                        stop_after: int | None = None) -> dict:
+                        stop_after: int | None = None, fresh: bool = False) -> dict:
     """Phase 2: student + projector against the cached teacher states.
 
     AdamW (no weight decay by default), linear warmup then cosine decay, clipping over every trainable
     parameter (projector included). Checkpoints every cfg.ckpt_every steps into cfg.run_dir and resumes
-    from the last good one. stop_after simulates an interruption (tests).
+    from the last good one; a finished phase is not redone unless fresh=True. stop_after simulates an
+    interruption (tests).
     """
     from tqdm.auto import tqdm
 
@@ -1118,7 +1164,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     device = model.tok_embeddings.weight.device
     steps = cfg.superposition_steps
     params = [p for n, p in model.named_parameters() if not n.startswith(("head.", "teacher_head."))]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = _adamw(params, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_schedule(s, steps, cfg.warmup_steps, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -1130,7 +1176,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
         teacher_head.weight.data.copy_(cache.teacher_head())
     signature = _signature(cfg, "phase2", model, cache)
     start = 0
-    state = load_checkpoint(cfg.run_dir, "phase2", signature)
+    state = None if fresh else load_checkpoint(cfg.run_dir, "phase2", signature)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -1143,20 +1189,15 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     for step in bar:
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens, target = cache.tokens("train", idx).to(device), cache.states("train", idx).to(device)
-        with _cuda_oom_hint(), _autocast(device):
-            loss = _phase2_loss(cfg, model.projector(model(tokens)).float(), target, teacher_head)
+        loss = superposition_step(model, opt, params, tokens, target, cfg, teacher_head, gen)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"Phase 2 loss is {loss.item()} at step {step}: training stopped; the last good checkpoint in "
                 f"{Path(cfg.run_dir) / 'checkpoints'} is kept. Lower LEARNING_RATE and rerun")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
         history["step"].append(step)
         history["loss"].append(loss.item())
-        history["lr"].append(opt.param_groups[0]["lr"])
+        history["lr"].append(opt.param_groups[0]["lr"])  # the LR this step used
+        sched.step()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             history["eval_step"].append(step + 1)
             history["val_cosine"].append(held_out_cosine(model, cache))
@@ -1201,7 +1242,7 @@ def _frozen_digest(model: BitNetStudent) -> str:
 
 
 def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
-                  stop_after: int | None = None) -> dict:
+                  stop_after: int | None = None, fresh: bool = False) -> dict:
     """Phase 3 ("speech therapy"): a head that decodes the frozen student.
 
     head_mode new: a fresh untied head on student states computed once; body, embedding and projector stay
@@ -1237,14 +1278,14 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         trainable = [model.tok_embeddings.weight]
     for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=cfg.head_lr, weight_decay=0.0)
+    opt = _adamw(trainable, cfg.head_lr, 0.0)
     steps = cfg.lm_head_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, min(cfg.warmup_steps, steps // 10),
                                                                          cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     signature = _signature(cfg, "phase3", model, cache)
     start = 0
-    state = load_checkpoint(cfg.run_dir, "phase3", signature)
+    state = None if fresh else load_checkpoint(cfg.run_dir, "phase3", signature)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -1486,9 +1527,18 @@ def export_ternary(model: BitNetStudent, path) -> dict:
     os.replace(tmp, path / "ternary.safetensors")
     _write_config(path, model.cfg, TERNARY_FORMAT)
     ternary_bytes = sum(tensors[f"{n}.packed"].numel() for n in bl)
+    fp_numel = sum(v.numel() for k, v in tensors.items() if not k.endswith((".packed", ".scale")))
     return {"file_bytes": (path / "ternary.safetensors").stat().st_size, "ternary_weights": ternary_weights,
             "ternary_bytes": ternary_bytes, "bits_per_ternary_weight": 8 * ternary_bytes / max(1, ternary_weights),
-            "fp32_latent_bytes": 4 * sum(v.numel() for v in model.state_dict().values())}
+            "fp32_latent_bytes": 4 * (fp_numel + ternary_weights)}  # what save_pretrained writes, in fp32
+
+
+def format_sizes(sizes: dict) -> str:
+    return (f"packed ternary file: {sizes['file_bytes'] / 2**20:.2f} MiB vs fp32 latent weights "
+            f"{sizes['fp32_latent_bytes'] / 2**20:.2f} MiB ({sizes['fp32_latent_bytes'] / sizes['file_bytes']:.1f}x "
+            f"smaller)\nternary part: {sizes['ternary_weights'] / 1e6:.2f}M weights in "
+            f"{sizes['ternary_bytes'] / 2**20:.2f} MiB = {sizes['bits_per_ternary_weight']:.2f} bits a weight; "
+            "embedding, norms, projector and head in float16")
 
 
 def load_ternary(path, device="cpu") -> BitNetStudent:
@@ -1536,7 +1586,7 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
 
     device = model.tok_embeddings.weight.device
     steps = cfg.superposition_steps + cfg.lm_head_steps  # the same number of optimiser steps as (a) and (b)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = _adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, cfg.warmup_steps,
                                                                          cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -1562,13 +1612,14 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
     arms = {}
     widths = tuple(dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)))
     base = dataclasses.replace(cfg, superposition_steps=cfg.ablation_steps, lm_head_steps=cfg.ablation_head_steps,
-                               head_mode="new", ckpt_every=0, eval_every=max(cfg.ablation_steps, 1))
+                               head_mode="new", eval_every=max(cfg.ablation_steps, 1))
     for width in widths:
         wcfg = dataclasses.replace(base, student_dim=width)
         for arm, ternary in (("ternary", True), ("full precision", False)):
-            model = build_student(wcfg, cache.vocab_size, cache.teacher_dim, ternary=ternary)
-            train_superposition(model, cache, wcfg, progress=progress)
-            train_lm_head(model, cache, wcfg, progress=progress)
+            acfg = dataclasses.replace(wcfg, run_dir=str(Path(cfg.run_dir) / "ablation" / f"{arm.split()[0]}-{width}"))
+            model = build_student(acfg, cache.vocab_size, cache.teacher_dim, ternary=ternary)
+            train_superposition(model, cache, acfg, progress=progress)  # own checkpoints: resumable too
+            train_lm_head(model, cache, acfg, progress=progress)
             m = evaluate(model, cache)["metrics"]
             arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
         model = build_student(wcfg, cache.vocab_size, cache.teacher_dim)
@@ -1579,6 +1630,16 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
     result = {"arms": arms, "widths": widths, "baseline_cosine": base_cos, "teacher_ce": teacher_ce}
     result["verdict"] = ablation_verdict(result)
     return result
+
+
+def format_ablation(result: dict) -> str:
+    lines = [f"{'arm':<16} {'width':>5} {'cosine':>8} {'gain':>8} {'CE':>8}"]
+    for (arm, width), r in result["arms"].items():
+        lines.append(f"{arm:<16} {width:>5} {r['cosine']:8.4f} {r['cosine'] - result['baseline_cosine']:8.4f} "
+                     f"{r['ce']:8.3f}")
+    lines.append(f"mean-vector baseline cosine {result['baseline_cosine']:.4f}, teacher CE {result['teacher_ce']:.3f}")
+    lines.append("verdict: " + result["verdict"])
+    return "\n".join(lines)
 
 
 def ablation_verdict(result: dict) -> str:

@@ -1,0 +1,371 @@
+"""Spoon Feed against the original notebook, side by side in one run: speed, memory and quality.
+
+    python bench/run.py                  # the full benchmark, about 20 minutes on 2 CPU cores
+    python bench/run.py --smoke          # seconds-to-minutes: every section at toy size (run by the tests)
+    python bench/run.py --only quality   # one or more sections: peak,phase1,phase2,phase3,generate,rss,quality
+
+(a) is bench/original.py, the original notebook's loops re-implemented as the baseline; (b) is
+spoonfeed_helpers. Every speed figure is a ratio (b)/(a) measured in this process on this machine.
+Results go to stdout as one markdown table, and to --out as JSON.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import spoonfeed_helpers as sf  # noqa: E402
+from bench import original as orig  # noqa: E402
+
+SECTIONS = ("peak", "phase1", "phase2", "phase3", "generate", "rss", "quality")
+
+# the budget of the quality comparison (training issue): 512 x 128 tokens, student 256x4x4, batch 8, 300 + 150
+FULL = dict(n_phase1=48, dim=256, layers=4, heads=4, seq=128, batch=8, steps=10, head_steps=10, gen_tokens=128,
+            rss_n=512, rss_steps=40, matmul=2048)
+SMOKE = dict(n_phase1=4, dim=32, layers=2, heads=2, seq=32, batch=2, steps=2, head_steps=2, gen_tokens=8,
+             rss_n=8, rss_steps=2, matmul=256)
+
+ROWS = []
+
+
+def row(figure, a, b, target=None, unit="", higher_is_better=True, note=""):
+    """One table row; the ratio is always (b)/(a)."""
+    ratio = b / a if (a and b is not None and a == a and b == b) else float("nan")
+    met = ""
+    if target is not None:
+        ok = ratio >= target if higher_is_better else ratio <= target
+        met = "yes" if ok else "**no**"
+    ROWS.append(dict(figure=figure, original=a, spoonfeed=b, ratio=ratio, target=target, met=met, unit=unit,
+                     note=note))
+    print(f"  {figure}: (a) {_fmt(a)} (b) {_fmt(b)} {unit}  ratio {ratio:.3g} {met} {note}", flush=True)
+
+
+def _fmt(x):
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def timed(fn, repeat=1):
+    fn()  # warm-up: first calls pay for lazy initialisation
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t) / repeat
+
+
+# --- machine peak -----------------------------------------------------------------------------------------
+
+def matmul_peak(n):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    reps = 10
+    best = min(timed(lambda: [a @ b for _ in range(reps)]) for _ in range(3))
+    return 2 * n ** 3 * reps / best / 1e9
+
+
+# --- Phase 1 ----------------------------------------------------------------------------------------------
+
+def teacher_flops_per_token(teacher, seq):
+    """Forward FLOPs a token: 2 x non-embedding parameters + attention (2 x layers x context x width)."""
+    c = teacher.config
+    n = sum(p.numel() for p in teacher.get_decoder().parameters()) - teacher.get_input_embeddings().weight.numel()
+    return 2 * n + 2 * c.num_hidden_layers * seq * c.hidden_size
+
+
+def bench_phase1(p, peak, teacher, tok, tmp):
+    n, seq = p["n_phase1"], p["seq"]
+    texts = list(_train_texts(n * 4, [], seq))
+    t = time.perf_counter()
+    inputs, _ = orig.cache_original(teacher, tok, texts, n, seq)
+    a = len(inputs) * seq / (time.perf_counter() - t)
+    cfg = sf.make_config(teacher=sf.BUNDLED_TEACHER, dataset=sf.STDLIB_CORPUS, num_samples=n, val_samples=4,
+                         seq_len=seq, batch_size=2, cache_dir=str(tmp / "phase1"), device="cpu")
+    t = time.perf_counter()
+    cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), progress=False)
+    b = (cache.num_train + cache.num_val) * seq / (time.perf_counter() - t)
+    row("Phase 1 teacher tokens/s", a, b, 1.5, "tok/s")
+    flops = teacher_flops_per_token(teacher, seq)
+    share_a, share_b = a * flops / 1e9 / peak, b * flops / 1e9 / peak
+    row("Phase 1 share of fp32 matmul peak", share_a, share_b, note=f"(b) {share_b:.0%}, target >= 55%: "
+        f"{'yes' if share_b >= 0.55 else '**no**'}")
+
+
+# --- Phase 2 / 3 ------------------------------------------------------------------------------------------
+
+def _models(p, vocab, teacher_dim, max_len=None):
+    torch.manual_seed(0)
+    a = orig.BitNetStudent(vocab, p["dim"], p["layers"], p["heads"])
+    a_proj = orig.Decompressor(p["dim"], teacher_dim)
+    b = sf.BitNetStudent(sf.StudentConfig(vocab_size=vocab, teacher_dim=teacher_dim, dim=p["dim"],
+                                          n_layers=p["layers"], n_heads=p["heads"], max_seq_len=max_len or p["seq"]))
+    return a, a_proj, b
+
+
+def train_flops_per_token(model: sf.BitNetStudent, seq):
+    """fwd + bwd: 6 x (ternary + projector parameters) + attention (3 x 2 x layers x context x width)."""
+    c = model.cfg
+    n = model.num_params()
+    return 6 * (n["ternary"] + n["projector"]) + 6 * c.n_layers * seq * c.dim
+
+
+def bench_phase2(p, peak, head_weight, vocab, teacher_dim):
+    B, T = p["batch"], p["seq"]
+    a, a_proj, b = _models(p, vocab, teacher_dim)
+    tokens = torch.randint(0, vocab, (B, T))
+    target = torch.randn(B, T, teacher_dim)
+    a_opt = torch.optim.AdamW(list(a.parameters()) + list(a_proj.parameters()), lr=1e-3, weight_decay=0.0)
+    ta = timed(lambda: orig.train_step_original(a, a_proj, a_opt, tokens, target), p["steps"])
+    cfg = sf.make_config(batch_size=B, num_samples=max(B, 1), lr=1e-3)
+    params = [q for n, q in b.named_parameters() if not n.startswith("head.")]
+    b_opt = sf._adamw(params, 1e-3, 0.0)
+    gen = torch.Generator().manual_seed(0)
+    b.train()
+    tb = timed(lambda: sf.superposition_step(b, b_opt, params, tokens, target, cfg, None, gen), p["steps"])
+    row("Phase 2 training tokens/s (cosine loss)", B * T / ta, B * T / tb, 2.0, "tok/s")
+    flops = train_flops_per_token(b, T)
+    row("Phase 2 share of fp32 matmul peak", B * T * flops / ta / 1e9 / peak, B * T * flops / tb / 1e9 / peak)
+    head = torch.nn.Linear(teacher_dim, vocab, bias=False).requires_grad_(False)
+    head.weight.data.copy_(head_weight)
+    for kd_tokens, label in ((128, "128 positions a batch"), (0, "every position")):
+        kcfg = dataclasses.replace(cfg, kd_weight=1.0, kd_tokens=kd_tokens)
+        tk = timed(lambda: sf.superposition_step(b, b_opt, params, tokens, target, kcfg, head, gen), p["steps"])
+        row(f"Phase 2 step time with logit KD on {label}, vs cosine only", tb, tk, unit="s",
+            note="(a) is the cosine-only step here: the ratio is KD's extra cost")
+
+
+def bench_phase3(p, cache, vocab, teacher_dim):
+    """Seconds per Phase 3 step, each side's whole loop (ours includes computing the features once)."""
+    a, _, b = _models(p, vocab, teacher_dim)
+    inputs = [cache.tokens("train", [i]) for i in range(cache.num_train)]
+    steps = p["head_steps"]
+    ta = timed(lambda: orig.train_lm_head_original(a, inputs, steps, p["batch"])) / steps
+    with tempfile.TemporaryDirectory() as d:
+        cfg = sf.make_config(teacher=sf.BUNDLED_TEACHER, dataset=sf.STDLIB_CORPUS, batch_size=p["batch"],
+                             num_samples=cache.num_train, lm_head_steps=steps, eval_every=10**6, ckpt_every=0,
+                             student_dim=p["dim"], student_layers=p["layers"], student_heads=p["heads"],
+                             seq_len=cache.seq_len, run_dir=d, device="cpu")
+        tb = timed(lambda: sf.train_lm_head(b, cache, cfg, progress=False)) / steps
+    row("Phase 3 seconds per step (CE, new head vs tied)", ta, tb, 0.5, "s", higher_is_better=False,
+        note="target: (b) at most half of (a)")
+
+
+def bench_generate(p, vocab, teacher_dim):
+    n = p["gen_tokens"]
+    a, _, b = _models(p, vocab, teacher_dim, max_len=n + 8)
+    a.eval(), b.eval()
+    prompt = torch.randint(0, vocab, (1, 4))
+    ta = timed(lambda: orig.generate_original(a, prompt, n, temperature=0))
+    tb = timed(lambda: sf.generate(b, prompt, n, temperature=0))
+    row(f"Generation tokens/s ({n} new tokens)", n / ta, n / tb, 10.0, "tok/s")
+
+
+# --- memory -----------------------------------------------------------------------------------------------
+
+def rss_child(args):
+    """In a fresh process: train from the given cache and print peak RSS (MiB)."""
+    cache = sf.TeacherCache(args.rss_cache)
+    p = json.loads(args.rss_params)
+    cfg = sf.make_config(batch_size=p["batch"], num_samples=cache.num_train, superposition_steps=p["rss_steps"],
+                         student_dim=p["dim"], student_layers=p["layers"], student_heads=p["heads"],
+                         seq_len=cache.seq_len, eval_every=10**6, ckpt_every=0, run_dir=args.rss_run, device="cpu",
+                         warmup_steps=0)
+    if args.rss_side == "original":  # the original keeps every target in Python lists in RAM
+        inputs = [cache.tokens("train", [i]) for i in range(cache.num_train)]
+        targets = [cache.states("train", [i]) for i in range(cache.num_train)]
+        a, a_proj, _ = _models(p, cache.vocab_size, cache.teacher_dim)
+        orig.train_superposition_original(a, a_proj, inputs, targets, p["rss_steps"], p["batch"], 1e-3)
+    else:
+        model = sf.build_student(cfg, cache.vocab_size, cache.teacher_dim)
+        sf.train_superposition(model, cache, cfg, progress=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def bench_rss(p, tok, tmp):
+    """Peak RSS while training from a cache of N and of 8N blocks (random tiny teacher of the real width)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                           max_position_embeddings=4096)).eval()
+    peaks = {}
+    for n in (p["rss_n"], 8 * p["rss_n"]):
+        cfg = sf.make_config(teacher="rss/random-teacher", dataset=sf.STDLIB_CORPUS, num_samples=n, val_samples=4,
+                             seq_len=p["seq"], batch_size=p["batch"], cache_dir=str(tmp / "rss"), device="cpu",
+                             cache_batch_size=32)
+        cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), progress=False)
+        for side in ("original", "spoonfeed"):
+            out = subprocess.run([sys.executable, __file__, "--rss-child", "--rss-cache", str(cache.path),
+                                  "--rss-side", side, "--rss-run", str(tmp / f"rss-run-{side}-{n}"),
+                                  "--rss-params", json.dumps(p)], capture_output=True, text=True, check=True)
+            peaks[(side, n)] = float(out.stdout.strip().splitlines()[-1])
+    n = p["rss_n"]
+    row(f"Peak RSS training from {n} cached blocks", peaks[("original", n)], peaks[("spoonfeed", n)], unit="MiB")
+    row(f"Peak RSS training from {8 * n} cached blocks", peaks[("original", 8 * n)], peaks[("spoonfeed", 8 * n)],
+        unit="MiB")
+    growth_a = peaks[("original", 8 * n)] / peaks[("original", n)]
+    growth_b = peaks[("spoonfeed", 8 * n)] / peaks[("spoonfeed", n)]
+    ROWS.append(dict(figure="Peak RSS growth, 8x larger cache", original=growth_a, spoonfeed=growth_b,
+                     ratio=float("nan"), target="(b) <= 1.10", met="yes" if growth_b <= 1.10 else "**no**",
+                     unit="x", note=""))
+    print(f"  RSS growth 8x cache: (a) {growth_a:.3f}x (b) {growth_b:.3f}x", flush=True)
+
+
+# --- quality at equal budget ------------------------------------------------------------------------------
+
+def _train_texts(n, val_docs, seq):
+    """Documents of the stdlib corpus that are not held out, in the cache's order."""
+    skip = set(val_docs)
+    for i, text in enumerate(sf.iter_texts(sf.STDLIB_CORPUS)):
+        if i not in skip:
+            yield text[: seq * 16]
+
+
+@torch.no_grad()
+def original_quality(a, a_proj, cache):
+    """The original's student on our held-out blocks: cosine of projector(student) and CE of its tied head."""
+    a.eval()
+    tokens = cache.tokens("val", np.arange(cache.num_val))
+    h = a(tokens, return_hidden_states=True)
+    cos = sf.held_out_cosine(None, cache, predict=lambda t, idx: a_proj(h[idx]))
+    ce = sf.next_token_ce(torch.nn.functional.linear(h, a.embed_tokens.weight), tokens).item()
+    return cos, ce
+
+
+def bench_quality(cfg, teacher, tok, progress):
+    cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), progress=progress)
+    t = time.perf_counter()
+    texts = _train_texts(cfg.num_samples * 2, cache.manifest["val_docs"], cfg.seq_len)
+    inputs, targets = orig.cache_original(teacher, tok, texts, cfg.num_samples, cfg.seq_len)
+    a, a_proj, _ = _models(dict(dim=cfg.student_dim, layers=cfg.student_layers, heads=cfg.student_heads,
+                                seq=cfg.seq_len), cache.vocab_size, cache.teacher_dim)
+    orig.train_superposition_original(a, a_proj, inputs, targets, cfg.superposition_steps, cfg.batch_size,
+                                      cfg.lr_original, progress=progress)
+    orig.train_lm_head_original(a, inputs, cfg.lm_head_steps, cfg.batch_size, progress=progress)
+    cos_a, ce_a = original_quality(a, a_proj, cache)
+    time_a = time.perf_counter() - t
+    del inputs, targets
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        run = dataclasses.replace(cfg.run, run_dir=d)
+        model = sf.build_student(run, cache.vocab_size, cache.teacher_dim)
+        sf.train_superposition(model, cache, run, progress=progress)
+        sf.train_lm_head(model, cache, run, progress=progress)
+        m = sf.evaluate(model, cache)["metrics"]
+    time_b = time.perf_counter() - t
+    base = m["baseline_cosine"]
+    row("Held-out cosine to the teacher", cos_a, m["student_cosine"], note=f"mean-vector baseline {base:.4f}")
+    row("Held-out cosine gain over the baseline", cos_a - base, m["cosine_gain"], 2.0)
+    ROWS.append(dict(figure="Held-out CE (nats/token)", original=ce_a, spoonfeed=m["student_ce"],
+                     ratio=float("nan"), target="(b) <= (a) - 1.5", met="yes" if m["student_ce"] <= ce_a - 1.5
+                     else "**no**", unit="nats",
+                     note=f"teacher {m['teacher_ce']:.3f}, unigram {m['unigram_ce']:.3f}, (b) via teacher head "
+                          f"{m['student_ce_via_teacher_head']:.3f}; difference {ce_a - m['student_ce']:.3f}"))
+    print(f"  held-out CE: (a) {ce_a:.3f} (b) {m['student_ce']:.3f} teacher {m['teacher_ce']:.3f}", flush=True)
+    row("Whole Phase 1-3 wall time at the quality budget", time_a, time_b, unit="s", higher_is_better=False)
+
+
+class QualityConfig:
+    def __init__(self, run, lr_original):
+        self.run, self.lr_original = run, lr_original
+
+    def __getattr__(self, k):
+        return getattr(self.run, k)
+
+
+def table(machine):
+    lines = [f"Machine: {machine}", "",
+             "| figure | (a) original | (b) Spoon Feed | (b)/(a) | target | met |", "|---|---|---|---|---|---|"]
+    for r in ROWS:
+        target = r["target"] if isinstance(r["target"], str) else (f">= {r['target']}x" if r["target"] else "")
+        if r["target"] == 0.5:
+            target = "<= 0.5x"
+        ratio = "" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}x"
+        unit = f" {r['unit']}" if r["unit"] else ""
+        lines.append(f"| {r['figure']}{' — ' + r['note'] if r['note'] else ''} | {_fmt(r['original'])}{unit} | "
+                     f"{_fmt(r['spoonfeed'])}{unit} | {ratio} | {target} | {r['met']} |")
+    return "\n".join(lines)
+
+
+def machine_name():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks that every section runs")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-cache", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-side", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-run", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-params", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        return rss_child(args)
+    sections = [s for s in args.only.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}: choose from {','.join(SECTIONS)}")
+    p = SMOKE if args.smoke else FULL
+    ROWS.clear()
+    peak = matmul_peak(p["matmul"])
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    if "peak" in sections:
+        ROWS.append(dict(figure=f"fp32 matmul peak ({p['matmul']}x{p['matmul']})", original=peak, spoonfeed=peak,
+                         ratio=float("nan"), target=None, met="", unit="GFLOP/s", note=""))
+    teacher, tok = sf.load_teacher(sf.BUNDLED_TEACHER, device="cpu")
+    vocab, teacher_dim = teacher.config.vocab_size, teacher.config.hidden_size
+    head_weight = teacher.get_output_embeddings().weight.detach()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if "phase1" in sections:
+            bench_phase1(p, peak, teacher, tok, tmp)
+        if "phase2" in sections:
+            bench_phase2(p, peak, head_weight, vocab, teacher_dim)
+        if "generate" in sections:
+            bench_generate(p, vocab, teacher_dim)
+        if "phase3" in sections:
+            cfg = sf.make_config(teacher=sf.BUNDLED_TEACHER, dataset=sf.STDLIB_CORPUS, num_samples=max(16, p["batch"]),
+                                 val_samples=4, seq_len=p["seq"], batch_size=p["batch"],
+                                 cache_dir=str(tmp / "phase3"), device="cpu")
+            bench_phase3(p, sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), progress=False), vocab,
+                         teacher_dim)
+        if "rss" in sections:
+            bench_rss(p, tok, tmp)
+        if "quality" in sections:
+            run = sf.make_config("smoke" if args.smoke else "cpu", cache_dir=str(ROOT / "spoonfeed_cache"))
+            if args.smoke:
+                run = dataclasses.replace(run, cache_dir=str(tmp / "quality"))
+            bench_quality(QualityConfig(run, lr_original=1e-3), teacher, tok, progress=not args.smoke)
+    report = table(machine_name())
+    print("\n" + report)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": machine_name(), "rows": ROWS}, indent=1, default=str))
+    return ROWS
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Resume after interruption, one clear error for every bad input, nothing lost."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import spoonfeed_helpers as sf
+from conftest import CountingLoader, tiny_run_config, tiny_student_config
+
+
+def _cfg(cfg, **kw):
+    return sf.make_config(**{**vars(cfg), **kw})
+
+
+def _student(cfg, cache):
+    return sf.build_student(cfg, cache.vocab_size, cache.teacher_dim)
+
+
+# --- checkpoints and resume -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("phase", ["phase2", "phase3"])
+def test_interrupt_and_resume_equals_uninterrupted(tiny_cache, tmp_path, phase):
+    cfg, cache, _ = tiny_cache
+    straight_cfg = _cfg(cfg, run_dir=str(tmp_path / "straight"), ckpt_every=5)
+    broken_cfg = _cfg(cfg, run_dir=str(tmp_path / "broken"), ckpt_every=5)
+
+    straight = _student(straight_cfg, cache)
+    h2 = sf.train_superposition(straight, cache, straight_cfg, progress=False)
+    h3 = sf.train_lm_head(straight, cache, straight_cfg, progress=False)
+
+    broken = _student(broken_cfg, cache)
+    if phase == "phase2":
+        sf.train_superposition(broken, cache, broken_cfg, progress=False, stop_after=15)  # "the kernel dies"
+        broken = _student(broken_cfg, cache)  # a fresh kernel: a new, untrained student
+        r2 = sf.train_superposition(broken, cache, broken_cfg, progress=False)
+        r3 = sf.train_lm_head(broken, cache, broken_cfg, progress=False)
+    else:
+        sf.train_superposition(broken, cache, broken_cfg, progress=False)
+        sf.train_lm_head(broken, cache, broken_cfg, progress=False, stop_after=12)
+        broken = _student(broken_cfg, cache)
+        r2 = sf.train_superposition(broken, cache, broken_cfg, progress=False)  # finished: loaded, not redone
+        r3 = sf.train_lm_head(broken, cache, broken_cfg, progress=False)
+    assert r2 == h2 and r3 == h3
+    a, b = straight.state_dict(), broken.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_phase_is_not_redone_unless_asked(tiny_cache, monkeypatch):
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    sf.train_superposition(model, cache, cfg, progress=False)
+    steps = []
+    real = sf.superposition_step
+    monkeypatch.setattr(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1])
+    sf.train_superposition(_student(cfg, cache), cache, cfg, progress=False)
+    assert steps == []
+    sf.train_superposition(_student(cfg, cache), cache, cfg, progress=False, fresh=True)
+    assert len(steps) == cfg.superposition_steps
+
+
+def test_checkpoint_truncated_mid_write_falls_back_to_the_previous_one(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    cfg = _cfg(cfg, ckpt_every=10)
+    model = _student(cfg, cache)
+    sf.train_superposition(model, cache, cfg, progress=False, stop_after=20)
+    latest, prev = sf._ckpt_paths(cfg.run_dir, "phase2")
+    assert prev.exists()
+    with open(latest, "r+b") as f:
+        f.truncate(latest.stat().st_size // 2)
+    sig = sf._signature(cfg, "phase2", model, cache)
+    with pytest.warns(UserWarning, match=r"phase2\.pt is corrupt or partial"):
+        state = sf.load_checkpoint(cfg.run_dir, "phase2", sig)
+    assert state["step"] == 10
+
+
+def test_checkpoint_is_written_atomically(tiny_cache, monkeypatch):
+    cfg, cache, _ = tiny_cache
+    sf.save_checkpoint(cfg.run_dir, "phase2", {"step": 1})
+    real = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:10])  # the write is cut short ...
+        raise KeyboardInterrupt  # ... and the kernel dies
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        sf.save_checkpoint(cfg.run_dir, "phase2", {"step": 2})
+    latest, _ = sf._ckpt_paths(cfg.run_dir, "phase2")
+    assert torch.load(latest, weights_only=True)["step"] == 1  # the last good one is untouched
+
+
+def test_checkpoint_from_other_settings_is_moved_aside_not_lost(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    sf.train_superposition(_student(cfg, cache), cache, cfg, progress=False)
+    other = _cfg(cfg, lr=1e-3)
+    sf.train_superposition(_student(other, cache), cache, other, progress=False)
+    assert (Path(cfg.run_dir) / "checkpoints" / "phase2.other-settings.pt").exists()
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(tiny_cache, monkeypatch):
+    cfg, cache, _ = tiny_cache
+    cfg = _cfg(cfg, ckpt_every=5)
+    model = _student(cfg, cache)
+    calls = []
+    real = sf.cosine_loss
+
+    def poisoned(pred, target, mask=None):
+        calls.append(1)
+        return real(pred, target, mask) * (float("nan") if len(calls) == 8 else 1.0)
+
+    monkeypatch.setattr(sf, "cosine_loss", poisoned)
+    with pytest.raises(sf.NonFiniteLossError, match=r"step 7.*checkpoint"):
+        sf.train_superposition(model, cache, cfg, progress=False)
+    state = torch.load(sf._ckpt_paths(cfg.run_dir, "phase2")[0], weights_only=True)
+    assert state["step"] == 5
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step changed nothing
+
+
+def test_nan_weights_are_never_saved_as_a_result(tmp_path):
+    model = sf.BitNetStudent(tiny_student_config())
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight[0, 0] = float("nan")
+    with pytest.raises(sf.NonFiniteLossError, match="refusing to save"):
+        sf.save_pretrained(model, tmp_path / "s")
+    with pytest.raises(sf.NonFiniteLossError):
+        sf.export_ternary(model, tmp_path / "t")
+    assert not (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_cuda_out_of_memory_names_the_sliders():
+    with pytest.raises(RuntimeError, match="BATCH_SIZE, MAX_SEQ_LENGTH"):
+        with sf._cuda_oom_hint():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+
+# --- bad input: one clear error before any work -----------------------------------------------------------
+
+@pytest.mark.parametrize("kw,fix", [
+    (dict(teacher="gpt-9000"), "bundled teacher 'smollm2'"),
+    (dict(dataset="no such dataset"), "Offline, use 'stdlib'"),
+    (dict(student_dim=100, student_heads=12), "multiple of the heads"),
+    (dict(student_dim=36, student_heads=12), "odd"),
+    (dict(seq_len=0), "seq_len must be positive"),
+    (dict(seq_len=-5), "seq_len must be positive"),
+    (dict(teacher="TinyLlama/TinyLlama-1.1B-Chat-v1.0", seq_len=4096), "lower MAX_SEQ_LENGTH"),
+    (dict(batch_size=64, num_samples=10), "lower BATCH_SIZE"),
+    (dict(loss="l1"), "one of"),
+    (dict(head_mode="shared"), "one of"),
+    (dict(batch_size=8.5), "must be of type int"),
+    (dict(btach_size=8), "did you mean 'batch_size'"),
+])
+def test_bad_settings_are_refused_with_the_fix(kw, fix):
+    with pytest.raises(sf.ConfigError, match=fix):
+        sf.make_config(**kw)
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(sf.ConfigError, match="SPOONFEED_PRESET must be one of"):
+        sf.make_config("gpu-monster")
+
+
+def test_batch_larger_than_the_cache_is_refused_before_training(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    big = _cfg(cfg, batch_size=cache.num_train + 1, num_samples=cache.num_train + 1)
+    with pytest.raises(sf.ConfigError, match="lower BATCH_SIZE"):
+        sf.train_superposition(_student(cfg, cache), cache, big, progress=False)
+    assert not (Path(cfg.run_dir) / "checkpoints").exists()
+
+
+def test_saved_student_that_does_not_fit_the_tokenizer_or_teacher_is_refused(tiny_cache):
+    cfg, cache, loader = tiny_cache
+    model = sf.BitNetStudent(tiny_student_config(vocab_size=8, teacher_dim=24))
+    with pytest.raises(sf.ConfigError, match="distilled from"):
+        sf.check_compatible(model, tokenizer=loader.tokenizer)
+    with pytest.raises(sf.ConfigError, match="projector maps to 24"):
+        sf.check_compatible(sf.BitNetStudent(tiny_student_config()), teacher_dim=576)
+    sf.check_compatible(_student(cfg, cache), loader.tokenizer, cache.teacher_dim)  # the right pair passes
+
+
+def test_env_preset_overrides_form_values(monkeypatch):
+    monkeypatch.setenv("SPOONFEED_PRESET", "smoke")
+    cfg = sf.make_config(sf.preset_from_env(), num_samples=2000, teacher="Qwen/Qwen2.5-Coder-7B-Instruct")
+    assert cfg.teacher == "smollm2" and cfg.num_samples == 16
+    monkeypatch.delenv("SPOONFEED_PRESET")
+    assert sf.preset_from_env() is None

@@ -1,0 +1,181 @@
+"""Phases 2 and 3 and held-out evaluation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import spoonfeed_helpers as sf
+from conftest import tiny_student_config
+
+
+def _student(cfg, cache, **kw):
+    return sf.build_student(cfg, cache.vocab_size, cache.teacher_dim, **kw)
+
+
+@pytest.mark.parametrize("loss_fn", ["cosine", "mse", "kd"])
+def test_losses_ignore_masked_positions(loss_fn):
+    pred = torch.randn(2, 6, 8, requires_grad=True)
+    target = torch.randn(2, 6, 8)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 5:] = False
+
+    def run(p, t):
+        if loss_fn == "cosine":
+            return sf.cosine_loss(p, t, mask)
+        if loss_fn == "mse":
+            return sf.mse_loss(p, t, mask)
+        return sf.kd_loss(p, t, 2.0, mask)
+
+    loss = run(pred, target)
+    grad, = torch.autograd.grad(loss, pred)
+    pred2, target2 = pred.detach().clone(), target.clone()
+    pred2[~mask] = 1e4 * torch.randn_like(pred2[~mask])
+    target2[~mask] = float("nan")
+    pred2.requires_grad_(True)
+    loss2 = run(pred2, target2)
+    grad2, = torch.autograd.grad(loss2, pred2)
+    assert torch.equal(loss, loss2)
+    assert torch.equal(grad[mask], grad2[mask]) and not grad2[~mask].any()
+
+
+def test_next_token_ce_ignores_padded_targets():
+    logits = torch.randn(1, 5, 10)
+    tokens = torch.tensor([[1, 2, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    ce = sf.next_token_ce(logits, tokens, mask)
+    expected = torch.nn.functional.cross_entropy(logits[0, :2], tokens[0, 1:3])
+    assert torch.allclose(ce, expected)
+
+
+def test_kd_is_zero_for_equal_logits_and_finite_on_random_input():
+    logits = torch.randn(3, 4, 50)
+    assert sf.kd_loss(logits, logits.clone(), 2.0).abs().item() < 1e-6
+    kd = sf.kd_loss(torch.randn(3, 4, 50) * 30, torch.randn(3, 4, 50) * 30, 0.5)
+    assert torch.isfinite(kd) and kd > 0
+
+
+def test_lr_schedule_warms_up_peaks_and_decays():
+    f = [sf.lr_schedule(s, 100, 10, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:10]))  # linear warmup
+    assert f[10] == pytest.approx(1.0)  # peak right after warmup
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then it only decays
+    assert f[-1] == pytest.approx(0.1)  # down to min_ratio at the last step
+    assert f[55] == pytest.approx(0.55, abs=0.02)  # cosine: halfway is the mean
+
+
+def test_phase2_lowers_held_out_cosine_loss(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    before = sf.held_out_cosine(model, cache)
+    history = sf.train_superposition(model, cache, cfg, progress=False)
+    after = sf.held_out_cosine(model, cache)
+    assert after > before + 0.05
+    assert history["val_cosine"][-1] == pytest.approx(after)
+    assert len(history["loss"]) == len(history["lr"]) == cfg.superposition_steps
+    assert history["eval_step"] == [10, 20, 30]
+
+
+def test_phase2_clips_the_projector_too(tiny_cache, monkeypatch):
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    clipped = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, *a, **k: (clipped.append(list(ps)),
+                                                                                 real(clipped[-1], *a, **k))[1])
+    sf.train_superposition(model, cache, sf.make_config(**{**vars(cfg), "superposition_steps": 1,
+                                                           "ablation_widths": ()}), progress=False)
+    ids = {id(p) for p in clipped[0]}
+    assert all(id(p) in ids for p in model.projector.parameters())
+    assert all(id(p) in ids for _, m in model.bitlinears() for p in m.parameters())
+
+
+def test_phase2_with_kd_and_mse_runs_and_learns(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    cfg = sf.make_config(**{**vars(cfg), "loss": "cosine+mse", "kd_weight": 1.0, "run_dir": cfg.run_dir + "-kd"})
+    model = _student(cfg, cache)
+    history = sf.train_superposition(model, cache, cfg, progress=False)
+    assert all(math.isfinite(x) for x in history["loss"])
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_same_seed_same_history(tiny_cache, tmp_path):
+    cfg, cache, _ = tiny_cache
+    runs = []
+    for i in range(2):
+        c = sf.make_config(**{**vars(cfg), "run_dir": str(tmp_path / f"r{i}")})
+        model = _student(c, cache)
+        runs.append((sf.train_superposition(model, cache, c, progress=False),
+                     sf.train_lm_head(model, cache, c, progress=False)))
+    assert runs[0] == runs[1]
+
+
+def test_phase3_leaves_body_embedding_and_projector_bit_identical(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    sf.train_superposition(model, cache, cfg, progress=False)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    head_before = model.head.weight.detach().clone()
+    history = sf.train_lm_head(model, cache, cfg, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert not torch.equal(model.head.weight, head_before)
+    assert history["val_ce"][-1] < history["val_ce"][0] or history["val_ce"][-1] < math.log(cache.vocab_size)
+    assert history["val_ppl"][-1] == pytest.approx(math.exp(history["val_ce"][-1]))
+
+
+def test_phase3_computes_student_features_once(tiny_cache, monkeypatch):
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    calls = []
+    real = sf.BitNetStudent.forward
+    monkeypatch.setattr(sf.BitNetStudent, "forward", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    sf.train_lm_head(model, cache, cfg, progress=False)
+    n_batches = math.ceil(cache.num_train / 16) + math.ceil(cache.num_val / 16)
+    assert len(calls) == n_batches  # train + held-out features, never per head step
+
+
+def test_phase3_tied_mode_drifts_the_embedding(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    cfg = sf.make_config(**{**vars(cfg), "head_mode": "tied", "run_dir": cfg.run_dir + "-tied"})
+    model = _student(cfg, cache)
+    emb = model.tok_embeddings.weight.detach().clone()
+    sf.train_lm_head(model, cache, cfg, progress=False)
+    assert not torch.equal(model.tok_embeddings.weight, emb)  # the original's defect, kept for comparison
+
+
+def test_phase3_teacher_mode_needs_no_training(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    cfg = sf.make_config(**{**vars(cfg), "head_mode": "teacher"})
+    model = _student(cfg, cache)
+    history = sf.train_lm_head(model, cache, cfg, progress=False)
+    assert history["step"] == [] and len(history["val_ce"]) == 1
+    assert torch.equal(model.teacher_head.weight, cache.teacher_head())
+
+
+def test_evaluate_reports_baseline_and_a_perfect_projector_scores_one(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    report = sf.evaluate(model, cache)
+    m = report["metrics"]
+    for key in ("student_cosine", "baseline_cosine", "student_ce", "teacher_ce", "unigram_ce",
+                "student_ce_via_teacher_head", "student_ppl", "teacher_ppl"):
+        assert math.isfinite(m[key]), key
+    assert m["cosine_gain"] == pytest.approx(m["student_cosine"] - m["baseline_cosine"])
+    perfect = sf.held_out_cosine(model, cache, predict=lambda tokens, idx: cache.states("val", idx))
+    assert perfect == pytest.approx(1.0, abs=1e-5)
+    mean = torch.from_numpy(cache.train_mean)
+    const = sf.held_out_cosine(model, cache, predict=lambda tokens, idx: mean.expand(len(idx), cache.seq_len, -1))
+    assert const == pytest.approx(m["baseline_cosine"], abs=1e-6)
+    assert len(report["ternary"]) == 2 * 7
+    row = report["ternary"][0]
+    assert row["neg"] + row["zero"] + row["pos"] == pytest.approx(1.0)
+    assert "baseline" in sf.format_report(report)
+
+
+def test_train_mean_is_the_mean_teacher_vector(tiny_cache):
+    _, cache, _ = tiny_cache
+    states = cache.states("train", np.arange(cache.num_train))
+    assert torch.allclose(torch.from_numpy(cache.train_mean), states.mean(dim=(0, 1)), atol=1e-3)

