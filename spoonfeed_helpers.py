@@ -447,11 +447,12 @@ class BitNetStudent(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.projector = Decompressor(cfg.dim, cfg.teacher_dim)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if cfg.head_mode == "new" else None
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size) if cfg.head_mode == "new" else None  # bias: token priors
         self.teacher_head = None  # nn.Linear(teacher_dim, vocab), frozen; see attach_teacher_head
         nn.init.normal_(self.tok_embeddings.weight, std=0.02)
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -495,8 +496,9 @@ class BitNetStudent(nn.Module):
             raise ConfigError(f"head_mode={mode!r} is not one of {HEAD_MODES}")
         self.cfg = dataclasses.replace(self.cfg, head_mode=mode)
         if mode == "new" and self.head is None:
-            self.head = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False).to(self.tok_embeddings.weight)
+            self.head = nn.Linear(self.cfg.dim, self.cfg.vocab_size).to(self.tok_embeddings.weight)
             nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
         if mode != "new":
             self.head = None
 
@@ -511,12 +513,14 @@ class BitNetStudent(nn.Module):
                 "total": total}
 
 
-def build_student(cfg: RunConfig, vocab_size: int, teacher_dim: int, teacher_head=None, **kw) -> BitNetStudent:
-    """A fresh student for this run, seeded, on the run's device."""
+def build_student(cfg: RunConfig, cache: "TeacherCache", **kw) -> BitNetStudent:
+    """A fresh student for this run and cache, seeded, on the run's device. The decompressor's output bias
+    starts at the cache's mean teacher vector, so training starts at the constant baseline and spends its
+    steps on what is token-specific."""
     torch.manual_seed(cfg.seed)
-    model = BitNetStudent(cfg.student_config(vocab_size, teacher_dim, **kw))
-    if teacher_head is not None:
-        model.attach_teacher_head(teacher_head)
+    model = BitNetStudent(cfg.student_config(cache.vocab_size, cache.teacher_dim, **kw))
+    with torch.no_grad():
+        model.projector.net[-1].bias.copy_(torch.from_numpy(np.asarray(cache.train_mean, dtype=np.float32)))
     return model.to(pick_device(cfg.device))
 
 
@@ -1022,6 +1026,13 @@ def _adamw(params, lr, weight_decay):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
 
 
+def _frozen_teacher_head(cache: TeacherCache, device) -> nn.Linear:
+    """The teacher's LM head from the cache: teacher logits = head(cached state), with no logit cache."""
+    head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False).requires_grad_(False)
+    head.weight.data.copy_(cache.teacher_head())
+    return head.to(device)
+
+
 def _check_batch(cfg: RunConfig, cache: TeacherCache):
     if cfg.batch_size > cache.num_train:
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {cache.num_train} cached blocks: "
@@ -1067,6 +1078,23 @@ def load_checkpoint(run_dir, phase: str, signature: dict):
             return None
         return state
     return None
+
+
+def _resume(state, model, opt, sched, gen) -> bool:
+    """Restore a checkpoint into the live objects. A checkpoint whose tensors do not fit this model (written
+    by another version) is refused before anything is touched."""
+    if state is None:
+        return False
+    current = model.state_dict()
+    saved = state["model"]
+    if saved.keys() != current.keys() or any(saved[k].shape != v.shape for k, v in current.items()):
+        warnings.warn("the checkpoint does not fit this student (another version wrote it): starting afresh")
+        return False
+    model.load_state_dict(saved)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    _set_rng_state(gen, state["rng"])
+    return True
 
 
 def _rng_state(gen: torch.Generator) -> dict:
@@ -1124,7 +1152,8 @@ def baseline_cosine(cache: TeacherCache, batch_size: int = 16) -> float:
 def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherCache) -> dict:
     keys = {"phase2": ("superposition_steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
                        "grad_clip", "loss", "kd_weight", "kd_temperature", "kd_tokens", "seed"),
-            "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_kd_weight", "seed")}[phase]
+            "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_kd_weight", "kd_temperature",
+                       "kd_tokens", "seed")}[phase]
     return {"cache": str(cache.path.name), "student": asdict(model.cfg) if phase == "phase2" else
             {k: v for k, v in asdict(model.cfg).items() if k != "head_mode"},
             **{k: getattr(cfg, k) for k in keys}}
@@ -1170,18 +1199,11 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     gen = torch.Generator().manual_seed(cfg.seed)
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "val_cosine": [],
                "baseline_cosine": baseline_cosine(cache)}
-    teacher_head = None
-    if cfg.kd_weight > 0:
-        teacher_head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False).to(device).requires_grad_(False)
-        teacher_head.weight.data.copy_(cache.teacher_head())
+    teacher_head = _frozen_teacher_head(cache, device) if cfg.kd_weight > 0 else None
     signature = _signature(cfg, "phase2", model, cache)
     start = 0
     state = None if fresh else load_checkpoint(cfg.run_dir, "phase2", signature)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(gen, state["rng"])
+    if _resume(state, model, opt, sched, gen):
         history, start = state["history"], state["step"]
         print(f"Phase 2: resuming at step {start} of {steps}" if start < steps else "Phase 2: already done")
     model.train()
@@ -1232,6 +1254,12 @@ def held_out_ce(model: BitNetStudent, cache: TeacherCache, features=None, batch_
     return total / (len(tokens) * (cache.seq_len - 1))
 
 
+def log_unigram(cache: TeacherCache) -> np.ndarray:
+    """Log-frequencies of the training tokens, add-half smoothed: the constant CE predictor. (V,) float32."""
+    counts = np.bincount(cache.train_tokens.ravel(), minlength=cache.vocab_size).astype(np.float64) + 0.5
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
 def _frozen_digest(model: BitNetStudent) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -1254,8 +1282,12 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     _check_batch(cfg, cache)
     device = model.tok_embeddings.weight.device
     model.set_head_mode(cfg.head_mode)
-    if cfg.head_mode == "teacher" or cfg.head_kd_weight > 0:
+    if cfg.head_mode == "teacher":
         model.attach_teacher_head(cache.teacher_head())
+    if cfg.head_mode == "new":
+        with torch.no_grad():  # start from the unigram predictor: the head learns what context adds to it
+            model.head.bias.copy_(torch.from_numpy(log_unigram(cache)).to(device))
+    teacher_head = _frozen_teacher_head(cache, device) if cfg.head_kd_weight > 0 else None
     history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": []}
     val_tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
     val_feats = student_features(model, val_tokens)
@@ -1286,11 +1318,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     signature = _signature(cfg, "phase3", model, cache)
     start = 0
     state = None if fresh else load_checkpoint(cfg.run_dir, "phase3", signature)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(gen, state["rng"])
+    if _resume(state, model, opt, sched, gen):
         history, start = state["history"], state["step"]
         print(f"Phase 3: resuming at step {start} of {steps}" if start < steps else "Phase 3: already done")
     bar = tqdm(range(start, steps), desc="Phase 3: LM head", disable=not progress)
@@ -1304,10 +1332,12 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
                 model.train()
                 logits = model.logits(model(tokens))
             loss = next_token_ce(logits, tokens)
-            if cfg.head_kd_weight > 0:
+            if teacher_head is not None:  # KD from the teacher's logits on kd_tokens positions of the batch
+                pos = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens or tokens.numel()].to(device)
                 with torch.no_grad():
-                    t_logits = model.teacher_head(cache.states("train", idx).to(device))
-                loss = loss + cfg.head_kd_weight * kd_loss(logits, t_logits, cfg.kd_temperature)
+                    t_logits = teacher_head(cache.states("train", idx).to(device).flatten(0, 1)[pos])
+                s_logits = logits.flatten(0, 1)[pos]
+                loss = loss + cfg.head_kd_weight * kd_loss(s_logits[None], t_logits[None], cfg.kd_temperature)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"Phase 3 loss is {loss.item()} at step {step}: training stopped; the last "
                                      "good checkpoint is kept. Lower the head learning rate and rerun")
@@ -1359,8 +1389,7 @@ def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16) ->
     model.eval()
     tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
     feats = student_features(model, tokens, batch_size)
-    head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False).to(device)
-    head.weight.data.copy_(cache.teacher_head())
+    head = _frozen_teacher_head(cache, device)
     n_tok = len(tokens) * (cache.seq_len - 1)
     teacher_ce = via_teacher = 0.0
     for i in range(0, len(tokens), batch_size):
@@ -1368,9 +1397,7 @@ def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16) ->
         target = cache.states("val", np.arange(i, min(i + batch_size, len(tokens)))).to(device)
         teacher_ce += next_token_ce(head(target), tok, reduction="none").sum().item()
         via_teacher += next_token_ce(head(model.projector(feats[sl])), tok, reduction="none").sum().item()
-    counts = np.bincount(cache.train_tokens.ravel(), minlength=cache.vocab_size).astype(np.float64) + 0.5
-    unigram = -np.log(counts / counts.sum())  # add-half smoothed constant predictor
-    unigram_ce = float(unigram[cache.val_tokens[:, 1:].ravel()].mean())
+    unigram_ce = float(-log_unigram(cache)[cache.val_tokens[:, 1:].ravel()].mean())
     student_cos, base_cos = held_out_cosine(model, cache, batch_size), baseline_cosine(cache, batch_size)
     metrics = {
         "student_cosine": student_cos,
@@ -1617,12 +1644,12 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
         wcfg = dataclasses.replace(base, student_dim=width)
         for arm, ternary in (("ternary", True), ("full precision", False)):
             acfg = dataclasses.replace(wcfg, run_dir=str(Path(cfg.run_dir) / "ablation" / f"{arm.split()[0]}-{width}"))
-            model = build_student(acfg, cache.vocab_size, cache.teacher_dim, ternary=ternary)
+            model = build_student(acfg, cache, ternary=ternary)
             train_superposition(model, cache, acfg, progress=progress)  # own checkpoints: resumable too
             train_lm_head(model, cache, acfg, progress=progress)
             m = evaluate(model, cache)["metrics"]
             arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
-        model = build_student(wcfg, cache.vocab_size, cache.teacher_dim)
+        model = build_student(wcfg, cache)
         train_direct_ce(model, cache, wcfg, progress=progress)
         m = evaluate(model, cache)["metrics"]
         arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}

@@ -188,7 +188,7 @@ def rss_child(args):
         a, a_proj, _ = _models(p, cache.vocab_size, cache.teacher_dim)
         orig.train_superposition_original(a, a_proj, inputs, targets, p["rss_steps"], p["batch"], 1e-3)
     else:
-        model = sf.build_student(cfg, cache.vocab_size, cache.teacher_dim)
+        model = sf.build_student(cfg, cache)
         sf.train_superposition(model, cache, cfg, progress=False)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -261,7 +261,7 @@ def bench_quality(cfg, teacher, tok, progress):
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         run = dataclasses.replace(cfg.run, run_dir=d)
-        model = sf.build_student(run, cache.vocab_size, cache.teacher_dim)
+        model = sf.build_student(run, cache)
         sf.train_superposition(model, cache, run, progress=progress)
         sf.train_lm_head(model, cache, run, progress=progress)
         m = sf.evaluate(model, cache)["metrics"]

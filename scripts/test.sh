@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -q tests
+SPOONFEED_PRESET=smoke python -m pytest -q --nbmake --nbmake-timeout=900 spoon_feed.ipynb

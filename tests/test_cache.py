@@ -43,7 +43,7 @@ def test_blocks_are_packed_full_with_documents_joined_by_eos(tmp_path):
     docs = ["the cat sat on a mat", "a dog ran home", "the sun was big and red", "the moon saw a fish"] * 5
     train, val, val_docs = sf.pack_blocks(iter(docs), tok, seq_len=8, num_train=6, num_val=2, val_every=4)
     assert train.shape == (6, 8) and val.shape == (2, 8)
-    assert val_docs and all(i % 4 == 3 for i in val_docs)
+    assert val_docs[:2] == [3, 7]  # every 4th document until the training stream is full
     stream = []
     for i, d in enumerate(docs):
         if i % 4 != 3:

@@ -14,7 +14,7 @@ def _cfg(cfg, **kw):
 
 
 def _student(cfg, cache):
-    return sf.build_student(cfg, cache.vocab_size, cache.teacher_dim)
+    return sf.build_student(cfg, cache)
 
 
 # --- checkpoints and resume -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from conftest import tiny_student_config
 
 
 def _student(cfg, cache, **kw):
-    return sf.build_student(cfg, cache.vocab_size, cache.teacher_dim, **kw)
+    return sf.build_student(cfg, cache, **kw)
 
 
 @pytest.mark.parametrize("loss_fn", ["cosine", "mse", "kd"])
@@ -179,3 +179,13 @@ def test_train_mean_is_the_mean_teacher_vector(tiny_cache):
     _, cache, _ = tiny_cache
     states = cache.states("train", np.arange(cache.num_train))
     assert torch.allclose(torch.from_numpy(cache.train_mean), states.mean(dim=(0, 1)), atol=1e-3)
+
+
+def test_student_starts_at_the_mean_vector_and_the_head_at_the_unigram_predictor(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    assert torch.equal(model.projector.net[-1].bias.detach(), torch.from_numpy(cache.train_mean))
+    sf.train_lm_head(model, cache, sf.make_config(**{**vars(cfg), "lm_head_steps": 0}), progress=False)
+    assert torch.allclose(model.head.bias.detach(), torch.from_numpy(sf.log_unigram(cache)))
+    probs = np.exp(sf.log_unigram(cache))
+    assert probs.sum() == pytest.approx(1.0, abs=1e-4)

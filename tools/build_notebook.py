@@ -83,7 +83,7 @@ plt.show()'''
 
 STUDENT = '''# @title 4. Build the student
 # @markdown Llama-style blocks (RMSNorm, RoPE, SDPA attention, SwiGLU), every projection a ternary BitLinear; embedding and head in full precision.
-student = sf.build_student(cfg, cache.vocab_size, cache.teacher_dim)
+student = sf.build_student(cfg, cache)
 print({k: f"{v / 1e6:.2f}M" for k, v in student.num_params().items()})'''
 
 PHASE2 = '''# @title 5. Phase 2: superposition

@@ -1,0 +1,102 @@
+"""The packed 1.6-bit ternary export and the ablation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import spoonfeed_helpers as sf
+from conftest import tiny_student_config
+
+
+def test_pack_unpack_round_trip():
+    q = torch.randint(-1, 2, (7, 13)).float()  # 91 weights: not a multiple of 5
+    packed = sf.pack_ternary(q)
+    assert packed.dtype == np.uint8 and len(packed) == math.ceil(91 / 5)
+    assert torch.equal(sf.unpack_ternary(packed, 91).view(7, 13), q)
+
+
+def _rounded_to_fp16(model):
+    """The source model with its full-precision parts rounded as the export stores them."""
+    bl = {n for n, _ in model.bitlinears()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[0] not in bl:
+                p.copy_(p.half().float())
+    return model
+
+
+@pytest.mark.parametrize("mode", ["new", "teacher"])
+def test_export_load_gives_exactly_equal_eval_logits(tmp_path, mode):
+    model = sf.BitNetStudent(tiny_student_config(head_mode=mode, n_layers=3))
+    if mode == "teacher":
+        model.attach_teacher_head(torch.randn(64, 24).half().float())
+    model = _rounded_to_fp16(model).eval()
+    sf.export_ternary(model, tmp_path / "t")
+    loaded = sf.load_ternary(tmp_path / "t")
+    idx = torch.randint(0, 64, (2, 11))
+    assert torch.equal(loaded.logits(loaded(idx)), model.logits(model(idx)))
+    assert torch.equal(sf.generate(loaded, idx[:, :3], 8, temperature=0), sf.generate(model, idx[:, :3], 8, temperature=0))
+    for (_, a), (_, b) in zip(model.bitlinears(), loaded.bitlinears()):  # the latent weight re-quantizes the same
+        assert torch.equal(sf.quantize_weight(a.weight)[0], sf.quantize_weight(b.weight)[0])
+
+
+def test_export_size_matches_the_computed_expectation(tmp_path):
+    cfg = tiny_student_config(dim=64, n_layers=3, n_heads=4, vocab_size=100)
+    model = sf.BitNetStudent(cfg)
+    sizes = sf.export_ternary(model, tmp_path / "t")
+    n_ternary = sum(m.weight.numel() for _, m in model.bitlinears())
+    n_fp = sum(p.numel() for n, p in model.state_dict().items()
+               if n.rsplit(".", 1)[0] not in dict(model.bitlinears()))
+    expected = math.ceil(n_ternary / 5) + 4 * len(model.bitlinears()) + 2 * n_fp
+    assert sizes["ternary_weights"] == n_ternary
+    assert sizes["bits_per_ternary_weight"] <= 1.61
+    header = 8 + int.from_bytes((tmp_path / "t" / "ternary.safetensors").read_bytes()[:8], "little")
+    padding = sizes["file_bytes"] - header - expected  # safetensors may align tensors to their dtype size
+    assert 0 <= padding <= 4 * 2 * len(model.bitlinears())
+    assert abs(sizes["file_bytes"] - expected) / expected < 0.06  # the JSON header is the only overhead
+    assert sizes["file_bytes"] == (tmp_path / "t" / "ternary.safetensors").stat().st_size
+
+
+def test_corrupt_export_is_reported(tmp_path):
+    sf.export_ternary(sf.BitNetStudent(tiny_student_config()), tmp_path / "t")
+    (tmp_path / "t" / "ternary.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="export again"):
+        sf.load_ternary(tmp_path / "t")
+
+
+def test_ternary_stats_show_the_share_of_each_value():
+    model = sf.BitNetStudent(tiny_student_config())
+    with torch.no_grad():
+        w = model.layers[0].attention.wq.weight
+        w.copy_(torch.tensor([1.0, -1.0, 0.0, 0.0]).repeat(w.numel() // 4).view_as(w))
+    row = sf.ternary_stats(model)[0]
+    assert row["layer"] == "layers.0.attention.wq"
+    assert (row["neg"], row["zero"], row["pos"]) == (0.25, 0.5, 0.25)
+    assert row["scale"] == pytest.approx(0.5)
+
+
+def test_ablation_runs_three_arms_with_finite_figures(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    result = sf.run_ablation(cache, cfg, progress=False)
+    assert set(result["arms"]) == {("ternary", 16), ("full precision", 16), ("direct CE", 16)}
+    for arm, r in result["arms"].items():
+        assert math.isfinite(r["ce"])
+        if arm[0] != "direct CE":
+            assert math.isfinite(r["cosine"])
+    assert "verdict" in sf.format_ablation(result)
+    fp_layers = sf.BitNetStudent(tiny_student_config(ternary=False))
+    assert not any(m.quantize for _, m in fp_layers.bitlinears())
+
+
+def test_verdict_is_computed_from_the_figures():
+    def result(t_cos, fp_cos, t_ce, d_ce):
+        return {"widths": (64,), "baseline_cosine": 0.5, "teacher_ce": 2.0,
+                "arms": {("ternary", 64): {"cosine": t_cos, "ce": t_ce},
+                         ("full precision", 64): {"cosine": fp_cos, "ce": 5.0},
+                         ("direct CE", 64): {"cosine": float("nan"), "ce": d_ce}}}
+
+    a = sf.ablation_verdict(result(0.6, 0.7, 5.0, 6.0))
+    assert "0.50x the cosine gain" in a and "full precision ahead" in a and "distillation helps" in a
+    b = sf.ablation_verdict(result(0.7, 0.6, 6.0, 5.0))  # figures swapped: the verdict flips
+    assert "2.00x the cosine gain" in b and "ternary ahead" in b and "distillation does not help" in b

@@ -1,0 +1,40 @@
+"""The notebook's shape: numbered form cells with the original's defaults, no functions, no outputs in git.
+(The notebook itself runs under `pytest --nbmake` in smoke mode; see scripts/test.sh.)"""
+import json
+import re
+
+from conftest import ROOT
+
+NB = json.loads((ROOT / "spoon_feed.ipynb").read_text())
+CODE = ["".join(c["source"]) for c in NB["cells"] if c["cell_type"] == "code"]
+
+
+def test_outputs_are_stripped_and_no_functions_are_defined():
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in NB["cells"] if c["cell_type"] == "code")
+    assert not any(re.search(r"^\s*(def|class|lambda)\b", src, re.M) for src in CODE)
+
+
+def test_cells_are_numbered_steps_with_a_why_line():
+    titles = [re.match(r"# @title (\d+)\. ", src) for src in CODE]
+    assert all(titles) and [int(t.group(1)) for t in titles] == list(range(1, len(CODE) + 1))
+    assert all("# @markdown" in src for src in CODE)
+
+
+def test_form_defaults_are_the_original_notebooks():
+    src = "\n".join(CODE)
+    expected = {"TEACHER_MODEL": '"Qwen/Qwen2.5-Coder-1.5B-Instruct"', "DATASET": '"roneneldan/TinyStories"',
+                "NUM_CACHE_SAMPLES": "500", "MAX_SEQ_LENGTH": "128", "STUDENT_DIM": "768", "STUDENT_LAYERS": "12",
+                "STUDENT_HEADS": "12", "SUPERPOSITION_STEPS": "500", "LM_HEAD_STEPS": "200", "BATCH_SIZE": "16",
+                "LEARNING_RATE": "1e-3"}
+    for name, value in expected.items():
+        assert re.search(rf"^{name} = {re.escape(value)}  # @param", src, re.M), name
+    for option in ("Qwen/Qwen2.5-Coder-7B-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "smollm2", "stdlib",
+                   "Magpie-Align/Magpie-Reasoning-V2-250K-CoT-Deepseek-R1-Llama-70B"):
+        assert option in src
+    for knob in ("LOSS", "KD_WEIGHT", "HEAD_MODE", "CACHE_DIR"):
+        assert re.search(rf"^{knob} = .*# @param", src, re.M), knob
+
+
+def test_every_phase_has_a_plot():
+    for step in ("plot_cache", "plot_phase2", "plot_phase3", "plot_evaluation", "plot_ablation"):
+        assert any(step in src and "plt.show()" in src for src in CODE), step
