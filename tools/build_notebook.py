@@ -53,7 +53,7 @@ LEARNING_RATE = 1e-3  # @param {type:"number"}
 
 # New knobs
 LOSS = "cosine"  # @param ["cosine", "mse", "cosine+mse"]
-KD_WEIGHT = 1.0  # @param {type:"number"}
+KD_WEIGHT = 0.0  # @param {type:"number"}
 KD_TEMPERATURE = 1.0  # @param {type:"number"}
 HEAD_KD_WEIGHT = 1.0  # @param {type:"number"}
 HEAD_MODE = "new"  # @param ["new", "tied", "teacher"]
