@@ -1097,6 +1097,14 @@ def _resume(state, model, opt, sched, gen) -> bool:
     return True
 
 
+def _checkpoint_every(cfg, phase, done, steps, signature, model, opt, sched, gen, history):
+    """Save the whole training state every cfg.ckpt_every steps and at the end."""
+    if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == steps):
+        save_checkpoint(cfg.run_dir, phase, {
+            "signature": signature, "step": done, "model": model.state_dict(), "history": history,
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen)})
+
+
 def _rng_state(gen: torch.Generator) -> dict:
     return {"batch": gen.get_state(), "torch": torch.get_rng_state()}
 
@@ -1224,10 +1232,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
             history["eval_step"].append(step + 1)
             history["val_cosine"].append(held_out_cosine(model, cache))
             bar.set_postfix(loss=f"{loss.item():.4f}", val_cos=f"{history['val_cosine'][-1]:.4f}")
-        if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
-            save_checkpoint(cfg.run_dir, "phase2", {
-                "signature": signature, "step": step + 1, "model": model.state_dict(), "history": history,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen)})
+        _checkpoint_every(cfg, "phase2", step + 1, steps, signature, model, opt, sched, gen, history)
         if stop_after is not None and step + 1 >= stop_after:
             break
     model.eval()
@@ -1351,10 +1356,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             record(step + 1)
             bar.set_postfix(loss=f"{loss.item():.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
-        if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == steps):
-            save_checkpoint(cfg.run_dir, "phase3", {
-                "signature": signature, "step": step + 1, "model": model.state_dict(), "history": history,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen)})
+        _checkpoint_every(cfg, "phase3", step + 1, steps, signature, model, opt, sched, gen, history)
         if stop_after is not None and step + 1 >= stop_after:
             break
     model.requires_grad_(True)

@@ -69,8 +69,8 @@ def timed(fn, repeat=1):
 
 # --- machine peak -----------------------------------------------------------------------------------------
 
-def matmul_peak(n):
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n, dtype=torch.float32):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     reps = 10
     best = min(timed(lambda: [a @ b for _ in range(reps)]) for _ in range(3))
     return 2 * n ** 3 * reps / best / 1e9
@@ -335,6 +335,9 @@ def main(argv=None):
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
     if "peak" in sections:
         ROWS.append(dict(figure=f"fp32 matmul peak ({p['matmul']}x{p['matmul']})", original=peak, spoonfeed=peak,
+                         ratio=float("nan"), target=None, met="", unit="GFLOP/s", note=""))
+        bf16 = matmul_peak(p["matmul"], torch.bfloat16)
+        ROWS.append(dict(figure="bf16 matmul on this CPU (why training stays fp32)", original=bf16, spoonfeed=bf16,
                          ratio=float("nan"), target=None, met="", unit="GFLOP/s", note=""))
     teacher, tok = sf.load_teacher(sf.BUNDLED_TEACHER, device="cpu")
     vocab, teacher_dim = teacher.config.vocab_size, teacher.config.hidden_size
