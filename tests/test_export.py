@@ -100,3 +100,10 @@ def test_verdict_is_computed_from_the_figures():
     assert "0.50x the cosine gain" in a and "full precision ahead" in a and "distillation helps" in a
     b = sf.ablation_verdict(result(0.7, 0.6, 6.0, 5.0))  # figures swapped: the verdict flips
     assert "2.00x the cosine gain" in b and "ternary ahead" in b and "distillation does not help" in b
+
+
+def test_verdict_calls_a_tiny_ce_difference_a_tie():
+    result = {"widths": (64,), "baseline_cosine": 0.5, "teacher_ce": 2.0,
+              "arms": {("ternary", 64): {"cosine": 0.6, "ce": 5.981}, ("full precision", 64): {"cosine": 0.6, "ce": 5.9},
+                       ("direct CE", 64): {"cosine": float("nan"), "ce": 5.985}}}
+    assert "same CE within 0.05 nats" in sf.ablation_verdict(result)
