@@ -326,7 +326,12 @@ class BitLinear(nn.Module):
     def forward(self, x):
         if not self.quantize:
             return F.linear(x, self.weight)
-        return F.linear(_Int8STE.apply(x), self.quantized_weight())
+        if torch.is_grad_enabled():
+            x = _Int8STE.apply(x)
+        else:  # the same values without autograd bookkeeping: decoding runs this once a layer a token
+            q, scale = quantize_activation(x)
+            x = q / scale
+        return F.linear(x, self.quantized_weight())
 
     def train(self, mode: bool = True):
         self._w_cache = None
@@ -1332,16 +1337,18 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         tokens = cache.tokens("train", idx).to(device)
         with _cuda_oom_hint(), _autocast(device):
             if cfg.head_mode == "new":
-                logits = model.head(feats[idx.to(feats.device)])
+                h = feats[idx.to(feats.device)]  # (B, T, dim), computed once before the loop
+                logits = model.head(h[:, :-1])  # (B, T-1, V): position t predicts token t+1, no big slice copies
             else:
                 model.train()
-                logits = model.logits(model(tokens))
-            loss = next_token_ce(logits, tokens)
+                h = model(tokens)
+                logits = model.logits(h[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
             if teacher_head is not None:  # KD from the teacher's logits on kd_tokens positions of the batch
                 pos = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens or tokens.numel()].to(device)
                 with torch.no_grad():
                     t_logits = teacher_head(cache.states("train", idx).to(device).flatten(0, 1)[pos])
-                s_logits = logits.flatten(0, 1)[pos]
+                s_logits = model.logits(h.flatten(0, 1)[pos])  # the head again on these positions only
                 loss = loss + cfg.head_kd_weight * kd_loss(s_logits[None], t_logits[None], cfg.kd_temperature)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"Phase 3 loss is {loss.item()} at step {step}: training stopped; the last "

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -155,6 +154,7 @@ def bench_phase3(p, cache, vocab, teacher_dim):
     with tempfile.TemporaryDirectory() as d:
         cfg = sf.make_config(teacher=sf.BUNDLED_TEACHER, dataset=sf.STDLIB_CORPUS, batch_size=p["batch"],
                              num_samples=cache.num_train, lm_head_steps=steps, eval_every=10**6, ckpt_every=0,
+                             head_kd_weight=0.0,  # the same loss as the original: CE only
                              student_dim=p["dim"], student_layers=p["layers"], student_heads=p["heads"],
                              seq_len=cache.seq_len, run_dir=d, device="cpu")
         tb = timed(lambda: sf.train_lm_head(b, cache, cfg, progress=False)) / steps
@@ -190,7 +190,9 @@ def rss_child(args):
     else:
         model = sf.build_student(cfg, cache)
         sf.train_superposition(model, cache, cfg, progress=False)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(int(hwm.split()[1]) / 1024)
 
 
 def bench_rss(p, tok, tmp):
