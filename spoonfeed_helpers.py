@@ -33,10 +33,9 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -1780,12 +1779,6 @@ def _ternary_bars(ax, stats):
     ax.bar(x, pos, bottom=neg + zero, label="+1", color="C0")
     ax.set(title="ternary weights per layer", xlabel="BitLinear (in model order)", ylabel="share", ylim=(0, 1))
     ax.legend(loc="lower right", fontsize=8)
-
-
-def plot_ternary(stats: list[dict], path=None):
-    fig, (ax,) = _figure(1, width=12)
-    _ternary_bars(ax, stats)
-    return _save(fig, path)
 
 
 def plot_ablation(result: dict, path=None):

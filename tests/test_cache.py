@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import spoonfeed_helpers as sf
-from conftest import CountingLoader, make_teacher, make_tokenizer, tiny_run_config, write_corpus
+from conftest import CountingLoader, make_teacher, make_tokenizer, tiny_run_config
 
 
 def test_cached_states_equal_a_direct_teacher_forward(tiny_cache):

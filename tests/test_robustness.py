@@ -1,12 +1,11 @@
 """Resume after interruption, one clear error for every bad input, nothing lost."""
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import spoonfeed_helpers as sf
-from conftest import CountingLoader, tiny_run_config, tiny_student_config
+from conftest import tiny_student_config
 
 
 def _cfg(cfg, **kw):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import spoonfeed_helpers as sf
-from conftest import tiny_student_config
 
 
 def _student(cfg, cache, **kw):
