@@ -65,6 +65,7 @@ DATASETS = (
     STDLIB_CORPUS,
 )
 LOSSES = ("cosine", "mse", "cosine+mse")
+ORIGINAL_PROMPTS = ("Once upon a time", "The capital of France is", "def fibonacci(n):")  # the original's test
 HEAD_MODES = ("new", "tied", "teacher")
 
 

@@ -113,7 +113,7 @@ print(sf.format_sizes(sizes))'''
 
 GENERATE = '''# @title 9. Generate
 # @markdown The original's three prompts, decoded with a KV cache; stops at EOS or at the student's position limit.
-PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
+PROMPTS = sf.ORIGINAL_PROMPTS  # "Once upon a time", "The capital of France is", and a Python function header
 MAX_NEW_TOKENS = 30  # @param {type:"integer"}
 TEMPERATURE = 0.7  # @param {type:"number"}
 sf.check_compatible(student, tokenizer, cache.teacher_dim)
