@@ -1299,11 +1299,12 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
             model.head.bias.copy_(torch.from_numpy(log_unigram(cache)).to(device))
     teacher_head = _frozen_teacher_head(cache, device) if cfg.head_kd_weight > 0 else None
     history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": []}
-    val_tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
-    val_feats = student_features(model, val_tokens)
+    val_feats = None  # tied mode moves the embedding, so its held-out states must be recomputed each time
+    if cfg.head_mode != "tied":
+        val_feats = student_features(model, cache.tokens("val", np.arange(cache.num_val)).to(device))
 
     def record(step):
-        ce = held_out_ce(model, cache, None if cfg.head_mode == "tied" else val_feats)
+        ce = held_out_ce(model, cache, val_feats)
         history["eval_step"].append(step)
         history["val_ce"].append(ce)
         history["val_ppl"].append(math.exp(min(ce, 50)))
@@ -1407,7 +1408,8 @@ def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16) ->
         teacher_ce += next_token_ce(head(target), tok, reduction="none").sum().item()
         via_teacher += next_token_ce(head(model.projector(feats[sl])), tok, reduction="none").sum().item()
     unigram_ce = float(-log_unigram(cache)[cache.val_tokens[:, 1:].ravel()].mean())
-    student_cos, base_cos = held_out_cosine(model, cache, batch_size), baseline_cosine(cache, batch_size)
+    student_cos = held_out_cosine(model, cache, batch_size, lambda tokens, i: model.projector(feats[i]))
+    base_cos = baseline_cosine(cache, batch_size)
     metrics = {
         "student_cosine": student_cos,
         "baseline_cosine": base_cos,
