@@ -67,6 +67,7 @@ DATASETS = (
 LOSSES = ("cosine", "mse", "cosine+mse")
 ORIGINAL_PROMPTS = ("Once upon a time", "The capital of France is", "def fibonacci(n):")  # the original's test
 HEAD_MODES = ("new", "tied", "teacher")
+HEAD_INITS = ("teacher", "unigram")  # how Phase 3 starts a new head: see train_lm_head
 
 
 class ConfigError(ValueError):
@@ -89,7 +90,7 @@ class RunConfig:
     lm_head_steps: int = 200
     batch_size: int = 16
     lr: float = 1e-3
-    head_lr: float = 1e-2  # the new head starts at the unigram predictor; tuned on the cpu preset
+    head_lr: float = 5e-3  # the new head starts at the teacher fit (head_init); tuned on the cpu preset
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0  # the original's: no weight decay for BitNet
@@ -100,6 +101,7 @@ class RunConfig:
     kd_tokens: int = 256  # positions per batch that get the KD term (each costs two vocab projections); 0 = all
     head_mode: str = "new"
     head_kd_weight: float = 1.0  # Phase 3: KD from the teacher's logits next to the CE (0 = CE only)
+    head_init: str = "teacher"  # new head starts as the teacher's head fitted to the student, or at the unigram
     eval_every: int = 50
     ckpt_every: int = 100
     cache_batch_size: int = 8
@@ -145,6 +147,8 @@ class RunConfig:
             raise ConfigError(f"loss={self.loss!r} is not one of {LOSSES}")
         if self.head_mode not in HEAD_MODES:
             raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"head_init={self.head_init!r} is not one of {HEAD_INITS}")
         if self.kd_weight < 0 or self.head_kd_weight < 0 or self.kd_temperature <= 0:
             raise ConfigError("kd weights must be >= 0 and kd_temperature > 0")
         for w in (self.student_dim, *self.ablation_widths):
@@ -177,7 +181,7 @@ PRESETS = {
     "cpu": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=512, val_samples=64, seq_len=128,
                 student_dim=256, student_layers=4, student_heads=4, superposition_steps=300, lm_head_steps=150,
                 batch_size=8, lr=2e-3, warmup_steps=30, loss="cosine", kd_weight=0.0, kd_temperature=1.0,
-                head_mode="new", head_kd_weight=1.0, head_lr=1e-2, eval_every=50, ckpt_every=100,
+                head_mode="new", head_init="teacher", head_kd_weight=1.0, head_lr=5e-3, eval_every=50, ckpt_every=100,
                 run_dir="runs/cpu", device="cpu", ablation_steps=150, ablation_head_steps=75),
     # the same code path with tiny numbers, for CI: a few minutes at most
     "smoke": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=16, val_samples=4, seq_len=32,
@@ -1165,8 +1169,8 @@ def baseline_cosine(cache: TeacherCache, batch_size: int = 16) -> float:
 def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherCache) -> dict:
     keys = {"phase2": ("superposition_steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
                        "grad_clip", "loss", "kd_weight", "kd_temperature", "kd_tokens", "seed"),
-            "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_kd_weight", "kd_temperature",
-                       "kd_tokens", "seed")}[phase]
+            "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_init", "head_kd_weight",
+                       "kd_temperature", "kd_tokens", "seed")}[phase]
     return {"cache": str(cache.path.name), "student": asdict(model.cfg) if phase == "phase2" else
             {k: v for k, v in asdict(model.cfg).items() if k != "head_mode"},
             **{k: getattr(cfg, k) for k in keys}}
@@ -1270,6 +1274,50 @@ def log_unigram(cache: TeacherCache) -> np.ndarray:
     return np.log(counts / counts.sum()).astype(np.float32)
 
 
+@torch.no_grad()
+def fit_head_to_teacher(cache: TeacherCache, features: torch.Tensor, ridge: float = 1e-4, batch_size: int = 16):
+    """A head that decodes the student the way the teacher would, in closed form.
+
+    The least-squares linear map (with a bias) from the student's states to the teacher's cached states,
+    composed with the teacher's head. The head is centred over the vocabulary first, because a softmax
+    ignores a shift that all logits share. The result's logits are the least-squares fit of the teacher's
+    logits from the student's states. features: (num_train, T, dim), the frozen student's training states.
+    ridge is relative to the mean diagonal of the Gram matrix. Returns weight (V, dim) and bias (V,).
+    """
+    dim, device = features.size(-1), features.device
+    gram = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
+    cross = torch.zeros(dim + 1, cache.teacher_dim, dtype=torch.float64, device=device)
+    for i in range(0, cache.num_train, batch_size):
+        idx = np.arange(i, min(i + batch_size, cache.num_train))
+        f = features[idx].flatten(0, 1).double()
+        f = torch.cat([f, torch.ones_like(f[:, :1])], dim=1)  # the constant column carries the bias
+        gram += f.T @ f
+        cross += f.T @ cache.states("train", idx).to(device).flatten(0, 1).double()
+    gram += ridge * gram.diagonal().mean() * torch.eye(dim + 1, dtype=torch.float64, device=device)
+    fit = torch.linalg.solve(gram, cross).float()  # (dim + 1, teacher_dim): student state -> teacher state
+    head = cache.teacher_head().to(device)
+    head = head - head.mean(0)
+    weight, bias = head @ fit[:-1].T, head @ fit[-1]
+    idx = np.arange(min(cache.num_train, max(1, 2**26 // (cache.vocab_size * cache.seq_len))))  # <= 256 MiB
+    logits = features[idx, :-1] @ weight.T + bias
+    scale = fit_logit_scale(logits.flatten(0, 1), cache.tokens("train", idx)[:, 1:].flatten().to(device))
+    return scale * weight, scale * bias
+
+
+@torch.no_grad()
+def fit_logit_scale(logits: torch.Tensor, targets: torch.Tensor, iters: int = 10) -> float:
+    """The s that minimises CE(s * logits, targets): (n, V) and (n,). CE is convex in s; Newton's method."""
+    s = 1.0
+    picked = logits.gather(1, targets[:, None]).squeeze(1)
+    for _ in range(iters):
+        p = torch.softmax(s * logits, dim=-1)
+        mean = (p * logits).sum(-1)
+        var = (p * logits.square()).sum(-1) - mean.square()
+        grad, hess = (mean - picked).mean().item(), var.mean().item()
+        s = min(max(s - grad / max(hess, 1e-12), 0.01), 10.0)
+    return s
+
+
 def _frozen_digest(model: BitNetStudent) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -1284,7 +1332,8 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     """Phase 3 ("speech therapy"): a head that decodes the frozen student.
 
     head_mode new: a fresh untied head on student states computed once; body, embedding and projector stay
-    bit-identical. teacher: the teacher's head over the projector, no training. tied: the original's
+    bit-identical. head_init teacher starts it at fit_head_to_teacher (the teacher's head over a least-squares
+    map from student to teacher states); unigram starts it at the unigram predictor. teacher: the teacher's head over the projector, no training. tied: the original's
     behaviour, training the input embedding as the head, which drifts the body's inputs (comparison only).
     """
     from tqdm.auto import tqdm
@@ -1294,9 +1343,16 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     model.set_head_mode(cfg.head_mode)
     if cfg.head_mode == "teacher":
         model.attach_teacher_head(cache.teacher_head())
+    feats = None
     if cfg.head_mode == "new":
-        with torch.no_grad():  # start from the unigram predictor: the head learns what context adds to it
-            model.head.bias.copy_(torch.from_numpy(log_unigram(cache)).to(device))
+        feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)))  # (N, T, dim), once
+        with torch.no_grad():
+            if cfg.head_init == "teacher":
+                weight, bias = fit_head_to_teacher(cache, feats)
+                model.head.weight.copy_(weight)
+                model.head.bias.copy_(bias)
+            else:  # the unigram predictor: the head learns what context adds to it
+                model.head.bias.copy_(torch.from_numpy(log_unigram(cache)).to(device))
     teacher_head = _frozen_teacher_head(cache, device) if cfg.head_kd_weight > 0 else None
     history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": []}
     val_feats = None  # tied mode moves the embedding, so its held-out states must be recomputed each time
@@ -1316,7 +1372,6 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     model.requires_grad_(False)
     if cfg.head_mode == "new":
         trainable = list(model.head.parameters())
-        feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)))  # (N, T, dim), once
     else:
         trainable = [model.tok_embeddings.weight]
     for p in trainable:

@@ -148,6 +148,7 @@ def test_cuda_out_of_memory_names_the_sliders():
     (dict(batch_size=64, num_samples=10), "lower BATCH_SIZE"),
     (dict(loss="l1"), "one of"),
     (dict(head_mode="shared"), "one of"),
+    (dict(head_init="zeros"), "one of"),
     (dict(batch_size=8.5), "must be of type int"),
     (dict(btach_size=8), "did you mean 'batch_size'"),
 ])

@@ -184,7 +184,38 @@ def test_student_starts_at_the_mean_vector_and_the_head_at_the_unigram_predictor
     cfg, cache, _ = tiny_cache
     model = _student(cfg, cache)
     assert torch.equal(model.projector.net[-1].bias.detach(), torch.from_numpy(cache.train_mean))
-    sf.train_lm_head(model, cache, sf.make_config(**{**vars(cfg), "lm_head_steps": 0}), progress=False)
+    cfg = sf.make_config(**{**vars(cfg), "lm_head_steps": 0, "head_init": "unigram"})
+    sf.train_lm_head(model, cache, cfg, progress=False)
     assert torch.allclose(model.head.bias.detach(), torch.from_numpy(sf.log_unigram(cache)))
     probs = np.exp(sf.log_unigram(cache))
     assert probs.sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_logit_scale_recovers_the_temperature_of_sampled_targets():
+    gen = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(20000, 12, generator=gen)
+    targets = torch.multinomial(torch.softmax(z, -1), 1, generator=gen).squeeze(1)
+    assert sf.fit_logit_scale(2 * z, targets) == pytest.approx(0.5, abs=0.02)
+    assert sf.fit_logit_scale(z / 3, targets) == pytest.approx(3.0, abs=0.1)
+
+
+def test_teacher_fitted_head_is_the_centred_teacher_head_when_the_student_holds_the_teacher_states(tiny_cache):
+    _, cache, _ = tiny_cache
+    states = cache.states("train", np.arange(cache.num_train))  # a "student" whose states are the teacher's
+    weight, bias = sf.fit_head_to_teacher(cache, states, ridge=0.0)
+    head = cache.teacher_head()
+    centred = head - head.mean(0)
+    scale = (weight * centred).sum() / centred.square().sum()
+    assert scale > 0
+    assert torch.allclose(weight, scale * centred, atol=1e-3 * centred.abs().max())
+    assert bias.abs().max() < 1e-3 * centred.abs().max() * states.abs().max()
+
+
+def test_phase3_starts_the_new_head_at_the_teacher_fit(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    cfg = sf.make_config(**{**vars(cfg), "lm_head_steps": 0, "head_init": "teacher"})
+    sf.train_lm_head(model, cache, cfg, progress=False)
+    feats = sf.student_features(model, cache.tokens("train", np.arange(cache.num_train)))
+    weight, bias = sf.fit_head_to_teacher(cache, feats)
+    assert torch.equal(model.head.weight.detach(), weight) and torch.equal(model.head.bias.detach(), bias)

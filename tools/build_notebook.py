@@ -57,6 +57,7 @@ KD_WEIGHT = 0.0  # @param {type:"number"}
 KD_TEMPERATURE = 1.0  # @param {type:"number"}
 HEAD_KD_WEIGHT = 1.0  # @param {type:"number"}
 HEAD_MODE = "new"  # @param ["new", "tied", "teacher"]
+HEAD_INIT = "teacher"  # @param ["teacher", "unigram"]
 CACHE_DIR = "spoonfeed_cache"  # @param {type:"string"}
 RUN_DIR = "runs/colab"  # @param {type:"string"}
 CHECKPOINT_EVERY = 100  # @param {type:"integer"}
@@ -69,7 +70,7 @@ cfg = sf.make_config(
     student_dim=STUDENT_DIM, student_layers=STUDENT_LAYERS, student_heads=STUDENT_HEADS,
     superposition_steps=SUPERPOSITION_STEPS, lm_head_steps=LM_HEAD_STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
     loss=LOSS, kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE, head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT,
-    cache_dir=CACHE_DIR, run_dir=RUN_DIR, ckpt_every=CHECKPOINT_EVERY, seed=SEED,
+    head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR, ckpt_every=CHECKPOINT_EVERY, seed=SEED,
 )
 print(sf.describe(cfg, PRESET))'''
 
@@ -93,7 +94,7 @@ sf.plot_phase2(history2, f"{cfg.run_dir}/plots/2_superposition.png")
 plt.show()'''
 
 PHASE3 = '''# @title 6. Phase 3: speech therapy (LM head)
-# @markdown Body, embedding and projector stay frozen; the student's states are computed once. `HEAD_MODE`: `new` (untied head), `tied` (the original's, drifts the embedding), `teacher` (the teacher's head over the projector).
+# @markdown Body, embedding and projector stay frozen; the student's states are computed once. `HEAD_MODE`: `new` (untied head), `tied` (the original's, drifts the embedding), `teacher` (the teacher's head over the projector). `HEAD_INIT`: a new head starts as the teacher's head over a least-squares map from student to teacher states (`teacher`), or at the unigram predictor (`unigram`).
 history3 = sf.train_lm_head(student, cache, cfg, fresh=RETRAIN)
 sf.plot_phase3(history3, path=f"{cfg.run_dir}/plots/3_lm_head.png")
 plt.show()'''
@@ -138,7 +139,8 @@ nb = nbformat.v4.new_notebook()
 nb.cells = [nbformat.v4.new_markdown_cell(MD_INTRO)] + [
     nbformat.v4.new_code_cell(src) for src in (SETUP, CONFIG, PHASE1, STUDENT, PHASE2, PHASE3, EVALUATE, SAVE,
                                                GENERATE, ABLATION)]
-for c in nb.cells:
+for i, c in enumerate(nb.cells):
+    c.id = f"cell-{i}"  # stable ids: a rebuild changes only what changed
     c.metadata = {}
     if c.cell_type == "code":
         c.metadata = {"cellView": "form"}
