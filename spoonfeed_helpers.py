@@ -181,7 +181,7 @@ PRESETS = {
     "cpu": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=512, val_samples=64, seq_len=128,
                 student_dim=256, student_layers=4, student_heads=4, superposition_steps=300, lm_head_steps=150,
                 batch_size=8, lr=2e-3, warmup_steps=30, loss="cosine", kd_weight=0.0, kd_temperature=1.0,
-                head_mode="new", head_init="teacher", head_kd_weight=1.0, head_lr=5e-3, eval_every=50, ckpt_every=100,
+                head_mode="new", head_kd_weight=1.0, head_lr=5e-3, eval_every=50, ckpt_every=100,
                 run_dir="runs/cpu", device="cpu", ablation_steps=150, ablation_head_steps=75),
     # the same code path with tiny numbers, for CI: a few minutes at most
     "smoke": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=16, val_samples=4, seq_len=32,
@@ -1333,8 +1333,9 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
 
     head_mode new: a fresh untied head on student states computed once; body, embedding and projector stay
     bit-identical. head_init teacher starts it at fit_head_to_teacher (the teacher's head over a least-squares
-    map from student to teacher states); unigram starts it at the unigram predictor. teacher: the teacher's head over the projector, no training. tied: the original's
-    behaviour, training the input embedding as the head, which drifts the body's inputs (comparison only).
+    map from student to teacher states); unigram starts it at the unigram predictor. teacher: the teacher's
+    head over the projector, no training. tied: the original's behaviour, training the input embedding as
+    the head, which drifts the body's inputs (comparison only).
     """
     from tqdm.auto import tqdm
 
