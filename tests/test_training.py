@@ -91,6 +91,22 @@ def test_phase2_clips_the_projector_too(tiny_cache, monkeypatch):
     assert all(id(p) in ids for _, m in model.bitlinears() for p in m.parameters())
 
 
+@pytest.mark.parametrize("mult", [1.0, 30.0])
+def test_phase2_gives_the_embedding_its_own_learning_rate(tiny_cache, mult):
+    cfg, cache, _ = tiny_cache
+    cfg = sf.make_config(**{**vars(cfg), "superposition_steps": 1, "warmup_steps": 0, "embed_lr_mult": mult})
+    model = _student(cfg, cache)
+    emb, proj = model.tok_embeddings.weight.detach().clone(), model.projector.net[0].weight.detach().clone()
+    sf.train_superposition(model, cache, cfg, progress=False, fresh=True)
+    # Adam's first step moves every weight with a gradient by its group's LR (no decay at step 0 of 1)
+    moved = (model.tok_embeddings.weight.detach() - emb).abs()
+    assert moved.max().item() == pytest.approx(cfg.lr * mult, rel=1e-3)
+    assert (model.projector.net[0].weight.detach() - proj).abs().max().item() == pytest.approx(cfg.lr, rel=1e-3)
+    seen = torch.zeros(cache.vocab_size, dtype=torch.bool)
+    seen[cache.train_tokens.ravel()] = True
+    assert moved[~seen].max().item() == 0  # rows of tokens the batch never held stay put
+
+
 def test_phase2_with_kd_and_mse_runs_and_learns(tiny_cache):
     cfg, cache, _ = tiny_cache
     cfg = sf.make_config(**{**vars(cfg), "loss": "cosine+mse", "kd_weight": 1.0, "run_dir": cfg.run_dir + "-kd"})

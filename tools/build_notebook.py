@@ -50,6 +50,7 @@ SUPERPOSITION_STEPS = 500  # @param {type:"slider", min:100, max:2000, step:100}
 LM_HEAD_STEPS = 200  # @param {type:"slider", min:50, max:500, step:50}
 BATCH_SIZE = 16  # @param {type:"slider", min:4, max:64, step:4}
 LEARNING_RATE = 1e-3  # @param {type:"number"}
+EMBED_LR_MULT = 100.0  # @param {type:"number"}
 
 # New knobs
 LOSS = "cosine"  # @param ["cosine", "mse", "cosine+mse"]
@@ -69,8 +70,9 @@ cfg = sf.make_config(
     PRESET, teacher=TEACHER_MODEL, dataset=DATASET, num_samples=NUM_CACHE_SAMPLES, seq_len=MAX_SEQ_LENGTH,
     student_dim=STUDENT_DIM, student_layers=STUDENT_LAYERS, student_heads=STUDENT_HEADS,
     superposition_steps=SUPERPOSITION_STEPS, lm_head_steps=LM_HEAD_STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
-    loss=LOSS, kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE, head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT,
-    head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR, ckpt_every=CHECKPOINT_EVERY, seed=SEED,
+    embed_lr_mult=EMBED_LR_MULT, loss=LOSS, kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE,
+    head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT, head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR,
+    ckpt_every=CHECKPOINT_EVERY, seed=SEED,
 )
 print(sf.describe(cfg, PRESET))'''
 
