@@ -135,8 +135,8 @@ class RunConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.lr <= 0 or self.head_lr <= 0 or self.embed_lr_mult <= 0:
-            raise ConfigError(f"learning rates must be positive (lr={self.lr}, head_lr={self.head_lr}, "
-                              f"embed_lr_mult={self.embed_lr_mult})")
+            raise ConfigError(f"learning rates must be positive (lr={self.lr}, head_lr={self.head_lr}, embed_lr_mult="
+                              f"{self.embed_lr_mult}): set LEARNING_RATE and EMBED_LR_MULT above 0")
         check_teacher_name(self.teacher)
         check_dataset_name(self.dataset)
         if self.seq_len > TEACHERS.get(self.teacher, 10**9):
@@ -1211,9 +1211,9 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     """Phase 2: student + projector against the cached teacher states.
 
     AdamW (no weight decay by default; the input embedding at lr * embed_lr_mult), linear warmup then cosine
-    decay, clipping over every trainable parameter (projector included). Checkpoints every cfg.ckpt_every steps into cfg.run_dir and resumes
-    from the last good one; a finished phase is not redone unless fresh=True. stop_after simulates an
-    interruption (tests).
+    decay, clipping over every trainable parameter (projector included). Checkpoints every cfg.ckpt_every
+    steps into cfg.run_dir and resumes from the last good one; a finished phase is not redone unless
+    fresh=True. stop_after simulates an interruption (tests).
     """
     from tqdm.auto import tqdm
 
@@ -1325,7 +1325,10 @@ def fit_logit_scale(logits: torch.Tensor, targets: torch.Tensor, iters: int = 10
         mean = (p * logits).sum(-1)
         var = (p * logits.square()).sum(-1) - mean.square()
         grad, hess = (mean - picked).mean().item(), var.mean().item()
-        s = min(max(s - grad / max(hess, 1e-12), 0.01), 10.0)
+        step = grad / max(hess, 1e-12)
+        s = min(max(s - step, 0.01), 10.0)
+        if abs(step) < 1e-4 * s:  # Newton converges quadratically: a few passes usually do
+            break
     return s
 
 

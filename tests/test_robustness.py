@@ -149,6 +149,8 @@ def test_cuda_out_of_memory_names_the_sliders():
     (dict(loss="l1"), "one of"),
     (dict(head_mode="shared"), "one of"),
     (dict(head_init="zeros"), "one of"),
+    (dict(lr=0.0), "LEARNING_RATE and EMBED_LR_MULT above 0"),
+    (dict(embed_lr_mult=-1.0), "LEARNING_RATE and EMBED_LR_MULT above 0"),
     (dict(batch_size=8.5), "must be of type int"),
     (dict(btach_size=8), "did you mean 'batch_size'"),
 ])
