@@ -50,9 +50,9 @@ SUPERPOSITION_STEPS = 500  # @param {type:"slider", min:100, max:2000, step:100}
 LM_HEAD_STEPS = 200  # @param {type:"slider", min:50, max:500, step:50}
 BATCH_SIZE = 16  # @param {type:"slider", min:4, max:64, step:4}
 LEARNING_RATE = 1e-3  # @param {type:"number"}
-EMBED_LR_MULT = 100.0  # @param {type:"number"}
 
 # New knobs
+EMBED_LR_MULT = 100.0  # @param {type:"number"}
 LOSS = "cosine"  # @param ["cosine", "mse", "cosine+mse"]
 KD_WEIGHT = 0.0  # @param {type:"number"}
 KD_TEMPERATURE = 1.0  # @param {type:"number"}
