@@ -158,24 +158,33 @@ class RunConfig:
         return self
 
 
-def make_config(preset: str | None = None, **overrides) -> RunConfig:
-    """RunConfig from form values, then a preset on top. Unknown keys and wrong types are refused."""
+def make_config(preset: str | None = None, **form) -> RunConfig:
+    """RunConfig from form values and a preset. The preset fills in every setting left at its form default
+    (RunConfig's default); a value the user changed (a slider moved, `papermill -p NAME value`) wins over it.
+    Unknown keys, wrong types and impossible values raise ConfigError before any work starts."""
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    for k in overrides:
+    for k in form:
         if k not in names:
             near = difflib.get_close_matches(k, names, n=1)
             raise ConfigError(f"unknown setting {k!r}" + (f": did you mean {near[0]!r}?" if near else ""))
-    cfg = RunConfig(**overrides)
-    if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}: SPOONFEED_PRESET must be one of {sorted(PRESETS)}")
-        cfg = dataclasses.replace(cfg, **PRESETS[preset])
-    return cfg.validate()
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: PRESET (or SPOONFEED_PRESET) must be one of "
+                          f"{sorted(PRESETS)} or 'none'")
+    defaults = RunConfig()
+    changed = {k: v for k, v in form.items() if v != getattr(defaults, k)}
+    return RunConfig(**{**(PRESETS[preset] if preset else {}), **changed}).validate()
+
+
+def resolve_preset(form_value: str | None = None, env=os.environ) -> str | None:
+    """The preset a run uses: the form's (or papermill's) PRESET unless it is 'none' or empty, else
+    SPOONFEED_PRESET from the environment (headless runs), else None (the form values alone)."""
+    value = form_value if form_value not in (None, "", "none") else env.get("SPOONFEED_PRESET")
+    return value if value not in (None, "", "none") else None
 
 
 def preset_from_env(env=os.environ) -> str | None:
-    """SPOONFEED_PRESET=cpu|smoke overrides the form values for headless runs."""
-    return env.get("SPOONFEED_PRESET") or None
+    """SPOONFEED_PRESET=cpu|smoke fills in the settings for headless runs (see resolve_preset)."""
+    return resolve_preset(None, env)
 
 
 PRESETS = {

