@@ -1055,6 +1055,33 @@ def _adamw(params, lr, weight_decay, embedding=None, embed_lr_mult: float = 1.0)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
 
 
+def optimizer_step(loss: torch.Tensor, opt, params, grad_clip: float, scaler=None) -> bool:
+    """One optimiser update from a scalar loss; every training loop (Phases 2 and 3, the ablation) goes through it.
+
+    zero_grad -> backward (scaled when a GradScaler is given) -> unscale -> clip the global grad norm over
+    `params` to `grad_clip` -> step. Returns True when the step was taken. When the gradient norm is not
+    finite, opt.step() is never reached: the gradients are dropped and False is returned, so the caller can
+    name the cause. With an enabled fp16 GradScaler an overflow is the scaler's business (it skips the step and
+    lowers its scale); that also returns False.
+    """
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the total norm before clipping
+    finite = bool(torch.isfinite(norm))
+    if scaler is not None:
+        scaler.step(opt)  # skips opt.step() by itself when unscale_ found inf/NaN
+        scaler.update()
+    elif finite:
+        opt.step()
+    if not finite:
+        opt.zero_grad(set_to_none=True)
+    return finite
+
+
 def _frozen_teacher_head(cache: TeacherCache, device) -> nn.Linear:
     """The teacher's LM head from the cache: teacher logits = head(cached state), with no logit cache."""
     head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False).requires_grad_(False)
@@ -1208,10 +1235,7 @@ def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teach
         loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions)
     if not torch.isfinite(loss):
         return loss.detach()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # every trainable parameter, projector included
-    opt.step()
+    optimizer_step(loss, opt, params, cfg.grad_clip)  # every trainable parameter, projector included
     return loss.detach()
 
 
@@ -1433,10 +1457,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"Phase 3 loss is {loss.item()} at step {step}: training stopped; the last "
                                      "good checkpoint is kept. Lower the head learning rate and rerun")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        opt.step()
+        optimizer_step(loss, opt, trainable, cfg.grad_clip)
         sched.step()
         history["step"].append(step)
         history["loss"].append(loss.item())
@@ -1713,10 +1734,7 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens = cache.tokens("train", idx).to(device)
         loss = next_token_ce(model.logits(model(tokens)), tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(loss, opt, list(model.parameters()), cfg.grad_clip)
         sched.step()
         losses.append(loss.item())
     model.eval()
