@@ -113,6 +113,7 @@ class RunConfig:
     ablation_steps: int = 300
     ablation_head_steps: int = 100
     ablation_widths: tuple = ()  # extra student widths to sweep in the ablation; () = just student_dim
+    text_field: str = "auto"  # the record field that holds the text; auto: text, instruction + response, or a chat
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=dim or self.student_dim,
@@ -139,6 +140,9 @@ class RunConfig:
                               f"{self.embed_lr_mult}): set LEARNING_RATE and EMBED_LR_MULT above 0")
         check_teacher_name(self.teacher)
         check_dataset_name(self.dataset)
+        if not self.text_field.strip() or self.text_field != self.text_field.strip():
+            raise ConfigError(f"text_field={self.text_field!r} must be a field name without spaces around it, or "
+                              "'auto': set TEXT_FIELD")
         if self.seq_len > TEACHERS.get(self.teacher, 10**9):
             raise ConfigError(f"seq_len={self.seq_len} is beyond the context of {self.teacher} "
                               f"({TEACHERS[self.teacher]} tokens): lower MAX_SEQ_LENGTH")
@@ -211,10 +215,17 @@ def check_teacher_name(name: str) -> None:
 
 
 def check_dataset_name(name: str) -> None:
-    if name in DATASETS or globlib.glob(os.path.expanduser(name)) or (name.count("/") == 1 and " " not in name):
+    path = os.path.expanduser(name)
+    if name in DATASETS or globlib.glob(path, recursive=True):
         return
-    raise ConfigError(f"unknown dataset {name!r}: use one of {list(DATASETS)}, a Hub dataset 'org/name', or "
-                      f"an existing local .txt/.jsonl/.py file, folder or glob. Offline, use {STDLIB_CORPUS!r}")
+    looks_local = any(c in name for c in "*?[") or name.startswith(("/", "./", "../", "~")) or \
+        Path(name).suffix.lower() in (".txt", ".md", ".py", ".json", ".jsonl", ".csv", ".parquet")
+    if not looks_local and name.count("/") == 1 and " " not in name:
+        return
+    raise ConfigError(f"unknown dataset {name!r}" + (": no local file or folder matches it" if looks_local else "")
+                      + f". Use one of {list(DATASETS)}, a Hub dataset 'org/name', or an existing local file, folder "
+                      f"or glob of .txt, .md, .py, .json, .jsonl, .csv or .parquet files, or a folder written by "
+                      f"Dataset.save_to_disk. Offline, use {STDLIB_CORPUS!r}")
 
 
 def describe(cfg: RunConfig, preset: str | None = None) -> str:
@@ -651,13 +662,14 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_teacher(name: str, device: str = "auto"):
-    """(model, tokenizer). CUDA: 4-bit NF4, else bf16/fp16 with the reason printed. CPU: fp32, never fp16."""
+def load_teacher(name: str, device: str = "auto", tokenizer=None):
+    """(model, tokenizer). CUDA: 4-bit NF4, else bf16/fp16 with the reason printed. CPU: fp32, never fp16.
+    A tokenizer already loaded (load_tokenizer) is passed through instead of loading it again."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     path, kw = _pretrained_args(name)
-    tok = load_tokenizer(name)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(name)
     try:
         if dev.type == "cuda":
             model = _load_cuda_teacher(path, kw)
@@ -696,102 +708,510 @@ def free_teacher(teacher):
         torch.cuda.empty_cache()
 
 
-def record_text(item: dict) -> str | None:
-    """The original's text rules: `text`, or `instruction` (+ `response`). Under 10 characters: skipped."""
-    if "text" in item:
-        text = item["text"]
-    elif "instruction" in item:
-        text = item["instruction"] + (f"\n{item['response']}" if "response" in item else "")
-    else:
-        return None
-    return text if isinstance(text, str) and len(text) >= 10 else None
+# --- data: local files through the `datasets` library's packaged builders, Hub datasets streamed
+
+TEXT_FIELDS = ("text", "instruction", "messages", "conversations")  # what TEXT_FIELD="auto" looks for, in order
+CHAT_FIELDS = ("messages", "conversations")  # chat lists: [{role, content}] or ShareGPT's [{from, value}]
+MIN_TEXT_CHARS = 10  # the original's rule: shorter texts are skipped
+MAX_DOC_BLOCKS = 4  # a document gives at most this many blocks (pack_blocks), for variety
+CHARS_PER_TOKEN = 3  # a low estimate: a .txt document of MAX_DOC_BLOCKS * seq_len * 3 characters fits that cap
+FIELD_CHECK_RECORDS = 1000  # after this many records with no usable field, TEXT_FIELD is wrong: stop and say so
+# local file suffix -> the `datasets` packaged builder that reads it, and its config
+LOCAL_FORMATS = {
+    ".txt": ("text", {"sample_by": "paragraph", "encoding_errors": "replace"}),  # paragraphs, regrouped below
+    ".md": ("text", {"sample_by": "document", "encoding_errors": "replace"}),  # a whole file is one document
+    ".py": ("text", {"sample_by": "document", "encoding_errors": "replace"}),
+    ".json": ("json", {}),  # JSON Lines, or one JSON array of objects
+    ".jsonl": ("json", {}),
+    ".csv": ("csv", {}),
+    ".parquet": ("parquet", {}),
+}
+_DOCUMENT_SUFFIXES = (".py", ".md")  # source files: an empty one (an empty __init__.py) is normal, not an error
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+          "bot": "assistant", "system": "system", "tool": "tool"}
 
 
-def _local_files(pattern: str) -> list[str]:
-    pattern = os.path.expanduser(pattern)
-    if os.path.isdir(pattern):
-        files = [str(p) for p in Path(pattern).rglob("*") if p.suffix in (".txt", ".jsonl", ".py")]
-    else:
-        files = globlib.glob(pattern, recursive=True)
-    return sorted(f for f in files if os.path.isfile(f) and f.endswith((".txt", ".jsonl", ".py")))
+@dataclass
+class DataReport:
+    """What the data cell found: sources, records read and skipped (with the reason), tokens and blocks.
+    Filled by iter_texts and pack_blocks; saved in the cache manifest; printed by describe_data."""
+
+    source: str
+    text_field: str = "auto"
+    reader: str = ""  # how the source is read, e.g. "1 local file via datasets 'text'"
+    files: int = 0  # local files that make up the source
+    files_read: int = 0  # of which reading reached this many (it stops once the blocks are full)
+    ignored: list = dataclasses.field(default_factory=list)  # files in a folder/glob with no supported suffix
+    records: int = 0  # records (rows, paragraphs, files) read
+    documents: int = 0  # texts handed to the packer
+    chat_rendered: str = ""  # "the tokenizer's chat template" or "plain (the tokenizer has no chat template)"
+    skipped: dict = dataclasses.field(default_factory=dict)  # reason -> [count, where the first one was]
+    fields: list = dataclasses.field(default_factory=list)  # fields the records have (with a value)
+    has_field: int = 0  # records that hold the wanted field with a value
+    exhausted: bool = False  # the whole source was read
+    tokens: int = 0  # tokens of the documents the packer took (after the per-document cap)
+    train_blocks: int = 0
+    val_blocks: int = 0
+    seq_len: int = 0
+
+    def skip(self, reason: str, where: str) -> None:
+        count = self.skipped.setdefault(reason, [0, where])
+        count[0] += 1
+
+    def field_summary(self) -> str:
+        fields = ", ".join(repr(f) for f in self.fields[:20]) or "none"
+        return f"the records have the fields {fields}"
 
 
-def iter_texts(source: str, seed: int = 0):
-    """Documents from a Hub dataset (streaming), the stdlib corpus, or local .txt/.jsonl/.py files."""
-    if source == STDLIB_CORPUS:
-        import sysconfig
+def _missing(value) -> bool:
+    """None, an empty or blank string and an empty list all count as a missing field."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, (list, tuple)) and len(value) == 0)
 
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(str(p) for p in root.rglob("*.py")
-                       if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-        random.Random(seed).shuffle(files)  # a fixed, varied order: not 500 blocks of one package
-    elif os.path.exists(os.path.expanduser(source)) or _local_files(source):
-        files = _local_files(source)
-    else:
-        yield from _iter_hub_texts(source)
-        return
-    for path in files:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.strip():
-                        text = record_text(json.loads(line))
-                        if text:
-                            yield text
+
+def _chat_messages(value) -> list[dict] | None:
+    """A chat list as [{role, content}]: OpenAI-style [{role, content}] or ShareGPT-style [{from, value}].
+    Messages with no content are dropped. None when the list is not a chat."""
+    out = []
+    for m in value:
+        if not isinstance(m, dict):
+            return None
+        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        if not isinstance(role, str) or not (content is None or isinstance(content, str)):
+            return None
+        if not _missing(content):
+            out.append({"role": _ROLES.get(role.lower(), role), "content": content})
+    return out or None
+
+
+def _render_chat(messages: list[dict], tokenizer) -> tuple[str | None, str | None]:
+    """(text, None) or (None, why). With the tokenizer's chat template when it has one, else the contents
+    joined by newlines."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False), None
+        except Exception as e:  # jinja2 TemplateError, e.g. "roles must alternate"
+            return None, f"the chat template refused it ({str(e)[:80]})"
+    return "\n".join(m["content"] for m in messages), None
+
+
+def _record_text(item: dict, text_field: str = "auto", tokenizer=None) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why the record is skipped). See record_text for the rules."""
+    if text_field == "auto":
+        if not _missing(item.get("text")):
+            field, value = "text", item["text"]
+        elif not _missing(item.get("instruction")):
+            field, value = "instruction", item["instruction"]
+            response = item.get("response")
+            if isinstance(value, str) and not _missing(response):
+                if not isinstance(response, str):
+                    return None, f"response is a {type(response).__name__}, not text"
+                value = f"{value}\n{response}"
         else:
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
-            if len(text) >= 10:
-                yield text
+            field = next((k for k in CHAT_FIELDS if not _missing(item.get(k))), None)
+            if field is None:
+                empty = [k for k in TEXT_FIELDS if k in item]
+                return None, (f"{'/'.join(empty)} None or empty" if empty else
+                              "no 'text', 'instruction' or chat ('messages', 'conversations') field")
+            value = item[field]
+    else:
+        field, value = text_field, item.get(text_field)
+        if _missing(value):
+            return None, f"{text_field!r} None or empty" if text_field in item else f"no {text_field!r} field"
+    if isinstance(value, (list, tuple)):
+        messages = _chat_messages(value)
+        if messages is None:
+            return None, f"{field} is a list but not a chat (a list of {{role, content}} messages)"
+        value, why = _render_chat(messages, tokenizer)
+        if value is None:
+            return None, why
+    if not isinstance(value, str):
+        return None, f"{field} is a {type(value).__name__}, not text"
+    if len(value) < MIN_TEXT_CHARS:
+        return None, f"shorter than {MIN_TEXT_CHARS} characters"
+    return value, None
 
 
-def _iter_hub_texts(name: str):
+def record_text(item: dict, text_field: str = "auto", tokenizer=None) -> str | None:
+    """The text of one record (a dict), or None when it has none.
+
+    text_field="auto" (TEXT_FIELD's default) takes `text`; else `instruction` + "\\n" + `response` (the
+    response when it has one); else a chat list (`messages` or `conversations`), rendered with the
+    tokenizer's chat template when it has one. Any other name takes that field (a string or a chat list).
+    None, empty and blank fields count as missing. Texts under MIN_TEXT_CHARS characters are skipped.
+    """
+    return _record_text(item, text_field, tokenizer)[0]
+
+
+def _texts_from_records(records, where, report: DataReport, text_field: str, tokenizer):
+    """Texts from (index, record) pairs; where(index) names a record in errors and in the report.
+    Raises ConfigError for a record that is not an object, and when FIELD_CHECK_RECORDS records hold no
+    usable field (the message lists the fields they do have)."""
+    wanted = TEXT_FIELDS if text_field == "auto" else (text_field,)
+    seen = dict.fromkeys(report.fields)
+    for i, item in records:
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where(i)} is {type(item).__name__} {str(item)[:40]!r}, not an object with a text "
+                              "field: fix or remove that record")
+        report.records += 1
+        seen.update((k, None) for k, v in item.items() if not _missing(v) and k not in seen)
+        if any(not _missing(item.get(k)) for k in wanted):
+            report.has_field += 1
+        text, why = _record_text(item, text_field, tokenizer)
+        if text is None:
+            report.skip(why, where(i))
+        else:
+            if any(isinstance(item.get(k), (list, tuple)) for k in wanted) and not report.chat_rendered:
+                report.chat_rendered = ("the tokenizer's chat template" if getattr(tokenizer, "chat_template", None)
+                                        else "plain text (the tokenizer has no chat template)")
+            report.documents += 1
+            yield text
+        if report.records == FIELD_CHECK_RECORDS and report.has_field == 0:
+            report.fields = list(seen)
+            _no_field_error(report)
+    report.fields = list(seen)
+
+
+def _no_field_error(report: DataReport):
+    want = ("a 'text', 'instruction' or chat ('messages', 'conversations') field" if report.text_field == "auto"
+            else f"the field {report.text_field!r}")
+    raise ConfigError(f"none of the {report.records} records read from {report.source} has {want} with a value "
+                      f"(None and empty count as missing); {report.field_summary()}: set TEXT_FIELD to the one "
+                      "that holds the text")
+
+
+def _split_text(text: str, max_chars: int) -> list[str]:
+    """Cut a long text into consecutive, disjoint pieces of at most max_chars: at a line end, else at a
+    space, else anywhere."""
+    pieces = []
+    while len(text) > max_chars:
+        cut = text.rfind("\n", 0, max_chars + 1)
+        if cut <= max_chars // 2:
+            cut = text.rfind(" ", 0, max_chars + 1)
+        if cut <= max_chars // 2:
+            cut = max_chars
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip()
+    return pieces + [text] if text else pieces
+
+
+def _paragraph_documents(paragraphs, max_chars: int):
+    """(index, document) pairs from (index, {"text": paragraph}) pairs of one .txt file: consecutive
+    paragraphs joined by a blank line into documents of at most max_chars characters; a longer paragraph
+    (a file with no blank lines) is cut into chunks at line ends. The documents are disjoint regions."""
+    buf, size, first = [], 0, 0
+    for i, row in paragraphs:
+        for piece in _split_text(row["text"].strip(), max_chars):
+            if buf and size + len(piece) > max_chars:
+                yield first, {"text": "\n\n".join(buf)}
+                buf, size = [], 0
+            if not buf:
+                first = i
+            buf.append(piece)
+            size += len(piece) + 2
+    if buf:
+        yield first, {"text": "\n\n".join(buf)}
+
+
+def _is_saved_dataset(path) -> bool:
+    """A folder written by Dataset.save_to_disk (state.json) or DatasetDict.save_to_disk (dataset_dict.json)."""
+    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+
+
+def _stdlib_files() -> list[str]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def is_local_dataset(source: str) -> bool:
+    """True for the stdlib corpus and for an existing local file, folder or glob; False for a Hub id."""
+    path = os.path.expanduser(source)
+    return source == STDLIB_CORPUS or os.path.exists(path) or bool(globlib.glob(path, recursive=True))
+
+
+def local_data_files(source: str) -> tuple[list[str], list[str]]:
+    """(files to read, files ignored) for a local source, in reading order (sorted; the stdlib unshuffled).
+
+    A file must have a supported suffix (LOCAL_FORMATS); a folder or glob skips the others, and they are
+    listed as ignored. Hidden files and folders are left out. A folder written by save_to_disk is one entry.
+    Raises ConfigError for an unsupported single file, a folder or glob with no supported file, and an empty
+    data file (an empty .py/.md is read, and skipped as too short).
+    """
+    if source == STDLIB_CORPUS:
+        return _stdlib_files(), []
+    path = os.path.expanduser(source)
+    supported = ", ".join(LOCAL_FORMATS)
+    if os.path.isfile(path):
+        if Path(path).suffix.lower() not in LOCAL_FORMATS:
+            raise ConfigError(f"{path}: unsupported suffix {Path(path).suffix or '(none)'!r}. DATASET takes {supported} "
+                              "files, a folder or glob of them, or a folder written by Dataset.save_to_disk")
+        candidates = [path]
+    elif os.path.isdir(path) and _is_saved_dataset(path):
+        return [path], []
+    else:
+        root = Path(path) if os.path.isdir(path) else None
+        found = root.rglob("*") if root else map(Path, globlib.glob(path, recursive=True))
+        candidates = sorted(str(p) for p in found if p.is_file() and not any(
+            part.startswith(".") for part in (p.relative_to(root) if root else p).parts))
+    files = [f for f in candidates if Path(f).suffix.lower() in LOCAL_FORMATS]
+    ignored = [f for f in candidates if f not in set(files)]
+    if not files:
+        suffixes = sorted({Path(f).suffix or "(none)" for f in ignored})
+        raise ConfigError(f"{source} holds no {supported} file" + (f" (it has {', '.join(suffixes)})" if suffixes else
+                          " (it is empty)") + ": point DATASET at your data files")
+    for f in files:
+        if os.path.getsize(f) == 0 and Path(f).suffix.lower() not in _DOCUMENT_SUFFIXES:
+            raise ConfigError(f"{f} is empty: fill it or remove it from {source}")
+    return files, ignored
+
+
+def data_fingerprint(source: str) -> dict | None:
+    """What the local files of a dataset hold, for the Phase 1 cache key: {"files": n, "bytes": total size,
+    "digest": hash of every file's path, size and modification time (ns)}, with "listing" {path: [size,
+    mtime_ns]} for saying what changed. Editing, adding or removing a file changes the digest. None for a Hub
+    dataset. Raises ConfigError as local_data_files does."""
+    if not is_local_dataset(source):
+        return None
+    files, _ = local_data_files(source)
+    if len(files) == 1 and os.path.isdir(files[0]):  # save_to_disk folder: every file in it
+        files = sorted(str(p) for p in Path(files[0]).rglob("*") if p.is_file())
+    listing = {}
+    for f in files:
+        st = os.stat(f)
+        listing[f] = [st.st_size, st.st_mtime_ns]
+    digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
+    return {"files": len(listing), "bytes": sum(v[0] for v in listing.values()), "digest": digest, "listing": listing}
+
+
+class _quiet_datasets:
+    """The datasets builders log an error line before raising; we raise one clear ConfigError instead."""
+
+    def __enter__(self):
+        import logging
+
+        self.logger = logging.getLogger("datasets")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _describe_json_value(value) -> str:
+    return f"{type(value).__name__ if value is not None else 'null'} {json.dumps(value)[:40]}"
+
+
+def _data_error(path: str, builder: str, err: Exception) -> ConfigError:
+    """One ConfigError that names the file and the line (or record index) a builder's error came from."""
+    fix = "fix or remove it, or leave the file out of DATASET"
+    if isinstance(err, OSError):
+        return ConfigError(f"{path} cannot be read ({err.strerror or err}): {fix}")
+    if builder == "json":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text.lstrip().startswith("["):  # one JSON array
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                return ConfigError(f"{path}: line {e.lineno} column {e.colno} is not valid JSON ({e.msg}): {fix}")
+            for i, row in enumerate(rows if isinstance(rows, list) else []):
+                if not isinstance(row, dict):
+                    return ConfigError(f"{path}: record index {i} is {_describe_json_value(row)}, not an object "
+                                       f"with a text field: {fix}")
+        else:  # JSON Lines
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return ConfigError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno}): {fix}")
+                if not isinstance(row, dict):
+                    return ConfigError(f"{path}: line {n} is {_describe_json_value(row)}, not an object with a text "
+                                       f"field: {fix}")
+    what = {"json": "JSON or JSON Lines", "csv": "CSV", "parquet": "Parquet", "text": "text"}[builder]
+    return ConfigError(f"{path}: not a valid {what} file ({type(err).__name__}: {str(err).strip()[:200]}): {fix}")
+
+
+def _file_records(path: str, work_dir: str):
+    """(index, record) pairs of one local file, read lazily by the `datasets` packaged builder for its suffix
+    (streaming: no Arrow copy of the data is written; the builder's lock files go to work_dir)."""
+    from datasets import load_dataset
+
+    builder, kw = LOCAL_FORMATS[Path(path).suffix.lower()]
+    try:
+        with _quiet_datasets():
+            ds = load_dataset(builder, data_files=[path], split="train", streaming=True, cache_dir=work_dir, **kw)
+            yield from enumerate(ds)
+    except ConfigError:
+        raise
+    except Exception as e:  # ArrowInvalid, pandas ParserError, UnicodeDecodeError, OSError ... one clear error
+        raise _data_error(path, builder, e) from e
+
+
+def _saved_records(path: str, report: DataReport):
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(path)  # memory-mapped Arrow: nothing is copied
+    if isinstance(ds, DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        report.reader += f", split {split!r}"
+        ds = ds[split]
+    yield from enumerate(ds)
+
+
+def iter_texts(source: str, seed: int = 0, text_field: str = "auto", tokenizer=None, report: DataReport | None = None,
+               max_chars: int = MAX_DOC_BLOCKS * 128 * CHARS_PER_TOKEN, work_dir: str | None = None):
+    """Documents (str) from a dataset, read lazily: the caller stops once it has enough.
+
+    - `stdlib`: the Python standard library's .py files, one document each, in a fixed shuffled order (seed).
+    - A local file, folder or glob, through the `datasets` packaged builders (LOCAL_FORMATS): .txt (split at
+      blank lines into documents of at most max_chars characters, chunked at line ends when it has none), .py
+      and .md (whole documents), .json/.jsonl (JSON Lines or a JSON array), .csv and .parquet; a folder
+      written by save_to_disk (load_from_disk).
+    - Anything else: a Hub dataset, streamed.
+    Records become text by record_text's rules (text_field, the tokenizer's chat template). `report`
+    (a DataReport) is filled as reading goes. work_dir holds the builders' lock files while reading (a
+    temporary folder inside it, removed after); None: the system's temporary folder.
+    Raises ConfigError (naming the file and line, or the record index) for an unsupported or empty file, a
+    malformed record, a record that is not an object, and a source where no record has the wanted field.
+    """
+    import tempfile
+
+    report = report if report is not None else DataReport(source, text_field)
+    if not is_local_dataset(source):
+        report.reader = "Hub dataset, streamed"
+        yield from _iter_hub_texts(source, report, text_field, tokenizer)
+        return
+    files, report.ignored = local_data_files(source)
+    if source == STDLIB_CORPUS:
+        random.Random(seed).shuffle(files)  # a fixed, varied order: not 500 blocks of one package
+    report.files = len(files)
+    builders = sorted({"load_from_disk" if os.path.isdir(f) else LOCAL_FORMATS[Path(f).suffix.lower()][0] for f in files})
+    report.reader = f"{len(files)} local file{'s' * (len(files) != 1)} via datasets {', '.join(builders)}"
+    if work_dir:
+        os.makedirs(work_dir, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="spoonfeed-datasets-", dir=work_dir)
+    try:
+        for path in files:
+            report.files_read += 1
+            if os.path.isdir(path):
+                records = _saved_records(path, report)
+                fmt = None
+            else:
+                records = _file_records(path, tmp.name)
+                fmt = LOCAL_FORMATS[Path(path).suffix.lower()]
+            if fmt and fmt[0] == "text":  # a text file's documents are its text, whatever TEXT_FIELD says
+                kind = "paragraph" if fmt[1]["sample_by"] == "paragraph" else "document"
+                if kind == "paragraph":
+                    records = _paragraph_documents(records, max_chars)
+                where = (lambda i, p=path: f"{p} paragraph index {i}") if kind == "paragraph" else (lambda i, p=path: p)
+                yield from _texts_from_records(records, where, report, "text", tokenizer)
+            else:
+                yield from _texts_from_records(records, lambda i, p=path: f"{p} record index {i}", report,
+                                               text_field, tokenizer)
+        report.exhausted = True
+        if report.records == 0:
+            raise ConfigError(f"{source} holds no records: point DATASET at a file or folder with text")
+        if report.has_field == 0:
+            _no_field_error(report)
+    finally:
+        tmp.cleanup()
+
+
+def _iter_hub_texts(name: str, report: DataReport, text_field: str = "auto", tokenizer=None):
     from datasets import load_dataset
 
     try:
         stream = load_dataset(name, split="train", streaming=True)
     except Exception as e:  # the datasets library raises many types for "not found" and "offline"
         raise ConfigError(f"could not open dataset {name!r} ({type(e).__name__}: {str(e)[:200]}). Offline, use "
-                          f"DATASET = {STDLIB_CORPUS!r} or a local .txt/.jsonl/.py path") from e
-    for item in stream:
-        text = record_text(item)
-        if text:
-            yield text
+                          f"DATASET = {STDLIB_CORPUS!r} or a local file or folder ({', '.join(LOCAL_FORMATS)})") from e
+    yield from _texts_from_records(enumerate(stream), lambda i: f"{name} record index {i}", report, text_field,
+                                   tokenizer)
+    report.exhausted = True
+    if report.records and report.has_field == 0:
+        _no_field_error(report)
 
 
 def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, val_every: int = 10,
-                max_doc_blocks: int = 4):
+                max_doc_blocks: int = MAX_DOC_BLOCKS, report: DataReport | None = None):
     """Tokenize documents, join them with EOS and cut full blocks of seq_len tokens: no padding anywhere.
 
     Every val_every-th document goes to the held-out stream (until it is full), so train and held-out
     blocks never share a document. A document contributes at most max_doc_blocks blocks, for variety.
-    Returns (train (N, T) int32, val (M, T) int32, indices of the held-out documents).
+    Returns (train (N, T) int32, val (M, T) int32, indices of the held-out documents). `report` (a
+    DataReport) gets the token and block counts. Raises ConfigError when either split gets no block.
     """
     eos = tokenizer.eos_token_id
     want = {"train": num_train * seq_len, "val": num_val * seq_len}
     streams = {"train": [], "val": []}
     cap = max_doc_blocks * seq_len
     val_docs = []
+    tokens = 0
     for i, text in enumerate(texts):
-        full = {k: len(v) >= want[k] for k, v in streams.items()}
-        if all(full.values()):
-            break
-        split = "val" if (i % val_every == val_every - 1 and not full["val"]) or full["train"] else "train"
+        split = "val" if (i % val_every == val_every - 1 and len(streams["val"]) < want["val"]) or \
+            len(streams["train"]) >= want["train"] else "train"
         ids = tokenizer(text[: cap * 12], add_special_tokens=False).input_ids[:cap]  # ~4 chars a token
         streams[split].extend(ids + [eos])
+        tokens += len(ids)
         if split == "val":
             val_docs.append(i)
+        if all(len(v) >= want[k] for k, v in streams.items()):
+            break
     blocks = {}
     for split, ids in streams.items():
         n = min(len(ids) // seq_len, want[split] // seq_len)
         blocks[split] = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    if report is not None:
+        report.tokens, report.seq_len = tokens, seq_len
+        report.train_blocks, report.val_blocks = len(blocks["train"]), len(blocks["val"])
     if len(blocks["train"]) == 0 or len(blocks["val"]) == 0:
+        skipped = ""
+        if report is not None and report.skipped:
+            skipped = " Skipped records: " + "; ".join(f"{n} x {why} (first: {where})"
+                                                        for why, (n, where) in report.skipped.items()) + "."
         raise ConfigError(f"the dataset gave {len(blocks['train'])} training and {len(blocks['val'])} held-out "
-                          f"blocks of {seq_len} tokens: it is empty or its texts are too short. Use a larger "
+                          f"blocks of {seq_len} tokens: it is empty or its texts are too short.{skipped} Use a larger "
                           "dataset, or lower MAX_SEQ_LENGTH / NUM_CACHE_SAMPLES")
     for split, n in (("train", num_train), ("val", num_val)):
         if len(blocks[split]) < n:
             print(f"note: the dataset ran out after {len(blocks[split])} of {n} {split} blocks")
     return blocks["train"], blocks["val"], val_docs
+
+
+def describe_data(cache_or_report, tokenizer=None) -> str:
+    """What Phase 1's data gave, as the notebook prints it: the source and how it was read, records read and
+    skipped (with the reason and where the first one was), tokens, blocks, and the first training block
+    decoded. Takes a TeacherCache (its manifest keeps the report) or a DataReport."""
+    if isinstance(cache_or_report, DataReport):
+        d, first = asdict(cache_or_report), None
+    else:
+        d, first = cache_or_report.manifest.get("data"), cache_or_report.train_tokens[0]
+        if d is None:
+            return "data: this cache was built before data reports were kept (rebuild it to get one)"
+    lines = [f"data: {d['source']} ({d['reader']})"]
+    if d["ignored"]:
+        lines.append(f"  ignored {len(d['ignored'])} file(s) with no supported suffix: "
+                     + ", ".join(os.path.basename(f) for f in d["ignored"][:5]) + (" ..." if len(d["ignored"]) > 5 else ""))
+    read = f"{d['files_read']} of {d['files']} files, " if d["files"] else ""
+    stop = "all of it" if d["exhausted"] else "stopped once the blocks were full"
+    skipped = sum(n for n, _ in d["skipped"].values())
+    lines.append(f"  read {read}{d['records']:,} records ({stop}): {d['documents']:,} documents, {skipped:,} skipped"
+                 + (f"; TEXT_FIELD = {d['text_field']!r}" if d["text_field"] != "auto" else ""))
+    for why, (n, where) in sorted(d["skipped"].items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"    skipped {n:,} x {why} (first: {where})")
+    if d["chat_rendered"]:
+        lines.append(f"  chat lists rendered with {d['chat_rendered']}")
+    lines.append(f"  {d['tokens']:,} tokens -> {d['train_blocks']} training + {d['val_blocks']} held-out blocks of "
+                 f"{d['seq_len']} tokens (documents joined by EOS; held-out documents disjoint from training)")
+    if first is not None and tokenizer is not None:
+        text = tokenizer.decode(first.tolist())
+        lines.append("  first training block, decoded:")
+        lines += ["    | " + line for line in text.splitlines()[:12]]
+    return "\n".join(lines)
 
 
 CACHE_VERSION = 1
@@ -857,15 +1277,39 @@ class TeacherCache:
 
 
 def cache_request(teacher: str, dataset: str, num_samples: int, val_samples: int, seq_len: int,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, text_field: str = "auto", data_files: dict | None = None) -> dict:
+    """What a Phase 1 cache is keyed by. data_files: data_fingerprint(dataset) for local data (its listing is
+    left out), so editing a local file makes a different request; None for a Hub dataset."""
     return {"version": CACHE_VERSION, "teacher": teacher, "dataset": dataset, "num_samples": num_samples,
             "val_samples": val_samples, "seq_len": seq_len, "seed": seed, "layers": "last (final-normed)",
-            "dtype": "float16"}
+            "dtype": "float16", "text_field": text_field,
+            "data_files": {k: v for k, v in data_files.items() if k != "listing"} if data_files else None}
 
 
 def cache_folder(cache_dir, request: dict) -> Path:
-    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    """The folder of a request. The local files' fingerprint is left out of the name, so a cache built from
+    files since edited sits in the same folder: it is rebuilt there, and data_change says why."""
+    key = hashlib.sha256(json.dumps({k: v for k, v in request.items() if k != "data_files"},
+                                    sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / key
+
+
+def data_change(folder: Path, request: dict, fingerprint: dict | None) -> str | None:
+    """Why the cache in folder no longer matches its local data, e.g. "corpus/a.txt modified, corpus/b.txt
+    added", or None when the data did not change (or there is no finished cache there)."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+        old_request, old = manifest["request"], manifest.get("data_listing", {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if fingerprint is None or old_request.get("data_files") == request["data_files"]:
+        return None
+    new = fingerprint["listing"]
+    changes = [f"{f} modified" for f in new if f in old and old[f] != new[f]]
+    changes += [f"{f} added" for f in new if f not in old] + [f"{f} removed" for f in old if f not in new]
+    if not changes:
+        return "the local data changed"
+    return f"{len(changes)} local file(s) changed: " + ", ".join(changes[:5]) + (" ..." if len(changes) > 5 else "")
 
 
 def _valid_cache(folder: Path, request: dict) -> bool:
@@ -901,25 +1345,49 @@ def _check_disk(folder, n_bytes: int) -> None:
                           "CACHE_DIR at a bigger disk")
 
 
-def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, progress: bool = True) -> TeacherCache:
-    """Phase 1. Reuses a cache whose manifest matches the request without loading the teacher at all;
-    otherwise runs batched teacher forwards and writes the states incrementally, the manifest last."""
+def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, progress: bool = True,
+                         tokenizer=None) -> TeacherCache:
+    """Phase 1. Reuses a cache whose manifest matches the request (local files' size and modification time
+    included) without loading the teacher at all; otherwise reads and packs the data first, so every data
+    problem is a ConfigError before the teacher loads, then runs batched teacher forwards and writes the
+    states incrementally, the manifest last.
+
+    loader() returns (teacher, tokenizer); default load_teacher(cfg.teacher, cfg.device). The data is packed
+    with `tokenizer`, else the loader's `tokenizer` attribute, else load_tokenizer(cfg.teacher) (fast: the
+    teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts),
+    an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's context.
+    """
     from tqdm.auto import tqdm
 
-    request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed)
+    fingerprint = data_fingerprint(cfg.dataset)  # unsupported or empty local files are refused here
+    request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
+                            cfg.text_field, fingerprint)
     folder = cache_folder(cfg.cache_dir, request)
     if not rebuild and _valid_cache(folder, request):
         print(f"Phase 1: reusing the cache in {folder}")
         return TeacherCache(folder)
+    why = data_change(folder, request, fingerprint)
+    if why and not rebuild:
+        print(f"Phase 1: rebuilding the cache in {folder}: {why} since it was built")
     _check_writable(cfg.cache_dir)
-    loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device))
-    teacher, tokenizer = loader()
+    if tokenizer is None:
+        tokenizer = getattr(loader, "tokenizer", None) or load_tokenizer(cfg.teacher)
+    report = DataReport(cfg.dataset, cfg.text_field)
+    texts = iter_texts(cfg.dataset, cfg.seed, cfg.text_field, tokenizer, report,
+                       max_chars=MAX_DOC_BLOCKS * cfg.seq_len * CHARS_PER_TOKEN, work_dir=cfg.cache_dir)
+    try:
+        train, val, val_docs = pack_blocks(texts, tokenizer, cfg.seq_len, cfg.num_samples, cfg.val_samples,
+                                           report=report)
+    finally:
+        texts.close()
+    print(f"Phase 1: the data gave {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens from "
+          f"{report.records:,} records; loading the teacher")
+    loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device, tokenizer))
+    teacher, _ = loader()
     context = getattr(teacher.config, "max_position_embeddings", None)
     if context and cfg.seq_len > context:
         raise ConfigError(f"seq_len={cfg.seq_len} is beyond the teacher's context ({context}): lower MAX_SEQ_LENGTH")
     D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
-    train, val, val_docs = pack_blocks(iter_texts(cfg.dataset, cfg.seed), tokenizer, cfg.seq_len,
-                                       cfg.num_samples, cfg.val_samples)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").unlink(missing_ok=True)  # from here on the folder is incomplete
     _check_disk(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2)
@@ -956,7 +1424,8 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     for split in ("train", "val"):
         files[f"{split}_states.npy"]["data_offset"] = offsets[split]
     manifest = {"request": request, "teacher_dim": D, "vocab_size": head.shape[0], "files": files,
-                "num_train": len(train), "num_val": len(val), "val_docs": val_docs, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "num_train": len(train), "num_val": len(val), "val_docs": val_docs, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "data": asdict(report), "data_listing": fingerprint["listing"] if fingerprint else {}}
     _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
     free_teacher(teacher)
     print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {folder}")
