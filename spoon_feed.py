@@ -34,10 +34,11 @@
 
 # %% cellView="form" tags=["parameters"]
 # @title 1. Configuration
-# @markdown The original notebook's defaults and options, plus the offline choices: the bundled teacher `smollm2` and the `stdlib` corpus (Python's standard library source). `PRESET` fills in every setting you left at its default (`cpu`: 2 CPU cores, offline; `smoke`: a few minutes, for CI); with `none`, `SPOONFEED_PRESET` from the environment is used. This cell holds every setting, so `papermill -p NAME value` overrides any of them.
+# @markdown The original notebook's defaults and options, plus the offline choices: the bundled teacher `smollm2` and the `stdlib` corpus (Python's standard library source). `DATASET` also takes your own data: a local .txt, .md, .py, .json, .jsonl, .csv or .parquet file, a folder or glob of them, or a folder written by `Dataset.save_to_disk`. `TEXT_FIELD` names the record field that holds the text; `auto` takes `text`, or `instruction` + `response`, or a chat list (`messages`, `conversations`). `PRESET` fills in every setting you left at its default (`cpu`: 2 CPU cores, offline; `smoke`: a few minutes, for CI); with `none`, `SPOONFEED_PRESET` from the environment is used. This cell holds every setting, so `papermill -p NAME value` overrides any of them.
 PRESET = "none"  # @param ["none", "cpu", "smoke"]
 TEACHER_MODEL = "Qwen/Qwen2.5-Coder-1.5B-Instruct"  # @param ["Qwen/Qwen2.5-Coder-1.5B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "smollm2"]
 DATASET = "roneneldan/TinyStories"  # @param ["roneneldan/TinyStories", "Magpie-Align/Magpie-Reasoning-V2-250K-CoT-Deepseek-R1-Llama-70B", "stdlib"] {allow-input: true}
+TEXT_FIELD = "auto"  # @param {type:"string"}
 
 # Data settings
 NUM_CACHE_SAMPLES = 500  # @param {type:"slider", min:100, max:2000, step:100}
@@ -104,16 +105,17 @@ cfg = sf.make_config(
     embed_lr_mult=EMBED_LR_MULT, loss=LOSS, kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE,
     head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT, head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR,
     ckpt_every=CHECKPOINT_EVERY, seed=SEED, ablation_steps=ABLATION_STEPS, ablation_head_steps=ABLATION_HEAD_STEPS,
-    ablation_widths=tuple(int(w) for w in str(ABLATION_WIDTHS).split(",") if w.strip()),
+    ablation_widths=tuple(int(w) for w in str(ABLATION_WIDTHS).split(",") if w.strip()), text_field=TEXT_FIELD,
 )
 print(sf.describe(cfg, PRESET))
 print("device:", sf.pick_device(cfg.device))
 
 # %% cellView="form"
 # @title 3. Phase 1: cache the teacher
-# @markdown Batched teacher forwards keep only the final-normed last hidden state, written to disk as float16 with the teacher's LM head. A matching cache is reused without loading the teacher.
+# @markdown The data is read and packed first, so a problem with it is reported before the teacher loads. Batched teacher forwards keep only the final-normed last hidden state, written to disk as float16 with the teacher's LM head. A matching cache (same request, same local files) is reused without loading the teacher.
 cache = sf.cache_teacher_states(cfg)
 tokenizer = sf.load_tokenizer(cfg.teacher)
+print(sf.describe_data(cache, tokenizer))
 print(f"{cache.num_train} train + {cache.num_val} held-out blocks of {cache.seq_len} tokens, teacher width {cache.teacher_dim}, vocab {cache.vocab_size}")
 sf.plot_cache(cache, f"{cfg.run_dir}/plots/1_cache.png")
 plt.show()

@@ -811,7 +811,7 @@ def _record_text(item: dict, text_field: str = "auto", tokenizer=None) -> tuple[
             field = next((k for k in CHAT_FIELDS if not _missing(item.get(k))), None)
             if field is None:
                 empty = [k for k in TEXT_FIELDS if k in item]
-                return None, (f"{'/'.join(empty)} None or empty" if empty else
+                return None, (f"{'/'.join(repr(k) for k in empty)} None or empty" if empty else
                               "no 'text', 'instruction' or chat ('messages', 'conversations') field")
             value = item[field]
     else:
@@ -1003,36 +1003,44 @@ def _describe_json_value(value) -> str:
     return f"{type(value).__name__ if value is not None else 'null'} {json.dumps(value)[:40]}"
 
 
+def _json_problem(path: str) -> str | None:
+    """Where a .json/.jsonl file stops being JSON objects: "line 4 is not valid JSON (...)", "line 2 is null
+    null, not an object ...", "record index 1 is str ...", or None when every record is an object."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} column {e.colno} is not valid JSON ({e.msg})"
+        for i, row in enumerate(rows if isinstance(rows, list) else []):
+            if not isinstance(row, dict):
+                return f"record index {i} is {_describe_json_value(row)}, not an object with a text field"
+        return None
+    for n, line in enumerate(text.splitlines(), 1):  # JSON Lines
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
+        if not isinstance(row, dict):
+            return f"line {n} is {_describe_json_value(row)}, not an object with a text field"
+    return None
+
+
+_DATA_FIX = "fix or remove it, or leave the file out of DATASET"
+
+
 def _data_error(path: str, builder: str, err: Exception) -> ConfigError:
     """One ConfigError that names the file and the line (or record index) a builder's error came from."""
-    fix = "fix or remove it, or leave the file out of DATASET"
     if isinstance(err, OSError):
-        return ConfigError(f"{path} cannot be read ({err.strerror or err}): {fix}")
-    if builder == "json":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if text.lstrip().startswith("["):  # one JSON array
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                return ConfigError(f"{path}: line {e.lineno} column {e.colno} is not valid JSON ({e.msg}): {fix}")
-            for i, row in enumerate(rows if isinstance(rows, list) else []):
-                if not isinstance(row, dict):
-                    return ConfigError(f"{path}: record index {i} is {_describe_json_value(row)}, not an object "
-                                       f"with a text field: {fix}")
-        else:  # JSON Lines
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    return ConfigError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno}): {fix}")
-                if not isinstance(row, dict):
-                    return ConfigError(f"{path}: line {n} is {_describe_json_value(row)}, not an object with a text "
-                                       f"field: {fix}")
+        return ConfigError(f"{path} cannot be read ({err.strerror or err}): {_DATA_FIX}")
+    problem = _json_problem(path) if builder == "json" else None
+    if problem:
+        return ConfigError(f"{path}: {problem}: {_DATA_FIX}")
     what = {"json": "JSON or JSON Lines", "csv": "CSV", "parquet": "Parquet", "text": "text"}[builder]
-    return ConfigError(f"{path}: not a valid {what} file ({type(err).__name__}: {str(err).strip()[:200]}): {fix}")
+    return ConfigError(f"{path}: not a valid {what} file ({type(err).__name__}: {str(err).strip()[:200]}): {_DATA_FIX}")
 
 
 def _file_records(path: str, work_dir: str):
@@ -1044,7 +1052,14 @@ def _file_records(path: str, work_dir: str):
     try:
         with _quiet_datasets():
             ds = load_dataset(builder, data_files=[path], split="train", streaming=True, cache_dir=work_dir, **kw)
-            yield from enumerate(ds)
+            checked = builder != "json"
+            for i, item in enumerate(ds):
+                if not checked and all(v is None for v in item.values()):
+                    checked = True  # the json builder reads a `null` line as a record of Nones: find the line
+                    problem = _json_problem(path)
+                    if problem:
+                        raise ConfigError(f"{path}: {problem}: {_DATA_FIX}")
+                yield i, item
     except ConfigError:
         raise
     except Exception as e:  # ArrowInvalid, pandas ParserError, UnicodeDecodeError, OSError ... one clear error
