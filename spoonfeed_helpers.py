@@ -1007,25 +1007,26 @@ def _json_problem(path: str) -> str | None:
     """Where a .json/.jsonl file stops being JSON objects: "line 4 is not valid JSON (...)", "line 2 is null
     null, not an object ...", "record index 1 is str ...", or None when every record is an object."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):  # one JSON array
+        is_array = f.read(4096).lstrip().startswith("[")
+    if is_array:  # one JSON array
         try:
-            rows = json.loads(text)
+            rows = json.loads(Path(path).read_text(encoding="utf-8", errors="replace"))
         except json.JSONDecodeError as e:
             return f"line {e.lineno} column {e.colno} is not valid JSON ({e.msg})"
         for i, row in enumerate(rows if isinstance(rows, list) else []):
             if not isinstance(row, dict):
                 return f"record index {i} is {_describe_json_value(row)}, not an object with a text field"
         return None
-    for n, line in enumerate(text.splitlines(), 1):  # JSON Lines
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
-        if not isinstance(row, dict):
-            return f"line {n} is {_describe_json_value(row)}, not an object with a text field"
+    with open(path, encoding="utf-8", errors="replace") as f:  # JSON Lines, read a line at a time
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n} is not valid JSON ({e.msg}, column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {n} is {_describe_json_value(row)}, not an object with a text field"
     return None
 
 
@@ -1104,8 +1105,11 @@ def iter_texts(source: str, seed: int = 0, text_field: str = "auto", tokenizer=N
     if source == STDLIB_CORPUS:
         random.Random(seed).shuffle(files)  # a fixed, varied order: not 500 blocks of one package
     report.files = len(files)
-    builders = sorted({"load_from_disk" if os.path.isdir(f) else LOCAL_FORMATS[Path(f).suffix.lower()][0] for f in files})
-    report.reader = f"{len(files)} local file{'s' * (len(files) != 1)} via datasets {', '.join(builders)}"
+    if len(files) == 1 and os.path.isdir(files[0]):
+        report.reader = "a save_to_disk folder, via datasets.load_from_disk"
+    else:
+        builders = sorted({LOCAL_FORMATS[Path(f).suffix.lower()][0] for f in files})
+        report.reader = f"{len(files)} local file{'s' * (len(files) != 1)} via datasets {', '.join(builders)}"
     if work_dir:
         os.makedirs(work_dir, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="spoonfeed-datasets-", dir=work_dir)
@@ -1314,8 +1318,8 @@ def data_change(folder: Path, request: dict, fingerprint: dict | None) -> str | 
     added", or None when the data did not change (or there is no finished cache there)."""
     try:
         manifest = json.loads((Path(folder) / "manifest.json").read_text())
-        old_request, old = manifest["request"], manifest.get("data_listing", {})
-    except (OSError, ValueError, KeyError, TypeError):
+        old_request, old = manifest["request"], manifest["data_listing"]
+    except (OSError, ValueError, KeyError, TypeError):  # no finished cache, or one from before data listings
         return None
     if fingerprint is None or old_request.get("data_files") == request["data_files"]:
         return None

@@ -93,7 +93,7 @@ def bench_phase1(p, peak, teacher, tok, tmp):
     cfg = sf.make_config(teacher=sf.BUNDLED_TEACHER, dataset=sf.STDLIB_CORPUS, num_samples=n, val_samples=4,
                          seq_len=seq, batch_size=2, cache_dir=str(tmp / "phase1"), device="cpu")
     t = time.perf_counter()
-    cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), progress=False)
+    cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), tokenizer=tok, progress=False)
     b = (cache.num_train + cache.num_val) * seq / (time.perf_counter() - t)
     row("Phase 1 teacher tokens/s", a, b, 1.5, "tok/s")
     flops = teacher_flops_per_token(teacher, seq)
@@ -212,7 +212,7 @@ def bench_rss(p, tok, tmp):
         cfg = sf.make_config(teacher="rss/random-teacher", dataset=sf.STDLIB_CORPUS, num_samples=n, val_samples=4,
                              seq_len=p["seq"], batch_size=p["batch"], cache_dir=str(tmp / "rss"), device="cpu",
                              cache_batch_size=32)
-        cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), progress=False)
+        cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), tokenizer=tok, progress=False)
         for side in ("original", "spoonfeed"):
             out = subprocess.run([sys.executable, __file__, "--rss-child", "--rss-cache", str(cache.path),
                                   "--rss-side", side, "--rss-run", str(tmp / f"rss-run-{side}-{n}"),
@@ -252,7 +252,7 @@ def original_quality(a, a_proj, cache):
 
 
 def bench_quality(cfg, teacher, tok, progress):
-    cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), progress=progress)
+    cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), tokenizer=tok, progress=progress)
     t = time.perf_counter()
     texts = _train_texts(cfg.num_samples * 2, cache.manifest["val_docs"], cfg.seq_len)
     inputs, targets = orig.cache_original(teacher, tok, texts, cfg.num_samples, cfg.seq_len)
@@ -360,7 +360,7 @@ def main(argv=None):
             cfg = sf.make_config(teacher=sf.BUNDLED_TEACHER, dataset=sf.STDLIB_CORPUS, num_samples=max(16, p["batch"]),
                                  val_samples=4, seq_len=p["seq"], batch_size=p["batch"],
                                  cache_dir=str(tmp / "phase3"), device="cpu")
-            bench_phase3(p, sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), progress=False), vocab,
+            bench_phase3(p, sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), tokenizer=tok, progress=False), vocab,
                          teacher_dim)
         if "rss" in sections:
             bench_rss(p, tok, tmp)
