@@ -776,7 +776,8 @@ def _chat_messages(value) -> list[dict] | None:
     for m in value:
         if not isinstance(m, dict):
             return None
-        role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        role = m.get("role") if m.get("role") is not None else m.get("from")  # Arrow rows carry both keys, one None
+        content = m.get("content") if m.get("content") is not None else m.get("value")
         if not isinstance(role, str) or not (content is None or isinstance(content, str)):
             return None
         if not _missing(content):

@@ -168,6 +168,17 @@ def test_auto_takes_text_then_instruction_and_response_then_a_chat_list():
     sharegpt = [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi, how can I help?"}]
     assert sf.record_text({"conversations": sharegpt}, tokenizer=tok) == sf.record_text({"messages": chat}, tokenizer=tok)
     assert sf.record_text({"messages": chat}, tokenizer=make_tokenizer()) == "hello there\nhi, how can I help?"
+    assert sf.record_text({"messages": [{"role": "user", "content": "not a chat"}, "oops"]}) is None
+
+
+def test_chat_lists_in_a_jsonl_file_are_rendered_with_the_chat_template(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi, friend"}]},
+            {"conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi, friend"}]}]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    report = sf.DataReport(str(tmp_path / "chat.jsonl"))
+    out = texts(tmp_path / "chat.jsonl", tokenizer=chat_tokenizer(), report=report)
+    assert out == ["<user> hello there\n<assistant> hi, friend\n"] * 2
+    assert report.chat_rendered == "the tokenizer's chat template"
 
 
 def test_none_and_empty_fields_count_as_missing():
