@@ -224,6 +224,7 @@ def test_text_field_setting_is_checked_and_in_the_notebook():
         sf.make_config(text_field=" text")
     src = Path(sf.__file__).with_name("spoon_feed.py").read_text()
     assert 'TEXT_FIELD = "auto"  # @param' in src and "text_field=TEXT_FIELD" in src
+    assert "print(sf.describe_data(cache, tokenizer))" in src  # the Phase 1 cell says what the data gave
 
 
 # --- errors name the file and the line, before the teacher loads -------------------------------------------------
