@@ -30,7 +30,7 @@
 # 3. **Phase 3, speech therapy**: train an LM head on the frozen student.
 # 4. **Evaluate** on held-out text against a constant predictor and the teacher, **save**, **generate**, and ask whether ternary superposition helps (**ablation**).
 #
-# Press *Run all*. Headless: `papermill spoon_feed.ipynb out.ipynb -p PRESET cpu` (bundled teacher, stdlib corpus, 2 CPU cores) or `-p PRESET smoke`; any setting below can be passed with `-p NAME value`. All code lives in `spoonfeed_helpers.py`, where it is tested.
+# Press *Run all*. Headless: `papermill spoon_feed.ipynb out.ipynb -p PRESET cpu` (bundled teacher, stdlib corpus, 2 CPU cores) or `-p PRESET smoke`; any setting below can be passed with `-p NAME value`. `bash scripts/run_cpu.sh -p SEED 1` does the same on the `cpu` preset and shows each cell's title, the phase bars and the results in the terminal as they come. All code lives in `spoonfeed_helpers.py`, where it is tested.
 
 # %% cellView="form" tags=["parameters"]
 # @title 1. Configuration

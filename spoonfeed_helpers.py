@@ -240,6 +240,18 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def progress_bar(*args, **kwargs):
+    """A tqdm bar: tqdm.auto's (a widget in Jupyter, Colab and VS Code, which needs ipywidgets; text in a
+    terminal), or a text bar on stderr when SPOONFEED_PROGRESS=text. Headless runs set that
+    (scripts/run_notebook.py): a papermill kernel has no front end to draw a widget, and only a text bar's
+    output streams on to the terminal. Takes tqdm's arguments."""
+    if os.environ.get("SPOONFEED_PROGRESS") == "text":
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(*args, **kwargs)
+
+
 @dataclass
 class StudentConfig:
     """Shape of the student. Saved as config.json next to the weights."""
@@ -1377,8 +1389,6 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts),
     an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's context.
     """
-    from tqdm.auto import tqdm
-
     fingerprint = data_fingerprint(cfg.dataset)  # unsupported or empty local files are refused here
     request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
                             cfg.text_field, fingerprint)
@@ -1416,7 +1426,8 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     decoder = teacher.get_decoder()  # the body with its final norm, and no LM head: no logits computed
     device = next(teacher.parameters()).device
     total = torch.zeros(D, dtype=torch.float64)
-    bar = tqdm(total=len(train) + len(val), desc="Phase 1: teacher states", unit="block", disable=not progress)
+    bar = progress_bar(total=len(train) + len(val), desc="Phase 1: teacher states", unit="block",
+                       disable=not progress)
     offsets = {}
     for split, blocks in (("train", train), ("val", val)):
         out = np.lib.format.open_memmap(folder / f"{split}_states.npy", mode="w+", dtype=np.float16,
@@ -1737,8 +1748,6 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     steps into cfg.run_dir and resumes from the last good one; a finished phase is not redone unless
     fresh=True. stop_after simulates an interruption (tests).
     """
-    from tqdm.auto import tqdm
-
     _check_batch(cfg, cache)
     device = model.tok_embeddings.weight.device
     steps = cfg.superposition_steps
@@ -1757,7 +1766,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
         history, start = state["history"], state["step"]
         print(f"Phase 2: resuming at step {start} of {steps}" if start < steps else "Phase 2: already done")
     model.train()
-    bar = tqdm(range(start, steps), desc="Phase 2: superposition", disable=not progress)
+    bar = progress_bar(range(start, steps), desc="Phase 2: superposition", disable=not progress)
     for step in bar:
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens, target = cache.tokens("train", idx).to(device), cache.states("train", idx).to(device)
@@ -1873,8 +1882,6 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     head over the projector, no training. tied: the original's behaviour, training the input embedding as
     the head, which drifts the body's inputs (comparison only).
     """
-    from tqdm.auto import tqdm
-
     _check_batch(cfg, cache)
     device = model.tok_embeddings.weight.device
     model.set_head_mode(cfg.head_mode)
@@ -1924,7 +1931,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     if _resume(state, model, opt, sched, gen):
         history, start = state["history"], state["step"]
         print(f"Phase 3: resuming at step {start} of {steps}" if start < steps else "Phase 3: already done")
-    bar = tqdm(range(start, steps), desc="Phase 3: LM head", disable=not progress)
+    bar = progress_bar(range(start, steps), desc="Phase 3: LM head", disable=not progress)
     for step in bar:
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens = cache.tokens("train", idx).to(device)
@@ -2209,8 +2216,6 @@ def load_ternary(path, device="cpu") -> BitNetStudent:
 
 def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
     """Ablation arm (c): the same student and head trained with next-token CE on the same tokens, no teacher."""
-    from tqdm.auto import tqdm
-
     device = model.tok_embeddings.weight.device
     steps = cfg.superposition_steps + cfg.lm_head_steps  # the same number of optimiser steps as (a) and (b)
     opt = _adamw(model.parameters(), cfg.lr, cfg.weight_decay, model.tok_embeddings.weight, cfg.embed_lr_mult)
@@ -2219,7 +2224,7 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc="ablation: direct CE", disable=not progress):
+    for _ in progress_bar(range(steps), desc="ablation: direct CE", disable=not progress):
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens = cache.tokens("train", idx).to(device)
         loss = next_token_ce(model.logits(model(tokens)), tokens)

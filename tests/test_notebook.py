@@ -38,3 +38,25 @@ def test_form_defaults_are_the_original_notebooks():
 def test_every_phase_has_a_plot():
     for step in ("plot_cache", "plot_phase2", "plot_phase3", "plot_evaluation", "plot_ablation"):
         assert any(step in src and "plt.show()" in src for src in CODE), step
+
+
+def test_the_ipynb_is_spoon_feed_py_paired_by_jupytext():
+    """spoon_feed.py is the source; after `jupytext --sync spoon_feed.py` both hold the same cells (sources,
+    tags, form metadata) and notebook metadata. jupytext's own comparison names the first difference."""
+    import jupytext
+    from jupytext.compare import compare_notebooks
+
+    compare_notebooks(jupytext.read(ROOT / "spoon_feed.ipynb"), jupytext.read(ROOT / "spoon_feed.py"),
+                      fmt="py:percent")
+    assert not {"papermill", "widgets"} & set(NB["metadata"])  # no executed notebook committed in its place
+
+
+def test_papermill_sees_every_form_setting_as_a_parameter():
+    """Cell 1 is tagged `parameters` and holds every `# @param`, so `papermill -p NAME value` sets any of them."""
+    import papermill
+
+    param = r"^(\w+) = .*# @param"
+    in_cell_1 = set(re.findall(param, CODE[0], re.M))
+    assert in_cell_1 == set(re.findall(param, "\n".join(CODE), re.M))  # no setting hides in a later cell
+    assert {"PRESET", "STUDENT_DIM", "SEED"} <= in_cell_1
+    assert set(papermill.inspect_notebook(str(ROOT / "spoon_feed.ipynb"))) == in_cell_1

@@ -1,0 +1,99 @@
+"""Headless runs: `bash scripts/run_cpu.sh [papermill options]` and plain `papermill`, on the real notebook.
+
+Each test runs the notebook in a copy of the project under tmp_path, on the smoke preset with a tiny random
+teacher saved to a folder (so a whole run takes seconds and reads nothing from a hub).
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_teacher, make_tokenizer, write_corpus
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "SPOONFEED_SETUP": "0"}  # the install step is scripts/setup.sh's job, not the tests'
+ENV.pop("SPOONFEED_PROGRESS", None)
+ENV.pop("SPOONFEED_PRESET", None)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A copy of the notebook, the helper file and scripts/, plus a tiny teacher folder and a corpus."""
+    for name in ("spoon_feed.ipynb", "spoonfeed_helpers.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    make_teacher().save_pretrained(tmp_path / "teacher")
+    make_tokenizer().save_pretrained(tmp_path / "teacher")
+    write_corpus(tmp_path / "corpus")
+    return tmp_path
+
+
+def tiny(project, *extra):
+    return ["-p", "PRESET", "smoke", "-p", "TEACHER_MODEL", str(project / "teacher"),
+            "-p", "DATASET", str(project / "corpus"), *extra]
+
+
+def run_cpu(project, *args):
+    return subprocess.run(["bash", "scripts/run_cpu.sh", *args], cwd=project, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+def outputs(nb_path):
+    """{cell title: [outputs]} of an executed notebook."""
+    nb = json.loads(nb_path.read_text())
+    return {"".join(c["source"]).splitlines()[0]: c.get("outputs", []) for c in nb["cells"]
+            if c["cell_type"] == "code"}
+
+
+def test_run_cpu_streams_titles_bars_and_results_passes_its_arguments_and_saves_the_notebook(project):
+    r = run_cpu(project, *tiny(project, "-p", "SEED", "7", "-p", "STUDENT_DIM", "48"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    titles = re.findall(r"^\[\s*\d+ s\] (\d+)\. ", r.stdout, re.M)  # each cell's title, with the elapsed time
+    assert [int(t) for t in titles] == list(range(1, 11))
+    assert "parameters from the command line: " in r.stdout
+    assert re.search(r"^  seed += 7$", r.stdout, re.M)  # the overrides reached the effective configuration,
+    assert re.search(r"^  student_dim += 48$", r.stdout, re.M)  # one of them over the preset's 32,
+    assert re.search(r"^  student_layers += 2$", r.stdout, re.M)  # and the preset filled in the rest
+    for bar in ("Phase 1: teacher states", "Phase 2: superposition", "Phase 3: LM head"):
+        assert re.search(rf"{bar}: 100%\|.*\| (\d+)/\1 ", r.stderr), bar  # text bars, streamed as they move
+    assert "held-out cosine (student)" in r.stdout and "student CE" in r.stdout  # the evaluation table
+    saved = outputs(project / "runs" / "smoke" / "spoon_feed.ipynb")
+    report = "".join("".join(o.get("text", "")) for o in saved["# @title 7. Evaluate on held-out text"])
+    assert "held-out cosine (student)" in report
+    assert (project / "runs" / "smoke" / "student" / "config.json").exists()
+
+
+def test_a_failing_cell_is_named_with_its_traceback_and_the_exit_status_is_nonzero(project):
+    (project / "a-file").write_text("")
+    r = run_cpu(project, *tiny(project, "-p", "CACHE_DIR", str(project / "a-file" / "cache")))
+    assert r.returncode != 0
+    assert 'FAILED in cell "3. Phase 1: cache the teacher"' in r.stderr
+    assert "Traceback" in r.stderr and "ConfigError: cache folder" in r.stderr and "set CACHE_DIR" in r.stderr
+    assert "4. Build the student" not in r.stdout  # it stopped there
+    saved = outputs(project / "runs" / "smoke" / "spoon_feed.ipynb")  # saved, with the error in its cell
+    errors = [o for o in saved["# @title 3. Phase 1: cache the teacher"] if o["output_type"] == "error"]
+    assert errors and errors[0]["ename"] == "ConfigError"
+
+
+def test_a_bad_argument_fails_before_any_cell_runs(project):
+    r = run_cpu(project, "-p", "PRESET", "smoke", "--no-such-option")
+    assert r.returncode != 0 and "No such option" in r.stderr
+    assert not (project / "spoonfeed_cache").exists()
+
+
+def test_in_a_jupyter_kernel_the_bars_are_widgets_and_tqdm_finds_ipywidgets(project):
+    """What Jupyter, VS Code and Colab see: tqdm.auto draws ipywidgets bars, with no `IProgress not found`."""
+    out = project / "executed.ipynb"
+    r = subprocess.run([sys.executable, "-m", "papermill", "spoon_feed.ipynb", str(out), *tiny(project)],
+                       cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    saved = outputs(out)
+    text = json.dumps(saved)
+    assert "IProgress" not in text
+    bars = [o for o in saved["# @title 5. Phase 2: superposition"]
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert bars and "Phase 2: superposition" in "".join(bars[0]["data"]["text/plain"])
