@@ -50,8 +50,21 @@ def outputs(nb_path):
 
 
 def test_run_cpu_streams_titles_bars_and_results_passes_its_arguments_and_saves_the_notebook(project):
-    r = run_cpu(project, *tiny(project, "-p", "SEED", "7", "-p", "STUDENT_DIM", "48"))
+    args = tiny(project, "-p", "SEED", "7", "-p", "STUDENT_DIM", "48")
+    with open(project / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(["bash", "scripts/run_cpu.sh", *args], cwd=project, env=ENV, text=True,
+                                stdout=subprocess.PIPE, stderr=err)
+        lines = []
+        for line in proc.stdout:  # read as it comes
+            lines.append(line)
+            if "3. Phase 1: cache the teacher" in line:
+                break
+        streaming = proc.poll() is None  # the title arrived while the run was still going
+        rest, _ = proc.communicate(timeout=600)
+        err.seek(0)
+        r = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + rest, err.read())
     assert r.returncode == 0, r.stdout + r.stderr
+    assert streaming
     titles = re.findall(r"^\[\s*\d+ s\] (\d+)\. ", r.stdout, re.M)  # each cell's title, with the elapsed time
     assert [int(t) for t in titles] == list(range(1, 11))
     assert "parameters from the command line: " in r.stdout
