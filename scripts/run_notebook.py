@@ -3,7 +3,8 @@
     python scripts/run_notebook.py spoon_feed.ipynb out.ipynb -p PRESET smoke -p SEED 1   # any papermill option
 
 It is papermill's click command unchanged, except that its call to papermill.execute_notebook gets a few
-more keyword arguments, which papermill hands on to nbclient's NotebookClient. What they add:
+more keyword arguments, which papermill hands on to nbclient's NotebookClient, and the kernel two environment
+variables. What they add:
 - each cell's `# @title` line as the cell starts, with the seconds since the start (nbclient's `on_cell_start`);
 - the kernel's stdout and stderr copied to the terminal as they arrive (papermill's `stdout_file`/`stderr_file`);
 - the phase bars as text bars on stderr (SPOONFEED_PROGRESS=text, see `spoonfeed_helpers.progress_bar`): a
