@@ -780,7 +780,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
                            min_p=min_p, repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
                            streamer=streamer)
         except PromptTooLongError as e:
-            results.append(Generation(prompt, "", 0, f"prompt {i + 1} of {len(prompts)} was skipped: {e}"))
+            results.append(Generation(prompt, "", 0, f"prompt {i + 1} of {len(prompts)}: {e}"))
             continue
         results.append(Generation(prompt, tokenizer.decode(out[0], skip_special_tokens=True),
                                   out.shape[1] - ids.shape[1]))

@@ -71,12 +71,13 @@ def test_sampling_step_keeps_and_draws_what_transformers_warpers_do(temperature,
 def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
     logits = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().expand(4000, 4)
     procs = sf.logits_processors(1.0, 0, 0.8)
-    drawn = sf._sample_next(logits, torch.zeros(4000, 1, dtype=torch.long), procs, True, torch.Generator().manual_seed(0))
+    no_history = torch.zeros(4000, 1, dtype=torch.long)
+    drawn = sf._sample_next(logits, no_history, procs, True, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) == {0, 1}  # token 2 was drawn 443 times in 4000 by the hand-written sampler
     equal = torch.zeros(4000, 4)
     procs = sf.logits_processors(1.0, 0, 0.5)
     assert ((procs(None, equal) > -INF).sum(-1) == 2).all()  # four equal tokens at 0.5: two kept, not three
-    drawn = sf._sample_next(equal, torch.zeros(4000, 1, dtype=torch.long), procs, True, torch.Generator().manual_seed(0))
+    drawn = sf._sample_next(equal, no_history, procs, True, torch.Generator().manual_seed(0))
     assert len(set(drawn.tolist())) == 2
 
 

@@ -38,3 +38,14 @@ def test_form_defaults_are_the_original_notebooks():
 def test_every_phase_has_a_plot():
     for step in ("plot_cache", "plot_phase2", "plot_phase3", "plot_evaluation", "plot_ablation"):
         assert any(step in src and "plt.show()" in src for src in CODE), step
+
+
+def test_generation_settings_are_form_fields_and_the_cell_streams():
+    src = "\n".join(CODE)
+    for knob, value in (("MAX_NEW_TOKENS", "30"), ("TEMPERATURE", "0.7"), ("TOP_K", "50"), ("TOP_P", "0.95")):
+        assert re.search(rf"^{knob} = {re.escape(value)}  # @param", CODE[0], re.M), knob
+    assert re.search(r"check_generation_settings\(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P\)", CODE[1])  # cell 2
+    generate_cell = next(c for c in CODE if "generate_text" in c)
+    assert "TextStreamer(" in generate_cell and "streamer=streamer" in generate_cell
+    assert all(k in generate_cell for k in ("MAX_NEW_TOKENS", "TEMPERATURE", "TOP_K", "TOP_P"))
+    assert "format_generations(" in generate_cell
