@@ -72,6 +72,8 @@ SEED = 0  # @param {type:"integer"}
 # Generation (cell 9)
 MAX_NEW_TOKENS = 30  # @param {type:"integer"}
 TEMPERATURE = 0.7  # @param {type:"number"}
+TOP_K = 50  # @param {type:"integer"}
+TOP_P = 0.95  # @param {type:"number"}
 
 # Ablation (cell 10)
 RUN_ABLATION = True  # @param {type:"boolean"}
@@ -107,6 +109,7 @@ cfg = sf.make_config(
     ckpt_every=CHECKPOINT_EVERY, seed=SEED, ablation_steps=ABLATION_STEPS, ablation_head_steps=ABLATION_HEAD_STEPS,
     ablation_widths=tuple(int(w) for w in str(ABLATION_WIDTHS).split(",") if w.strip()), text_field=TEXT_FIELD,
 )
+sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
 print(sf.describe(cfg, PRESET))
 print("device:", sf.pick_device(cfg.device))
 
@@ -157,11 +160,16 @@ print(sf.format_sizes(sizes))
 
 # %% cellView="form"
 # @title 9. Generate
-# @markdown The original's three prompts ("Once upon a time", "The capital of France is", and a Python function header), decoded with a KV cache; stops at EOS or at the student's position limit. `MAX_NEW_TOKENS` and `TEMPERATURE` are in cell 1.
+# @markdown The original's three prompts ("Once upon a time", "The capital of France is", and a Python function header), decoded with a KV cache and transformers' sampling (temperature, top-k, top-p); each stops at EOS or at the student's position limit. Tokens stream as they are produced, then each prompt's full output is printed; a prompt too long for the student is reported on its own. `MAX_NEW_TOKENS`, `TEMPERATURE` (0 is greedy), `TOP_K` (0 keeps every token) and `TOP_P` are in cell 1.
+from transformers import TextStreamer
+
 PROMPTS = sf.ORIGINAL_PROMPTS
 sf.check_compatible(student, tokenizer, cache.teacher_dim)
-for prompt, text in zip(PROMPTS, sf.generate_text(student, tokenizer, PROMPTS, MAX_NEW_TOKENS, TEMPERATURE, seed=SEED)):
-    print(f"Prompt: {prompt!r}\nOutput: {text!r}\n" + "-" * 40)
+streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+generations = sf.generate_text(student, tokenizer, PROMPTS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, seed=SEED,
+                               streamer=streamer)
+print("-" * 40)
+print(sf.format_generations(generations))
 
 # %% cellView="form"
 # @title 10. Does ternary superposition help? (ablation)

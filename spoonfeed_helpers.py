@@ -24,6 +24,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import glob as globlib
@@ -340,7 +341,10 @@ class _Int8STE(torch.autograd.Function):
 class BitLinear(nn.Module):
     """BitNet b1.58 linear layer: ternary weights, int8 activations, fp32 latent weights trained by STE.
 
-    In eval mode the ternary weight is computed once and reused until the latent weight changes.
+    In eval mode every forward quantizes the current latent weight, so the output follows the weight however it
+    was written (an optimiser step, fused or not, load_state_dict, param.data.copy_, an EMA update). Inside
+    `quantize_once(model)` (what `generate` uses) the ternary weight is computed once and reused until the block
+    ends: decoding runs every layer once a token, and nothing writes the weights in between.
     quantize=False turns it into a plain full-precision linear layer (the ablation's control arm).
     """
 
@@ -349,17 +353,40 @@ class BitLinear(nn.Module):
         self.in_features, self.out_features, self.quantize = in_features, out_features, quantize
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # the original's (and nn.Linear's) init
-        self._w_cache = None  # (weight version, dequantized ternary weight) in eval mode
+        self._reuse = False  # True only inside quantize_once()
+        self._w_cache = None  # the dequantized ternary weight, kept only inside quantize_once()
+        self.register_buffer("ternary_pin", None, persistent=False)  # exact q * scale from an export: pin_ternary
+        self._pin_factor = None
 
     def quantized_weight(self) -> torch.Tensor:
         if self.training:
             return _TernarySTE.apply(self.weight)
-        version = (self.weight._version, self.weight.data_ptr())
-        if self._w_cache is None or self._w_cache[0] != version:
-            with torch.no_grad():
+        if self._w_cache is not None:
+            return self._w_cache
+        with torch.no_grad():
+            pin = self.ternary_pin
+            if pin is not None and torch.equal(self.weight, pin.sign() * self._pin_factor):
+                w = pin  # the latent weight is still the one pin_ternary wrote
+            else:
                 q, scale = quantize_weight(self.weight)
-                self._w_cache = (version, q * scale)
-        return self._w_cache[1]
+                w = q * scale
+        if self._reuse:
+            self._w_cache = w
+        return w
+
+    @torch.no_grad()
+    def pin_ternary(self, q: torch.Tensor, scale: torch.Tensor):
+        """Rebuild this layer from a ternary export: q (out, in) in {-1, 0, +1} and its absmean scale.
+
+        The latent weight becomes q * c with c = scale / mean|q|: it re-quantizes to q with about this scale, so
+        training can go on from it. Float rounding can move that scale by an ulp, so eval mode uses q * scale
+        itself, bit for bit, for as long as the latent weight is still exactly q * c. That is checked at every
+        use, so a write of any kind (optimiser step, load_state_dict, .data.copy_) ends the pin.
+        """
+        c = (scale.float() / q.abs().mean().clamp(min=1e-8)).reshape(())
+        self.weight.copy_(q.to(self.weight) * c.to(self.weight))
+        self._pin_factor = c.item()  # a float32 value: sign(pin) * c rebuilds the latent weight exactly
+        self.ternary_pin = (q.float() * scale.float()).to(self.weight)
 
     def forward(self, x):
         if not self.quantize:
@@ -377,6 +404,25 @@ class BitLinear(nn.Module):
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, ternary={self.quantize}"
+
+
+@contextlib.contextmanager
+def quantize_once(model: nn.Module):
+    """Inside the block, each BitLinear of `model` in eval mode quantizes its weight on first use and reuses it.
+
+    Keyed on nothing: the copies live only for the block and are dropped when it ends, so a weight written by
+    any means (fused optimiser kernels and `.data` writes leave `weight._version` as it was) is re-read by the
+    next block. Don't write the weights inside it. Nested blocks restore the outer block's state on exit.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    saved = [(m._reuse, m._w_cache) for m in layers]
+    for m in layers:
+        m._reuse, m._w_cache = True, None
+    try:
+        yield model
+    finally:
+        for m, (reuse, w) in zip(layers, saved):
+            m._reuse, m._w_cache = reuse, w
 
 
 # -----------------------------------------------------------------------------
@@ -567,62 +613,197 @@ def build_student(cfg: RunConfig, cache: "TeacherCache", **kw) -> BitNetStudent:
     return model.to(pick_device(cfg.device))
 
 
-def _sample_next(logits, temperature, top_k, top_p, generator):
-    """logits: (B, V) -> next ids (B, 1). temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+class PromptTooLongError(ValueError):
+    """A prompt that leaves the student no position to generate into."""
+
+
+def check_generation_settings(max_new_tokens=30, temperature=0.7, top_k=None, top_p=None, min_p=None,
+                              repetition_penalty=1.0) -> None:
+    """Raise one ConfigError, naming the form setting, for a generation setting outside its range.
+
+    max_new_tokens (MAX_NEW_TOKENS): an int >= 1. temperature (TEMPERATURE): >= 0, and 0 is greedy decoding.
+    top_k (TOP_K): an int >= 0, or None; 0 and None keep every token. top_p (TOP_P): in [0, 1], or None; 1 and
+    None keep every token. min_p: in [0, 1], or None. repetition_penalty: > 0, and 1 is none (CTRL, Keskar et
+    al. 2019). The ranges are those of transformers' logits processors, except that temperature 0 means greedy.
+    """
+    def number(v, kind=(int, float)):
+        return isinstance(v, kind) and not isinstance(v, bool) and v == v  # v == v: not NaN
+
+    if not number(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"MAX_NEW_TOKENS={max_new_tokens!r} must be a whole number of 1 or more")
+    if not number(temperature) or temperature < 0:
+        raise ConfigError(f"TEMPERATURE={temperature!r} must be a number >= 0 (0 is greedy decoding)")
+    if top_k is not None and (not number(top_k, int) or top_k < 0):
+        raise ConfigError(f"TOP_K={top_k!r} must be a whole number >= 0 (0 keeps every token)")
+    if top_p is not None and (not number(top_p) or not 0 <= top_p <= 1):
+        raise ConfigError(f"TOP_P={top_p!r} must be a number in [0, 1] (1 keeps every token)")
+    if min_p is not None and (not number(min_p) or not 0 <= min_p <= 1):
+        raise ConfigError(f"min_p={min_p!r} must be a number in [0, 1], or None to turn it off")
+    if not number(repetition_penalty) or repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty={repetition_penalty!r} must be a number > 0 (1 is no penalty)")
+
+
+def logits_processors(temperature=0.7, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0):
+    """transformers' LogitsProcessorList for these settings, in the order `GenerationMixin.generate` builds it:
+    repetition penalty, then (sampling only) temperature, top-k, top-p, min-p. A setting at its neutral value
+    (temperature 1, top_k 0/None, top_p 1/None, min_p None, repetition_penalty 1) adds no processor, as there.
+
+    Boundary rules are transformers': top-p keeps the smallest set of most probable tokens whose probability
+    reaches top_p ([0.5, 0.3, 0.1, 0.1] at 0.8 keeps {0, 1}), and among tied tokens it keeps only as many as
+    that needs (four equal tokens at 0.5: two). Raises ConfigError (check_generation_settings).
+    """
+    from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    check_generation_settings(1, temperature, top_k, top_p, min_p, repetition_penalty)
+    procs = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
+    if temperature == 0:  # greedy: transformers runs only the processors above, then argmax
+        return procs
+    if temperature != 1.0:
+        procs.append(TemperatureLogitsWarper(float(temperature)))
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        procs.append(TopKLogitsWarper(int(top_k)))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+        procs.append(TopPLogitsWarper(float(top_p)))
+    if min_p is not None:
+        procs.append(MinPLogitsWarper(float(min_p)))
+    return procs
+
+
+def _sample_next(logits, input_ids, processors, do_sample: bool, generator=None):
+    """One step of transformers' sampling loop. logits: (B, V); input_ids: (B, T) so far -> next ids (B,).
+
+    scores = processors(input_ids, logits in fp32); then argmax (greedy) or one multinomial draw from
+    softmax(scores), as `GenerationMixin._sample` does, with `generator` for reproducible draws.
+    """
+    scores = processors(input_ids, logits.float())  # (B, V)
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
 @torch.no_grad()
 def generate(model: BitNetStudent, idx, max_new_tokens=30, temperature=0.7, top_k=None, top_p=None,
-             eos_token_id=None, generator=None):
-    """KV-cached decoding. idx: (B, T0). Stops at EOS (every row done) or at the position limit, with a warning."""
-    model.eval()
+             eos_token_id=None, generator=None, *, min_p=None, repetition_penalty=1.0, pad_token_id=None,
+             streamer=None):
+    """KV-cached decoding with transformers' logits processors (see logits_processors). idx: (B, T0) token ids,
+    T0 >= 1 -> (B, T0 + n) with n <= max_new_tokens. Temperature 0 is greedy.
+
+    A row that has produced eos_token_id is filled with pad_token_id (default: eos_token_id) after it, and
+    decoding stops when every row is done. Past the student's max_seq_len it stops with a warning. `streamer`
+    follows transformers' convention: put(prompt ids (B, T0)), put(new ids (B,)) per step, then end().
+    The ternary weights are quantized once per call (quantize_once).
+    Raises ConfigError for a setting out of range, PromptTooLongError (a ValueError) when T0 >= max_seq_len,
+    ValueError for an empty idx; all before any forward.
+    """
+    check_generation_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     B, T0 = idx.shape
     limit = model.cfg.max_seq_len
+    if T0 == 0:
+        raise ValueError("the prompt has no tokens: start it from the document separator (EOS), as generate_text "
+                         "does for an empty prompt")
     if T0 >= limit:
-        raise ValueError(f"the prompt has {T0} tokens but the student only knows {limit} positions "
-                         "(max_seq_len): shorten the prompt")
+        raise PromptTooLongError(f"the prompt has {T0} tokens but the student only knows {limit} positions "
+                                 "(max_seq_len): shorten the prompt, or train with a larger MAX_SEQ_LENGTH")
     if T0 + max_new_tokens > limit:
         warnings.warn(f"stopping after {limit - T0} new tokens: the student's max_seq_len is {limit}")
         max_new_tokens = limit - T0
+    processors = logits_processors(temperature, top_k, top_p, min_p, repetition_penalty)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    model.eval()
+    ids = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)  # prompt + new tokens
+    ids[:, :T0] = idx
+    t = T0
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    if streamer is not None:
+        streamer.put(idx.cpu())
     cache = KVCache(model.cfg, B, idx.device, model.tok_embeddings.weight.dtype)
-    h = model(idx, cache)[:, -1:]  # (B, 1, dim): logits for the last position only
-    done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
-    out = [idx]
-    for _ in range(max_new_tokens):
-        nxt = _sample_next(model.logits(h)[:, -1].float(), temperature, top_k, top_p, generator)  # (B, 1)
-        if eos_token_id is not None:
-            nxt = nxt.masked_fill(done, eos_token_id)
-            done |= nxt == eos_token_id
-        out.append(nxt)
-        if bool(done.all()):
-            break
-        if cache.pos < limit:
-            h = model(nxt, cache)
-    return torch.cat(out, dim=1)
+    with quantize_once(model):
+        h = model(idx, cache)[:, -1]  # (B, dim): the last position's state
+        for step in range(max_new_tokens):
+            nxt = _sample_next(model.logits(h), ids[:, :t], processors, temperature > 0, generator)  # (B,)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(done, pad)  # finished rows get padding, as in transformers
+                done |= nxt == eos_token_id
+            ids[:, t] = nxt
+            t += 1
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            h = model(nxt[:, None], cache)[:, -1]  # (B, dim)
+    if streamer is not None:
+        streamer.end()
+    return ids[:, :t]
 
 
-def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7, top_k=50, top_p=0.95, seed=0):
-    """Decode each prompt; the notebook's generation cell."""
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids the student gets for a prompt, under the rules that built its training blocks (pack_blocks):
+    the text is tokenized with add_special_tokens=False, so no BOS (or other special token) the packer never
+    added is fed to the student.
+
+    An empty prompt (or one that tokenizes to nothing, such as whitespace under a word-level tokenizer) becomes
+    [EOS]. The packer joins documents with EOS, so EOS is the token the student saw before every document start;
+    a tokenizer's BOS (SmolLM2-Instruct's is <|im_start|>) never occurs in the blocks. Only a tokenizer with no
+    EOS falls back to BOS. Raises ConfigError when the tokenizer has neither.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if ids:
+        return list(ids)
+    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if start is None:
+        raise ConfigError("an empty prompt needs the tokenizer's EOS (or BOS) token to start from, and this "
+                          "tokenizer has neither: give a non-empty prompt")
+    return [start]
+
+
+@dataclass
+class Generation:
+    """One prompt's result from generate_text: the text (prompt + continuation, special tokens skipped), the
+    number of new tokens, and the reason when the prompt could not be generated (then text is "")."""
+
+    prompt: str
+    text: str
+    new_tokens: int = 0
+    error: str | None = None
+
+
+def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7, top_k=50, top_p=0.95, seed=0,
+                  *, min_p=None, repetition_penalty=1.0, streamer=None) -> list[Generation]:
+    """Decode each prompt (one at a time, batch 1) with `generate`; the notebook's generation cell.
+
+    Prompts are tokenized by prompt_ids (the training blocks' special-token rules; an empty prompt starts from
+    EOS). A prompt too long for the student is reported in its own Generation.error and skipped; the others still
+    generate, with the same draws as without it (one torch.Generator seeded with `seed` for the whole list).
+    `streamer` (a transformers BaseStreamer, e.g. TextStreamer(tokenizer, skip_special_tokens=True)) gets each
+    prompt's tokens as they are produced, then end(). Returns one Generation per prompt, in order.
+    Raises ConfigError for a setting out of range (check_generation_settings), before any prompt is run.
+    """
+    check_generation_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     device = model.tok_embeddings.weight.device
     g = torch.Generator(device=device).manual_seed(seed)
-    texts = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id, g)
-        texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
-    return texts
+    results = []
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)  # (1, T0)
+        try:
+            out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id, g,
+                           min_p=min_p, repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                           streamer=streamer)
+        except PromptTooLongError as e:
+            results.append(Generation(prompt, "", 0, f"prompt {i + 1} of {len(prompts)}: {e}"))
+            continue
+        results.append(Generation(prompt, tokenizer.decode(out[0], skip_special_tokens=True),
+                                  out.shape[1] - ids.shape[1]))
+    return results
+
+
+def format_generations(results: list[Generation]) -> str:
+    """Each prompt and its full output (or why it was skipped), as the notebook prints them."""
+    rule = "-" * 40
+    return "\n".join(f"Prompt: {r.prompt!r}\n" + (f"Output: {r.text!r}" if r.error is None else f"Skipped: {r.error}")
+                     + f"\n{rule}" for r in results)
 
 
 # -----------------------------------------------------------------------------
@@ -2203,10 +2384,7 @@ def load_ternary(path, device="cpu") -> BitNetStudent:
     for name, m in model.bitlinears():
         q = unpack_ternary(tensors[f"{name}.packed"].numpy(), m.weight.numel()).view_as(m.weight)
         scale = tensors[f"{name}.scale"][0]
-        nonzero = q.abs().mean().clamp(min=1e-8)
-        with torch.no_grad():  # a latent weight that re-quantizes to the same q (and ~ the same scale) if trained
-            m.weight.copy_(q * (scale / nonzero))
-        m._w_cache = ((m.weight._version, m.weight.data_ptr()), q * scale)  # the exact ternary weight
+        m.pin_ternary(q, scale)  # the exact ternary weight, for as long as the latent weight is left as written
     return model.to(device)
 
 

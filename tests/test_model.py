@@ -64,13 +64,15 @@ def test_eval_mode_quantizes_once_and_matches_train_mode():
     x = torch.randn(2, 5, 16)
     y_train = layer(x)
     layer.eval()
-    y_eval = layer(x)
-    cached = layer._w_cache[1]
-    y_eval2 = layer(x)
-    assert layer._w_cache[1] is cached  # reused, not re-quantized
+    with sf.quantize_once(layer):
+        y_eval = layer(x)
+        cached = layer._w_cache
+        y_eval2 = layer(x)
+        assert layer._w_cache is cached  # reused, not re-quantized
+    assert layer._w_cache is None  # dropped when the block ends
     assert torch.equal(y_train, y_eval) and torch.equal(y_eval, y_eval2)
     with torch.no_grad():
-        layer.weight.mul_(-1)  # an in-place update invalidates the cache
+        layer.weight.mul_(-1)  # an in-place update: the next eval forward reads it
     assert torch.equal(layer(x), -y_eval)
 
 

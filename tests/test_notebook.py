@@ -60,3 +60,13 @@ def test_papermill_sees_every_form_setting_as_a_parameter():
     assert in_cell_1 == set(re.findall(param, "\n".join(CODE), re.M))  # no setting hides in a later cell
     assert {"PRESET", "STUDENT_DIM", "SEED"} <= in_cell_1
     assert set(papermill.inspect_notebook(str(ROOT / "spoon_feed.ipynb"))) == in_cell_1
+
+def test_generation_settings_are_form_fields_and_the_cell_streams():
+    src = "\n".join(CODE)
+    for knob, value in (("MAX_NEW_TOKENS", "30"), ("TEMPERATURE", "0.7"), ("TOP_K", "50"), ("TOP_P", "0.95")):
+        assert re.search(rf"^{knob} = {re.escape(value)}  # @param", CODE[0], re.M), knob
+    assert re.search(r"check_generation_settings\(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P\)", CODE[1])  # cell 2
+    generate_cell = next(c for c in CODE if "generate_text" in c)
+    assert "TextStreamer(" in generate_cell and "streamer=streamer" in generate_cell
+    assert all(k in generate_cell for k in ("MAX_NEW_TOKENS", "TEMPERATURE", "TOP_K", "TOP_P"))
+    assert "format_generations(" in generate_cell
