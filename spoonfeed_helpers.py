@@ -275,31 +275,21 @@ def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool)
     moments, fp32: 12 bytes a trained parameter) as newest and .prev, the float32 student, the packed export."""
     out = {}
 
-    def phases(prefix, scfg, phase3):
-        n = _params(scfg)
-        trained3 = {"new": n["head"], "tied": n["embedding"], "teacher": 0}[cfg.head_mode] if phase3 else 0
+    def checkpoints(prefix, dim, head_mode, head_steps):
+        n = _params(cfg.student_config(vocab, teacher_dim, dim=dim))
+        trained3 = {"new": n["head"], "tied": n["embedding"], "teacher": 0}[head_mode] if head_steps else 0
         for phase, numel in (("phase2", n["phase2"]), ("phase3", trained3)):
-            if numel:
-                for name in (f"{phase}.pt", f"{phase}.prev.pt"):
-                    out[f"{prefix}checkpoints/{name}"] = 12 * numel
+            for name in (f"{phase}.pt", f"{phase}.prev.pt") if numel else ():
+                out[f"{prefix}checkpoints/{name}"] = 12 * numel
         return n
 
-    scfg = cfg.student_config(vocab, teacher_dim)
-    n = phases("", scfg, cfg.lm_head_steps > 0)
+    n = checkpoints("", cfg.student_dim, cfg.head_mode, cfg.lm_head_steps)
     total = n["phase2"] + n["head"] + (vocab * teacher_dim if cfg.head_mode == "teacher" else 0)
     out["student/model.safetensors"] = 4 * total
     out["student-ternary/ternary.safetensors"] = 2 * total  # an upper bound: the BitLinears take 1.6 bits
-    if ablation:
-        for width in dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)):
-            for arm in ("ternary", "full"):
-                acfg = dataclasses.replace(cfg, student_dim=width, head_mode="new",
-                                           lm_head_steps=cfg.ablation_head_steps)
-                scfg = acfg.student_config(vocab, teacher_dim)
-                n = _params(scfg)
-                for phase, numel in (("phase2", n["phase2"]), ("phase3", n["head"] if acfg.lm_head_steps else 0)):
-                    if numel:
-                        for name in (f"{phase}.pt", f"{phase}.prev.pt"):
-                            out[f"ablation/{arm}-{width}/checkpoints/{name}"] = 12 * numel
+    for width in dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)) if ablation else ():
+        for arm in ("ternary", "full"):  # run_ablation's arms (a) and (b); arm (c) writes no checkpoint
+            checkpoints(f"ablation/{arm}-{width}/", width, "new", cfg.ablation_head_steps)
     return out
 
 
@@ -325,7 +315,7 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
     disk share its free space. Checkpoint sizes count AdamW's two moments; DISK_MARGIN is added on top.
     Raises ConfigError, once, naming every setting to change. Returns one line per folder for the notebook.
     """
-    problems, lines, need_by_disk = [], [], {}
+    problems, lines, need_by_disk, ablation_bytes = [], [], {}, 0
     shape = _teacher_shape(cfg.teacher)
     folders = (("CACHE_DIR", cfg.cache_dir), ("RUN_DIR", cfg.run_dir))
     for setting, folder in folders:
@@ -348,6 +338,7 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
             files = _run_dir_bytes(cfg, shape[1], shape[0], ablation)
             have = sum((Path(folder) / f).stat().st_size for f in files if (Path(folder) / f).is_file())
             need = max(0, sum(files.values()) - have) + max(files.values())  # + the temp file of a save
+            ablation_bytes = sum(v for k, v in files.items() if k.startswith("ablation/"))
         usage = shutil.disk_usage(folder)
         dev = os.stat(folder).st_dev
         entry = need_by_disk.setdefault(dev, {"free": usage.free, "need": 0, "settings": []})
@@ -361,7 +352,9 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
             problems.append(f"{names} need about {entry['need'] * DISK_MARGIN / 2**30:.2f} GiB but have only "
                             f"{entry['free'] / 2**30:.2f} GiB free: point {names.replace(' and ', ' or ')} at a "
                             "bigger disk, free some space, or lower NUM_CACHE_SAMPLES / MAX_SEQ_LENGTH / the "
-                            "student size")
+                            "student size" + (f", or set RUN_ABLATION = False (its checkpoints take about "
+                                              f"{ablation_bytes / 2**30:.2f} GiB)"
+                                              if ablation_bytes and "RUN_DIR" in entry["settings"] else ""))
     if problems:
         raise ConfigError("; ".join(problems))
     return "\n".join(lines)
@@ -2078,7 +2071,13 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     AdamW (no weight decay by default; the input embedding at lr * embed_lr_mult), linear warmup then cosine
     decay, clipping over every trainable parameter (projector included). Checkpoints every cfg.ckpt_every
     steps into cfg.run_dir and resumes from the last good one; a finished phase is not redone unless
-    fresh=True. stop_after simulates an interruption (tests).
+    fresh=True. Without a checkpoint to resume, the student is first put back at build_student's start, so the
+    result depends on the settings alone, never on what the student held before. stop_after simulates an
+    interruption (tests).
+
+    Raises PhaseOrderError when the student was built for another shape (rerun cell 4), ConfigError when
+    RUN_DIR cannot be written or lacks room for a checkpoint, and NonFiniteLossError (NonFiniteTargetError,
+    NonFiniteGradientError) naming the cause when a step goes non-finite (see _FaultGuard).
     """
     from tqdm.auto import tqdm
 
