@@ -330,8 +330,8 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
             need = None
         elif setting == "CACHE_DIR":
             request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len,
-                                    cfg.seed)
-            done = (cache_folder(folder, request) / "manifest.json").is_file()
+                                    cfg.seed, cfg.text_field)
+            done = (cache_folder(folder, request) / "manifest.json").is_file()  # reused, or rebuilt in place
             D, V = shape
             need = 0 if done else (cfg.num_samples + cfg.val_samples) * cfg.seq_len * (2 * D + 4) + 2 * V * D
         else:
