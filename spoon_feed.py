@@ -86,7 +86,7 @@ REPO_URL = "https://github.com/spoon-feed/spoon-feed"  # @param {type:"string"}
 
 # %% cellView="form"
 # @title 2. Setup and check the settings
-# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file if it is not beside the notebook. Then it checks every setting before any work starts and prints the effective configuration.
+# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file if it is not beside the notebook. Then it checks every setting, and every folder the run writes (writable, with room), before any work starts and prints the effective configuration.
 import os, subprocess, sys
 
 if "google.colab" in sys.modules:
@@ -111,6 +111,7 @@ cfg = sf.make_config(
 )
 sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
 print(sf.describe(cfg, PRESET))
+print(sf.check_folders(cfg, ablation=RUN_ABLATION))  # writable, with room for what the run writes, before any work
 print("device:", sf.pick_device(cfg.device))
 
 # %% cellView="form"

@@ -252,6 +252,125 @@ def progress_bar(*args, **kwargs):
         from tqdm.auto import tqdm
     return tqdm(*args, **kwargs)
 
+# (hidden size, vocab size) of the listed teachers: what Phase 1 writes per token, known before loading them
+TEACHER_SHAPES = {
+    "Qwen/Qwen2.5-Coder-1.5B-Instruct": (1536, 151936),
+    "Qwen/Qwen2.5-Coder-7B-Instruct": (3584, 152064),
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": (2048, 32000),
+    BUNDLED_TEACHER: (576, 49152),
+}
+DISK_MARGIN = 1.1  # ask for 10% more free space than the estimate
+
+
+def _teacher_shape(name: str):
+    """(hidden size, vocab size) of a teacher without loading it, or None when unknown (a Hub id not listed)."""
+    if name in TEACHER_SHAPES:
+        return TEACHER_SHAPES[name]
+    try:
+        raw = json.loads((Path(name) / "config.json").read_text())
+        return int(raw["hidden_size"]), int(raw["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _params(scfg: "StudentConfig") -> dict:
+    """Parameter counts of a student of this shape, by what each phase trains (built on the meta device)."""
+    with torch.device("meta"):
+        model = BitNetStudent(dataclasses.replace(scfg, head_mode="new"))
+    n = {name: p.numel() for name, p in model.state_dict().items()}
+    head = n["head.weight"] + n["head.bias"]
+    return {"phase2": sum(n.values()) - head, "head": head, "embedding": n["tok_embeddings.weight"]}
+
+
+def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool) -> dict:
+    """What a run writes under RUN_DIR, in bytes, by relative path: checkpoints (weights plus AdamW's two
+    moments, fp32: 12 bytes a trained parameter) as newest and .prev, the float32 student, the packed export."""
+    out = {}
+
+    def checkpoints(prefix, dim, head_mode, head_steps):
+        n = _params(cfg.student_config(vocab, teacher_dim, dim=dim))
+        trained3 = {"new": n["head"], "tied": n["embedding"], "teacher": 0}[head_mode] if head_steps else 0
+        for phase, numel in (("phase2", n["phase2"]), ("phase3", trained3)):
+            for name in (f"{phase}.pt", f"{phase}.prev.pt") if numel else ():
+                out[f"{prefix}checkpoints/{name}"] = 12 * numel
+        return n
+
+    n = checkpoints("", cfg.student_dim, cfg.head_mode, cfg.lm_head_steps)
+    total = n["phase2"] + n["head"] + (vocab * teacher_dim if cfg.head_mode == "teacher" else 0)
+    out["student/model.safetensors"] = 4 * total
+    out["student-ternary/ternary.safetensors"] = 2 * total  # an upper bound: the BitLinears take 1.6 bits
+    for width in dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)) if ablation else ():
+        for arm in ("ternary", "full"):  # run_ablation's arms (a) and (b); arm (c) writes no checkpoint
+            checkpoints(f"ablation/{arm}-{width}/", width, "new", cfg.ablation_head_steps)
+    return out
+
+
+def _probe_writable(folder) -> str | None:
+    """None if a file can be created in folder (made if missing), else why not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = Path(folder) / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
+    """Check every folder the run writes before any work starts: CACHE_DIR (the Phase 1 cache) and RUN_DIR
+    (checkpoints, plots, the saved student and its packed export; the ablation's checkpoints when ablation).
+
+    Each must be writable (it is created if missing) and have room for what the run writes there: the cache
+    (unless a finished cache for this request is already there; the size is known for the listed teachers and
+    for local teacher folders) and RUN_DIR's files, less what the same files already take. Two folders on one
+    disk share its free space. Checkpoint sizes count AdamW's two moments; DISK_MARGIN is added on top.
+    Raises ConfigError, once, naming every setting to change. Returns one line per folder for the notebook.
+    """
+    problems, lines, need_by_disk, ablation_bytes = [], [], {}, 0
+    shape = _teacher_shape(cfg.teacher)
+    folders = (("CACHE_DIR", cfg.cache_dir), ("RUN_DIR", cfg.run_dir))
+    for setting, folder in folders:
+        why = _probe_writable(folder)
+        if why:
+            problems.append(f"{setting} {str(folder)!r} cannot be written ({why}): set {setting} to a writable "
+                            "folder")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for setting, folder in folders:
+        if shape is None:
+            need = None
+        elif setting == "CACHE_DIR":
+            request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len,
+                                    cfg.seed, cfg.text_field)
+            done = (cache_folder(folder, request) / "manifest.json").is_file()  # reused, or rebuilt in place
+            D, V = shape
+            need = 0 if done else (cfg.num_samples + cfg.val_samples) * cfg.seq_len * (2 * D + 4) + 2 * V * D
+        else:
+            files = _run_dir_bytes(cfg, shape[1], shape[0], ablation)
+            have = sum((Path(folder) / f).stat().st_size for f in files if (Path(folder) / f).is_file())
+            need = max(0, sum(files.values()) - have) + max(files.values())  # + the temp file of a save
+            ablation_bytes = sum(v for k, v in files.items() if k.startswith("ablation/"))
+        usage = shutil.disk_usage(folder)
+        dev = os.stat(folder).st_dev
+        entry = need_by_disk.setdefault(dev, {"free": usage.free, "need": 0, "settings": []})
+        entry["need"] += need or 0
+        entry["settings"].append(setting)
+        lines.append(f"{setting} {folder}: writable, " + (f"needs about {need / 2**20:,.0f} MiB" if need is not None
+                     else "size unknown until the teacher loads") + f", {usage.free / 2**30:.1f} GiB free")
+    for entry in need_by_disk.values():
+        if entry["need"] * DISK_MARGIN > entry["free"]:
+            names = " and ".join(entry["settings"])
+            problems.append(f"{names} need about {entry['need'] * DISK_MARGIN / 2**30:.2f} GiB but have only "
+                            f"{entry['free'] / 2**30:.2f} GiB free: point {names.replace(' and ', ' or ')} at a "
+                            "bigger disk, free some space, or lower NUM_CACHE_SAMPLES / MAX_SEQ_LENGTH / the "
+                            "student size" + (f", or set RUN_ABLATION = False (its checkpoints take about "
+                                              f"{ablation_bytes / 2**30:.2f} GiB)"
+                                              if ablation_bytes and "RUN_DIR" in entry["settings"] else ""))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return "\n".join(lines)
+
 
 @dataclass
 class StudentConfig:
@@ -536,12 +655,16 @@ class BitNetStudent(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.projector = Decompressor(cfg.dim, cfg.teacher_dim)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size) if cfg.head_mode == "new" else None  # bias: token priors
+        # the head is built in every mode, so the random init of everything else (and so Phase 2's result)
+        # does not depend on head_mode; modes other than "new" drop it
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size)  # bias: token priors
         self.teacher_head = None  # nn.Linear(teacher_dim, vocab), frozen; see attach_teacher_head
+        self.phase2_result = None  # {"signature", "digest"} of the finished Phase 2 these weights hold
         nn.init.normal_(self.tok_embeddings.weight, std=0.02)
-        if self.head is not None:
-            nn.init.normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        if cfg.head_mode != "new":
+            self.head = None
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -590,6 +713,8 @@ class BitNetStudent(nn.Module):
             nn.init.zeros_(self.head.bias)
         if mode != "new":
             self.head = None
+        if mode != "teacher":
+            self.teacher_head = None
 
     def bitlinears(self):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, BitLinear)]
@@ -606,11 +731,17 @@ def build_student(cfg: RunConfig, cache: "TeacherCache", **kw) -> BitNetStudent:
     """A fresh student for this run and cache, seeded, on the run's device. The decompressor's output bias
     starts at the cache's mean teacher vector, so training starts at the constant baseline and spends its
     steps on what is token-specific."""
-    torch.manual_seed(cfg.seed)
-    model = BitNetStudent(cfg.student_config(cache.vocab_size, cache.teacher_dim, **kw))
+    return _initial_student(cfg.student_config(cache.vocab_size, cache.teacher_dim, **kw), cfg.seed,
+                            cache).to(pick_device(cfg.device))
+
+
+def _initial_student(scfg: StudentConfig, seed: int, cache: "TeacherCache") -> BitNetStudent:
+    """The student as build_student starts it, on the CPU: the same seed gives the same weights, bit for bit."""
+    torch.manual_seed(seed)
+    model = BitNetStudent(scfg)
     with torch.no_grad():
         model.projector.net[-1].bias.copy_(torch.from_numpy(np.asarray(cache.train_mean, dtype=np.float32)))
-    return model.to(pick_device(cfg.device))
+    return model
 
 
 class PromptTooLongError(ValueError):
@@ -1696,7 +1827,90 @@ def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> f
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Training stopped on a non-finite value; the message names the cause (see _FaultGuard)."""
+
+
+class NonFiniteTargetError(NonFiniteLossError):
+    """The cached teacher states of a batch are not finite: the cache or the teacher is at fault, not the LR."""
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """The loss was finite but its gradient was not, step after step: not a learning-rate problem."""
+
+
+class PhaseOrderError(RuntimeError):
+    """A cell ran before the one it needs; the message names the cell to run first."""
+
+
+MAX_SKIPPED_STEPS = 3  # non-finite gradients (finite loss, no fp16 GradScaler) this many steps in a row stop training
+LR_BLOWUP = 100.0  # the largest |weight| grown this many times since the phase started: a too-high LR did it
+
+
+def _largest(params) -> float:
+    return max((p.detach().abs().max().item() for p in params if p.numel()), default=0.0)
+
+
+class _FaultGuard:
+    """Watches a training loop's losses and optimizer_step's verdicts, and names the cause when they go non-finite.
+
+    - A non-finite loss raises at once. A finite loss whose gradient is not finite skips the step (optimizer_step
+      already kept it from opt.step()); the step is named, and MAX_SKIPPED_STEPS in a row raise. With an enabled
+      fp16 GradScaler a skipped step is the scaler's normal overflow handling and is only counted.
+    - The cause, told apart for the message: a non-finite teacher target in the batch (NonFiniteTargetError);
+      weights grown LR_BLOWUP times or more since the phase started, what a too-high learning rate does
+      (NonFiniteLossError naming lr_fix); else a non-finite gradient from a finite loss (NonFiniteGradientError)
+      or a forward overflow with weights of normal size (NonFiniteLossError), neither of which a lower LR fixes.
+    Skipped steps are appended to `skipped` (the history's list). Nothing non-finite reaches a checkpoint:
+    save_checkpoint refuses it.
+    """
+
+    def __init__(self, phase: str, params, lr_fix: str, run_dir, cache_path=None, skipped=None, scaler=None):
+        self.phase, self.params, self.lr_fix, self.cache_path = phase, list(params), lr_fix, cache_path
+        self.kept = f"The last good checkpoint in {Path(run_dir) / 'checkpoints'} is kept, and rerunning the cell " \
+                    "resumes from it"
+        self.skipped = skipped if skipped is not None else []
+        self.scaler, self.run, self.start = scaler, 0, _largest(self.params)
+
+    def check_loss(self, step: int, loss: torch.Tensor, target=None):
+        if not torch.isfinite(loss):
+            raise self._error(step, f"{self.phase} loss is {loss.item()} at step {step}", target)
+
+    def after_step(self, step: int, loss: torch.Tensor, stepped: bool, target=None):
+        if stepped:
+            self.run = 0
+            return
+        self.skipped.append(step)
+        if self.scaler is not None and self.scaler.is_enabled():
+            return
+        self.run += 1
+        print(f"{self.phase} step {step}: the loss was finite ({loss.item():.4g}) but its gradient was not; the step "
+              "was skipped (weights and optimiser state unchanged)")
+        if self.run >= MAX_SKIPPED_STEPS:
+            raise self._error(step, f"{self.phase} stopped at step {step}: the loss was finite but its gradient was "
+                              f"not, {self.run} steps in a row (steps {self.skipped[-self.run:]})", target, grad=True)
+
+    def _error(self, step, what, target, grad=False) -> NonFiniteLossError:
+        if target is not None and not torch.isfinite(target).all():
+            n = int((~torch.isfinite(target)).sum())
+            return NonFiniteTargetError(
+                f"{what}, because the teacher targets of this batch hold {n} non-finite values: the cache (or the "
+                f"teacher that wrote it) is at fault, not the learning rate. Rebuild the cache (delete "
+                f"{self.cache_path} and rerun cell 3); if the teacher gives NaN again, pick another TEACHER_MODEL. "
+                f"{self.kept}")
+        now = _largest(self.params)
+        grown = f"the largest |weight| went from {self.start:.3g} at the start of the phase to {now:.3g}"
+        if not math.isfinite(now) or now >= LR_BLOWUP * max(self.start, 1e-12):
+            return NonFiniteLossError(f"{what}, with finite teacher targets, after {grown}: a learning rate too "
+                                      f"high for this run. {self.lr_fix} and rerun. {self.kept}")
+        if grad:
+            return NonFiniteGradientError(
+                f"{what}. Those steps changed nothing, and no checkpoint holds a non-finite value. This is not a "
+                f"learning-rate problem ({grown}, and the loss was finite): the backward pass itself produced NaN/inf, "
+                f"e.g. an overflow in a custom loss or a gradient hook. {self.kept}; if it stops at the same step "
+                "again, another SEED takes other batches")
+        return NonFiniteLossError(f"{what}, with finite teacher targets and weights of normal size ({grown}): the "
+                                  "forward pass overflowed, which a lower learning rate is unlikely to fix (on a GPU, "
+                                  f"fp16 autocast can do this). {self.kept}")
 
 
 class _cuda_oom_hint:
@@ -1784,10 +1998,42 @@ def _ckpt_paths(run_dir, phase: str):
     return d / f"{phase}.pt", d / f"{phase}.prev.pt"
 
 
+def _non_finite(state: dict) -> list[str]:
+    """Names of the floating-point tensors in a checkpoint's weights and optimiser state that hold NaN or inf."""
+    bad = [f"model.{k}" for k, v in state.get("model", {}).items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    for pid, slots in (state.get("optimizer") or {}).get("state", {}).items():
+        bad += [f"optimizer.state[{pid}].{k}" for k, v in slots.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(run_dir, phase: str, state: dict):
-    """Atomic: written to a temp file, fsynced, then renamed; the last good one becomes .prev."""
+    """Atomic: written to a temp file, fsynced, then renamed; the last good one becomes .prev.
+
+    Refused, with the files on disk untouched, when a weight or optimiser tensor is not finite
+    (NonFiniteLossError) or when the folder lacks room for the file (ConfigError naming RUN_DIR)."""
     path, prev = _ckpt_paths(run_dir, phase)
+    bad = _non_finite(state)
+    if bad:
+        raise NonFiniteLossError(f"refusing to save the {phase} checkpoint: non-finite values in {bad[:3]}"
+                                 f"{' and more' if len(bad) > 3 else ''}; the last good checkpoint {path} is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
+    need, free = _tensor_bytes(state) + 2**20, shutil.disk_usage(path.parent).free
+    if need * DISK_MARGIN > free:
+        raise ConfigError(f"the {phase} checkpoint needs about {need / 2**20:,.0f} MiB but {path.parent} has only "
+                          f"{free / 2**20:,.0f} MiB free: free some space or point RUN_DIR at a bigger disk, then "
+                          f"rerun the cell (it resumes from the last good checkpoint)")
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     torch.save(state, tmp)
     with open(tmp, "rb") as f:
@@ -1797,48 +2043,109 @@ def save_checkpoint(run_dir, phase: str, state: dict):
     os.replace(tmp, path)
 
 
-def load_checkpoint(run_dir, phase: str, signature: dict):
-    """The newest readable checkpoint of this phase whose signature matches, or None.
-    A corrupt file is named in a warning and the previous one is tried."""
+def _set_aside(path: Path, phase: str, tag: str) -> Path:
+    """Move a checkpoint out of the way under a name no later save reuses: moved, never deleted."""
+    aside, n = path.with_name(f"{phase}.{tag}.pt"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{phase}.{tag}-{n}.pt")
+    os.replace(path, aside)
+    return aside
+
+
+def _signature_changes(old, new) -> str:
+    """What differs between two signatures, as 'name old -> new' items."""
+    if not isinstance(old, dict):
+        return "no signature"
+    names = {"phase2_student": "the Phase 2 student it decodes"}
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            out.append(names[k] if k in names else
+                       f"{k} {old.get(k)!r} -> {new.get(k)!r}" if not isinstance(new.get(k), dict) else k)
+    return ", ".join(out)
+
+
+def load_checkpoint(run_dir, phase: str, signature: dict, weights: dict | None = None, set_aside: bool = True):
+    """The newest good checkpoint of this phase whose signature matches, or None.
+
+    The newest file is tried first, then the previous one (.prev). A file that is corrupt or partial, holds
+    non-finite weights or optimiser state, or does not hold exactly `weights` (name -> shape; another version
+    wrote it) is named in a warning, and resume falls back to the previous one, naming both files. A file made
+    with other settings is named with what changed. Each of them is moved aside (renamed, never deleted) unless
+    set_aside=False (a read-only look).
+    """
+    bad = None  # the newest file that could not be used, and why
     for path in _ckpt_paths(run_dir, phase):
         if not path.exists():
             continue
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            problem, tag = None, None
         except Exception as e:  # truncated zip, bad pickle frame, ...: all mean "unreadable"
-            warnings.warn(f"checkpoint {path} is corrupt or partial ({type(e).__name__}); trying the previous one")
+            state, problem, tag = None, f"is corrupt or partial ({type(e).__name__})", "corrupt"
+        if state is not None and state.get("signature") != signature:
+            change = _signature_changes(state.get("signature"), signature)
+            if set_aside:
+                aside = _set_aside(path, phase, "other-settings")
+                print(f"{path} was made with other settings ({change}): moved it to {aside.name}")
             continue
-        if state.get("signature") != signature:
-            aside = path.with_name(f"{phase}.other-settings.pt")
-            os.replace(path, aside)
-            print(f"{path} comes from other settings: moved it to {aside.name} and starting {phase} afresh")
-            return None
+        if state is not None and weights is not None and (
+                set(state.get("model", {})) != set(weights)
+                or any(tuple(v.shape) != tuple(weights[k]) for k, v in state["model"].items())):
+            problem, tag = "does not hold this phase's weights for this student (another version wrote it)", "other-version"
+        elif state is not None and _non_finite(state):
+            problem, tag = f"holds non-finite values in {_non_finite(state)[:3]}", "non-finite"
+        if problem:
+            aside = _set_aside(path, phase, tag) if set_aside else path
+            moved = f" (moved to {aside.name})" if set_aside else ""
+            warnings.warn(f"checkpoint {path} {problem}{moved}; trying the previous one")
+            bad = bad or (path, moved)
+            continue
+        if bad:
+            warnings.warn(f"{phase}: the newest checkpoint {bad[0]} could not be used{bad[1]}; resuming from the "
+                          f"previous good one, {path} (step {state.get('step')})")
         return state
     return None
 
 
-def _resume(state, model, opt, sched, gen) -> bool:
-    """Restore a checkpoint into the live objects. A checkpoint whose tensors do not fit this model (written
-    by another version) is refused before anything is touched."""
+def _phase_weights(model: BitNetStudent, phase: str) -> list[str]:
+    """The state_dict names a phase trains, and so what its checkpoint holds: Phase 2 everything but the heads;
+    Phase 3 the new head, or in tied mode the input embedding that doubles as the head (teacher mode: none)."""
+    names = list(model.state_dict())
+    if phase == "phase2":
+        return [n for n in names if not n.startswith(("head.", "teacher_head."))]
+    return {"new": [n for n in names if n.startswith("head.")], "tied": ["tok_embeddings.weight"],
+            "teacher": []}[model.cfg.head_mode]
+
+
+def _resume(state, model, opt, sched, gen, names=None) -> bool:
+    """Restore a checkpoint into the live objects: only the weights it holds (load_checkpoint has checked that
+    they are this phase's), the optimiser, the schedule and the random state."""
     if state is None:
         return False
     current = model.state_dict()
     saved = state["model"]
-    if saved.keys() != current.keys() or any(saved[k].shape != v.shape for k, v in current.items()):
+    if (set(saved) != set(names if names is not None else current)
+            or any(saved[k].shape != current[k].shape for k in saved)):
         warnings.warn("the checkpoint does not fit this student (another version wrote it): starting afresh")
         return False
-    model.load_state_dict(saved)
+    with torch.no_grad():
+        for k, v in saved.items():
+            current[k].copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     _set_rng_state(gen, state["rng"])
     return True
 
 
-def _checkpoint_every(cfg, phase, done, steps, signature, model, opt, sched, gen, history):
-    """Save the whole training state every cfg.ckpt_every steps and at the end."""
+def _checkpoint_every(cfg, phase, done, steps, signature, model, opt, sched, gen, history, names=None):
+    """Save the training state every cfg.ckpt_every steps and at the end: the weights this phase trains
+    (names), never the frozen ones, with the optimiser, schedule and random state."""
     if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == steps):
+        weights = {k: v for k, v in model.state_dict().items() if names is None or k in names}
         save_checkpoint(cfg.run_dir, phase, {
-            "signature": signature, "step": done, "model": model.state_dict(), "history": history,
+            "signature": signature, "step": done, "model": weights, "history": history,
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen)})
 
 
@@ -1894,19 +2201,47 @@ def baseline_cosine(cache: TeacherCache, batch_size: int = 16) -> float:
     return held_out_cosine(None, cache, batch_size, lambda tokens, idx: mean.expand(len(idx), cache.seq_len, -1))
 
 
-def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherCache) -> dict:
+def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherCache,
+               phase2_student: str | None = None) -> dict:
+    """Everything a phase's result is made from. Phase 3's names the exact student it decodes: phase2_student,
+    the _frozen_digest of the finished Phase 2 weights."""
     keys = {"phase2": ("superposition_steps", "batch_size", "lr", "embed_lr_mult", "warmup_steps", "min_lr_ratio",
                        "weight_decay", "grad_clip", "loss", "kd_weight", "kd_temperature", "kd_tokens", "seed"),
             "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_init", "head_kd_weight",
-                       "kd_temperature", "kd_tokens", "seed")}[phase]
-    return {"cache": str(cache.path.name), "student": asdict(model.cfg) if phase == "phase2" else
-            {k: v for k, v in asdict(model.cfg).items() if k != "head_mode"},
-            **{k: getattr(cfg, k) for k in keys}}
+                       "kd_temperature", "kd_tokens", "warmup_steps", "min_lr_ratio", "grad_clip", "seed")}[phase]
+    sig = {"cache": str(cache.path.name), "student": {k: v for k, v in asdict(model.cfg).items() if k != "head_mode"},
+           **{k: getattr(cfg, k) for k in keys}}
+    if phase == "phase3":
+        sig["phase2_student"] = phase2_student
+    return sig
+
+
+def _check_student(model: BitNetStudent, cfg: RunConfig, cache: TeacherCache):
+    """The live student must have the shape the settings ask for (cell 4 rerun after a shape change)."""
+    want = asdict(cfg.student_config(cache.vocab_size, cache.teacher_dim))
+    have = asdict(model.cfg)
+    diff = [f"{k} {have[k]} -> {want[k]}" for k in ("vocab_size", "teacher_dim", "dim", "n_layers", "n_heads",
+                                                      "max_seq_len") if have[k] != want[k]]
+    if diff:
+        raise PhaseOrderError(f"the student in memory was built for other settings ({', '.join(diff)}): rerun cell 4 "
+                              "(Build the student), then this cell")
+
+
+def _init_phase2(model: BitNetStudent, cfg: RunConfig, cache: TeacherCache):
+    """Put the live student back at build_student's start (same seed), so that Phase 2 from scratch gives the
+    same result whatever the student held before (an earlier Phase 2, a tied-mode Phase 3)."""
+    init = _initial_student(model.cfg, cfg.seed, cache).state_dict()
+    current = model.state_dict()
+    with torch.no_grad():
+        for k in _phase_weights(model, "phase2"):
+            current[k].copy_(init[k])
+    model.phase2_result = None
 
 
 def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teacher_head=None, gen=None):
-    """One Phase 2 step on a batch: tokens (B, T), target (B, T, D). Returns the loss; a non-finite loss
-    is returned before any weight changes."""
+    """One Phase 2 step on a batch: tokens (B, T), target (B, T, D). Returns (loss, stepped): a non-finite
+    loss is returned before any weight changes, and stepped is False when no update was made (non-finite loss,
+    or a non-finite gradient that optimizer_step refused)."""
     device = tokens.device
     kd_positions = None
     if cfg.kd_weight > 0 and 0 < cfg.kd_tokens < tokens.numel():
@@ -1915,9 +2250,9 @@ def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teach
         pred = model.projector(model(tokens)).float()  # (B, T, D)
         loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions)
     if not torch.isfinite(loss):
-        return loss.detach()
-    optimizer_step(loss, opt, params, cfg.grad_clip)  # every trainable parameter, projector included
-    return loss.detach()
+        return loss.detach(), False
+    stepped = optimizer_step(loss, opt, params, cfg.grad_clip)  # every trainable parameter, projector included
+    return loss.detach(), stepped
 
 
 def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
@@ -1927,12 +2262,21 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     AdamW (no weight decay by default; the input embedding at lr * embed_lr_mult), linear warmup then cosine
     decay, clipping over every trainable parameter (projector included). Checkpoints every cfg.ckpt_every
     steps into cfg.run_dir and resumes from the last good one; a finished phase is not redone unless
-    fresh=True. stop_after simulates an interruption (tests).
+    fresh=True. Without a checkpoint to resume, the student is first put back at build_student's start, so the
+    result depends on the settings alone, never on what the student held before. stop_after simulates an
+    interruption (tests).
+
+    Raises PhaseOrderError when the student was built for another shape (rerun cell 4), ConfigError when
+    RUN_DIR cannot be written or lacks room for a checkpoint, and NonFiniteLossError (NonFiniteTargetError,
+    NonFiniteGradientError) naming the cause when a step goes non-finite (see _FaultGuard).
     """
     _check_batch(cfg, cache)
+    _check_student(model, cfg, cache)
+    _check_run_dir(cfg)
     device = model.tok_embeddings.weight.device
     steps = cfg.superposition_steps
     params = [p for n, p in model.named_parameters() if not n.startswith(("head.", "teacher_head."))]
+    names = _phase_weights(model, "phase2")
     opt = _adamw(params, cfg.lr, cfg.weight_decay, model.tok_embeddings.weight, cfg.embed_lr_mult)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_schedule(s, steps, cfg.warmup_steps, cfg.min_lr_ratio))
@@ -1942,20 +2286,24 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     teacher_head = _frozen_teacher_head(cache, device) if cfg.kd_weight > 0 else None
     signature = _signature(cfg, "phase2", model, cache)
     start = 0
-    state = None if fresh else load_checkpoint(cfg.run_dir, "phase2", signature)
-    if _resume(state, model, opt, sched, gen):
+    weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in names}
+    state = None if fresh else load_checkpoint(cfg.run_dir, "phase2", signature, weights)
+    if _resume(state, model, opt, sched, gen, names):
         history, start = state["history"], state["step"]
         print(f"Phase 2: resuming at step {start} of {steps}" if start < steps else "Phase 2: already done")
+    else:  # from scratch: the student as build_student made it, whatever it holds now
+        _init_phase2(model, cfg, cache)
+    model.phase2_result = None
+    guard = _FaultGuard("Phase 2", params, f"Lower LEARNING_RATE (now {cfg.lr}) or EMBED_LR_MULT (now "
+                        f"{cfg.embed_lr_mult})", cfg.run_dir, cache.path, history.setdefault("skipped", []))
     model.train()
     bar = progress_bar(range(start, steps), desc="Phase 2: superposition", disable=not progress)
     for step in bar:
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens, target = cache.tokens("train", idx).to(device), cache.states("train", idx).to(device)
-        loss = superposition_step(model, opt, params, tokens, target, cfg, teacher_head, gen)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"Phase 2 loss is {loss.item()} at step {step}: training stopped; the last good checkpoint in "
-                f"{Path(cfg.run_dir) / 'checkpoints'} is kept. Lower LEARNING_RATE and rerun")
+        loss, stepped = superposition_step(model, opt, params, tokens, target, cfg, teacher_head, gen)
+        guard.check_loss(step, loss, target)
+        guard.after_step(step, loss, stepped, target)
         history["step"].append(step)
         history["loss"].append(loss.item())
         history["lr"].append(opt.param_groups[0]["lr"])  # the LR this step used
@@ -1964,11 +2312,19 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
             history["eval_step"].append(step + 1)
             history["val_cosine"].append(held_out_cosine(model, cache))
             bar.set_postfix(loss=f"{loss.item():.4f}", val_cos=f"{history['val_cosine'][-1]:.4f}")
-        _checkpoint_every(cfg, "phase2", step + 1, steps, signature, model, opt, sched, gen, history)
+        _checkpoint_every(cfg, "phase2", step + 1, steps, signature, model, opt, sched, gen, history, names)
         if stop_after is not None and step + 1 >= stop_after:
             break
+    if len(history["step"]) == steps:  # finished: Phase 3 decodes exactly these weights
+        model.phase2_result = {"signature": signature, "digest": _frozen_digest(model)}
     model.eval()
     return history
+
+
+def _check_run_dir(cfg: RunConfig):
+    why = _probe_writable(cfg.run_dir)
+    if why:
+        raise ConfigError(f"RUN_DIR {cfg.run_dir!r} cannot be written ({why}): set RUN_DIR to a writable folder")
 
 
 @torch.no_grad()
@@ -2053,8 +2409,54 @@ def _frozen_digest(model: BitNetStudent) -> str:
     return h.hexdigest()
 
 
+def _ensure_phase2(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig) -> str:
+    """Make sure the live student is the finished Phase 2 result for these settings, and return its digest.
+
+    It is when train_superposition finished it (or found it done) with these settings and its weights have not
+    changed since. Otherwise (a fresh kernel that runs cell 6 before cell 5, a Phase 2 setting changed but cell 5
+    not rerun, the embedding moved by a tied-mode Phase 3) the finished Phase 2 checkpoint for these settings is
+    loaded, with a line that says so; if there is none, PhaseOrderError asks for cell 5.
+    """
+    _check_student(model, cfg, cache)
+    sig2 = _signature(cfg, "phase2", model, cache)
+    digest = _frozen_digest(model)
+    mark = model.phase2_result
+    if mark is not None and mark["signature"] == sig2 and mark["digest"] == digest:
+        return digest
+    why = ("the student in memory has not been through Phase 2" if mark is None else
+           "the student in memory comes from Phase 2 with other settings" if mark["signature"] != sig2 else
+           "the student in memory has changed since Phase 2 (a tied head trains the embedding)")
+    names = _phase_weights(model, "phase2")
+    weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only look: Phase 2 itself reports what it finds
+        state = load_checkpoint(cfg.run_dir, "phase2", sig2, weights, set_aside=False)
+    path = _ckpt_paths(cfg.run_dir, "phase2")[0]
+    if state is None or state["step"] < cfg.superposition_steps:
+        found = ("no Phase 2 checkpoint for these settings" if state is None else
+                 f"Phase 2 stopped at step {state['step']} of {cfg.superposition_steps}")
+        raise PhaseOrderError(f"Phase 3 decodes the finished Phase 2 student, but {why} and {path.parent} holds "
+                              f"{found}: run cell 5 (Phase 2) first, then this cell")
+    current = model.state_dict()
+    with torch.no_grad():
+        for k in names:
+            current[k].copy_(state["model"][k])
+    digest = _frozen_digest(model)
+    model.phase2_result = {"signature": sig2, "digest": digest}
+    print(f"Phase 3: {why}; loaded the finished Phase 2 student for these settings from {path}")
+    return digest
+
+
+def _reset_head(model: BitNetStudent, seed: int):
+    """The new head's start, the same whatever the head held before: N(0, 0.02) weight from the seed, zero bias."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=g) * 0.02)
+        model.head.bias.zero_()
+
+
 def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
-                  stop_after: int | None = None, fresh: bool = False) -> dict:
+                  stop_after: int | None = None, fresh: bool = False, need_phase2: bool = True) -> dict:
     """Phase 3 ("speech therapy"): a head that decodes the frozen student.
 
     head_mode new: a fresh untied head on student states computed once; body, embedding and projector stay
@@ -2062,14 +2464,23 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     map from student to teacher states); unigram starts it at the unigram predictor. teacher: the teacher's
     head over the projector, no training. tied: the original's behaviour, training the input embedding as
     the head, which drifts the body's inputs (comparison only).
+
+    Phase 3 decodes the finished Phase 2 student for these settings (see _ensure_phase2: loaded from its
+    checkpoint when the student in memory is not it; PhaseOrderError when there is none). need_phase2=False
+    decodes whatever student it is given (tests, benchmarks). Its checkpoint holds only what Phase 3 trains
+    (the head; the embedding in tied mode) and is valid only for the exact student it decodes: one made for
+    another Phase 2 result is moved aside with a line that says why, and Phase 3 is redone.
     """
     _check_batch(cfg, cache)
+    _check_run_dir(cfg)
     device = model.tok_embeddings.weight.device
+    body = _ensure_phase2(model, cache, cfg) if need_phase2 else _frozen_digest(model)
     model.set_head_mode(cfg.head_mode)
     if cfg.head_mode == "teacher":
         model.attach_teacher_head(cache.teacher_head())
     feats = None
     if cfg.head_mode == "new":
+        _reset_head(model, cfg.seed)
         feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)))  # (N, T, dim), once
         with torch.no_grad():
             if cfg.head_init == "teacher":
@@ -2079,7 +2490,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
             else:  # the unigram predictor: the head learns what context adds to it
                 model.head.bias.copy_(torch.from_numpy(log_unigram(cache)).to(device))
     teacher_head = _frozen_teacher_head(cache, device) if cfg.head_kd_weight > 0 else None
-    history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": []}
+    history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": [], "skipped": []}
     val_feats = None  # tied mode moves the embedding, so its held-out states must be recomputed each time
     if cfg.head_mode != "tied":
         val_feats = student_features(model, cache.tokens("val", np.arange(cache.num_val)).to(device))
@@ -2093,8 +2504,8 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     if cfg.head_mode == "teacher" or cfg.lm_head_steps == 0:
         record(0)
         return history
-    before = _frozen_digest(model) if cfg.head_mode == "new" else None
     model.requires_grad_(False)
+    names = _phase_weights(model, "phase3")
     if cfg.head_mode == "new":
         trainable = list(model.head.parameters())
     else:
@@ -2106,16 +2517,20 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, min(cfg.warmup_steps, steps // 10),
                                                                          cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    signature = _signature(cfg, "phase3", model, cache)
+    signature = _signature(cfg, "phase3", model, cache, body)
     start = 0
-    state = None if fresh else load_checkpoint(cfg.run_dir, "phase3", signature)
-    if _resume(state, model, opt, sched, gen):
+    weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in names}
+    state = None if fresh else load_checkpoint(cfg.run_dir, "phase3", signature, weights)
+    if _resume(state, model, opt, sched, gen, names):
         history, start = state["history"], state["step"]
         print(f"Phase 3: resuming at step {start} of {steps}" if start < steps else "Phase 3: already done")
+    guard = _FaultGuard("Phase 3", trainable, f"Lower the head's learning rate (head_lr, now {cfg.head_lr})",
+                        cfg.run_dir, cache.path, history.setdefault("skipped", []))
     bar = progress_bar(range(start, steps), desc="Phase 3: LM head", disable=not progress)
     for step in bar:
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens = cache.tokens("train", idx).to(device)
+        t_states = None
         with _cuda_oom_hint(), _autocast(device):
             if cfg.head_mode == "new":
                 h = feats[idx.to(feats.device)]  # (B, T, dim), computed once before the loop
@@ -2127,28 +2542,27 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
             if teacher_head is not None:  # KD from the teacher's logits on kd_tokens positions of the batch
                 pos = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens or tokens.numel()].to(device)
+                t_states = cache.states("train", idx).to(device).flatten(0, 1)[pos]
                 with torch.no_grad():
-                    t_logits = teacher_head(cache.states("train", idx).to(device).flatten(0, 1)[pos])
+                    t_logits = teacher_head(t_states)
                 s_logits = model.logits(h.flatten(0, 1)[pos])  # the head again on these positions only
                 loss = loss + cfg.head_kd_weight * kd_loss(s_logits[None], t_logits[None], cfg.kd_temperature)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"Phase 3 loss is {loss.item()} at step {step}: training stopped; the last "
-                                     "good checkpoint is kept. Lower the head learning rate and rerun")
-        optimizer_step(loss, opt, trainable, cfg.grad_clip)
+        guard.check_loss(step, loss, t_states)
+        guard.after_step(step, loss, optimizer_step(loss, opt, trainable, cfg.grad_clip), t_states)
         sched.step()
         history["step"].append(step)
         history["loss"].append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             record(step + 1)
             bar.set_postfix(loss=f"{loss.item():.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
-        _checkpoint_every(cfg, "phase3", step + 1, steps, signature, model, opt, sched, gen, history)
+        _checkpoint_every(cfg, "phase3", step + 1, steps, signature, model, opt, sched, gen, history, names)
         if stop_after is not None and step + 1 >= stop_after:
             break
     model.requires_grad_(True)
     if model.teacher_head is not None:
         model.teacher_head.requires_grad_(False)
     model.eval()
-    if before is not None and _frozen_digest(model) != before:
+    if cfg.head_mode == "new" and _frozen_digest(model) != body:
         raise RuntimeError("Phase 3 changed the frozen body: this is a bug")
     return history
 
@@ -2401,12 +2815,14 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
                                                                          cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
+    guard = _FaultGuard("ablation (direct CE)", model.parameters(), f"Lower LEARNING_RATE (now {cfg.lr})", cfg.run_dir)
     model.train()
-    for _ in progress_bar(range(steps), desc="ablation: direct CE", disable=not progress):
+    for step in progress_bar(range(steps), desc="ablation: direct CE", disable=not progress):
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens = cache.tokens("train", idx).to(device)
         loss = next_token_ce(model.logits(model(tokens)), tokens)
-        optimizer_step(loss, opt, list(model.parameters()), cfg.grad_clip)
+        guard.check_loss(step, loss)
+        guard.after_step(step, loss, optimizer_step(loss, opt, list(model.parameters()), cfg.grad_clip))
         sched.step()
         losses.append(loss.item())
     model.eval()
