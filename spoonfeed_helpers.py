@@ -2436,7 +2436,7 @@ def _gguf_tokenizer_source(tokenizer, tokenizer_gguf=None) -> str | None:
         return str(tokenizer_gguf)
     folder = getattr(tokenizer, "name_or_path", "")
     if folder and os.path.isdir(folder):
-        found = sorted(glob for glob in os.listdir(folder) if glob.endswith(".gguf"))
+        found = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
         if BUNDLED_GGUF in found:
             return os.path.join(folder, BUNDLED_GGUF)
         if len(found) == 1:

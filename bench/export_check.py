@@ -3,6 +3,7 @@ with the student. One run, one machine:
 
     python bench/export_check.py                 # cpu preset: Phases 1-3, then the exports; ~10 min on 2 cores
     python bench/export_check.py --smoke         # the smoke preset, to check that the script runs
+    python bench/export_check.py --llamacpp-only runs/export-check-cpu/student-TQ2_0.gguf   # llama.cpp row only
 
 1. Phase 1-3 as the notebook runs them (head with a bias, HEAD_BIAS=True), then export_hf: the held-out CE with
    the bias, with it folded into the weights by least squares, and with it dropped.
@@ -72,11 +73,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the smoke preset (F16 GGUF: its dims are 32)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--llamacpp-only", metavar="GGUF", help="only score this GGUF with llama.cpp on the preset's "
+                    "held-out blocks (after installing llama-cpp-python)")
     args = ap.parse_args(argv)
     preset = "smoke" if args.smoke else "cpu"
     cfg = sf.make_config(preset, run_dir=f"runs/export-check-{preset}")
     rows, t0 = {}, time.time()
     cache = sf.cache_teacher_states(cfg)
+    if args.llamacpp_only:
+        print(f"| CE, {args.llamacpp_only} via llama.cpp | {llamacpp_ce(args.llamacpp_only, cache):.4f} |")
+        return None
     tokenizer = sf.load_tokenizer(cfg.teacher)
     student = sf.build_student(cfg, cache)
     sf.train_superposition(student, cache, cfg)

@@ -38,3 +38,14 @@ def test_form_defaults_are_the_original_notebooks():
 def test_every_phase_has_a_plot():
     for step in ("plot_cache", "plot_phase2", "plot_phase3", "plot_evaluation", "plot_ablation"):
         assert any(step in src and "plt.show()" in src for src in CODE), step
+
+
+def test_the_save_cell_writes_every_format_and_a_stock_pipeline_reloads_the_export():
+    save = next(src for src in CODE if "Save and export" in src)
+    assert "sf.export_all(" in save and "GGUF_QTYPE" in save and "push_to_hub" in save
+    reload = next(src for src in CODE if 'pipeline("text-generation"' in src)
+    assert CODE.index(reload) == CODE.index(next(src for src in CODE if "sf.generate_text(" in src)) + 1
+    settings = CODE[0]
+    for knob in ("HEAD_BIAS", "GGUF_QTYPE", "HUB_REPO_ID"):
+        assert re.search(rf"^{knob} = .*# @param", settings, re.M), knob
+    assert "head_bias=HEAD_BIAS" in CODE[1]
