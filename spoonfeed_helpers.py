@@ -1854,9 +1854,9 @@ def fold_head_bias(weight: torch.Tensor, bias: torch.Tensor, features: torch.Ten
     weight: (V, dim), bias: (V,), features: (..., dim) the final-normed student states to fit on. The bias is
     centred first (a softmax ignores a shift that all logits share). The fit of W h + b by W' h is
     W' = W + b m^T, where m solves min_m sum_t (m . h_t - 1)^2: the direction along which the states' projection
-    is ~1 everywhere. RMSNorm keeps the states' length about constant, so this loses little (the README gives
-    the held-out CE before and after on the cpu preset). ridge is relative to the mean diagonal of the Gram
-    matrix. Returns the new weight (V, dim).
+    is ~1 everywhere. RMSNorm keeps the states' length about constant, so this can lose little; llama_head
+    prints the held-out CE before and after. ridge is relative to the mean diagonal of the Gram matrix.
+    Returns the new weight (V, dim).
     """
     h = features.reshape(-1, features.size(-1))
     gram = torch.zeros(h.size(1), h.size(1), dtype=torch.float64, device=h.device)
