@@ -63,19 +63,24 @@ KD_TEMPERATURE = 1.0  # @param {type:"number"}
 HEAD_KD_WEIGHT = 1.0  # @param {type:"number"}
 HEAD_MODE = "new"  # @param ["new", "tied", "teacher"]
 HEAD_INIT = "teacher"  # @param ["teacher", "unigram"]
+HEAD_BIAS = True  # @param {type:"boolean"}
 CACHE_DIR = "spoonfeed_cache"  # @param {type:"string"}
 RUN_DIR = "runs/colab"  # @param {type:"string"}
 CHECKPOINT_EVERY = 100  # @param {type:"integer"}
 RETRAIN = False  # @param {type:"boolean"}
 SEED = 0  # @param {type:"integer"}
 
-# Generation (cell 9)
+# Export (cell 8): the GGUF's weight type; HUB_REPO_ID "user/name" uploads the HF folder (token: HF_TOKEN secret)
+GGUF_QTYPE = "TQ2_0"  # @param ["TQ2_0", "TQ1_0", "F16"]
+HUB_REPO_ID = ""  # @param {type:"string"}
+
+# Generation (cells 9 and 10)
 MAX_NEW_TOKENS = 30  # @param {type:"integer"}
 TEMPERATURE = 0.7  # @param {type:"number"}
 TOP_K = 50  # @param {type:"integer"}
 TOP_P = 0.95  # @param {type:"number"}
 
-# Ablation (cell 10)
+# Ablation (cell 11)
 RUN_ABLATION = True  # @param {type:"boolean"}
 ABLATION_STEPS = 300  # @param {type:"slider", min:50, max:1000, step:50}
 ABLATION_HEAD_STEPS = 100  # @param {type:"slider", min:0, max:500, step:25}
@@ -108,6 +113,7 @@ cfg = sf.make_config(
     head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT, head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR,
     ckpt_every=CHECKPOINT_EVERY, seed=SEED, ablation_steps=ABLATION_STEPS, ablation_head_steps=ABLATION_HEAD_STEPS,
     ablation_widths=tuple(int(w) for w in str(ABLATION_WIDTHS).split(",") if w.strip()), text_field=TEXT_FIELD,
+    head_bias=HEAD_BIAS,
 )
 sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
 print(sf.describe(cfg, PRESET))
@@ -139,7 +145,7 @@ plt.show()
 
 # %% cellView="form"
 # @title 6. Phase 3: speech therapy (LM head)
-# @markdown Body, embedding and projector stay frozen; the student's states are computed once. `HEAD_MODE`: `new` (untied head), `tied` (the original's, drifts the embedding), `teacher` (the teacher's head over the projector). `HEAD_INIT`: a new head starts as the teacher's head over a least-squares map from student to teacher states (`teacher`), or at the unigram predictor (`unigram`).
+# @markdown Body, embedding and projector stay frozen; the student's states are computed once. `HEAD_MODE`: `new` (untied head), `tied` (the original's, drifts the embedding), `teacher` (the teacher's head over the projector). `HEAD_INIT`: a new head starts as the teacher's head over a least-squares map from student to teacher states (`teacher`), or at the unigram predictor (`unigram`). `HEAD_BIAS=False` trains a bias-free head, which the Llama and GGUF exports hold exactly.
 history3 = sf.train_lm_head(student, cache, cfg, fresh=RETRAIN)
 sf.plot_phase3(history3, path=f"{cfg.run_dir}/plots/3_lm_head.png")
 plt.show()
@@ -153,11 +159,11 @@ sf.plot_evaluation(report, f"{cfg.run_dir}/plots/4_evaluation.png")
 plt.show()
 
 # %% cellView="form"
-# @title 8. Save
-# @markdown `config.json` + safetensors (fp32 latent weights, reloadable for training), and the packed ternary export at 1.6 bits a weight.
-sf.save_pretrained(student, f"{cfg.run_dir}/student")
-sizes = sf.export_ternary(student, f"{cfg.run_dir}/student-ternary")
-print(sf.format_sizes(sizes))
+# @title 8. Save and export
+# @markdown Four files in `RUN_DIR`: `student/` (config.json + safetensors, fp32 latent weights, reloadable for training), `student-ternary/` (packed 1.6 bits a weight), `student-hf/` (a stock `LlamaForCausalLM` with transformers' BitNet quantization, for `from_pretrained`, `pipeline` and lm-evaluation-harness) and `student.gguf` (llama.cpp, `GGUF_QTYPE`; F16 when the student's rows are not a multiple of 256, as in the smoke preset). A head bias is folded into the weights, with the held-out CE printed before and after. `HUB_REPO_ID` uploads `student-hf/`.
+exported = sf.export_all(student, tokenizer, cfg.run_dir, cache, cfg, report, GGUF_QTYPE)
+if HUB_REPO_ID and "hf" in exported:
+    print("uploaded:", sf.push_to_hub(exported["hf"], HUB_REPO_ID))
 
 # %% cellView="form"
 # @title 9. Generate
@@ -173,7 +179,19 @@ print("-" * 40)
 print(sf.format_generations(generations))
 
 # %% cellView="form"
-# @title 10. Does ternary superposition help? (ablation)
+# @title 10. Reload the export with transformers
+# @markdown The HF folder from cell 8 through a stock `pipeline("text-generation")`, no Spoon Feed code: the same prompts, decoded by transformers (greedy when `TEMPERATURE` is 0).
+from transformers import pipeline
+
+if "hf" in exported:
+    generator = pipeline("text-generation", model=str(exported["hf"]), device=sf.pick_device(cfg.device))
+    sampling = dict(do_sample=TEMPERATURE > 0, **(dict(temperature=TEMPERATURE, top_k=50, top_p=0.95) if TEMPERATURE > 0 else {}))
+    for prompt in PROMPTS:
+        text = generator(prompt, max_new_tokens=MAX_NEW_TOKENS, **sampling)[0]["generated_text"]
+        print(f"Prompt: {prompt!r}\nOutput: {text!r}\n" + "-" * 40)
+
+# %% cellView="form"
+# @title 11. Does ternary superposition help? (ablation)
 # @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures. `RUN_ABLATION`, its steps and widths are in cell 1.
 if RUN_ABLATION:
     ablation = sf.run_ablation(cache, cfg)

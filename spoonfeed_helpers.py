@@ -115,6 +115,7 @@ class RunConfig:
     ablation_head_steps: int = 100
     ablation_widths: tuple = ()  # extra student widths to sweep in the ablation; () = just student_dim
     text_field: str = "auto"  # the record field that holds the text; auto: text, instruction + response, or a chat
+    head_bias: bool = True  # Phase 3's new head has a bias; False trains a bias-free head (Llama/GGUF export exactly)
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=dim or self.student_dim,
@@ -124,8 +125,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            want = {"int": int, "float": (int, float), "str": str, "tuple": tuple}[f.type]
-            if isinstance(v, bool) or not isinstance(v, want):
+            want = {"int": int, "float": (int, float), "str": str, "tuple": tuple, "bool": bool}[f.type]
+            if (isinstance(v, bool) and f.type != "bool") or not isinstance(v, want):
                 raise ConfigError(f"{f.name}={v!r} must be of type {f.type}")
         positive = ("num_samples", "val_samples", "seq_len", "student_dim", "student_layers", "student_heads",
                     "superposition_steps", "batch_size", "cache_batch_size", "eval_every")
@@ -278,7 +279,7 @@ def _params(scfg: "StudentConfig") -> dict:
     with torch.device("meta"):
         model = BitNetStudent(dataclasses.replace(scfg, head_mode="new"))
     n = {name: p.numel() for name, p in model.state_dict().items()}
-    head = n["head.weight"] + n["head.bias"]
+    head = n["head.weight"] + n.get("head.bias", 0)
     return {"phase2": sum(n.values()) - head, "head": head, "embedding": n["tok_embeddings.weight"]}
 
 
@@ -387,6 +388,7 @@ class StudentConfig:
     norm_eps: float = 1e-6
     ternary: bool = True  # False: full-precision linears (ablation arm b)
     head_mode: str = "new"  # new: untied head; tied: the original's; teacher: teacher head over the projector
+    head_bias: bool = True  # the new head's bias (token priors); Llama and llama.cpp heads have none
 
     def __post_init__(self):
         for name in ("vocab_size", "teacher_dim", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -655,14 +657,16 @@ class BitNetStudent(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.projector = Decompressor(cfg.dim, cfg.teacher_dim)
-        # the head is built in every mode, so the random init of everything else (and so Phase 2's result)
-        # does not depend on head_mode; modes other than "new" drop it
+        # the head is built in every mode and with its bias, so the random init of everything else (and so
+        # Phase 2's result) depends on neither head_mode nor head_bias; the other modes drop it, and a
+        # bias-free head drops its bias below
         self.head = nn.Linear(cfg.dim, cfg.vocab_size)  # bias: token priors
         self.teacher_head = None  # nn.Linear(teacher_dim, vocab), frozen; see attach_teacher_head
         self.phase2_result = None  # {"signature", "digest"} of the finished Phase 2 these weights hold
         nn.init.normal_(self.tok_embeddings.weight, std=0.02)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        if not cfg.head_bias:
+            self.head.bias = None
+        self._init_head()
         if cfg.head_mode != "new":
             self.head = None
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -703,14 +707,21 @@ class BitNetStudent(nn.Module):
             raise RuntimeError("head_mode='teacher' needs the teacher head: call attach_teacher_head first")
         return self.teacher_head(self.projector(h))
 
-    def set_head_mode(self, mode: str):
+    def _init_head(self):
+        nn.init.normal_(self.head.weight, std=0.02)
+        if self.head.bias is not None:  # the bias holds token priors; Llama's lm_head has none
+            nn.init.zeros_(self.head.bias)
+
+    def set_head_mode(self, mode: str, bias: bool | None = None):
+        """Switch the head (see StudentConfig.head_mode). bias: whether a new head has a bias (None keeps the
+        config's); a new head with the other bias setting replaces the current one."""
         if mode not in HEAD_MODES:
             raise ConfigError(f"head_mode={mode!r} is not one of {HEAD_MODES}")
-        self.cfg = dataclasses.replace(self.cfg, head_mode=mode)
-        if mode == "new" and self.head is None:
-            self.head = nn.Linear(self.cfg.dim, self.cfg.vocab_size).to(self.tok_embeddings.weight)
-            nn.init.normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        bias = self.cfg.head_bias if bias is None else bias
+        self.cfg = dataclasses.replace(self.cfg, head_mode=mode, head_bias=bias)
+        if mode == "new" and (self.head is None or (self.head.bias is not None) != bias):
+            self.head = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=bias).to(self.tok_embeddings.weight)
+            self._init_head()
         if mode != "new":
             self.head = None
         if mode != "teacher":
@@ -2208,8 +2219,10 @@ def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherC
     keys = {"phase2": ("superposition_steps", "batch_size", "lr", "embed_lr_mult", "warmup_steps", "min_lr_ratio",
                        "weight_decay", "grad_clip", "loss", "kd_weight", "kd_temperature", "kd_tokens", "seed"),
             "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_init", "head_kd_weight",
-                       "kd_temperature", "kd_tokens", "warmup_steps", "min_lr_ratio", "grad_clip", "seed")}[phase]
-    sig = {"cache": str(cache.path.name), "student": {k: v for k, v in asdict(model.cfg).items() if k != "head_mode"},
+                       "kd_temperature", "kd_tokens", "warmup_steps", "min_lr_ratio", "grad_clip", "seed",
+                       "head_bias")}[phase]
+    head_keys = ("head_mode", "head_bias")  # Phase 2 trains no head; Phase 3's head settings are in keys
+    sig = {"cache": str(cache.path.name), "student": {k: v for k, v in asdict(model.cfg).items() if k not in head_keys},
            **{k: getattr(cfg, k) for k in keys}}
     if phase == "phase3":
         sig["phase2_student"] = phase2_student
@@ -2384,6 +2397,31 @@ def fit_head_to_teacher(cache: TeacherCache, features: torch.Tensor, ridge: floa
 
 
 @torch.no_grad()
+def fold_head_bias(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, ridge: float = 1e-6,
+                   batch_size: int = 4096) -> torch.Tensor:
+    """A bias-free head whose logits are the least-squares fit of the biased head's logits on these states.
+
+    weight: (V, dim), bias: (V,), features: (..., dim) the final-normed student states to fit on. The bias is
+    centred first (a softmax ignores a shift that all logits share). The fit of W h + b by W' h is
+    W' = W + b m^T, where m solves min_m sum_t (m . h_t - 1)^2: the direction along which the states' projection
+    is ~1 everywhere. RMSNorm keeps the states' length about constant, so this can lose little; llama_head
+    prints the held-out CE before and after. ridge is relative to the mean diagonal of the Gram matrix.
+    Returns the new weight (V, dim).
+    """
+    h = features.reshape(-1, features.size(-1))
+    gram = torch.zeros(h.size(1), h.size(1), dtype=torch.float64, device=h.device)
+    total = torch.zeros(h.size(1), dtype=torch.float64, device=h.device)
+    for i in range(0, len(h), batch_size):
+        chunk = h[i:i + batch_size].double()  # (n, dim)
+        gram += chunk.T @ chunk
+        total += chunk.sum(0)
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64, device=h.device)
+    m = torch.linalg.solve(gram, total).to(weight)  # (dim,): m . h ~ 1
+    b = bias - bias.mean()
+    return weight + b[:, None].to(weight) * m[None, :]
+
+
+@torch.no_grad()
 def fit_logit_scale(logits: torch.Tensor, targets: torch.Tensor, iters: int = 10) -> float:
     """The s that minimises CE(s * logits, targets): (n, V) and (n,). CE is convex in s; Newton's method."""
     s = 1.0
@@ -2452,7 +2490,8 @@ def _reset_head(model: BitNetStudent, seed: int):
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
         model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=g) * 0.02)
-        model.head.bias.zero_()
+        if model.head.bias is not None:
+            model.head.bias.zero_()
 
 
 def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
@@ -2475,7 +2514,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     _check_run_dir(cfg)
     device = model.tok_embeddings.weight.device
     body = _ensure_phase2(model, cache, cfg) if need_phase2 else _frozen_digest(model)
-    model.set_head_mode(cfg.head_mode)
+    model.set_head_mode(cfg.head_mode, bias=cfg.head_bias)
     if cfg.head_mode == "teacher":
         model.attach_teacher_head(cache.teacher_head())
     feats = None
@@ -2485,10 +2524,14 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         with torch.no_grad():
             if cfg.head_init == "teacher":
                 weight, bias = fit_head_to_teacher(cache, feats)
-                model.head.weight.copy_(weight)
-                model.head.bias.copy_(bias)
             else:  # the unigram predictor: the head learns what context adds to it
-                model.head.bias.copy_(torch.from_numpy(log_unigram(cache)).to(device))
+                weight = model.head.weight.clone()
+                bias = torch.from_numpy(log_unigram(cache)).to(device)
+            if model.head.bias is None:  # a bias-free head starts at the least-squares fold of the bias
+                weight, bias = fold_head_bias(weight, bias, feats), None
+            model.head.weight.copy_(weight)
+            if bias is not None:
+                model.head.bias.copy_(bias)
     teacher_head = _frozen_teacher_head(cache, device) if cfg.head_kd_weight > 0 else None
     history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": [], "skipped": []}
     val_feats = None  # tied mode moves the embedding, so its held-out states must be recomputed each time
@@ -2800,6 +2843,402 @@ def load_ternary(path, device="cpu") -> BitNetStudent:
         scale = tensors[f"{name}.scale"][0]
         m.pin_ternary(q, scale)  # the exact ternary weight, for as long as the latent weight is left as written
     return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# the student in the ecosystem: transformers (Llama + BitNet quantization), llama.cpp (GGUF), the Hub
+#
+# The student is a LlamaForCausalLM apart from the head's bias: rotate-half RoPE, RMSNorm, SwiGLU gate/up/down,
+# no attention bias, an untied (or tied) head. transformers' BitNet integration (integrations/bitnet.py) quantizes
+# weights and activations with our formulas; llama.cpp's TQ2_0/TQ1_0 hold ternary weights in 256-weight blocks.
+
+# the student's BitLinears -> LlamaForCausalLM's and llama.cpp's names (gguf.MODEL_TENSORS[MODEL_ARCH.LLAMA])
+HF_LINEAR_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                   "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                   "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                   "feed_forward.w2": "mlp.down_proj"}
+GGUF_LINEAR_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+                     "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
+                     "feed_forward.w2": "ffn_down"}
+GGUF_QTYPES = ("TQ2_0", "TQ1_0", "F16")  # llama.cpp's ternary types (256-weight blocks, fp16 scale), or plain F16
+# transformers' BitNet config. Its BitLinear divides the output by weight_scale, so weight_scale = 1 / our scale
+# (AutoBitLinear takes it the other way round, w = q * weight_scale; but in transformers 5.24 its offline loader
+# leaves the float16 embedding and norms uncast, which breaks float32 compute). Naming lm_head in
+# modules_to_not_convert keeps it full precision (that turns off transformers' automatic skip of the head).
+HF_BITNET_CONFIG = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
+                    "modules_to_not_convert": ["lm_head"], "use_rms_norm": False}
+HF_DTYPE = torch.float16  # the full-precision parts on disk; config.json says float32, the student's compute dtype
+
+
+def _check_exportable(model: BitNetStudent, what: str):
+    if model.cfg.head_mode == "teacher":
+        raise ConfigError(f"{what}: head_mode='teacher' decodes through the projector and the teacher's head, which "
+                          "has no Llama form. Set HEAD_MODE = 'new' (or 'tied'), rerun Phase 3 and export again")
+    if not model.cfg.ternary:
+        raise ConfigError(f"{what} writes ternary students; this one has full-precision linears (ablation arm b)")
+    _check_finite(model)
+
+
+@torch.no_grad()
+def _head_ce(feats: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, bias=None, batch_size: int = 16):
+    """Next-token CE (nats/token) of the head (weight (V, dim), bias (V,) or None) on states feats (N, T, dim)."""
+    total = sum(next_token_ce(F.linear(feats[i:i + batch_size], weight, bias), tokens[i:i + batch_size],
+                              reduction="none").sum().item() for i in range(0, len(tokens), batch_size))
+    return total / (len(tokens) * (tokens.size(1) - 1))
+
+
+@torch.no_grad()
+def llama_head(model: BitNetStudent, cache: TeacherCache | None = None, verbose: bool = True):
+    """The head as Llama and llama.cpp hold it: a bias-free (V, dim) weight, or None for a tied head.
+
+    A new head's bias is folded into its weight by least squares on the training states (fold_head_bias);
+    the held-out CE with the bias, folded, and with the bias dropped is printed and returned (nats/token).
+    A bias-free head (HEAD_BIAS=False) or a constant bias exports exactly. Returns (weight or None, figures).
+    Raises ConfigError when a bias must be folded and no cache is given.
+    """
+    if model.cfg.head_mode == "tied":
+        return None, {}
+    weight, bias = model.head.weight.detach().float(), model.head.bias
+    if bias is None or bool((bias == bias[0]).all()):  # a shared shift leaves the softmax unchanged: exact
+        return weight, {}
+    if cache is None:
+        raise ConfigError("the head has a bias and Llama's lm_head has none: pass cache= (the run's TeacherCache) so "
+                          "the export can fold the bias into the weights and report the held-out CE, or rerun Phase "
+                          "3 with HEAD_BIAS = False")
+    device = model.tok_embeddings.weight.device
+    feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)))  # (N, T, dim)
+    folded = fold_head_bias(weight, bias.detach().float(), feats)
+    del feats
+    tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
+    val = student_features(model, tokens)
+    figures = {"ce_with_bias": _head_ce(val, tokens, weight, bias.detach().float()),
+               "ce_bias_folded": _head_ce(val, tokens, folded), "ce_bias_dropped": _head_ce(val, tokens, weight)}
+    if verbose:
+        print(f"head bias folded into the weights (least squares): held-out CE {figures['ce_with_bias']:.4f} -> "
+              f"{figures['ce_bias_folded']:.4f} nats/token (dropping it instead: {figures['ce_bias_dropped']:.4f})")
+    return folded, figures
+
+
+def _replace_dir(tmp: Path, path: Path):
+    """Move a finished temp folder into place; an older export at path goes only once the new one is whole."""
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _model_card(model: BitNetStudent, cfg: RunConfig | None, report: dict | None, fold: dict) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    c = model.cfg
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=["bitnet", "ternary", "1.58-bit", "distillation", "spoon-feed"])
+    teacher = cfg.teacher if cfg else "not recorded"
+    dataset = cfg.dataset if cfg else "not recorded"
+    lines = [f"---\n{data.to_yaml()}\n---", "", "# Spoon Feed ternary student", "",
+             f"A {c.dim}-wide, {c.n_layers}-layer, {c.n_heads}-head Llama whose every projection is ternary "
+             "(BitNet b1.58: weights in {-1, 0, +1} with one absmean scale per tensor, int8 per-token absmax "
+             "activations), distilled from the teacher's last hidden states with "
+             "[Spoon Feed](https://github.com/spoon-feed/spoon-feed).", "",
+             f"- **Teacher:** `{teacher}`", f"- **Data:** `{dataset}`",
+             f"- **Head:** {c.head_mode}" + (" (tied to the embedding)" if c.head_mode == "tied" else ""),
+             "- **Format:** `LlamaForCausalLM` with transformers' BitNet quantization (`bitlinear`, offline): "
+             "2-bit packed ternary weights with a per-tensor `weight_scale` (1 / the absmean scale); embedding, "
+             "norms and head in float16. "
+             "Loads with `AutoModelForCausalLM.from_pretrained` and no custom code.", ""]
+    if fold:
+        lines += ["The student's head had a bias, which Llama's `lm_head` lacks. It was folded into the weights by "
+                  f"least squares: held-out CE {fold['ce_with_bias']:.4f} -> {fold['ce_bias_folded']:.4f} nats/token "
+                  f"(dropping the bias would give {fold['ce_bias_dropped']:.4f}).", ""]
+    if report:
+        lines += ["## Held-out figures (before export)", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in report["metrics"].items()]
+        lines += ["", f"CE and perplexity in nats/token over {report['tokens']} held-out next-token predictions.", ""]
+    if cfg:
+        lines += ["## Run configuration", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {f.name} | `{getattr(cfg, f.name)!r}` |" for f in dataclasses.fields(cfg)]
+        lines += [""]
+    lines += ["## Use", "", "```python", "from transformers import pipeline", "",
+              'generate = pipeline("text-generation", model="PATH_OR_REPO_ID")',
+              'print(generate("Once upon a time", max_new_tokens=30)[0]["generated_text"])', "```", ""]
+    return str(ModelCard("\n".join(lines)))
+
+
+def export_hf(student: BitNetStudent, tokenizer, path, cache: TeacherCache | None = None,
+              cfg: RunConfig | None = None, report: dict | None = None) -> Path:
+    """A standard transformers checkpoint: LlamaForCausalLM with the BitNet quantization config.
+
+    Writes config.json (quantization_config: bitnet, bitlinear, offline), model.safetensors (each BitLinear
+    as transformers.integrations.bitnet.pack_weights' 2-bit packed uint8 (out/4, in) plus its fp32
+    weight_scale; embedding, norms and lm_head in float16), the tokenizer, generation_config.json (the
+    tokenizer's BOS/EOS/pad ids) and a model card (README.md: teacher, data, the run's configuration and
+    held-out figures); max_position_embeddings is the student's max_seq_len. Plain
+    `AutoModelForCausalLM.from_pretrained(path)` loads it with no custom code; its logits equal the student's
+    (full-precision parts rounded to float16) to float rounding.
+    A head bias is folded (llama_head; needs cache). The folder is written under a temp name and renamed.
+    Raises ConfigError for head_mode='teacher', a tokenizer that does not fit, dims not a multiple of 4
+    (pack_weights' rows), or a biased head without cache.
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, LlamaConfig
+    from transformers.integrations.bitnet import VALUES_PER_ITEM, pack_weights
+
+    model = student.eval()
+    _check_exportable(model, "export_hf")
+    check_compatible(model, tokenizer)
+    c = model.cfg
+    if any(m.out_features % VALUES_PER_ITEM for _, m in model.bitlinears()):
+        raise ConfigError(f"transformers' BitNet packing stores {VALUES_PER_ITEM} ternary rows a byte, so the "
+                          f"student dim {c.dim} must be a multiple of {VALUES_PER_ITEM}: change STUDENT_DIM")
+    head, fold = llama_head(model, cache)
+    tensors = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    for i, block in enumerate(model.layers):
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = block.attention_norm.weight
+        tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = block.ffn_norm.weight
+    if head is not None:
+        tensors["lm_head.weight"] = head
+    tensors = {k: v.detach().to("cpu", HF_DTYPE).contiguous() for k, v in tensors.items()}
+    for name, m in model.bitlinears():
+        layer, sub = name.split(".", 2)[1:]
+        q, scale = quantize_weight(m.weight.detach().cpu().float())
+        tensors[f"model.layers.{layer}.{HF_LINEAR_NAMES[sub]}.weight"] = pack_weights(q.clone())  # (out/4, in) uint8
+        tensors[f"model.layers.{layer}.{HF_LINEAR_NAMES[sub]}.weight_scale"] = (1 / scale).reshape(1).float()
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads, head_dim=c.head_dim, hidden_act="silu",
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, attention_bias=False, mlp_bias=False,
+        rope_theta=c.rope_theta, tie_word_embeddings=head is None,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    hf_cfg.architectures = ["LlamaForCausalLM"]
+    hf_cfg.dtype = torch.float32
+    hf_cfg.quantization_config = dict(HF_BITNET_CONFIG)
+    gen_cfg = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    hf_cfg.save_pretrained(tmp)
+    gen_cfg.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(_model_card(model, cfg, report, fold))
+    _replace_dir(tmp, path)
+    return path
+
+
+def _permute_for_llamacpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q/k rows from rotate-half RoPE order (HF) to llama.cpp's interleaved pairs: LlamaModel.permute in
+    llama.cpp's convert_hf_to_gguf.py. w: (n_head * hs, dim)."""
+    return w.reshape(n_head, 2, w.size(0) // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tokenizer_source(tokenizer, tokenizer_gguf=None) -> str | None:
+    """The GGUF the tokenizer was read from (the bundled teacher's, or the one a folder holds alone), or None."""
+    if tokenizer_gguf:
+        return str(tokenizer_gguf)
+    folder = getattr(tokenizer, "name_or_path", "")
+    if folder and os.path.isdir(folder):
+        found = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        if BUNDLED_GGUF in found:
+            return os.path.join(folder, BUNDLED_GGUF)
+        if len(found) == 1:
+            return os.path.join(folder, found[0])
+    return None
+
+
+def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> list[tuple]:
+    """(key, value, type, sub_type) for every tokenizer.* key. From a GGUF-loaded tokenizer (the bundled teacher):
+    that GGUF's own keys, copied. From a transformers BPE tokenizer: gpt2-style tokens, types, merges and special
+    ids, padded to the model's vocab with unused [PAD{i}] tokens as llama.cpp's converter does.
+    Raises ConfigError for other tokenizers or a token count that does not match the model."""
+    import gguf
+
+    source = _gguf_tokenizer_source(tokenizer, tokenizer_gguf)
+    if source is not None:
+        reader = gguf.GGUFReader(source)
+        fields = [(k, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+                  for k, f in reader.fields.items() if k.startswith("tokenizer.")]
+        n = len(reader.fields["tokenizer.ggml.tokens"].contents()) if "tokenizer.ggml.tokens" in reader.fields else 0
+        if n != vocab_size:
+            raise ConfigError(f"{source} holds {n} tokens but the student's vocab is {vocab_size}: use the "
+                              "tokenizer of the teacher the student was distilled from")
+        return fields
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"] if hasattr(tokenizer, "backend_tokenizer") else {}
+    if model.get("type") != "BPE":
+        raise ConfigError(f"export_gguf writes tokenizer metadata for GGUF-loaded tokenizers (the bundled teacher) "
+                          f"and BPE tokenizers; this one is {model.get('type') or type(tokenizer).__name__}. Export "
+                          "the HF folder (export_hf) instead, or pass tokenizer_gguf= a GGUF with this vocabulary")
+    A, S = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING
+    U32, I32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    special = set(tokenizer.all_special_tokens)
+    for tok, i in tokenizer.get_vocab().items():
+        tokens[i] = tok
+        types[i] = int(gguf.TokenType.CONTROL if tok in special else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    fields = [("tokenizer.ggml.model", "gpt2", S, None), ("tokenizer.ggml.pre", "default", S, None),
+              ("tokenizer.ggml.tokens", tokens, A, S), ("tokenizer.ggml.token_type", types, A, I32),
+              ("tokenizer.ggml.merges", merges, A, S)]
+    for key, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                     ("unknown", tokenizer.unk_token_id), ("padding", tokenizer.pad_token_id)):
+        if tid is not None:
+            fields.append((f"tokenizer.ggml.{key}_token_id", int(tid), U32, None))
+    return fields
+
+
+def gguf_qtype_for(student: BitNetStudent, qtype: str = "TQ2_0") -> str:
+    """qtype if every BitLinear row fits its 256-weight blocks, else "F16" (with a note): what the notebook
+    exports, so the tiny smoke student (dim 32) still gets a GGUF."""
+    if qtype != "F16" and any(m.in_features % 256 for _, m in student.bitlinears()):
+        print(f"GGUF: the student's rows ({student.cfg.dim} wide) are not a multiple of 256, which {qtype} needs: "
+              "writing F16 instead")
+        return "F16"
+    return qtype
+
+
+def export_gguf(student: BitNetStudent, tokenizer, path, qtype: str = "TQ2_0", cache: TeacherCache | None = None,
+                tokenizer_gguf=None) -> Path:
+    """A llama.cpp GGUF file (architecture `llama`) written with the gguf package's GGUFWriter.
+
+    Every BitLinear is its ternary weight times its scale, quantized by gguf.quants.quantize to TQ2_0 (2 bits a
+    weight + an fp16 scale per 256 weights: 2.06 bits a weight) or TQ1_0 (1.69 bits), or stored as F16; q and
+    k rows are permuted to llama.cpp's RoPE layout. Embedding and head F16, norms F32; a head bias is folded
+    (llama_head; needs cache). Tokenizer metadata: the source GGUF's tokenizer keys for a GGUF-loaded tokenizer
+    (the bundled teacher), else gpt2-style BPE metadata. Written to a temp file and renamed.
+    Raises ConfigError for an unknown qtype, rows that are not a multiple of 256 in a ternary type (use F16),
+    head_mode='teacher', a tokenizer that does not fit, or a biased head without cache.
+    Source: llama.cpp's gguf-py and convert_hf_to_gguf.py (LlamaModel).
+    """
+    import gguf
+
+    if qtype not in GGUF_QTYPES:
+        raise ConfigError(f"qtype={qtype!r} is not one of {GGUF_QTYPES}")
+    model = student.eval()
+    _check_exportable(model, "export_gguf")
+    check_compatible(model, tokenizer)
+    c = model.cfg
+    ggml_type = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[ggml_type][0]
+    rows = sorted({m.in_features for _, m in model.bitlinears() if m.in_features % block})
+    if rows:
+        raise ConfigError(f"{qtype} stores rows in blocks of {block} weights, but this student has rows of {rows}: "
+                          f"export with qtype='F16' (GGUF_QTYPE = 'F16'), or use a STUDENT_DIM that is a multiple of "
+                          f"{block}")
+    tok_fields = _gguf_tokenizer_fields(tokenizer, c.vocab_size, tokenizer_gguf)
+    head, _ = llama_head(model, cache)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name("spoon-feed ternary student")
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_heads)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value, vtype, sub in tok_fields:
+        w.add_key_value(key, value, vtype, sub)
+
+    def f16(t):
+        return t.detach().cpu().float().numpy().astype(np.float16)
+
+    def f32(t):
+        return t.detach().cpu().float().numpy()
+
+    w.add_tensor("token_embd.weight", f16(model.tok_embeddings.weight))
+    for i, block_ in enumerate(model.layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", f32(block_.attention_norm.weight))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(block_.ffn_norm.weight))
+    for name, m in model.bitlinears():
+        layer, sub = name.split(".", 2)[1:]
+        q, scale = quantize_weight(m.weight.detach().cpu().float())
+        wq = q * scale  # (out, in): exactly the student's ternary weight
+        if sub in ("attention.wq", "attention.wk"):
+            wq = _permute_for_llamacpp(wq, c.n_heads)
+        data = f16(wq) if qtype == "F16" else gguf.quants.quantize(wq.numpy(), ggml_type)
+        w.add_tensor(f"blk.{layer}.{GGUF_LINEAR_NAMES[sub]}.weight", data,
+                     raw_dtype=None if qtype == "F16" else ggml_type)
+    w.add_tensor("output_norm.weight", f32(model.norm.weight))
+    if head is not None:
+        w.add_tensor("output.weight", f16(head))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def _hub_token(env=os.environ) -> str | None:
+    """HF_TOKEN from the environment, else Colab's secret of that name, else None."""
+    if env.get("HF_TOKEN"):
+        return env["HF_TOKEN"]
+    try:
+        from google.colab import userdata  # only in Colab
+
+        return userdata.get("HF_TOKEN")
+    except Exception:  # not in Colab, no such secret, or the notebook has no access to it
+        return None
+
+
+def push_to_hub(path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload an exported folder (export_hf) to the Hugging Face Hub as model repo `repo_id` ("user/name"),
+    creating it if needed, with huggingface_hub's HfApi.create_repo and upload_folder. The token comes from
+    `token`, else HF_TOKEN in the environment, else Colab's secret HF_TOKEN. Returns the repo's URL.
+    Raises ConfigError, before any network call, for a folder that is not an export, a malformed repo_id or no
+    token."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ConfigError(f"{path} is not an exported checkpoint: run export_hf(student, tokenizer, {str(path)!r}) "
+                          "first")
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")) or " " in repo_id:
+        raise ConfigError(f"repo_id={repo_id!r} must be 'user/name' (or 'org/name')")
+    token = token or _hub_token()
+    if not token:
+        raise ConfigError("no Hugging Face token: set HF_TOKEN in the environment or, in Colab, add a secret named "
+                          "HF_TOKEN (key icon in the left bar) with write access and allow this notebook to read it")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(path), repo_id=repo_id, commit_message="Upload Spoon Feed ternary student")
+    return str(url)
+
+
+def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache | None = None,
+               cfg: RunConfig | None = None, report: dict | None = None, gguf_qtype: str = "TQ2_0") -> dict:
+    """The notebook's save cell: safetensors (student/), packed ternary (student-ternary/), the HF folder
+    (student-hf/) and the GGUF (student.gguf), printing sizes. The Llama forms are skipped, with the reason
+    printed, for head_mode='teacher'; a GGUF whose rows do not fit the ternary blocks falls back to F16
+    (gguf_qtype_for). Returns {format: path} for what was written."""
+    run_dir = Path(run_dir)
+    out = {"safetensors": save_pretrained(student, run_dir / "student")}
+    sizes = export_ternary(student, run_dir / "student-ternary")
+    out["ternary"] = run_dir / "student-ternary"
+    print(format_sizes(sizes))
+    if student.cfg.head_mode == "teacher":
+        print("HF folder and GGUF skipped: head_mode='teacher' has no Llama form (set HEAD_MODE = 'new')")
+        return out
+    out["hf"] = export_hf(student, tokenizer, run_dir / "student-hf", cache, cfg, report)
+    qtype = gguf_qtype_for(student, gguf_qtype)
+    out["gguf"] = export_gguf(student, tokenizer, run_dir / "student.gguf", qtype, cache)
+    for k in ("hf", "gguf"):
+        p = out[k]
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+        print(f"{k}: {p} ({size / 2**20:.2f} MiB)" + (f", {qtype}" if k == "gguf" else ""))
+    return out
 
 
 # -----------------------------------------------------------------------------

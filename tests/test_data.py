@@ -219,7 +219,8 @@ def test_a_stream_with_no_usable_field_stops_after_a_bounded_number_of_records()
 
 
 def test_text_field_setting_is_checked_and_in_the_notebook():
-    assert [f.name for f in __import__("dataclasses").fields(sf.RunConfig)][-1] == "text_field"
+    names = [f.name for f in __import__("dataclasses").fields(sf.RunConfig)]
+    assert names.index("text_field") > names.index("ablation_widths")  # appended after the older settings
     with pytest.raises(sf.ConfigError, match="TEXT_FIELD"):
         sf.make_config(text_field=" text")
     src = Path(sf.__file__).with_name("spoon_feed.py").read_text()

@@ -61,6 +61,7 @@ def test_papermill_sees_every_form_setting_as_a_parameter():
     assert {"PRESET", "STUDENT_DIM", "SEED"} <= in_cell_1
     assert set(papermill.inspect_notebook(str(ROOT / "spoon_feed.ipynb"))) == in_cell_1
 
+
 def test_generation_settings_are_form_fields_and_the_cell_streams():
     src = "\n".join(CODE)
     for knob, value in (("MAX_NEW_TOKENS", "30"), ("TEMPERATURE", "0.7"), ("TOP_K", "50"), ("TOP_P", "0.95")):
@@ -70,3 +71,13 @@ def test_generation_settings_are_form_fields_and_the_cell_streams():
     assert "TextStreamer(" in generate_cell and "streamer=streamer" in generate_cell
     assert all(k in generate_cell for k in ("MAX_NEW_TOKENS", "TEMPERATURE", "TOP_K", "TOP_P"))
     assert "format_generations(" in generate_cell
+
+def test_the_save_cell_writes_every_format_and_a_stock_pipeline_reloads_the_export():
+    save = next(src for src in CODE if "Save and export" in src)
+    assert "sf.export_all(" in save and "GGUF_QTYPE" in save and "push_to_hub" in save
+    reload = next(src for src in CODE if 'pipeline("text-generation"' in src)
+    assert CODE.index(reload) == CODE.index(next(src for src in CODE if "sf.generate_text(" in src)) + 1
+    settings = CODE[0]
+    for knob in ("HEAD_BIAS", "GGUF_QTYPE", "HUB_REPO_ID"):
+        assert re.search(rf"^{knob} = .*# @param", settings, re.M), knob
+    assert "head_bias=HEAD_BIAS" in CODE[1]
