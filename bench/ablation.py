@@ -25,6 +25,7 @@ two-sided Student t interval; the equal-memory comparison; and a verdict compute
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -63,10 +64,16 @@ def bitlinear_weights(cfg: sf.RunConfig, width: int) -> int:
     """Number of weights in the student's BitLinear layers (q, k, v, o and the SwiGLU's three) at this width.
     The embedding, norms, projector and head are full precision in every arm and are not counted.
     Counted on a model built on the meta device, so it is the model's own count and costs no memory."""
+    student = cfg.student_config(vocab_size=2, teacher_dim=2, dim=width)
+    return _bitlinear_weights(tuple(sorted(dataclasses.asdict(student).items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _bitlinear_weights(student: tuple) -> int:
     import torch
 
     with torch.device("meta"):
-        model = sf.BitNetStudent(cfg.student_config(vocab_size=2, teacher_dim=2, dim=width))
+        model = sf.BitNetStudent(sf.StudentConfig(**dict(student)))
     return sum(m.weight.numel() for _, m in model.bitlinears())
 
 
@@ -151,6 +158,24 @@ def plan(cfg: sf.RunConfig, widths, seeds, arms="abcd", equal_memory: bool = Tru
     return list(dict.fromkeys(jobs))
 
 
+def _json(data) -> str:
+    """Strict JSON: NaN and infinities (a direct-CE arm's cosine, a one-seed interval) become null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(data), indent=1, allow_nan=False)
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
 def key(arm, width, seed) -> str:
     return f"{arm}/{width}/{seed}"
 
@@ -170,8 +195,8 @@ def load_results(path: Path, expected: dict) -> dict:
     if data.get("settings") != expected:
         old = data.get("settings") or {}
         diff = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
-        raise sf.ConfigError(f"{path} holds results from other settings ({', '.join(diff)} differ): pass another "
-                          "--out to keep both, or rerun with the settings that wrote it")
+        raise sf.ConfigError(f"{path} holds results from other settings ({', '.join(diff)} differ): pass "
+                             "another --out to keep both, or rerun with the settings that wrote it")
     return data
 
 
@@ -210,7 +235,7 @@ def run(cfg: sf.RunConfig, cache, widths, seeds, out: Path, arms="abcd", equal_m
     data = load_results(out, settings(base, cache))
     data.update(machine=data.get("machine", machine_name()), plan=[list(j) for j in jobs])
     if equal_memory:
-        data["equal_memory_widths"] = {str(w): equal_memory_width(base, w) for w in widths}
+        data.setdefault("equal_memory_widths", {}).update({str(w): equal_memory_width(base, w) for w in widths})
     todo = [j for j in jobs if key(*j) not in data["results"]]
     print(f"ablation: {len(jobs)} arms planned, {len(jobs) - len(todo)} already in {out}, {len(todo)} to run",
           flush=True)
@@ -221,7 +246,7 @@ def run(cfg: sf.RunConfig, cache, widths, seeds, out: Path, arms="abcd", equal_m
         run_dir = out.parent / "arms" / f"{arm}-{width}-s{seed}"
         r = run_arm(cache, base, arm, width, seed, run_dir, progress)
         data["results"][key(arm, width, seed)] = r
-        sf._atomic_write_text(out, json.dumps(data, indent=1))
+        sf._atomic_write_text(out, _json(data))
         shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints: the result is safe in `out` now
         done += 1
         print(f"  ({arm}) {ARMS[arm][0]:<28} width {width:>4} seed {seed}: gain {r['cosine_gain']:.4f} "
@@ -232,7 +257,7 @@ def run(cfg: sf.RunConfig, cache, widths, seeds, out: Path, arms="abcd", equal_m
 # --- the analysis -----------------------------------------------------------------------------------------
 
 def _by_seed(results: dict, arm: str, width: int, metric: str) -> dict:
-    return {r["seed"]: r[metric] for r in results.values() if r["arm"] == arm and r["width"] == width}
+    return {r["seed"]: _num(r[metric]) for r in results.values() if r["arm"] == arm and r["width"] == width}
 
 
 def paired(results: dict, x: tuple, y: tuple, metric: str) -> dict:
@@ -250,7 +275,7 @@ def summarise(data: dict, main_width: int | None = None) -> dict:
         cells.setdefault((r["arm"], r["width"]), []).append(r)
     cell_rows = []
     for (arm, width), rs in sorted(cells.items()):
-        gain, ce = t_interval([r["cosine_gain"] for r in rs]), t_interval([r["ce"] for r in rs])
+        gain, ce = t_interval([_num(r["cosine_gain"]) for r in rs]), t_interval([_num(r["ce"]) for r in rs])
         cell_rows.append({"arm": arm, "label": ARMS[arm][0], "width": width, "seeds": sorted(r["seed"] for r in rs),
                           "gain_mean": gain["mean"], "gain_sd": gain["sd"], "ce_mean": ce["mean"], "ce_sd": ce["sd"],
                           "bitlinear_bytes": rs[0]["bitlinear_bytes"],
@@ -258,8 +283,9 @@ def summarise(data: dict, main_width: int | None = None) -> dict:
     widths = sorted({w for a, w in cells if a == "a"})
     diffs, verdicts = [], []
     for w in widths:
-        for other, metric, better_high, what in (("b", "cosine_gain", True, "cosine gain"), ("b", "ce", False, "nats CE"),
-                                                 ("c", "ce", False, "nats CE")):
+        comparisons = (("b", "cosine_gain", True, "cosine gain"), ("b", "ce", False, "nats CE"),
+                       ("c", "ce", False, "nats CE"))
+        for other, metric, better_high, what in comparisons:
             if (other, w) not in cells:
                 continue
             d = paired(results, ("a", w), (other, w), metric)
@@ -305,17 +331,20 @@ def format_report(data: dict, summary: dict) -> str:
              "", "| arm | width | seeds | cosine gain (mean ± sd) | held-out CE (mean ± sd) | BitLinear KiB | s/arm |",
              "|---|---|---|---|---|---|---|"]
     for c in summary["cells"]:
-        lines.append(f"| ({c['arm']}) {c['label']} | {c['width']} | {len(c['seeds'])} | {_pm(c['gain_mean'], c['gain_sd'], 4)} "
-                     f"| {_pm(c['ce_mean'], c['ce_sd'], 3)} | {c['bitlinear_bytes'] / 1024:.0f} | {c['seconds_mean']:.0f} |")
+        lines.append(f"| ({c['arm']}) {c['label']} | {c['width']} | {len(c['seeds'])} | "
+                     f"{_pm(c['gain_mean'], c['gain_sd'], 4)} | {_pm(c['ce_mean'], c['ce_sd'], 3)} | "
+                     f"{c['bitlinear_bytes'] / 1024:.0f} | {c['seconds_mean']:.0f} |")
     lines += ["", "Paired differences over seeds (same seed: same init and batch order), 95% two-sided Student t "
               "interval (n - 1 df):", "", "| difference | metric | width | seeds | mean ± half-width | verdict |",
               "|---|---|---|---|---|---|"]
     for d in summary["differences"]:
-        lines.append(f"| {d['comparison']} | {d['metric']} | {d['width']} | {d['n']} | {_pm(d['mean'], d['half_width'], 4)} "
+        lines.append(f"| {d['comparison']} | {d['metric']} | {d['width']} | {d['n']} | "
+                     f"{_pm(d['mean'], d['half_width'], 4)} "
                      f"| {d['verdict']} |")
     lines += ["", "Equal memory: ternary (a) at width w against full precision (b) at the width whose BitLinear "
               f"weights take the same bytes in bf16 ({TERNARY_BITS:.2f} vs {FP_BITS} bits a weight):", "",
-              "| ternary width | fp width | BitLinear KiB ternary / fp | (a) - (b) cosine gain | (a) - (b) CE | verdict |",
+              "| ternary width | fp width | BitLinear KiB ternary / fp | (a) - (b) cosine gain | (a) - (b) CE "
+              "| verdict |",
               "|---|---|---|---|---|---|"]
     for e in summary["equal_memory"]:
         g, c = e["cosine_gain"], e["ce"]
@@ -406,7 +435,7 @@ def main(argv=None):
                progress=not args.smoke, max_arms=args.max_arms)
     summary = summarise(data, cfg.student_dim if cfg.student_dim in widths else None)
     data["summary"] = summary
-    sf._atomic_write_text(out, json.dumps(data, indent=1))
+    sf._atomic_write_text(out, _json(data))
     report = format_report(data, summary)
     out.with_suffix(".md").write_text(report + "\n")
     plot(summary, out.with_suffix(".png"))
