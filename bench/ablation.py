@@ -243,7 +243,9 @@ def run(cfg: sf.RunConfig, cache, widths, seeds, out: Path, arms="abcd", equal_m
     for arm, width, seed in todo:
         if max_arms is not None and done >= max_arms:
             break
-        run_dir = out.parent / "arms" / f"{arm}-{width}-s{seed}"
+        # the arm's own checkpoints, under this --out's name: a Phase 3 checkpoint is only valid on the Phase 2
+        # that wrote it, so two result files with other settings must never share an arm's folder
+        run_dir = out.parent / f"{out.stem}-arms" / f"{arm}-{width}-s{seed}"
         r = run_arm(cache, base, arm, width, seed, run_dir, progress)
         data["results"][key(arm, width, seed)] = r
         sf._atomic_write_text(out, _json(data))
@@ -379,8 +381,12 @@ def plot(summary: dict, path=None):
     axes[1].set(title="the same against BitLinear memory", xlabel=f"BitLinear MiB (ternary {TERNARY_BITS:.2f} bits, "
                 f"fp {FP_BITS} bits)", ylabel="cosine gain")
     axes[2].set(title="held-out CE", xlabel="student width", ylabel="nats/token")
-    for ax in axes:
+    widths = sorted({c["width"] for c in summary["cells"]})
+    for i, ax in enumerate(axes):
         ax.set_xscale("log", base=2)
+        if i != 1:  # the widths themselves as ticks, not powers of two
+            ax.set_xticks(widths, [str(w) for w in widths])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("ablation: mean ± sd over seeds", fontsize=10)

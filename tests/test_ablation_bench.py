@@ -123,7 +123,7 @@ def test_a_stopped_run_continues_where_it_stopped_and_redoes_no_finished_arm(tin
     ab.run(cfg, cache, out=out, max_arms=1, **kw)  # what a kill after the first arm leaves
     first = json.loads(out.read_text())["results"]  # strict JSON: no NaN in the file
     assert list(first) == ["a/16/0"] and calls == ["a/16/0"]
-    assert not (out.parent / "arms" / "a-16-s0").exists()  # its checkpoints go once its result is safe
+    assert not (out.parent / "ablation-arms" / "a-16-s0").exists()  # its checkpoints go once its result is safe
     calls.clear()
     data = ab.run(cfg, cache, out=out, **kw)
     assert "a/16/0" not in calls and len(calls) == len(data["plan"]) - 1
