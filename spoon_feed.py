@@ -192,7 +192,7 @@ if "hf" in exported:
 
 # %% cellView="form"
 # @title 11. Does ternary superposition help? (ablation)
-# @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures. `RUN_ABLATION`, its steps and widths are in cell 1.
+# @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures of one seed, and says so: the README's multi-seed table ("Ablation across seeds and widths", from `bench/ablation.py`) gives intervals across seeds, widths and equal memory. `RUN_ABLATION`, its steps and widths are in cell 1.
 if RUN_ABLATION:
     ablation = sf.run_ablation(cache, cfg)
     print(sf.format_ablation(ablation))

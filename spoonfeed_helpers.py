@@ -3305,7 +3305,8 @@ def format_ablation(result: dict) -> str:
 
 
 def ablation_verdict(result: dict) -> str:
-    """One line computed from the figures, at the main (first) width."""
+    """One line computed from the figures, at the main (first) width. It rests on one seed, and says so: it
+    points to the README's multi-seed table (bench/ablation.py), which gives intervals across seeds."""
     w, arms, base = result["widths"][0], result["arms"], result["baseline_cosine"]
     t, fp, direct = arms[("ternary", w)], arms[("full precision", w)], arms[("direct CE", w)]
     gain_t, gain_fp = t["cosine"] - base, fp["cosine"] - base
@@ -3322,7 +3323,11 @@ def ablation_verdict(result: dict) -> str:
     else:
         second = (f"Spoon Feed CE is {abs(dce):.2f} nats {'lower' if dce < 0 else 'higher'} than direct CE "
                   f"training ({'distillation helps' if dce < 0 else 'distillation does not help'} at this budget)")
-    return f"{first}; {second}"
+    return (f"{first}; {second}. This rests on one seed per arm: the multi-seed table (README, "
+            f"'{MULTI_SEED_SECTION}', from bench/ablation.py) says whether it holds across seeds and widths")
+
+
+MULTI_SEED_SECTION = "Ablation across seeds and widths"  # the README section ablation_verdict points to
 
 
 # -----------------------------------------------------------------------------
