@@ -186,6 +186,22 @@ def resolve_preset(form_value: str | None = None, env=os.environ) -> str | None:
     return value if value not in (None, "", "none") else None
 
 
+def check_runtime(cfg: RunConfig, preset: str | None = None) -> None:
+    """Cell 2: the form's defaults need a GPU. On a CPU runtime with a Hub teacher and no preset, Phase 2 alone
+    would take about 9 hours (66 s a step) and the ablation would outgrow Colab's 12.7 GB of host RAM, so stop
+    before any work with ConfigError naming the two fixes. A preset, the bundled teacher or a local teacher
+    folder means the user chose CPU on purpose."""
+    if preset or pick_device(cfg.device).type != "cpu":
+        return
+    if cfg.teacher == BUNDLED_TEACHER or os.path.isdir(os.path.expanduser(cfg.teacher)):
+        return
+    raise ConfigError(
+        f"this runtime has no GPU, and the teacher {cfg.teacher!r} with a {cfg.student_dim}x{cfg.student_layers} "
+        "student needs one (on CPU, Phase 2 alone takes about 9 hours). In Colab: Runtime \u2192 Change runtime "
+        "type \u2192 T4 GPU, then Run all. Or set PRESET = \"cpu\" in cell 1 (the bundled teacher and the stdlib "
+        "corpus, about 15 minutes on 2 CPU cores)")
+
+
 def preset_from_env(env=os.environ) -> str | None:
     """SPOONFEED_PRESET=cpu|smoke fills in the settings for headless runs (see resolve_preset)."""
     return resolve_preset(None, env)
