@@ -782,6 +782,10 @@ def _load_cuda_teacher(path, kw, policy: Precision):
             print(f"4-bit NF4 unavailable ({type(e).__name__}: {e}); loading the teacher in {dtype}")
     else:
         print(f"the bundled GGUF teacher is dequantized on load; running it in {dtype} ({policy.reason})")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:  # transformers needs it for device_map: load, then move
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to("cuda")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", **kw)
 
 

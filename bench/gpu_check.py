@@ -58,8 +58,13 @@ def write_teacher(folder: Path, shape: dict, device, texts) -> Path:
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs: seconds on a GPU instead of minutes on CPU
-        model = Qwen2ForCausalLM(Qwen2Config(**shape)).to(torch.bfloat16)  # Qwen's checkpoints are bf16
+    try:
+        with torch.device(device):  # initialised where it runs: seconds on a GPU instead of a minute on CPU
+            model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    except Exception as e:  # some transformers versions refuse a device context without accelerate
+        print(f"building the teacher on CPU ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    model = model.to(torch.bfloat16)  # Qwen's checkpoints are bf16
     model.save_pretrained(folder)
     del model
     counts = Counter(w for t in texts for w in pre_tokenizers.Whitespace().pre_tokenize_str(t))
@@ -171,8 +176,12 @@ def main(argv=None):
     out = Path(args.out or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
                             else ROOT / "runs" / "gpu_check.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
+    import importlib.util
+
     import transformers
 
+    for pkg in ("accelerate", "bitsandbytes", "datasets", "gguf"):
+        print(f"{pkg}: {'installed' if importlib.util.find_spec(pkg) else 'absent'}", flush=True)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine()
     result = {"device": card, "torch": torch.__version__, "transformers": transformers.__version__,
               "teacher_shape": shape, "form": SMOKE_FORM if args.smoke else FORM, "steps": args.steps, "runs": []}

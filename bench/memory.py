@@ -144,7 +144,7 @@ def checkpoint_sizes(s: dict) -> dict:
 
 # --- the notebook's cells ------------------------------------------------------------------------------------
 
-def run(s: dict, steps: int, workdir: Path, progress=False) -> list[dict]:
+def run(s: dict, steps: int, workdir: Path, progress=False, ablation_only=False) -> list[dict]:
     import safetensors.torch  # noqa: F401  the libraries the cells import lazily count as runtime, not tensors
     import tqdm.auto  # noqa: F401
 
@@ -163,6 +163,9 @@ def run(s: dict, steps: int, workdir: Path, progress=False) -> list[dict]:
         cfg, loader=lambda: (RandomStatesTeacher(s["vocab"], s["teacher_dim"]), tok), progress=progress),
         rows, runtime)
     student = measure("4. build student", lambda: sf.build_student(cfg, cache), rows, runtime)
+    if ablation_only:  # the main student stays resident, untrained (it holds no training state either way)
+        measure("10. ablation", lambda: sf.run_ablation(cache, cfg, progress=progress), rows, runtime)
+        return rows
     measure("5. Phase 2", lambda: sf.train_superposition(student, cache, cfg, progress=progress), rows, runtime)
     measure("6. Phase 3", lambda: sf.train_lm_head(student, cache, cfg, progress=progress), rows, runtime)
     measure("7. evaluate", lambda: sf.evaluate(student, cache), rows, runtime)
@@ -193,12 +196,16 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="toy shapes: checks that every cell runs")
     ap.add_argument("--steps", type=int, default=1, help="optimiser steps a phase (memory does not grow with them)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--ablation-only", action="store_true", help="cells 3, 4 and 10 only")
+    ap.add_argument("--samples", type=int, default=None, help="training blocks (default 500, the form's)")
     args = ap.parse_args(argv)
-    s = SMOKE if args.smoke else DEFAULTS
+    s = dict(SMOKE if args.smoke else DEFAULTS)
+    if args.samples:
+        s["num_samples"] = args.samples
     sizes = checkpoint_sizes(s)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run(s, args.steps, Path(tmp))
+        rows = run(s, args.steps, Path(tmp), ablation_only=args.ablation_only)
     print(table(rows, sizes, machine))
     result = {"shapes": s, "steps": args.steps, "machine": machine, "cells": rows, "sizes_bytes": sizes}
     if args.out:
