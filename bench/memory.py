@@ -160,7 +160,8 @@ def run(s: dict, steps: int, workdir: Path, progress=False, ablation_only=False)
         ablation_steps=steps, ablation_head_steps=steps)
     tok = HashTokenizer(s["vocab"])
     cache = measure("3. Phase 1 (stand-in)", lambda: sf.cache_teacher_states(
-        cfg, loader=lambda: (RandomStatesTeacher(s["vocab"], s["teacher_dim"]), tok), progress=progress),
+        cfg, loader=lambda: (RandomStatesTeacher(s["vocab"], s["teacher_dim"]), tok), progress=progress,
+        tokenizer=tok),
         rows, runtime)
     student = measure("4. build student", lambda: sf.build_student(cfg, cache), rows, runtime)
     if ablation_only:  # the main student stays resident, untrained (it holds no training state either way)
