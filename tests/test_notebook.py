@@ -81,3 +81,92 @@ def test_the_save_cell_writes_every_format_and_a_stock_pipeline_reloads_the_expo
     for knob in ("HEAD_BIAS", "GGUF_QTYPE", "HUB_REPO_ID"):
         assert re.search(rf"^{knob} = .*# @param", settings, re.M), knob
     assert "head_bias=HEAD_BIAS" in CODE[1]
+
+# --- the Colab runtime (issue 13) -----------------------------------------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import spoonfeed_helpers as sf  # noqa: E402
+
+
+def test_metadata_asks_colab_for_a_t4_and_the_preset_is_a_dropdown():
+    assert NB["metadata"]["accelerator"] == "GPU" and NB["metadata"]["colab"]["gpuType"] == "T4"
+    assert re.search(r'^PRESET = "none"  # @param \["none", "cpu", "smoke"\]', CODE[0], re.M)
+
+
+@pytest.mark.parametrize("teacher", ["Qwen/Qwen2.5-Coder-1.5B-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"])
+def test_a_cpu_runtime_with_a_hub_teacher_and_no_preset_stops_naming_both_fixes(monkeypatch, teacher):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = sf.make_config(teacher=teacher)
+    with pytest.raises(sf.ConfigError) as err:
+        sf.check_runtime(cfg, None)
+    assert "Runtime \u2192 Change runtime type \u2192 T4 GPU" in str(err.value)
+    assert 'PRESET = "cpu"' in str(err.value)
+    sf.check_runtime(cfg, "cpu")  # a preset: the user chose CPU
+    sf.check_runtime(sf.make_config(teacher=sf.BUNDLED_TEACHER), None)  # the bundled teacher is meant for CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    sf.check_runtime(cfg, None)  # a GPU runtime
+
+
+class FakeColab:
+    """google.colab in sys.modules; subprocess.run recorded; `git clone` makes the folder, and fails with exit
+    status 128 when the folder already exists, as git does."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+        monkeypatch.setattr(subprocess, "run", self.run)
+        monkeypatch.setattr(sys, "path", list(sys.path))
+
+    def run(self, args, check=False, **kw):
+        self.calls.append(args)
+        if args[:2] == ["git", "clone"]:
+            target = args[-1]
+            if os.path.exists(target):
+                raise subprocess.CalledProcessError(128, args)
+            os.makedirs(target)
+            open(os.path.join(target, "spoonfeed_helpers.py"), "w").close()
+        return subprocess.CompletedProcess(args, 0)
+
+    def clones(self):
+        return sum(a[:2] == ["git", "clone"] for a in self.calls)
+
+
+def run_setup_cell(monkeypatch):
+    """Cells 1 and 2 as Colab runs them (PRESET smoke: no GPU here)."""
+    monkeypatch.delenv("SPOONFEED_PRESET", raising=False)
+    ns = {}
+    exec(CODE[0].replace('PRESET = "none"', 'PRESET = "smoke"'), ns)
+    exec(CODE[1], ns)
+    return ns
+
+
+def test_setup_cell_reruns_and_restarts_without_cloning_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    colab = FakeColab(monkeypatch)
+    run_setup_cell(monkeypatch)
+    run_setup_cell(monkeypatch)  # rerun in the same session
+    clone = os.path.abspath("spoon-feed")
+    assert colab.clones() == 1 and sys.path.count(clone) == 1
+    sys.path.remove(clone)  # "Restart session and run all": a fresh sys.path, the clone still on disk
+    ns = run_setup_cell(monkeypatch)
+    assert colab.clones() == 1 and sys.path.count(clone) == 1
+    assert ns["cfg"].student_dim == sf.PRESETS["smoke"]["student_dim"]
+
+
+def test_setup_cell_uses_a_helper_file_beside_the_notebook_and_redoes_a_cut_clone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spoonfeed_helpers.py").write_text("")
+    colab = FakeColab(monkeypatch)
+    run_setup_cell(monkeypatch)
+    assert colab.clones() == 0 and os.path.abspath("spoon-feed") not in sys.path
+    (tmp_path / "spoonfeed_helpers.py").unlink()
+    (tmp_path / "spoon-feed").mkdir()  # a clone interrupted before the helper arrived
+    run_setup_cell(monkeypatch)
+    assert colab.clones() == 1 and (tmp_path / "spoon-feed" / "spoonfeed_helpers.py").exists()
