@@ -2258,6 +2258,16 @@ def load_checkpoint(run_dir, phase: str, signature: dict, weights: dict | None =
     return None
 
 
+def _phase_weights(model: BitNetStudent, phase: str) -> list[str]:
+    """The state_dict names a phase trains, and so what its checkpoint holds: Phase 2 everything but the heads;
+    Phase 3 the new head, or in tied mode the input embedding that doubles as the head (teacher mode: none)."""
+    names = list(model.state_dict())
+    if phase == "phase2":
+        return [n for n in names if not n.startswith(("head.", "teacher_head."))]
+    return {"new": [n for n in names if n.startswith("head.")], "tied": ["tok_embeddings.weight"],
+            "teacher": []}[model.cfg.head_mode]
+
+
 def _resume(state, model, opt, sched, gen, names=None, scaler=None) -> bool:
     """Restore a checkpoint into the live objects: only the weights it holds (load_checkpoint has checked that
     they are this phase's), the optimiser, the schedule, the GradScaler (fp16) and the random state."""

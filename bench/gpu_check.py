@@ -152,7 +152,7 @@ def run_policy(name, cfg, teacher_dir, device, watch, args):
         row["ternary_file_bytes"] = sf.export_ternary(student, Path(cfg.run_dir) / "student-ternary")["file_bytes"]
     with watch.phase(run, "generate") as row:
         tok = sf.load_tokenizer(cfg.teacher)
-        row["texts"] = sf.generate_text(student, tok, sf.ORIGINAL_PROMPTS, args.new_tokens, 0.7, seed=0)
+        row["texts"] = [g.text or g.error for g in sf.generate_text(student, tok, sf.ORIGINAL_PROMPTS, args.new_tokens, 0.7, seed=0)]
     if args.ablation:
         with watch.phase(run, "ablation") as row:
             row["verdict"] = sf.run_ablation(cache, cfg, progress=False)["verdict"]
