@@ -839,6 +839,9 @@ class PromptTooLongError(ValueError):
     """A prompt that leaves the student no position to generate into."""
 
 
+MIN_TEMPERATURE = 1e-4  # logits / 1e-4 stay finite in float32; smaller temperatures overflow the softmax
+
+
 def check_generation_settings(max_new_tokens=30, temperature=0.7, top_k=None, top_p=None, min_p=None,
                               repetition_penalty=1.0) -> None:
     """Raise one ConfigError, naming the form setting, for a generation setting outside its range.
@@ -848,14 +851,17 @@ def check_generation_settings(max_new_tokens=30, temperature=0.7, top_k=None, to
     None keep every token. min_p: in [0, 1], or None. repetition_penalty: > 0, and 1 is none (CTRL, Keskar et
     al. 2019). The ranges are those of transformers' logits processors, except that temperature 0 means greedy.
     """
-    def number(v, kind=(int, float)):
-        return isinstance(v, kind) and not isinstance(v, bool) and v == v  # v == v: not NaN
+    import numbers
 
-    if not number(max_new_tokens, int) or max_new_tokens < 1:
+    def number(v, kind=numbers.Real):  # numpy scalars count; bools, NaN and inf do not
+        return isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not number(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ConfigError(f"MAX_NEW_TOKENS={max_new_tokens!r} must be a whole number of 1 or more")
-    if not number(temperature) or temperature < 0:
-        raise ConfigError(f"TEMPERATURE={temperature!r} must be a number >= 0 (0 is greedy decoding)")
-    if top_k is not None and (not number(top_k, int) or top_k < 0):
+    if not number(temperature) or not (temperature == 0 or MIN_TEMPERATURE <= temperature):
+        raise ConfigError(f"TEMPERATURE={temperature!r} must be 0 (greedy decoding) or a finite number >= "
+                          f"{MIN_TEMPERATURE} (below that the scaled logits overflow)")
+    if top_k is not None and (not number(top_k, numbers.Integral) or top_k < 0):
         raise ConfigError(f"TOP_K={top_k!r} must be a whole number >= 0 (0 keeps every token)")
     if top_p is not None and (not number(top_p) or not 0 <= top_p <= 1):
         raise ConfigError(f"TOP_P={top_p!r} must be a number in [0, 1] (1 keeps every token)")
@@ -1001,9 +1007,18 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
     generate, with the same draws as without it (one torch.Generator seeded with `seed` for the whole list).
     `streamer` (a transformers BaseStreamer, e.g. TextStreamer(tokenizer, skip_special_tokens=True)) gets each
     prompt's tokens as they are produced, then end(). Returns one Generation per prompt, in order.
-    Raises ConfigError for a setting out of range (check_generation_settings), before any prompt is run.
+    A single string is one prompt. Special tokens written out in a prompt's text (e.g. "<|im_start|>") are
+    parsed as those tokens, as they were in the training text.
+    Raises ConfigError for a setting out of range (check_generation_settings) or a prompt that is not a string,
+    before any prompt is run.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    if isinstance(prompts, str):  # one prompt, not its characters
+        prompts = [prompts]
+    prompts = list(prompts)
+    bad = [f"prompt {i + 1} is {type(p).__name__} {p!r:.40}" for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ConfigError(f"every prompt must be a string: {'; '.join(bad)}. Nothing was generated")
     device = model.tok_embeddings.weight.device
     g = torch.Generator(device=device).manual_seed(seed)
     results = []

@@ -43,7 +43,27 @@ def show_cell(cell, cell_index, **_):
     print(f"\n[{time.monotonic() - START:6.0f} s] {text}", flush=True)
 
 
+class UnknownParameter(Exception):
+    pass
+
+
+def check_parameters(input_path, parameters) -> None:
+    """A -p name that the notebook's parameters cell does not set is refused before anything runs: papermill
+    itself only warns, and the run would go on with the default (a typo such as STUDENT_DIMS)."""
+    import difflib
+
+    from papermill import inspect_notebook
+
+    known = set(inspect_notebook(input_path))
+    for name in parameters or {}:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            raise UnknownParameter(f"unknown parameter {name!r}" + (f": did you mean {near[0]!r}?" if near else "")
+                                   + f" The notebook's settings are: {', '.join(sorted(known))}")
+
+
 def execute_notebook(input_path, output_path, *args, stdout_file=None, stderr_file=None, **kwargs):
+    check_parameters(input_path, kwargs.get("parameters"))
     execute_notebook.output_path = output_path
     return papermill_execute_notebook(
         input_path, output_path, *args, stdout_file=stdout_file or sys.stdout, stderr_file=stderr_file or sys.stderr,
@@ -56,6 +76,9 @@ if __name__ == "__main__":
     papermill.cli.execute_notebook = execute_notebook
     try:
         papermill.cli.papermill(prog_name="run_notebook.py")
+    except UnknownParameter as e:
+        print(f"\nrefused before any cell ran: {e}", file=sys.stderr)
+        sys.exit(2)
     except PapermillExecutionError as e:
         tb = "\n".join(e.traceback)
         print(f"\nFAILED in cell \"{title(e.source)}\" (In [{e.exec_count}]): {e.ename}: {e.evalue}\n"

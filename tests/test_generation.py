@@ -144,6 +144,10 @@ BAD = [
     (dict(max_new_tokens=-3), "MAX_NEW_TOKENS"),
     (dict(min_p=1.2), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(temperature=1e-40), "TEMPERATURE"),  # a tiny positive temperature overflows the softmax: refused
+    (dict(temperature=float("inf")), "TEMPERATURE"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(max_new_tokens=True), "MAX_NEW_TOKENS"),
 ]
 
 
@@ -162,6 +166,9 @@ def test_settings_out_of_range_are_one_clear_error_before_any_work(kw, name):
 
 
 def test_settings_at_the_ends_of_their_ranges_are_accepted():
+    import numpy as np
+
+    sf.check_generation_settings(np.int64(3), np.float32(sf.MIN_TEMPERATURE), np.int64(5), np.float64(0.5))
     sf.check_generation_settings(1, 0, 0, 0.0, 0.0, 1.0)
     sf.check_generation_settings(1, 0.0, None, 1.0, 1.0, 0.5)
     sf.check_generation_settings(max_new_tokens=1, temperature=2, top_k=1, top_p=1)
@@ -393,3 +400,15 @@ def test_generate_quantizes_each_bitlinear_once_per_call(monkeypatch):
     sf.generate(model, torch.randint(0, 64, (1, 3)), 10, temperature=0)
     assert len(calls) == len(model.bitlinears())  # 14, not 14 a token
     assert all(m._w_cache is None for _, m in model.bitlinears())  # nothing kept after the call
+
+
+def test_a_single_string_is_one_prompt_and_a_prompt_that_is_not_text_is_refused_before_any_work():
+    model = sf.BitNetStudent(tiny_student_config()).eval()
+    tok = make_tokenizer()
+    one = sf.generate_text(model, tok, "the cat", 3, 0)
+    assert len(one) == 1 and one[0].prompt == "the cat"
+    streamer = RecordingStreamer()
+    for prompts in (["the cat", None, "a dog"], ["the cat", 5], [b"abc"], [["a", "b"]]):
+        with pytest.raises(sf.ConfigError, match="every prompt must be a string: prompt"):
+            sf.generate_text(model, tok, prompts, 3, 0, streamer=streamer)
+    assert streamer.puts == []  # nothing ran

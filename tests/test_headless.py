@@ -110,3 +110,13 @@ def test_in_a_jupyter_kernel_the_bars_are_widgets_and_tqdm_finds_ipywidgets(proj
     bars = [o for o in saved["# @title 5. Phase 2: superposition"]
             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert bars and "Phase 2: superposition" in "".join(bars[0]["data"]["text/plain"])
+
+
+def test_a_misspelt_parameter_is_refused_before_any_cell_runs(tmp_path):
+    """papermill alone only warns about a name the parameters cell lacks; the run script stops, naming the fix."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_notebook.py"), str(ROOT / "spoon_feed.ipynb"),
+                          str(tmp_path / "out.ipynb"), "-p", "PRESET", "smoke", "-p", "STUDENT_DIMS", "512"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "unknown parameter 'STUDENT_DIMS': did you mean 'STUDENT_DIM'?" in out.stderr
+    assert not (tmp_path / "out.ipynb").exists()  # no cell ran, nothing written
