@@ -1403,9 +1403,13 @@ def local_data_files(source: str) -> tuple[list[str], list[str]]:
         suffixes = sorted({Path(f).suffix or "(none)" for f in ignored})
         raise ConfigError(f"{source} holds no {supported} file" + (f" (it has {', '.join(suffixes)})" if suffixes else
                           " (it is empty)") + ": point DATASET at your data files")
-    for f in files:
-        if os.path.getsize(f) == 0 and Path(f).suffix.lower() not in _DOCUMENT_SUFFIXES:
-            raise ConfigError(f"{f} is empty: fill it or remove it from {source}")
+    empty = [f for f in files if os.path.getsize(f) == 0 and Path(f).suffix.lower() not in _DOCUMENT_SUFFIXES]
+    if empty and os.path.isfile(path):  # the one file DATASET names
+        raise ConfigError(f"{empty[0]} is empty: fill it, or point DATASET at another file")
+    files = [f for f in files if f not in set(empty)]  # in a folder or glob an empty data file is passed over
+    if not files:
+        raise ConfigError(f"{source} holds only empty data files ({', '.join(empty[:3])}): fill them, or point "
+                          "DATASET at your data")
     return files, ignored
 
 
@@ -1611,8 +1615,9 @@ def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, va
     streams = {"train": [], "val": []}
     cap = max_doc_blocks * seq_len
     val_docs = []
-    tokens = 0
+    tokens = n_docs = 0
     for i, text in enumerate(texts):
+        n_docs = i + 1
         split = "val" if (i % val_every == val_every - 1 and len(streams["val"]) < want["val"]) or \
             len(streams["train"]) >= want["train"] else "train"
         ids = tokenizer(text[: cap * 12], add_special_tokens=False).input_ids[:cap]  # ~4 chars a token
@@ -1635,8 +1640,11 @@ def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, va
             skipped = " Skipped records: " + "; ".join(f"{n} x {why} (first: {where})"
                                                         for why, (n, where) in report.skipped.items()) + "."
         raise ConfigError(f"the dataset gave {len(blocks['train'])} training and {len(blocks['val'])} held-out "
-                          f"blocks of {seq_len} tokens: it is empty or its texts are too short.{skipped} Use a larger "
-                          "dataset, or lower MAX_SEQ_LENGTH / NUM_CACHE_SAMPLES")
+                          f"blocks of {seq_len} tokens from {n_docs} document(s) ({tokens} tokens).{skipped} Each "
+                          f"document adds at most {max_doc_blocks} blocks, and held-out blocks come only from "
+                          f"documents of their own (every {val_every}th), so the data needs more or longer "
+                          "documents: add files (a .py or .md file is one document; a .txt file is split at blank "
+                          "lines), or lower MAX_SEQ_LENGTH / NUM_CACHE_SAMPLES")
     for split, n in (("train", num_train), ("val", num_val)):
         if len(blocks[split]) < n:
             print(f"note: the dataset ran out after {len(blocks[split])} of {n} {split} blocks")
@@ -1876,6 +1884,13 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     if context and cfg.seq_len > context:
         raise ConfigError(f"seq_len={cfg.seq_len} is beyond the teacher's context ({context}): lower MAX_SEQ_LENGTH")
     D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
+    head16 = head.detach().to("cpu", torch.float16).contiguous()  # (V, D), as cached: KD and evaluation use it
+    if not torch.isfinite(head16).all():
+        bad = int((~torch.isfinite(head16)).sum())
+        raise NonFiniteTeacherError(f"Phase 1 stopped before any forward: the teacher's LM head holds {bad} values "
+                                    "that are not finite in float16 (the cache's dtype): its weights are broken or "
+                                    "out of float16's range; check TEACHER_MODEL or pick another teacher. Nothing "
+                                    "was cached")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").unlink(missing_ok=True)  # from here on the folder is incomplete
     _check_disk(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2)
@@ -1914,7 +1929,7 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     np.save(folder / "train_mean.npy", (total / train.size).float().numpy())
     from safetensors.torch import save_file
 
-    save_file({"weight": head.detach().to("cpu", torch.float16).contiguous()}, folder / "teacher_head.safetensors")
+    save_file({"weight": head16}, folder / "teacher_head.safetensors")
     files = {}
     for name in CACHE_FILES:
         p = folder / name

@@ -131,7 +131,7 @@ def test_empty_or_too_short_dataset_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "short").mkdir()
     (tmp_path / "short" / "a.txt").write_text("the cat")
-    for name, match in (("empty", "holds no .txt"), ("short", "too short")):
+    for name, match in (("empty", "holds no .txt"), ("short", "more or longer documents")):
         cfg = tiny_run_config(tmp_path, dataset=str(tmp_path / name), cache_dir=str(tmp_path / f"c-{name}"))
         with pytest.raises(sf.ConfigError, match=match):
             sf.cache_teacher_states(cfg, loader=CountingLoader(), progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import spoonfeed_helpers as sf
-from conftest import WORDS, CountingLoader, make_tokenizer, tiny_run_config
+from conftest import WORDS, CountingLoader, make_tokenizer, tiny_run_config, write_corpus
 
 
 def words(n, rng):
@@ -287,9 +287,8 @@ def test_bad_data_is_reported_before_the_teacher_loads(tmp_path, case):
         source, match = d / "notes.pdf", r"notes.pdf: unsupported suffix '.pdf'"
         source.write_bytes(b"%PDF")
     elif case == "empty file":
-        (d / "a.txt").write_text("the cat sat on a mat and then ran home")
-        (d / "b.jsonl").write_text("")
-        match = r"b.jsonl is empty"
+        source, match = d / "b.jsonl", r"b.jsonl is empty: fill it, or point DATASET at another file"
+        source.write_text("")
     elif case == "empty folder":
         match = r"holds no .txt.*\(it is empty\)"
     elif case == "only unsupported files":
@@ -303,7 +302,7 @@ def test_bad_data_is_reported_before_the_teacher_loads(tmp_path, case):
         match = "holds no records"
     elif case == "too short":
         (d / "a.txt").write_text("the cat")
-        match = "too short"
+        match = r"from 0 document\(s\).*shorter than 10 characters.*needs more or longer documents"
     elif case == "malformed":
         (d / "a.jsonl").write_text('{"text": "the cat sat"}\n{oops\n')
         match = r"a.jsonl: line 2 is not valid JSON"
@@ -315,6 +314,26 @@ def test_bad_data_is_reported_before_the_teacher_loads(tmp_path, case):
     with pytest.raises(sf.ConfigError, match=match):
         phase1(tmp_path, source, loader=loader)
     assert loader.calls == 0  # the teacher never loaded
+
+
+def test_an_empty_file_in_a_folder_is_passed_over_and_a_folder_of_empty_files_is_refused(tmp_path):
+    d = write_corpus(tmp_path / "corpus")
+    (d / "zz_empty.jsonl").write_text("")
+    cache, _ = phase1(tmp_path, d)  # the empty file does not stop the folder
+    assert cache.num_train > 0
+    e = tmp_path / "empties"
+    e.mkdir()
+    (e / "a.jsonl").write_text("")
+    with pytest.raises(sf.ConfigError, match="holds only empty data files"):
+        phase1(tmp_path, e, loader=CountingLoader())
+
+
+def test_a_single_source_file_that_cannot_fill_held_out_says_why(tmp_path):
+    """One .py file is one document: it can never give held-out blocks of its own, and the error says so."""
+    f = tmp_path / "one.py"
+    f.write_text("\n".join(f"def f{i}(x):\n    return x * {i} + {i}  # the line {i}" for i in range(400)))
+    with pytest.raises(sf.ConfigError, match=r"a \.py or \.md file is one document"):
+        phase1(tmp_path, f, loader=CountingLoader())
 
 
 # --- the data report -----------------------------------------------------------------------------------------------

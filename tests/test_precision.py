@@ -247,3 +247,20 @@ def test_phase1_refuses_states_beyond_the_float16_cache(tmp_path):
     with pytest.raises(sf.NonFiniteTeacherError, match="float16's range"):
         sf.cache_teacher_states(cfg, loader=NanTeacherLoader(torch.float32, value=1e6), progress=False)
     assert not list((tmp_path / "cache").rglob("manifest.json"))
+
+
+def test_phase1_refuses_a_teacher_head_that_is_not_finite_before_any_forward(tmp_path):
+    """A NaN in the LM head would pass the state checks and poison KD and evaluation later: refused up front."""
+    from conftest import CountingLoader
+
+    class BrokenHead(CountingLoader):
+        def __call__(self):
+            teacher, tok = super().__call__()
+            with torch.no_grad():
+                teacher.get_output_embeddings().weight[5, 2] = float("nan")
+            return teacher, tok
+
+    cfg = tiny_run_config(tmp_path)
+    with pytest.raises(sf.NonFiniteTeacherError, match="LM head holds 1 values"):
+        sf.cache_teacher_states(cfg, loader=BrokenHead(), progress=False)
+    assert not list((tmp_path / "cache").rglob("manifest.json"))
