@@ -75,7 +75,7 @@ def test_the_model_card_names_the_teacher_data_config_and_figures(tmp_path, tiny
     cfg, cache, _ = tiny_cache
     cfg = sf.make_config(**{**vars(cfg), "head_bias": False})
     model = sf.build_student(cfg, cache)
-    sf.train_lm_head(model, cache, cfg, progress=False)
+    sf.train_lm_head(model, cache, cfg, progress=False, need_phase2=False)  # a head on an untrained body
     report = sf.evaluate(model, cache)
     sf.export_hf(model, make_tokenizer(), tmp_path / "hf", cache, cfg, report)
     card = (tmp_path / "hf" / "README.md").read_text()
@@ -145,7 +145,7 @@ def test_export_folds_the_bias_and_prints_the_held_out_ce_before_and_after(tmp_p
 
     cfg, cache, _ = tiny_cache
     model = sf.build_student(cfg, cache)
-    sf.train_lm_head(model, cache, cfg, progress=False)
+    sf.train_lm_head(model, cache, cfg, progress=False, need_phase2=False)  # a head on an untrained body
     assert model.head.bias is not None
     sf.export_hf(model, make_tokenizer(), tmp_path / "hf", cache)
     out = capsys.readouterr().out
@@ -162,7 +162,7 @@ def test_head_bias_false_trains_a_bias_free_head_that_exports_exactly(tiny_cache
     cfg, cache, _ = tiny_cache
     free = sf.make_config(**{**vars(cfg), "head_bias": False})
     model = sf.build_student(free, cache)
-    history = sf.train_lm_head(model, cache, free, progress=False)
+    history = sf.train_lm_head(model, cache, free, progress=False, need_phase2=False)
     assert model.head.bias is None and model.cfg.head_bias is False
     assert history["val_ce"][-1] < history["val_ce"][0] or len(history["val_ce"]) == 1
     weight, figures = sf.llama_head(model)  # no cache needed: nothing to fold
