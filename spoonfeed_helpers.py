@@ -3259,6 +3259,9 @@ def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> l
         tokens[i] = tok
         types[i] = int(gguf.TokenType.CONTROL if tok in special else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # GGUF has no empty arrays, and llama.cpp's gpt2 tokenizer needs its merges
+        raise ConfigError("this BPE tokenizer has no merges, which llama.cpp's gpt2 tokenizer needs: export the HF "
+                          "folder (export_hf) instead, or pass tokenizer_gguf= a GGUF with this vocabulary")
     fields = [("tokenizer.ggml.model", "gpt2", S, None), ("tokenizer.ggml.pre", "default", S, None),
               ("tokenizer.ggml.tokens", tokens, A, S), ("tokenizer.ggml.token_type", types, A, I32),
               ("tokenizer.ggml.merges", merges, A, S)]
@@ -3402,7 +3405,8 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
     """The notebook's save cell: safetensors (student/), packed ternary (student-ternary/), the HF folder
     (student-hf/) and the GGUF (student.gguf), printing sizes. The Llama forms are skipped, with the reason
     printed, for head_mode='teacher'; a GGUF whose rows do not fit the ternary blocks falls back to F16
-    (gguf_qtype_for). Returns {format: path} for what was written."""
+    (gguf_qtype_for); a tokenizer that GGUF metadata cannot describe skips the GGUF, with the reason printed.
+    Returns {format: path} for what was written."""
     run_dir = Path(run_dir)
     out = {"safetensors": save_pretrained(student, run_dir / "student")}
     sizes = export_ternary(student, run_dir / "student-ternary")
@@ -3413,8 +3417,13 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
         return out
     out["hf"] = export_hf(student, tokenizer, run_dir / "student-hf", cache, cfg, report)
     qtype = gguf_qtype_for(student, gguf_qtype)
-    out["gguf"] = export_gguf(student, tokenizer, run_dir / "student.gguf", qtype, cache)
+    try:
+        out["gguf"] = export_gguf(student, tokenizer, run_dir / "student.gguf", qtype, cache)
+    except ConfigError as e:  # a tokenizer GGUF cannot describe: the other three forms are kept
+        print(f"GGUF skipped: {e}")
     for k in ("hf", "gguf"):
+        if k not in out:
+            continue
         p = out[k]
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
         print(f"{k}: {p} ({size / 2**20:.2f} MiB)" + (f", {qtype}" if k == "gguf" else ""))
