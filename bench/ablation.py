@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spoonfeed_helpers as sf  # noqa: E402
+from bench.run import machine_name  # noqa: E402  (the machine line every bench result carries)
 
 # arm -> (label, ternary BitLinears?, method)
 ARMS = {
@@ -395,20 +395,6 @@ def plot(summary: dict, path=None):
         fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return fig
-
-
-def machine_name():
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main(argv=None):
