@@ -1796,14 +1796,10 @@ def _valid_cache(folder: Path, request: dict) -> bool:
 
 
 def _check_writable(cache_dir) -> None:
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        probe = Path(cache_dir) / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cache folder {str(cache_dir)!r} cannot be written ({e.strerror or e}): set CACHE_DIR "
-                          "to a writable folder") from e
+    why = _probe_writable(cache_dir)
+    if why:
+        raise ConfigError(f"cache folder {str(cache_dir)!r} cannot be written ({why}): set CACHE_DIR to a writable "
+                          "folder")
 
 
 def _check_disk(folder, n_bytes: int) -> None:
