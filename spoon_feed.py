@@ -69,6 +69,7 @@ RUN_DIR = "runs/colab"  # @param {type:"string"}
 CHECKPOINT_EVERY = 100  # @param {type:"integer"}
 RETRAIN = False  # @param {type:"boolean"}
 SEED = 0  # @param {type:"integer"}
+PRECISION = "auto"  # @param ["auto", "fp32", "bf16"]
 
 # Export (cell 8): the GGUF's weight type; HUB_REPO_ID "user/name" uploads the HF folder (token: HF_TOKEN secret)
 GGUF_QTYPE = "TQ2_0"  # @param ["TQ2_0", "TQ1_0", "F16"]
@@ -91,7 +92,7 @@ REPO_URL = "https://github.com/spoon-feed/spoon-feed"  # @param {type:"string"}
 
 # %% cellView="form"
 # @title 2. Setup and check the settings
-# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file once if it is not beside the notebook; safe to rerun. Then it checks every setting, and every folder the run writes (writable, with room), before any work starts, stops on a CPU runtime unless you chose the `cpu` preset, and prints the effective configuration and the precision (bf16 on A100/L4, fp16 with a GradScaler on a T4).
+# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file once if it is not beside the notebook; safe to rerun. Then it checks every setting, and every folder the run writes (writable, with room), before any work starts, stops on a CPU runtime unless you chose the `cpu` preset, and prints the effective configuration and the precision (`PRECISION = "auto"`: bf16 on A100/L4 and on CPUs with native bf16 matmul, fp16 with a GradScaler on a T4, float32 elsewhere; `fp32` turns autocast off).
 import os, shutil, subprocess, sys
 
 if "google.colab" in sys.modules:  # safe to rerun, and after "Restart session and run all"
@@ -116,13 +117,13 @@ cfg = sf.make_config(
     head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT, head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR,
     ckpt_every=CHECKPOINT_EVERY, seed=SEED, ablation_steps=ABLATION_STEPS, ablation_head_steps=ABLATION_HEAD_STEPS,
     ablation_widths=tuple(int(w) for w in str(ABLATION_WIDTHS).split(",") if w.strip()), text_field=TEXT_FIELD,
-    head_bias=HEAD_BIAS,
+    head_bias=HEAD_BIAS, precision=PRECISION,
 )
 sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
 print(sf.describe(cfg, PRESET))
 sf.check_runtime(cfg, PRESET)
 print(sf.check_folders(cfg, ablation=RUN_ABLATION))  # writable, with room for what the run writes, before any work
-print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device).reason)
+print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device, cfg.precision).reason)
 
 # %% cellView="form"
 # @title 3. Phase 1: cache the teacher
@@ -157,7 +158,7 @@ plt.show()
 # %% cellView="form"
 # @title 7. Evaluate on held-out text
 # @markdown The mean teacher vector is the constant baseline every student must beat; the unigram distribution is the constant predictor for CE.
-report = sf.evaluate(student, cache)
+report = sf.evaluate(student, cache, precision=cfg.precision)
 print(sf.format_report(report))
 sf.plot_evaluation(report, f"{cfg.run_dir}/plots/4_evaluation.png")
 plt.show()
@@ -178,7 +179,7 @@ PROMPTS = sf.ORIGINAL_PROMPTS
 sf.check_compatible(student, tokenizer, cache.teacher_dim)
 streamer = TextStreamer(tokenizer, skip_special_tokens=True)
 generations = sf.generate_text(student, tokenizer, PROMPTS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, seed=SEED,
-                               streamer=streamer)
+                               streamer=streamer, precision=cfg.precision)
 print("-" * 40)
 print(sf.format_generations(generations))
 

@@ -116,6 +116,7 @@ class RunConfig:
     ablation_widths: tuple = ()  # extra student widths to sweep in the ablation; () = just student_dim
     text_field: str = "auto"  # the record field that holds the text; auto: text, instruction + response, or a chat
     head_bias: bool = True  # Phase 3's new head has a bias; False trains a bias-free head (Llama/GGUF export exactly)
+    precision: str = "auto"  # auto | fp32 | bf16: what every phase computes in (precision_policy)
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=dim or self.student_dim,
@@ -157,6 +158,8 @@ class RunConfig:
             raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"head_init={self.head_init!r} is not one of {HEAD_INITS}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
         if self.kd_weight < 0 or self.head_kd_weight < 0 or self.kd_temperature <= 0:
             raise ConfigError("kd weights must be >= 0 and kd_temperature > 0")
         for w in (self.student_dim, *self.ablation_widths):
@@ -392,7 +395,7 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
 # -----------------------------------------------------------------------------
 # precision: one policy for every phase, the ablation and the teacher
 
-PRECISIONS = ("auto", "fp32")  # "auto": the policy below; "fp32": no autocast anywhere, teacher in float32
+PRECISIONS = ("auto", "fp32", "bf16")  # the PRECISION setting; see precision_policy
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere and later run bf16 in hardware; a T4 (7.5) only emulates it
 
 
@@ -411,22 +414,64 @@ class Precision:
     def __iter__(self):  # `dtype, scaler = precision_policy(device)`
         return iter((self.autocast, self.grad_scaler))
 
+    @property
+    def name(self) -> str:
+        """"bf16", "fp16" or "fp32": what the phases' matmuls run in."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.autocast]
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """The native bf16 matmul instructions this x86 CPU has, as torch's CPU capability checks report them:
+    "avx512_bf16" (AVX512-BF16: Cooper Lake, Sapphire Rapids, AMD Zen 4 and later) and "amx_bf16" (AMX tiles:
+    Sapphire Rapids and later). An empty list (older x86, Arm, Apple silicon) means bf16 is emulated there and
+    slower than float32."""
+    found = []
+    if torch.cpu._is_avx512_bf16_supported():
+        found.append("avx512_bf16")
+    if torch.cpu._is_amx_tile_supported():
+        found.append("amx_bf16")
+    return found
+
 
 def precision_policy(device="auto", precision: str = "auto") -> Precision:
-    """The one precision policy: training autocast, GradScaler and teacher dtype for a device.
+    """The one precision policy, for every device: the autocast dtype of Phases 2 and 3, evaluation, generation
+    and the ablation, whether a GradScaler is needed, and the dtype the teacher runs in for Phase 1.
 
+    precision="auto" (the PRECISION setting's default):
     - CUDA with compute capability >= 8.0 (A100, L4, H100): bf16 autocast, no scaler, teacher in bf16.
     - older CUDA (T4 7.5, V100 7.0): fp16 autocast with a GradScaler; the teacher in float32 (4-bit weights
       computed in float32), because Qwen2 models overflow in fp16 and these cards have no native bf16.
       torch.cuda.is_bf16_supported() is not used: it counts the T4's slow emulation as support.
-    - CPU: float32 everywhere (bf16/fp16 matmul is slow or lossy there).
-    precision="fp32" forces float32 everywhere. Raises ConfigError for an unknown precision.
+    - CPU with native bf16 matmul (cpu_bf16_instructions: avx512_bf16 or AMX): bf16 autocast and a bf16 teacher;
+      on the machine of the README's benchmark bf16 matmul runs 2.3x faster than float32 there. fp16 is never
+      used on a CPU (0.4 GFLOP/s there).
+    - any other CPU: float32 everywhere.
+    precision="fp32" forces float32 everywhere; precision="bf16" forces bf16 autocast and a bf16 teacher (on a
+    CPU without native bf16 it runs, slowly, and the reason says so).
+    What stays float32 under bf16 autocast: the quantizer scales, the latent weights and optimiser state,
+    the losses (cosine, CE, KD softmax), and the LM head's logits in evaluation (held-out CE is computed from
+    float32 logits); see the README's precision section for the measured differences.
+    Raises ConfigError for an unknown precision, and for "bf16" on a CUDA card without native bf16 (use
+    "auto": fp16 with a GradScaler).
     """
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}")
+        raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
     dev = pick_device(device) if isinstance(device, str) else torch.device(device)
     if dev.type != "cuda":
-        return Precision(dev.type, None, False, torch.float32, f"{dev.type}: float32 (no autocast)")
+        if precision == "fp32":
+            return Precision(dev.type, None, False, torch.float32, f"{dev.type}: float32, as asked")
+        native = cpu_bf16_instructions() if dev.type == "cpu" else []
+        if precision == "bf16":
+            note = (f"native bf16 ({', '.join(native)})" if native else
+                    "this CPU has no native bf16 matmul (avx512_bf16/AMX): emulated, slower than float32")
+            return Precision(dev.type, torch.bfloat16, False, torch.bfloat16,
+                             f"{dev.type}: bf16 autocast and a bf16 teacher, as asked; {note}")
+        if native:
+            return Precision(dev.type, torch.bfloat16, False, torch.bfloat16,
+                             f"{dev.type}: bf16 autocast and a bf16 teacher (native bf16 matmul: "
+                             f"{', '.join(native)}); PRECISION='fp32' turns it off")
+        return Precision(dev.type, None, False, torch.float32,
+                         f"{dev.type}: float32 (no native bf16 matmul: avx512_bf16 or AMX)")
     cap = tuple(torch.cuda.get_device_capability(dev))
     try:
         name = torch.cuda.get_device_name(dev)
@@ -437,6 +482,9 @@ def precision_policy(device="auto", precision: str = "auto") -> Precision:
         return Precision("cuda", None, False, torch.float32, f"{card}: float32, as asked")
     if cap >= NATIVE_BF16_CAPABILITY:
         return Precision("cuda", torch.bfloat16, False, torch.bfloat16, f"{card}: native bf16 autocast")
+    if precision == "bf16":
+        raise ConfigError(f"PRECISION='bf16' needs a GPU with native bf16 (compute capability 8.0 or more); "
+                          f"{card} only emulates it: set PRECISION='auto' (fp16 with a GradScaler) or 'fp32'")
     return Precision("cuda", torch.float16, True, torch.float32,
                      f"{card} has no native bf16: fp16 autocast with a GradScaler, teacher in float32")
 
@@ -444,6 +492,11 @@ def precision_policy(device="auto", precision: str = "auto") -> Precision:
 def make_grad_scaler(policy: Precision):
     """A torch.amp.GradScaler where the policy needs one (fp16), else None (optimizer_step's plain path)."""
     return torch.amp.GradScaler(policy.device) if policy.grad_scaler else None
+
+
+def _autocast(policy: Precision):
+    """The policy's autocast (see precision_policy); disabled where it says float32."""
+    return torch.autocast(policy.device, dtype=policy.autocast, enabled=policy.autocast is not None)
 
 
 @dataclass
@@ -644,13 +697,22 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (L, B, nh, max_len, hs)."""
+    """Preallocated keys and values for every layer: (L, B, nh, slots, hs), slots = max_seq_len unless given.
 
-    def __init__(self, cfg: StudentConfig, batch: int, device, dtype=torch.float32):
-        shape = (cfg.n_layers, batch, cfg.n_heads, cfg.max_seq_len, cfg.head_dim)
+    pad: (B,) left-padding of each row (generate's attention_mask, transformers' convention): row b's first
+    pad[b] slots hold no token, are masked out of attention, and its tokens' positions start at 0 after them."""
+
+    def __init__(self, cfg: StudentConfig, batch: int, device, dtype=torch.float32, slots: int | None = None,
+                 pad: torch.Tensor | None = None):
+        shape = (cfg.n_layers, batch, cfg.n_heads, slots or cfg.max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # tokens already cached
+        self.pos = 0  # slots already filled
+        self.pad = pad if pad is not None and bool(pad.any()) else None  # None: no row is padded
+
+    @property
+    def slots(self) -> int:
+        return self.k.size(3)
 
     def update(self, layer: int, k, v):
         T = k.size(2)
@@ -665,7 +727,9 @@ class Attention(nn.Module):
         self.layer, self.n_heads, self.head_dim = layer, cfg.n_heads, cfg.head_dim
         self.wq, self.wk, self.wv, self.wo = (BitLinear(cfg.dim, cfg.dim, cfg.ternary) for _ in range(4))
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask=None):
+        """x (B, T, dim); cos/sin (T, hs), or (B, 1, T, hs) per row; mask (B, 1, T, past + T) bool, for
+        left-padded rows (see KVCache.pad), else causal."""
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -675,11 +739,22 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # token i of this chunk sees the cache and chunk tokens up to itself
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # under CPU autocast SDPA runs in float32: torch's CPU flash-attention kernel is slower in bf16 than in
+        # float32 at the student's shapes (forward + backward, 8 x 4 heads x 128 x 64: 8.7 ms against 5.5 ms on
+        # the README's benchmark machine); the projections around it stay bf16
+        cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
+            if cpu_autocast:
+                q, k, v = q.float(), k.float(), v.float()
+            if mask is not None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            elif T == 1:  # one new token sees every cached one: no mask (a mask sends CPU SDPA down a slow path)
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # token i of this chunk sees the cache and chunk tokens up to itself
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.wo(y)
 
@@ -703,8 +778,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -763,15 +838,28 @@ class BitNetStudent(nn.Module):
         self.teacher_head = head.to(self.tok_embeddings.weight.device)
 
     def forward(self, idx, cache: KVCache | None = None):
-        """idx: (B, T) token ids -> final-normed student states (B, T, dim)."""
+        """idx: (B, T) token ids -> final-normed student states (B, T, dim). With a cache, the tokens continue
+        it (its left-padded rows included, see KVCache.pad). Raises ValueError past max_seq_len positions."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"{start + T} positions exceed the student's max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+        pad = cache.pad if cache is not None else None
+        last = start + T - (0 if pad is None else int(pad.min()))  # the furthest position, plus one
+        if last > self.cfg.max_seq_len or (cache is not None and start + T > cache.slots):
+            raise ValueError(f"{last} positions exceed the student's max_seq_len={self.cfg.max_seq_len}")
+        mask = None
+        if pad is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+        else:  # left-padded rows: each row's positions count from its first token; pads are never attended
+            slot = torch.arange(start, start + T, device=idx.device)  # (T,)
+            pos = (slot[None] - pad[:, None]).clamp(min=0)  # (B, T)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hs)
+            key = torch.arange(start + T, device=idx.device)  # (S,)
+            mask = (key[None, None] >= pad[:, None, None]) & (key[None, None] <= slot[None, :, None])  # (B, T, S)
+            mask |= key[None, None] == slot[None, :, None]  # a pad sees itself: no all-masked row, no NaN
+            mask = mask[:, None]  # (B, 1, T, S)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for block in self.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.pos += T
         return self.norm(x)
@@ -909,20 +997,44 @@ def _sample_next(logits, input_ids, processors, do_sample: bool, generator=None)
     scores = processors(input_ids, logits.float())  # (B, V)
     if not do_sample:
         return scores.argmax(dim=-1)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs = scores.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):  # one generator a row: a row's draws do not depend on the others
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def decode_head(model: BitNetStudent, dtype: torch.dtype | None = None):
+    """The head as decoding uses it: h (B, dim) -> logits (B, vocab) float32. With dtype (bf16), the new or tied
+    head's weight is cast once, here, and each token reads half the bytes; None (or the teacher head over the
+    projector) is model.logits in float32. Not for training: the copy does not follow later weight writes."""
+    mode = model.cfg.head_mode
+    if dtype is None or mode == "teacher":
+        return lambda h: model.logits(h).float()
+    weight = (model.head.weight if mode == "new" else model.tok_embeddings.weight).detach().to(dtype)
+    bias = model.head.bias.detach().to(dtype) if mode == "new" and model.head.bias is not None else None
+    return lambda h: F.linear(h.to(dtype), weight, bias).float()
 
 
 @torch.no_grad()
 def generate(model: BitNetStudent, idx, max_new_tokens=30, temperature=0.7, top_k=None, top_p=None,
              eos_token_id=None, generator=None, *, min_p=None, repetition_penalty=1.0, pad_token_id=None,
-             streamer=None):
+             streamer=None, precision: str = "auto", attention_mask=None):
     """KV-cached decoding with transformers' logits processors (see logits_processors). idx: (B, T0) token ids,
     T0 >= 1 -> (B, T0 + n) with n <= max_new_tokens. Temperature 0 is greedy.
+
+    attention_mask: (B, T0), 1 for prompt tokens and 0 for left padding (transformers' convention), so that
+    prompts of different lengths decode together; a row's positions start at its first token and its padding is
+    never attended, so each row decodes as it would alone (to float rounding). generator: a torch.Generator,
+    or a list of one per row (then a row's draws do not depend on the other rows).
 
     A row that has produced eos_token_id is filled with pad_token_id (default: eos_token_id) after it, and
     decoding stops when every row is done. Past the student's max_seq_len it stops with a warning. `streamer`
     follows transformers' convention: put(prompt ids (B, T0)), put(new ids (B,)) per step, then end().
-    The ternary weights are quantized once per call (quantize_once).
+    The ternary weights are quantized once per call (quantize_once). Decoding reads every weight once a token
+    for one row of activations; where precision_policy chooses bf16 for `precision`, the LM head (49152 x dim,
+    most of what is read) is read in bf16 (decode_head), and the body stays float32: at one row a matmul is
+    bound by the overhead, and this CPU's bf16 path is slower there (README, Benchmarks). The logits are
+    sampled in float32.
     Raises ConfigError for a setting out of range, PromptTooLongError (a ValueError) when T0 >= max_seq_len,
     ValueError for an empty idx; all before any forward.
     """
@@ -932,26 +1044,38 @@ def generate(model: BitNetStudent, idx, max_new_tokens=30, temperature=0.7, top_
     if T0 == 0:
         raise ValueError("the prompt has no tokens: start it from the document separator (EOS), as generate_text "
                          "does for an empty prompt")
-    if T0 >= limit:
-        raise PromptTooLongError(f"the prompt has {T0} tokens but the student only knows {limit} positions "
-                                 "(max_seq_len): shorten the prompt, or train with a larger MAX_SEQ_LENGTH")
-    if T0 + max_new_tokens > limit:
-        warnings.warn(f"stopping after {limit - T0} new tokens: the student's max_seq_len is {limit}")
-        max_new_tokens = limit - T0
+    left = None
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask, device=idx.device).bool()
+        if mask.shape != idx.shape or not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError(f"attention_mask must be (B, T0) = {tuple(idx.shape)}, 0 for left padding then 1 for "
+                             "every prompt token (pad on the left, as tokenizer(padding_side='left') does)")
+        left = (~mask).sum(dim=1)  # (B,) left padding of each row
+    longest = T0 - (0 if left is None else int(left.min()))
+    if longest >= limit:
+        raise PromptTooLongError(_too_long(longest, limit))
+    if longest + max_new_tokens > limit:
+        warnings.warn(f"stopping after {limit - longest} new tokens: the student's max_seq_len is {limit}")
+        max_new_tokens = limit - longest
     processors = logits_processors(temperature, top_k, top_p, min_p, repetition_penalty)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     model.eval()
     ids = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)  # prompt + new tokens
     ids[:, :T0] = idx
+    if left is not None:  # the processors see each row's first token in its padding: the same set of tokens
+        first = idx.gather(1, left[:, None])  # (B, 1)
+        ids[:, :T0] = torch.where(mask, idx, first)
     t = T0
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     if streamer is not None:
         streamer.put(idx.cpu())
-    cache = KVCache(model.cfg, B, idx.device, model.tok_embeddings.weight.dtype)
+    head = decode_head(model, precision_policy(idx.device, precision).autocast)
+    cache = KVCache(model.cfg, B, idx.device, model.tok_embeddings.weight.dtype, T0 + max_new_tokens, left)
     with quantize_once(model):
         h = model(idx, cache)[:, -1]  # (B, dim): the last position's state
         for step in range(max_new_tokens):
-            nxt = _sample_next(model.logits(h), ids[:, :t], processors, temperature > 0, generator)  # (B,)
+            logits = head(h)  # (B, V) float32
+            nxt = _sample_next(logits, ids[:, :t], processors, temperature > 0, generator)  # (B,)
             if eos_token_id is not None:
                 nxt = nxt.masked_fill(done, pad)  # finished rows get padding, as in transformers
                 done |= nxt == eos_token_id
@@ -964,6 +1088,7 @@ def generate(model: BitNetStudent, idx, max_new_tokens=30, temperature=0.7, top_
             h = model(nxt[:, None], cache)[:, -1]  # (B, dim)
     if streamer is not None:
         streamer.end()
+    ids[:, :T0] = idx
     return ids[:, :t]
 
 
@@ -999,14 +1124,20 @@ class Generation:
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7, top_k=50, top_p=0.95, seed=0,
-                  *, min_p=None, repetition_penalty=1.0, streamer=None) -> list[Generation]:
-    """Decode each prompt (one at a time, batch 1) with `generate`; the notebook's generation cell.
+                  *, min_p=None, repetition_penalty=1.0, streamer=None, precision: str = "auto") -> list[Generation]:
+    """Decode a list of prompts with `generate`; the notebook's generation cell.
 
+    Without a streamer the prompts decode together, left-padded into one batch (generate's attention_mask), so
+    the LM head, most of what decoding reads, is read once a step for all of them. With a `streamer` (a
+    transformers BaseStreamer, e.g. TextStreamer(tokenizer, skip_special_tokens=True), which takes one row) they
+    decode one at a time, each streamed as it is produced, then end(). Either way, prompt i (its place in the
+    list) draws from its own torch.Generator seeded from (seed, i) (numpy SeedSequence), so its text depends
+    on the seed, its place and itself, not on the other prompts or on streaming (to float rounding).
     Prompts are tokenized by prompt_ids (the training blocks' special-token rules; an empty prompt starts from
     EOS). A prompt too long for the student is reported in its own Generation.error and skipped; the others still
-    generate, with the same draws as without it (one torch.Generator seeded with `seed` for the whole list).
-    `streamer` (a transformers BaseStreamer, e.g. TextStreamer(tokenizer, skip_special_tokens=True)) gets each
-    prompt's tokens as they are produced, then end(). Returns one Generation per prompt, in order.
+    generate, exactly as they would with a short prompt in its place. If the longest prompt plus max_new_tokens
+    would pass the student's max_seq_len, the prompts decode one at a time, so that each gets its own limit.
+    precision: see generate (cfg.precision in the notebook). Returns one Generation per prompt, in order.
     A single string is one prompt. Special tokens written out in a prompt's text (e.g. "<|im_start|>") are
     parsed as those tokens, as they were in the training text.
     Raises ConfigError for a setting out of range (check_generation_settings) or a prompt that is not a string,
@@ -1020,20 +1151,42 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
     if bad:
         raise ConfigError(f"every prompt must be a string: {'; '.join(bad)}. Nothing was generated")
     device = model.tok_embeddings.weight.device
-    g = torch.Generator(device=device).manual_seed(seed)
-    results = []
+    limit = model.cfg.max_seq_len
+    results = [None] * len(prompts)
+    rows = []  # (place, token ids, generator) of the prompts that fit
     for i, prompt in enumerate(prompts):
-        ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)  # (1, T0)
-        try:
-            out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id, g,
-                           min_p=min_p, repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-                           streamer=streamer)
-        except PromptTooLongError as e:
-            results.append(Generation(prompt, "", 0, f"prompt {i + 1} of {len(prompts)}: {e}"))
+        ids = prompt_ids(tokenizer, prompt)
+        if len(ids) >= limit:
+            results[i] = Generation(prompt, "", 0, f"prompt {i + 1} of {len(prompts)}: {_too_long(len(ids), limit)}")
             continue
-        results.append(Generation(prompt, tokenizer.decode(out[0], skip_special_tokens=True),
-                                  out.shape[1] - ids.shape[1]))
+        seed_i = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        rows.append((i, ids, torch.Generator(device=device).manual_seed(seed_i)))
+    kw = dict(min_p=min_p, repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+              precision=precision)
+    longest = max((len(ids) for _, ids, _ in rows), default=0)
+    if streamer is None and len(rows) > 1 and longest + max_new_tokens <= limit:
+        batch = torch.full((len(rows), longest), tokenizer.eos_token_id or 0, dtype=torch.long, device=device)
+        mask = torch.zeros_like(batch)
+        for r, (_, ids, _) in enumerate(rows):  # left padding: every row ends at the last column
+            batch[r, longest - len(ids):] = torch.tensor(ids, device=device)
+            mask[r, longest - len(ids):] = 1
+        out = generate(model, batch, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id,
+                       [g for _, _, g in rows], attention_mask=mask, **kw)
+        outputs = [out[r:r + 1, longest - len(ids):] for r, (_, ids, _) in enumerate(rows)]
+    else:
+        outputs = [generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, top_p,
+                            tokenizer.eos_token_id, [g], streamer=streamer, **kw) for _, ids, g in rows]
+    for (i, ids, _), out in zip(rows, outputs):
+        new = out[0, len(ids):].tolist()
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
+            new = new[:new.index(tokenizer.eos_token_id) + 1]  # what follows a row's EOS is padding
+        results[i] = Generation(prompts[i], tokenizer.decode(ids + new, skip_special_tokens=True), len(new))
     return results
+
+
+def _too_long(n: int, limit: int) -> str:
+    return (f"the prompt has {n} tokens but the student only knows {limit} positions (max_seq_len): shorten the "
+            "prompt, or train with a larger MAX_SEQ_LENGTH")
 
 
 def format_generations(results: list[Generation]) -> str:
@@ -1746,13 +1899,19 @@ class TeacherCache:
 
 
 def cache_request(teacher: str, dataset: str, num_samples: int, val_samples: int, seq_len: int,
-                  seed: int = 0, text_field: str = "auto", data_files: dict | None = None) -> dict:
+                  seed: int = 0, text_field: str = "auto", data_files: dict | None = None,
+                  teacher_dtype: torch.dtype = torch.float32) -> dict:
     """What a Phase 1 cache is keyed by. data_files: data_fingerprint(dataset) for local data (its listing is
-    left out), so editing a local file makes a different request; None for a Hub dataset."""
-    return {"version": CACHE_VERSION, "teacher": teacher, "dataset": dataset, "num_samples": num_samples,
-            "val_samples": val_samples, "seq_len": seq_len, "seed": seed, "layers": "last (final-normed)",
-            "dtype": "float16", "text_field": text_field,
-            "data_files": {k: v for k, v in data_files.items() if k != "listing"} if data_files else None}
+    left out), so editing a local file makes a different request; None for a Hub dataset. teacher_dtype: what
+    the teacher computes in (precision_policy's teacher dtype); a teacher run in bf16 or fp16 gives a different
+    cache from the float32 one (whose key is as it was before the setting existed, so those caches stay valid)."""
+    request = {"version": CACHE_VERSION, "teacher": teacher, "dataset": dataset, "num_samples": num_samples,
+               "val_samples": val_samples, "seq_len": seq_len, "seed": seed, "layers": "last (final-normed)",
+               "dtype": "float16", "text_field": text_field,
+               "data_files": {k: v for k, v in data_files.items() if k != "listing"} if data_files else None}
+    if teacher_dtype != torch.float32:
+        request["teacher_dtype"] = str(teacher_dtype).replace("torch.", "")
+    return request
 
 
 def cache_folder(cache_dir, request: dict) -> Path:
@@ -1836,7 +1995,7 @@ def _check_teacher_states(h: torch.Tensor, h16: torch.Tensor, teacher_dtype, whe
 
 
 def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, progress: bool = True,
-                         tokenizer=None, precision: str = "auto") -> TeacherCache:
+                         tokenizer=None, precision: str | None = None) -> TeacherCache:
     """Phase 1. Reuses a cache whose manifest matches the request (local files' size and modification time
     included) without loading the teacher at all; otherwise reads and packs the data first, so every data
     problem is a ConfigError before the teacher loads, then runs batched teacher forwards and writes the
@@ -1846,13 +2005,16 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     with `tokenizer`, else the loader's `tokenizer` attribute, else load_tokenizer(cfg.teacher) (fast: the
     teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts),
     an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's context.
-    The teacher loads in precision_policy's dtype (precision="fp32" forces float32). Raises
+    The teacher runs in precision_policy's teacher dtype for cfg.precision (or `precision`, when given: "fp32"
+    forces float32), and that dtype is part of the cache's key (a custom loader's teacher runs as it is given). Raises
     NonFiniteTeacherError, naming the teacher's dtype, before writing a batch whose states are not finite;
     the folder then gets no manifest, so the next run rebuilds it.
     """
     fingerprint = data_fingerprint(cfg.dataset)  # unsupported or empty local files are refused here
+    precision = precision or cfg.precision
+    policy = precision_policy(cfg.device, precision)
     request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
-                            cfg.text_field, fingerprint)
+                            cfg.text_field, fingerprint, policy.teacher)
     folder = cache_folder(cfg.cache_dir, request)
     if not rebuild and _valid_cache(folder, request):
         print(f"Phase 1: reusing the cache in {folder}")
@@ -1984,6 +2146,19 @@ def next_token_ce(logits, tokens, mask=None, reduction="mean"):
     return F.cross_entropy(logits.float(), targets)
 
 
+def token_ce(logits: torch.Tensor, targets: torch.Tensor, policy: Precision) -> torch.Tensor:
+    """Mean next-token CE for training, nats/token: logits (N, V) against targets (N,).
+
+    Under CPU bf16 autocast the log-softmax runs on the bf16 logits themselves (torch accumulates in float32)
+    instead of on a float32 copy: with 49152-wide rows, the copies and float32 passes were most of a Phase 3
+    step. The loss value is then rounded to bf16 (about 0.02 at 5 nats; the held-out figures are float32,
+    see held_out_ce). Everywhere else autocast's float32 cross-entropy, as before."""
+    if policy.device == "cpu" and policy.autocast == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets)
+
+
 def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
     """Multiplier of the base LR: linear warmup to 1, then cosine decay to min_ratio at the last step."""
     if warmup and step < warmup:
@@ -2091,11 +2266,6 @@ class _cuda_oom_hint:
             raise RuntimeError("CUDA ran out of memory: lower BATCH_SIZE, MAX_SEQ_LENGTH or the student size "
                                "(STUDENT_DIM, STUDENT_LAYERS), then rerun this cell") from err
         return False
-
-
-def _autocast(policy: Precision):
-    """The policy's training autocast (see precision_policy); disabled where it says float32."""
-    return torch.autocast(policy.device, dtype=policy.autocast, enabled=policy.autocast is not None)
 
 
 def _adamw(params, lr, weight_decay, embedding=None, embed_lr_mult: float = 1.0):
@@ -2354,15 +2524,25 @@ def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None):
     return loss
 
 
+def _project(model: BitNetStudent, feats: torch.Tensor, policy: Precision) -> torch.Tensor:
+    """projector(student states) (B, T, dim) -> (B, T, teacher_dim) float32, under the policy's autocast."""
+    with _autocast(policy):
+        return model.projector(feats).float()
+
+
 @torch.no_grad()
-def held_out_cosine(model: BitNetStudent | None, cache: TeacherCache, batch_size: int = 16, predict=None) -> float:
-    """Mean cosine against the teacher over every held-out token. The prediction is projector(student) unless
+def held_out_cosine(model: BitNetStudent | None, cache: TeacherCache, batch_size: int = 16, predict=None,
+                    precision: str = "auto") -> float:
+    """Mean cosine against the teacher over every held-out token. The prediction is projector(student), run
+    under precision_policy's autocast for `precision` (the cosine itself in float32), unless
     predict(tokens, idx) -> (B, T, D) is given (the baseline, or the teacher's own states in tests)."""
     was_training = model is not None and model.training
     if predict is None:
         model.eval()
         device = model.tok_embeddings.weight.device
-        predict = lambda tokens, idx: model.projector(model(tokens.to(device)))  # noqa: E731
+        policy = precision_policy(device, precision)
+        predict = lambda tokens, idx: _project(model, student_features(model, tokens, len(tokens), precision),  # noqa: E731
+                                               policy)
     total = 0.0
     for i in range(0, cache.num_val, batch_size):
         idx = np.arange(i, min(i + batch_size, cache.num_val))
@@ -2393,6 +2573,9 @@ def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherC
            **{k: getattr(cfg, k) for k in keys}}
     if phase == "phase3":
         sig["phase2_student"] = phase2_student
+    computes = precision_policy(model.tok_embeddings.weight.device, cfg.precision).name
+    if computes != "fp32":  # float32 runs keep the signature they had before PRECISION existed
+        sig["precision"] = computes
     return sig
 
 
@@ -2464,7 +2647,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_schedule(s, steps, cfg.warmup_steps, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
-    policy = precision_policy(device)
+    policy = precision_policy(device, cfg.precision)
     scaler = make_grad_scaler(policy)
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "val_cosine": [],
                "baseline_cosine": baseline_cosine(cache)}
@@ -2495,7 +2678,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
         sched.step()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             history["eval_step"].append(step + 1)
-            history["val_cosine"].append(held_out_cosine(model, cache))
+            history["val_cosine"].append(held_out_cosine(model, cache, precision=cfg.precision))
             bar.set_postfix(loss=f"{loss.item():.4f}", val_cos=f"{history['val_cosine'][-1]:.4f}")
         _checkpoint_every(cfg, "phase2", step + 1, steps, signature, model, opt, sched, gen, history, names, scaler)
         if stop_after is not None and step + 1 >= stop_after:
@@ -2514,20 +2697,28 @@ def _check_run_dir(cfg: RunConfig):
 
 
 @torch.no_grad()
-def student_features(model: BitNetStudent, tokens: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Final student states for all blocks, computed once: (N, T, dim) on the model's device."""
+def student_features(model: BitNetStudent, tokens: torch.Tensor, batch_size: int = 16,
+                     precision: str = "auto") -> torch.Tensor:
+    """Final student states for all blocks, computed once: tokens (N, T) -> (N, T, dim) float32 on the model's
+    device. The body runs under precision_policy's autocast for `precision` (bf16 on a CPU with native bf16)."""
     model.eval()
     device = model.tok_embeddings.weight.device
-    return torch.cat([model(tokens[i:i + batch_size].to(device)) for i in range(0, len(tokens), batch_size)])
+    policy = precision_policy(device, precision)
+    with _autocast(policy):
+        return torch.cat([model(tokens[i:i + batch_size].to(device)).float()
+                          for i in range(0, len(tokens), batch_size)])
 
 
 @torch.no_grad()
-def held_out_ce(model: BitNetStudent, cache: TeacherCache, features=None, batch_size: int = 16) -> float:
-    """The student's next-token CE on held-out blocks (nats/token)."""
+def held_out_ce(model: BitNetStudent, cache: TeacherCache, features=None, batch_size: int = 16,
+                precision: str = "auto") -> float:
+    """The student's next-token CE on held-out blocks, in nats/token. The body runs under `precision`'s
+    autocast (student_features); the head, its logits and the softmax stay float32, so the figure carries no
+    bf16 rounding of the logits."""
     model.eval()
     device = model.tok_embeddings.weight.device
     tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
-    feats = student_features(model, tokens, batch_size) if features is None else features
+    feats = student_features(model, tokens, batch_size, precision) if features is None else features
     total = sum(next_token_ce(model.logits(feats[i:i + batch_size]), tokens[i:i + batch_size],
                               reduction="none").sum().item() for i in range(0, len(tokens), batch_size))
     return total / (len(tokens) * (cache.seq_len - 1))
@@ -2693,7 +2884,8 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     feats = None
     if cfg.head_mode == "new":
         _reset_head(model, cfg.seed)
-        feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)))  # (N, T, dim), once
+        feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)),  # (N, T, dim), once
+                                 precision=cfg.precision)
         with torch.no_grad():
             if cfg.head_init == "teacher":
                 weight, bias = fit_head_to_teacher(cache, feats)
@@ -2709,10 +2901,11 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": [], "skipped": []}
     val_feats = None  # tied mode moves the embedding, so its held-out states must be recomputed each time
     if cfg.head_mode != "tied":
-        val_feats = student_features(model, cache.tokens("val", np.arange(cache.num_val)).to(device))
+        val_feats = student_features(model, cache.tokens("val", np.arange(cache.num_val)).to(device),
+                                     precision=cfg.precision)
 
     def record(step):
-        ce = held_out_ce(model, cache, val_feats)
+        ce = held_out_ce(model, cache, val_feats, precision=cfg.precision)
         history["eval_step"].append(step)
         history["val_ce"].append(ce)
         history["val_ppl"].append(math.exp(min(ce, 50)))
@@ -2733,7 +2926,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, min(cfg.warmup_steps, steps // 10),
                                                                          cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    policy = precision_policy(device)
+    policy = precision_policy(device, cfg.precision)
     scaler = make_grad_scaler(policy)
     signature = _signature(cfg, "phase3", model, cache, body)
     start = 0
@@ -2757,7 +2950,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
                 model.train()
                 h = model(tokens)
                 logits = model.logits(h[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+            loss = token_ce(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), policy)
             if teacher_head is not None:  # KD from the teacher's logits on kd_tokens positions of the batch
                 pos = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens or tokens.numel()].to(device)
                 t_states = cache.states("train", idx).to(device).flatten(0, 1)[pos]
@@ -2802,13 +2995,16 @@ def ternary_stats(model: BitNetStudent) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16) -> dict:
-    """Held-out figures: cosine vs the mean-vector baseline, CE/perplexity vs the teacher and the unigram
-    predictor, the student decoded through the teacher head, and ternary weight statistics."""
+def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16, precision: str = "auto") -> dict:
+    """Held-out figures: cosine vs the mean-vector baseline, CE/perplexity (nats/token) vs the teacher and the
+    unigram predictor, the student decoded through the teacher head, and ternary weight statistics.
+    The student's body and projector run under precision_policy's autocast for `precision` (cfg.precision in
+    the notebook), as in training; every head, softmax and cosine is float32."""
     device = model.tok_embeddings.weight.device
     model.eval()
+    policy = precision_policy(device, precision)
     tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
-    feats = student_features(model, tokens, batch_size)
+    feats = student_features(model, tokens, batch_size, precision)
     head = _frozen_teacher_head(cache, device)
     n_tok = len(tokens) * (cache.seq_len - 1)
     teacher_ce = via_teacher = 0.0
@@ -2816,9 +3012,9 @@ def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16) ->
         tok, sl = tokens[i:i + batch_size], slice(i, i + batch_size)
         target = cache.states("val", np.arange(i, min(i + batch_size, len(tokens)))).to(device)
         teacher_ce += next_token_ce(head(target), tok, reduction="none").sum().item()
-        via_teacher += next_token_ce(head(model.projector(feats[sl])), tok, reduction="none").sum().item()
+        via_teacher += next_token_ce(head(_project(model, feats[sl], policy)), tok, reduction="none").sum().item()
     unigram_ce = float(-log_unigram(cache)[cache.val_tokens[:, 1:].ravel()].mean())
-    student_cos = held_out_cosine(model, cache, batch_size, lambda tokens, i: model.projector(feats[i]))
+    student_cos = held_out_cosine(model, cache, batch_size, lambda tokens, i: _project(model, feats[i], policy))
     base_cos = baseline_cosine(cache, batch_size)
     metrics = {
         "student_cosine": student_cos,
@@ -3068,7 +3264,8 @@ def llama_head(model: BitNetStudent, cache: TeacherCache | None = None, verbose:
     """The head as Llama and llama.cpp hold it: a bias-free (V, dim) weight, or None for a tied head.
 
     A new head's bias is folded into its weight by least squares on the training states (fold_head_bias);
-    the held-out CE with the bias, folded, and with the bias dropped is printed and returned (nats/token).
+    the held-out CE with the bias, folded, and with the bias dropped is printed and returned (nats/token). Both
+    the fit and the figures use float32 student states (PRECISION does not change an export).
     A bias-free head (HEAD_BIAS=False) or a constant bias exports exactly. Returns (weight or None, figures).
     Raises ConfigError when a bias must be folded and no cache is given.
     """
@@ -3082,11 +3279,11 @@ def llama_head(model: BitNetStudent, cache: TeacherCache | None = None, verbose:
                           "the export can fold the bias into the weights and report the held-out CE, or rerun Phase "
                           "3 with HEAD_BIAS = False")
     device = model.tok_embeddings.weight.device
-    feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)))  # (N, T, dim)
+    feats = student_features(model, cache.tokens("train", np.arange(cache.num_train)), precision="fp32")  # (N, T, dim)
     folded = fold_head_bias(weight, bias.detach().float(), feats)
     del feats
     tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
-    val = student_features(model, tokens)
+    val = student_features(model, tokens, precision="fp32")
     figures = {"ce_with_bias": _head_ce(val, tokens, weight, bias.detach().float()),
                "ce_bias_folded": _head_ce(val, tokens, folded), "ce_bias_dropped": _head_ce(val, tokens, weight)}
     if verbose:
@@ -3435,7 +3632,7 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
     Same precision (precision_policy, GradScaler in fp16) and head slicing as Phase 3: logits only for the
     T-1 positions that have a target, (B, T-1, V), inside the out-of-memory hint."""
     device = model.tok_embeddings.weight.device
-    policy = precision_policy(device)
+    policy = precision_policy(device, cfg.precision)
     scaler = make_grad_scaler(policy)
     steps = cfg.superposition_steps + cfg.lm_head_steps  # the same number of optimiser steps as (a) and (b)
     params = list(model.parameters())
@@ -3452,7 +3649,7 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
         tokens = cache.tokens("train", idx).to(device)
         with _cuda_oom_hint(), _autocast(policy):
             logits = model.logits(model(tokens)[:, :-1])  # (B, T-1, V): position t predicts token t+1
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+            loss = token_ce(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), policy)
         guard.check_loss(step, loss)
         guard.after_step(step, loss, optimizer_step(loss, opt, params, cfg.grad_clip, scaler))
         sched.step()
@@ -3485,13 +3682,13 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
             model = build_student(acfg, cache, ternary=ternary)
             train_superposition(model, cache, acfg, progress=progress)  # own checkpoints: resumable too
             train_lm_head(model, cache, acfg, progress=progress)
-            m = evaluate(model, cache)["metrics"]
+            m = evaluate(model, cache, precision=cfg.precision)["metrics"]
             arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
             del model  # before the next arm is built: one arm in memory at a time
             _release_memory()
         model = build_student(wcfg, cache)
         train_direct_ce(model, cache, wcfg, progress=progress)
-        m = evaluate(model, cache)["metrics"]
+        m = evaluate(model, cache, precision=cfg.precision)["metrics"]
         arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
         del model
         _release_memory()

@@ -185,6 +185,7 @@ def settings(base: sf.RunConfig, cache) -> dict:
     skip = {"seed", "student_dim", "run_dir", "cache_dir", "ablation_widths", "device", "ckpt_every"}
     s = {k: v for k, v in dataclasses.asdict(base).items() if k not in skip}
     s["cache"] = cache.path.name
+    s["precision"] = sf.precision_policy(base.device, base.precision).name  # what "auto" chose on this machine
     return s
 
 
@@ -211,7 +212,7 @@ def run_arm(cache, base: sf.RunConfig, arm: str, width: int, seed: int, run_dir:
         sf.train_lm_head(model, cache, cfg, progress=progress)
     else:
         sf.train_direct_ce(model, cache, cfg, progress=progress)
-    m = sf.evaluate(model, cache)["metrics"]
+    m = sf.evaluate(model, cache, precision=cfg.precision)["metrics"]
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     spoonfeed = method == "spoonfeed"  # a direct-CE arm never trains its projector: no cosine to report
     return {"arm": arm, "width": width, "seed": seed, "ternary": ternary, "method": method,
@@ -409,6 +410,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="results JSON (default runs/ablation[-smoke]/ablation.json); "
                     "the plot (.png) and report (.md) go next to it")
     ap.add_argument("--cache-dir", default=str(ROOT / "spoonfeed_cache"), help="Phase 1 cache folder")
+    ap.add_argument("--precision", default="auto", choices=sf.PRECISIONS, help="PRECISION for every arm")
     ap.add_argument("--max-arms", type=int, help=argparse.SUPPRESS)  # stop after this many arms (tests)
     args = ap.parse_args(argv)
     p = SMOKE if args.smoke else FULL
@@ -417,7 +419,7 @@ def main(argv=None):
     if set(args.arms) - set(ARMS) or not args.arms:
         ap.error(f"--arms takes letters from {''.join(ARMS)}")
     out = Path(args.out or ROOT / "runs" / ("ablation-smoke" if args.smoke else "ablation") / "ablation.json")
-    cfg = sf.make_config(p["preset"], cache_dir=args.cache_dir)
+    cfg = sf.make_config(p["preset"], cache_dir=args.cache_dir, precision=args.precision)
     if "kd_weight" in p:
         cfg = dataclasses.replace(cfg, kd_weight=p["kd_weight"])
     base = base_config(cfg, args.steps, args.head_steps)

@@ -3,9 +3,11 @@
     python bench/run.py                  # the full benchmark, about 20 minutes on 2 CPU cores
     python bench/run.py --smoke          # seconds-to-minutes: every section at toy size (run by the tests)
     python bench/run.py --only quality   # one or more sections: peak,phase1,phase2,phase3,generate,rss,quality
+    python bench/run.py --precision fp32 # (b) in float32 (default: auto, bf16 on a CPU with native bf16 matmul)
 
 (a) is bench/original.py, the original notebook's loops re-implemented as the baseline; (b) is
-spoonfeed_helpers. Every speed figure is a ratio (b)/(a) measured in this process on this machine.
+spoonfeed_helpers, run at --precision (the PRECISION setting; (a) is always float32, as the original ran).
+Every speed figure is a ratio (b)/(a) measured in this process on this machine.
 Results go to stdout as one markdown table, and to --out as JSON.
 """
 
@@ -36,6 +38,7 @@ FULL = dict(n_phase1=48, dim=256, layers=4, heads=4, seq=128, batch=8, steps=10,
             rss_n=512, rss_steps=40, matmul=2048)
 SMOKE = dict(n_phase1=4, dim=32, layers=2, heads=2, seq=32, batch=2, steps=2, head_steps=2, gen_tokens=8,
              rss_n=8, rss_steps=2, matmul=256)
+PRECISION = "auto"  # --precision: what (b) computes in
 
 ROWS = []
 
@@ -48,7 +51,7 @@ def row(figure, a, b, target=None, unit="", higher_is_better=True, note=""):
         ok = ratio >= target if higher_is_better else ratio <= target
         met = "yes" if ok else "**no**"
     ROWS.append(dict(figure=figure, original=a, spoonfeed=b, ratio=ratio, target=target, met=met, unit=unit,
-                     note=note))
+                     note=note, higher_is_better=higher_is_better))
     print(f"  {figure}: (a) {_fmt(a)} (b) {_fmt(b)} {unit}  ratio {ratio:.3g} {met} {note}", flush=True)
 
 
@@ -84,22 +87,40 @@ def teacher_flops_per_token(teacher, seq):
     return 2 * n + 2 * c.num_hidden_layers * seq * c.hidden_size
 
 
+_OURS = {}
+
+
+def ours_teacher(teacher, tok):
+    """The teacher (b) runs: loaded in the policy's dtype (bf16 on a CPU with native bf16), once."""
+    policy = sf.precision_policy("cpu", PRECISION)
+    if policy.teacher == torch.float32:
+        return teacher
+    if "teacher" not in _OURS:
+        _OURS["teacher"] = sf.load_teacher(sf.BUNDLED_TEACHER, "cpu", tok, PRECISION)[0]
+    return _OURS["teacher"]
+
+
 def bench_phase1(p, peak, teacher, tok, tmp):
+    """(a) the original's float32 teacher; (b) ours, with the teacher loaded as the policy says (bf16 here)."""
     n, seq = p["n_phase1"], p["seq"]
     texts = list(_train_texts(n * 4, [], seq))
     t = time.perf_counter()
     inputs, _ = orig.cache_original(teacher, tok, texts, n, seq)
     a = len(inputs) * seq / (time.perf_counter() - t)
     cfg = sf.make_config(teacher=sf.BUNDLED_TEACHER, dataset=sf.STDLIB_CORPUS, num_samples=n, val_samples=4,
-                         seq_len=seq, batch_size=2, cache_dir=str(tmp / "phase1"), device="cpu")
+                         seq_len=seq, batch_size=2, cache_dir=str(tmp / "phase1"), device="cpu", precision=PRECISION)
+    policy = sf.precision_policy("cpu", PRECISION)
+    ours = ours_teacher(teacher, tok)
     t = time.perf_counter()
-    cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), tokenizer=tok, progress=False)
+    cache = sf.cache_teacher_states(cfg, loader=lambda: (ours, tok), tokenizer=tok, progress=False)
     b = (cache.num_train + cache.num_val) * seq / (time.perf_counter() - t)
-    row("Phase 1 teacher tokens/s", a, b, 1.5, "tok/s")
+    row(f"Phase 1 teacher tokens/s ((b) teacher in {str(policy.teacher)[6:]})", a, b, 2.0, "tok/s")
     flops = teacher_flops_per_token(teacher, seq)
-    share_a, share_b = a * flops / 1e9 / peak, b * flops / 1e9 / peak
-    row("Phase 1 share of fp32 matmul peak", share_a, share_b, note=f"(b) {share_b:.0%}, target >= 55%: "
-        f"{'yes' if share_b >= 0.55 else '**no**'}")
+    share_a, share_b = a * flops / 1e9 / peak["fp32"], b * flops / 1e9 / peak["fp32"]
+    row("Phase 1 share of fp32 matmul peak", share_a, share_b, note=f"(b) {share_b:.0%}")
+    if policy.teacher == torch.bfloat16:
+        row("Phase 1 share of bf16 matmul peak", a * flops / 1e9 / peak["bf16"], b * flops / 1e9 / peak["bf16"],
+            note=f"(b) {b * flops / 1e9 / peak['bf16']:.0%}")
 
 
 # --- Phase 2 / 3 ------------------------------------------------------------------------------------------
@@ -127,20 +148,26 @@ def bench_phase2(p, peak, head_weight, vocab, teacher_dim):
     target = torch.randn(B, T, teacher_dim)
     a_opt = torch.optim.AdamW(list(a.parameters()) + list(a_proj.parameters()), lr=1e-3, weight_decay=0.0)
     ta = timed(lambda: orig.train_step_original(a, a_proj, a_opt, tokens, target), p["steps"])
-    cfg = sf.make_config(batch_size=B, num_samples=max(B, 1), lr=1e-3)
+    cfg = sf.make_config(batch_size=B, num_samples=max(B, 1), lr=1e-3, precision=PRECISION)
     params = [q for n, q in b.named_parameters() if not n.startswith("head.")]
     b_opt = sf._adamw(params, 1e-3, 0.0)
     gen = torch.Generator().manual_seed(0)
     b.train()
-    tb = timed(lambda: sf.superposition_step(b, b_opt, params, tokens, target, cfg, None, gen), p["steps"])
-    row("Phase 2 training tokens/s (cosine loss)", B * T / ta, B * T / tb, 2.0, "tok/s")
+    policy = sf.precision_policy("cpu", PRECISION)
+    tb = timed(lambda: sf.superposition_step(b, b_opt, params, tokens, target, cfg, None, gen, policy), p["steps"])
+    row(f"Phase 2 training tokens/s (cosine loss; (b) in {policy.name})", B * T / ta, B * T / tb, 2.5, "tok/s")
     flops = train_flops_per_token(b, T)
-    row("Phase 2 share of fp32 matmul peak", B * T * flops / ta / 1e9 / peak, B * T * flops / tb / 1e9 / peak)
+    row("Phase 2 share of fp32 matmul peak", B * T * flops / ta / 1e9 / peak["fp32"],
+        B * T * flops / tb / 1e9 / peak["fp32"])
+    if policy.autocast == torch.bfloat16:
+        row("Phase 2 share of bf16 matmul peak", B * T * flops / ta / 1e9 / peak["bf16"],
+            B * T * flops / tb / 1e9 / peak["bf16"])
     head = torch.nn.Linear(teacher_dim, vocab, bias=False).requires_grad_(False)
     head.weight.data.copy_(head_weight)
     for kd_tokens, label in ((128, "128 positions a batch"), (0, "every position")):
         kcfg = dataclasses.replace(cfg, kd_weight=1.0, kd_tokens=kd_tokens)
-        tk = timed(lambda: sf.superposition_step(b, b_opt, params, tokens, target, kcfg, head, gen), p["steps"])
+        tk = timed(lambda: sf.superposition_step(b, b_opt, params, tokens, target, kcfg, head, gen, policy),
+                   p["steps"])
         row(f"Phase 2 step time with logit KD on {label}, vs cosine only", tb, tk, unit="s",
             note="(a) is the cosine-only step here: the ratio is KD's extra cost")
 
@@ -156,24 +183,37 @@ def bench_phase3(p, cache, vocab, teacher_dim):
                              num_samples=cache.num_train, lm_head_steps=steps, eval_every=10**6, ckpt_every=0,
                              head_kd_weight=0.0,  # the same loss as the original: CE only
                              student_dim=p["dim"], student_layers=p["layers"], student_heads=p["heads"],
-                             seq_len=cache.seq_len, run_dir=d, device="cpu", head_init="unigram")
+                             seq_len=cache.seq_len, run_dir=d, device="cpu", head_init="unigram", precision=PRECISION)
         tb = timed(lambda: sf.train_lm_head(b, cache, cfg, progress=False, need_phase2=False)) / steps
         cfg = dataclasses.replace(cfg, head_init="teacher")  # the default: adds the one-off least-squares fit
         tb_fit = timed(lambda: sf.train_lm_head(b, cache, cfg, progress=False, fresh=True, need_phase2=False)) / steps
-    row("Phase 3 seconds per step (CE, new head vs tied)", ta, tb, 0.5, "s", higher_is_better=False,
-        note="target: (b) at most half of (a); head started at the unigram predictor")
+    row("Phase 3 seconds per step (CE, new head vs tied)", ta, tb, 0.35, "s", higher_is_better=False,
+        note="target: (b) at most 0.35 of (a); head started at the unigram predictor")
     row(f"Phase 3 seconds per step with the default teacher-fitted start, one-off fit spread over {steps} steps",
         ta, tb_fit, None, "s", higher_is_better=False)
 
 
-def bench_generate(p, vocab, teacher_dim):
+def bench_generate(p, vocab, teacher_dim, tok):
+    """Greedy decoding, n new tokens. One prompt; then the original's three prompts, which the original's
+    notebook decodes one after the other and generate_text decodes as one left-padded batch."""
     n = p["gen_tokens"]
-    a, _, b = _models(p, vocab, teacher_dim, max_len=n + 8)
+    prompts = [sf.prompt_ids(tok, text) for text in sf.ORIGINAL_PROMPTS]
+    a, _, b = _models(p, vocab, teacher_dim, max_len=n + max(len(q) for q in prompts))
     a.eval(), b.eval()
-    prompt = torch.randint(0, vocab, (1, 4))
+    prompt = torch.tensor([prompts[0]])
     ta = timed(lambda: orig.generate_original(a, prompt, n, temperature=0))
-    tb = timed(lambda: sf.generate(b, prompt, n, temperature=0))
-    row(f"Generation tokens/s ({n} new tokens)", n / ta, n / tb, 10.0, "tok/s")
+    tb = timed(lambda: sf.generate(b, prompt, n, temperature=0, precision=PRECISION))
+    row(f"Generation tokens/s ({n} new tokens, one prompt)", n / ta, n / tb, unit="tok/s")
+    ta3 = timed(lambda: [orig.generate_original(a, torch.tensor([q]), n, temperature=0) for q in prompts])
+    longest = max(len(q) for q in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, q in enumerate(prompts):
+        ids[i, longest - len(q):], mask[i, longest - len(q):] = torch.tensor(q), 1
+    tb3 = timed(lambda: sf.generate(b, ids, n, temperature=0, precision=PRECISION, attention_mask=mask))
+    k = len(prompts)
+    row(f"Generation tokens/s, the original's {k} prompts x {n} new tokens ((a) one at a time, as its notebook; "
+        f"(b) one batch, as generate_text)", k * n / ta3, k * n / tb3, 10.0, "tok/s")
 
 
 # --- memory -----------------------------------------------------------------------------------------------
@@ -252,7 +292,10 @@ def original_quality(a, a_proj, cache):
 
 
 def bench_quality(cfg, teacher, tok, progress):
-    cache = sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), tokenizer=tok, progress=progress)
+    """(a) the original at its budget, float32; (b) the cpu preset's Phases 1-3 at --precision, scored on (b)'s
+    held-out blocks (the teacher's states there come from (b)'s cache)."""
+    cache = sf.cache_teacher_states(cfg.run, loader=lambda: (ours_teacher(teacher, tok), tok), tokenizer=tok,
+                                    progress=progress)
     t = time.perf_counter()
     texts = _train_texts(cfg.num_samples * 2, cache.manifest["val_docs"], cfg.seq_len)
     inputs, targets = orig.cache_original(teacher, tok, texts, cfg.num_samples, cfg.seq_len)
@@ -270,7 +313,7 @@ def bench_quality(cfg, teacher, tok, progress):
         model = sf.build_student(run, cache)
         sf.train_superposition(model, cache, run, progress=progress)
         sf.train_lm_head(model, cache, run, progress=progress)
-        m = sf.evaluate(model, cache)["metrics"]
+        m = sf.evaluate(model, cache, precision=run.precision)["metrics"]
     time_b = time.perf_counter() - t
     base = m["baseline_cosine"]
     row("Held-out cosine to the teacher", cos_a, m["student_cosine"], note=f"mean-vector baseline {base:.4f}")
@@ -297,8 +340,8 @@ def table(machine):
              "| figure | (a) original | (b) Spoon Feed | (b)/(a) | target | met |", "|---|---|---|---|---|---|"]
     for r in ROWS:
         target = r["target"] if isinstance(r["target"], str) else (f">= {r['target']}x" if r["target"] else "")
-        if r["target"] == 0.5:
-            target = "<= 0.5x"
+        if r["target"] and not isinstance(r["target"], str) and not r.get("higher_is_better", True):
+            target = f"<= {r['target']}x"
         ratio = "" if r["ratio"] != r["ratio"] else f"{r['ratio']:.2f}x"
         unit = f" {r['unit']}" if r["unit"] else ""
         lines.append(f"| {r['figure']}{' — ' + r['note'] if r['note'] else ''} | {_fmt(r['original'])}{unit} | "
@@ -323,6 +366,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="toy sizes: checks that every section runs")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--precision", default="auto", choices=sf.PRECISIONS, help="what (b) computes in (PRECISION)")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rss-cache", help=argparse.SUPPRESS)
     ap.add_argument("--rss-side", help=argparse.SUPPRESS)
@@ -337,15 +381,18 @@ def main(argv=None):
         ap.error(f"unknown sections {sorted(unknown)}: choose from {','.join(SECTIONS)}")
     p = SMOKE if args.smoke else FULL
     ROWS.clear()
-    peak = matmul_peak(p["matmul"])
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    global PRECISION
+    PRECISION = args.precision
+    policy = sf.precision_policy("cpu", PRECISION)
+    print(f"(b) computes in {policy.name}: {policy.reason}", flush=True)
+    peak = {"fp32": matmul_peak(p["matmul"]), "bf16": matmul_peak(p["matmul"], torch.bfloat16)}
+    print(f"matmul peak: fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f} GFLOP/s", flush=True)
     if "peak" in sections:
-        ROWS.append(dict(figure=f"fp32 matmul peak ({p['matmul']}x{p['matmul']})", original=peak, spoonfeed=peak,
-                         ratio=float("nan"), target=None, met="", unit="GFLOP/s", note=""))
-        bf16 = matmul_peak(p["matmul"], torch.bfloat16)
-        ROWS.append(dict(figure="bf16 matmul on this CPU (why training stays fp32)", original=bf16, spoonfeed=bf16,
-                         ratio=float("nan"), target=None, met="", unit="GFLOP/s", note=""))
-    teacher, tok = sf.load_teacher(sf.BUNDLED_TEACHER, device="cpu")
+        for dtype in ("fp32", "bf16"):
+            ROWS.append(dict(figure=f"{dtype} matmul peak ({p['matmul']}x{p['matmul']})", original=peak[dtype],
+                             spoonfeed=peak[dtype], ratio=float("nan"), target=None, met="", unit="GFLOP/s",
+                             note=""))
+    teacher, tok = sf.load_teacher(sf.BUNDLED_TEACHER, device="cpu", precision="fp32")  # (a)'s, as the original
     vocab, teacher_dim = teacher.config.vocab_size, teacher.config.hidden_size
     head_weight = teacher.get_output_embeddings().weight.detach()
     with tempfile.TemporaryDirectory() as d:
@@ -355,24 +402,26 @@ def main(argv=None):
         if "phase2" in sections:
             bench_phase2(p, peak, head_weight, vocab, teacher_dim)
         if "generate" in sections:
-            bench_generate(p, vocab, teacher_dim)
+            bench_generate(p, vocab, teacher_dim, tok)
         if "phase3" in sections:
             cfg = sf.make_config(teacher=sf.BUNDLED_TEACHER, dataset=sf.STDLIB_CORPUS, num_samples=max(16, p["batch"]),
                                  val_samples=4, seq_len=p["seq"], batch_size=p["batch"],
-                                 cache_dir=str(tmp / "phase3"), device="cpu")
+                                 cache_dir=str(tmp / "phase3"), device="cpu", precision="fp32")  # tokens only
             bench_phase3(p, sf.cache_teacher_states(cfg, loader=lambda: (teacher, tok), tokenizer=tok, progress=False), vocab,
                          teacher_dim)
         if "rss" in sections:
             bench_rss(p, tok, tmp)
         if "quality" in sections:
-            run = sf.make_config("smoke" if args.smoke else "cpu", cache_dir=str(ROOT / "spoonfeed_cache"))
+            run = sf.make_config("smoke" if args.smoke else "cpu", cache_dir=str(ROOT / "spoonfeed_cache"),
+                                 precision=PRECISION)
             if args.smoke:
                 run = dataclasses.replace(run, cache_dir=str(tmp / "quality"))
             bench_quality(QualityConfig(run, lr_original=1e-3), teacher, tok, progress=not args.smoke)
-    report = table(machine_name())
+    report = table(f"{machine_name()}; (b) computes in {policy.name} ({policy.reason})")
     print("\n" + report)
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine_name(), "rows": ROWS}, indent=1, default=str))
+        Path(args.out).write_text(json.dumps({"machine": machine_name(), "precision": policy.name,
+                                              "path": policy.reason, "rows": ROWS}, indent=1, default=str))
     return ROWS
 
 

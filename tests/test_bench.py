@@ -21,3 +21,20 @@ def test_bench_smoke_runs_and_every_figure_is_finite(tmp_path, monkeypatch):
         for side in ("original", "spoonfeed"):
             assert isinstance(r[side], float) and math.isfinite(r[side]), (r["figure"], side)
     assert (tmp_path / "bench.json").stat().st_size > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_says_which_precision_path_it_took_and_gives_bf16_peak_shares(tmp_path, monkeypatch, capsys, precision):
+    import json
+
+    import spoonfeed_helpers as sf
+    from bench import run
+
+    monkeypatch.chdir(tmp_path)
+    rows = run.main(["--smoke", "--only", "peak,phase1,phase2", "--precision", precision, "--out", "b.json"])
+    policy = sf.precision_policy("cpu", precision)
+    out = capsys.readouterr().out
+    assert f"(b) computes in {policy.name} ({policy.reason})" in out  # printed at the start and over the table
+    assert json.loads((tmp_path / "b.json").read_text())["precision"] == policy.name
+    bf16_rows = [r["figure"] for r in rows if "share of bf16 matmul peak" in r["figure"]]
+    assert len(bf16_rows) == (2 if precision == "bf16" else 0)  # Phase 1 and Phase 2, next to the fp32 rows

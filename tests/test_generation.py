@@ -114,7 +114,7 @@ def test_cached_sampling_equals_transformers_on_full_recomputation(temperature, 
     expected = _reference_generate(model, prompt, 15, _hf_list(temperature, top_k, top_p, min_p, penalty),
                                    torch.Generator().manual_seed(11))
     got = sf.generate(model, prompt, 15, temperature, top_k, top_p, generator=torch.Generator().manual_seed(11),
-                      min_p=min_p, repetition_penalty=penalty)
+                      min_p=min_p, repetition_penalty=penalty, precision="fp32")  # the reference is float32
     assert torch.equal(got, expected)
 
 
@@ -232,8 +232,9 @@ def test_a_too_long_prompt_is_reported_alone_and_the_others_still_generate():
     assert results[1].text == "" and results[1].new_tokens == 0
     assert "prompt 2 of 4" in results[1].error and "max_seq_len" in results[1].error
     assert "MAX_SEQ_LENGTH" in results[1].error
-    good = sf.generate_text(model, tok, [prompts[0], *prompts[2:]], 4, temperature=1.0, seed=3)
-    assert [r.text for r in results if r.error is None] == [r.text for r in good]  # the same draws as without it
+    good = sf.generate_text(model, tok, [prompts[0], "a dog", *prompts[2:]], 4, temperature=1.0, seed=3)
+    # each prompt draws from its own generator: a short prompt in its place changes none of the others
+    assert [r.text for r in results if r.error is None] == [r.text for i, r in enumerate(good) if i != 1]
     assert all(r.error is None and r.text.startswith(r.prompt) and r.new_tokens == 4 for r in good)
     printed = sf.format_generations(results)
     assert printed.count("Output: ") == 3 and "Skipped: prompt 2 of 4" in printed
@@ -412,3 +413,79 @@ def test_a_single_string_is_one_prompt_and_a_prompt_that_is_not_text_is_refused_
         with pytest.raises(sf.ConfigError, match="every prompt must be a string: prompt"):
             sf.generate_text(model, tok, prompts, 3, 0, streamer=streamer)
     assert streamer.puts == []  # nothing ran
+
+
+# --- prompts of different lengths decode together (issue 19) -----------------------------------------------
+
+def _left_pad(rows, fill=0):
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), fill, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):], mask[i, longest - len(r):] = torch.tensor(r), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p,penalty", SETTINGS)
+def test_a_left_padded_batch_decodes_each_row_as_it_would_alone(temperature, top_k, top_p, min_p, penalty):
+    """Per-row positions and a mask over the padding: the batch changes nothing but the speed."""
+    torch.manual_seed(5)
+    model = sf.BitNetStudent(tiny_student_config()).eval()
+    rows = [[5, 6], [7, 8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]
+    ids, mask = _left_pad(rows, fill=63)
+    kw = dict(min_p=min_p, repetition_penalty=penalty, precision="fp32")
+    gens = [torch.Generator().manual_seed(20 + i) for i in range(len(rows))]
+    batch = sf.generate(model, ids, 9, temperature, top_k, top_p, generator=gens, attention_mask=mask, **kw)
+    assert torch.isfinite(model(ids)).all()
+    for i, r in enumerate(rows):
+        alone = sf.generate(model, torch.tensor([r]), 9, temperature, top_k, top_p,
+                            generator=[torch.Generator().manual_seed(20 + i)], **kw)
+        assert batch[i, ids.shape[1] - len(r):].tolist() == alone[0].tolist()
+        assert torch.equal(batch[i, :ids.shape[1]], ids[i])  # the padding is given back as it came
+
+
+def test_generate_text_batches_without_a_streamer_and_gives_what_streaming_gives(monkeypatch):
+    tok = make_tokenizer()
+    model = sf.BitNetStudent(tiny_student_config(vocab_size=len(tok))).eval()
+    prompts = ["the cat sat on a", "a", "", "the dog ran over the big red"]
+    calls = []
+    real = sf.generate
+    monkeypatch.setattr(sf, "generate", lambda m, ids, *a, **k: calls.append(tuple(ids.shape)) or real(m, ids, *a, **k))
+    for temperature in (0.0, 1.0):
+        calls.clear()
+        batched = sf.generate_text(model, tok, prompts, 6, temperature, seed=4, precision="fp32")
+        assert calls == [(4, 7)]  # one call, left-padded to the longest prompt
+        streamed = sf.generate_text(model, tok, prompts, 6, temperature, seed=4, precision="fp32",
+                                    streamer=RecordingStreamer())
+        assert len(calls) == 1 + 4  # one prompt at a time
+        assert [(r.text, r.new_tokens) for r in batched] == [(r.text, r.new_tokens) for r in streamed]
+
+
+def test_a_row_that_stops_at_eos_is_not_counted_past_it_in_a_batch():
+    tok = make_tokenizer()
+    model = sf.BitNetStudent(tiny_student_config(vocab_size=len(tok))).eval()
+    eos = tok.eos_token_id
+    with torch.no_grad():  # the head always prefers EOS: every row stops at its first new token
+        model.head.bias.fill_(0).index_fill_(0, torch.tensor([eos]), 100.0)
+    out = sf.generate_text(model, tok, ["the cat", "a big red dog"], 5, 0.0, precision="fp32")
+    assert [(r.text, r.new_tokens) for r in out] == [("the cat", 1), ("a big red dog", 1)]
+
+
+def test_prompts_that_would_pass_max_seq_len_together_decode_one_at_a_time(monkeypatch):
+    """Each prompt keeps its own position limit: a long prompt does not cut a short one's continuation."""
+    tok = make_tokenizer()
+    model = sf.BitNetStudent(tiny_student_config(vocab_size=len(tok), max_seq_len=10)).eval()
+    calls = []
+    real = sf.generate
+    monkeypatch.setattr(sf, "generate", lambda m, ids, *a, **k: calls.append(tuple(ids.shape)) or real(m, ids, *a, **k))
+    with pytest.warns(UserWarning, match="stopping after 2 new tokens"):
+        out = sf.generate_text(model, tok, ["the cat", "the dog sat on a big red mat"], 6, 0.0)
+    assert calls == [(1, 2), (1, 8)]
+    assert [r.new_tokens for r in out] == [6, 2]
+
+
+@pytest.mark.parametrize("mask", [[[1, 1, 0]], [[0, 1, 0]], [[0, 0, 0]], [[1, 1]]])
+def test_an_attention_mask_that_is_not_left_padding_is_refused_before_any_work(mask):
+    model = sf.BitNetStudent(tiny_student_config()).eval()
+    with pytest.raises(ValueError, match="left padding"):
+        sf.generate(model, torch.tensor([[1, 2, 3]]), 3, temperature=0, attention_mask=torch.tensor(mask))

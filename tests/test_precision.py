@@ -37,7 +37,9 @@ def test_policy_follows_compute_capability_never_bf16_emulation(monkeypatch, nam
 
 
 def test_policy_on_cpu_is_float32_without_autocast_or_scaler(monkeypatch):
+    """A CPU without native bf16 matmul (test_cpu_precision.py covers those with it)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sf, "cpu_bf16_instructions", lambda: [])
     policy = sf.precision_policy("auto")
     assert (policy.device, policy.autocast, policy.grad_scaler, policy.teacher) == ("cpu", None, False, torch.float32)
     assert sf.make_grad_scaler(policy) is None
