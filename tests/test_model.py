@@ -265,3 +265,19 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "s" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         sf.load_pretrained(tmp_path / "s")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 9, 64), (3, 7), (1, 1, 256)])
+def test_the_fused_int8_round_trip_equals_quantize_then_dequantize_bit_for_bit(dtype, shape):
+    """BitLinear's fast path (fewer passes, in place) must give exactly the reference quantizer's values."""
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * torch.rand(*shape[:-1], 1) * 10).to(dtype)
+    x[0] = 0  # an all-zero row: scale clamped, no NaN
+    ref = sf.dequantize_activation(*sf.quantize_activation(x))
+    got = sf.fake_quantize_activation(x)
+    assert got.dtype == x.dtype and torch.equal(got, ref)
+    if dtype == torch.float32:
+        before = x.clone()
+        sf.fake_quantize_activation(x)
+        assert torch.equal(x, before)  # the input is never written
