@@ -38,3 +38,11 @@ def test_bench_says_which_precision_path_it_took_and_gives_bf16_peak_shares(tmp_
     assert json.loads((tmp_path / "b.json").read_text())["precision"] == policy.name
     bf16_rows = [r["figure"] for r in rows if "share of bf16 matmul peak" in r["figure"]]
     assert len(bf16_rows) == (2 if precision == "bf16" else 0)  # Phase 1 and Phase 2, next to the fp32 rows
+
+
+def test_shapes_smoke_runs_and_times_every_shape():
+    from bench import shapes
+
+    rows = shapes.main(["--smoke"])
+    assert len(rows) == len(shapes.LINEAR) + 2
+    assert all(r[1] > 0 and (r[2] is None or r[2] > 0) for r in rows)

@@ -1,0 +1,73 @@
+"""Float32 against bf16 at the shapes the `cpu` preset runs (not CI): why some parts stay float32 under
+PRECISION=auto on a CPU. One process, one machine, each pair timed side by side:
+
+    python bench/shapes.py            # about a minute on 2 cores
+    python bench/shapes.py --smoke    # toy sizes (run by the tests)
+
+- F.linear at decoding's one row (the body's 256-wide BitLinears, the 49152 x 256 head), at three rows (the
+  original's three prompts as one batch) and at a training batch (8 x 128 rows);
+- SDPA forward + backward at Phase 2's shape (8 x 4 heads x 128 x 64), causal.
+"""
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.run import machine_name  # noqa: E402
+
+LINEAR = [  # (what, rows, in, out)
+    ("decode: body q/k/v/o, 1 row", 1, 256, 256),
+    ("decode: body SwiGLU up, 1 row", 1, 256, 1024),
+    ("decode: body SwiGLU down, 1 row", 1, 1024, 256),
+    ("decode: LM head, 1 row", 1, 256, 49152),
+    ("decode: LM head, 3 rows (three prompts in one batch)", 3, 256, 49152),
+    ("training: SwiGLU up, 8 x 128 rows", 1024, 256, 1024),
+    ("training: LM head, 8 x 127 rows (Phase 3)", 1016, 256, 49152),
+]
+
+
+def timed_us(fn, repeat):
+    fn()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t) / repeat * 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    shrink = 64 if args.smoke else 1
+    rows = []
+    print(f"Machine: {machine_name()} ({platform.machine()})\n")
+    print("| shape | float32 µs | bf16 µs | bf16 speed-up |\n|---|---|---|---|")
+    for what, m, k, n in LINEAR:
+        m, n = max(1, m // shrink) if m > 3 else m, max(1, n // shrink)
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        repeat = 3 if m * n > 10**7 else 30
+        a = timed_us(lambda: F.linear(x, w), repeat)
+        b = timed_us(lambda: F.linear(xb, wb), repeat)
+        rows.append((what, a, b))
+        print(f"| {what} ({m} x {k} @ {k} x {n}) | {a:.0f} | {b:.0f} | {a / b:.2f}x |", flush=True)
+    B, H, T, D = (8, 4, 128, 64) if not args.smoke else (2, 2, 16, 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(B, H, T, D, dtype=dtype, requires_grad=True) for _ in range(3))
+        us = timed_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward(), 10)
+        rows.append((f"SDPA fwd + bwd {dtype}", us, None))
+    a, b = rows[-2][1], rows[-1][1]
+    print(f"| SDPA forward + backward, causal ({B} x {H} heads x {T} x {D}) | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
