@@ -120,6 +120,8 @@ cfg = sf.make_config(
     head_bias=HEAD_BIAS, precision=PRECISION,
 )
 sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
+sf.check_export_settings(GGUF_QTYPE, HUB_REPO_ID)
+sf.check_switches(RETRAIN=RETRAIN, RUN_ABLATION=RUN_ABLATION)
 print(sf.describe(cfg, PRESET))
 sf.check_runtime(cfg, PRESET)
 print(sf.check_folders(cfg, ablation=RUN_ABLATION))  # writable, with room for what the run writes, before any work
@@ -165,7 +167,7 @@ plt.show()
 
 # %% cellView="form"
 # @title 8. Save and export
-# @markdown Four files in `RUN_DIR`: `student/` (config.json + safetensors, fp32 latent weights, reloadable for training), `student-ternary/` (packed 1.6 bits a weight), `student-hf/` (a stock `LlamaForCausalLM` with transformers' BitNet quantization, for `from_pretrained`, `pipeline` and lm-evaluation-harness) and `student.gguf` (llama.cpp, `GGUF_QTYPE`; F16 when the student's rows are not a multiple of 256, as in the smoke preset). A head bias is folded into the weights, with the held-out CE printed before and after. `HUB_REPO_ID` uploads `student-hf/`.
+# @markdown Four files in `RUN_DIR`: `student/` (config.json + safetensors, fp32 latent weights, reloadable for training), `student-ternary/` (packed 1.6 bits a weight), `student-hf/` (a stock `LlamaForCausalLM` with transformers' BitNet quantization, for `from_pretrained`, `pipeline` and lm-evaluation-harness) and `student.gguf` (llama.cpp, `GGUF_QTYPE`; F16 when the student's rows are not a multiple of 256, as in the smoke preset). A head bias is folded into the weights, with the held-out CE printed before and after. A form this run skips (`HEAD_MODE = "teacher"` has no Llama form) has an earlier run's file removed, with a line saying so. `HUB_REPO_ID` uploads `student-hf/`.
 exported = sf.export_all(student, tokenizer, cfg.run_dir, cache, cfg, report, GGUF_QTYPE)
 if HUB_REPO_ID and "hf" in exported:
     print("uploaded:", sf.push_to_hub(exported["hf"], HUB_REPO_ID))
@@ -185,15 +187,22 @@ print(sf.format_generations(generations))
 
 # %% cellView="form"
 # @title 10. Reload the export with transformers
-# @markdown The HF folder from cell 8 through a stock `pipeline("text-generation")`, no Spoon Feed code: the same prompts, decoded by transformers (greedy when `TEMPERATURE` is 0).
+# @markdown The HF folder from cell 8 through a stock `pipeline("text-generation")`, no Spoon Feed model code: the same prompts, decoded by transformers with cell 9's settings (`TEMPERATURE`, 0 is greedy; `TOP_K`, 0 keeps every token; `TOP_P`; `MAX_NEW_TOKENS`), each stopping at EOS or at the student's position limit (`sf.pipeline_settings`).
 from transformers import pipeline
 
 if "hf" in exported:
     generator = pipeline("text-generation", model=str(exported["hf"]), device=sf.pick_device(cfg.device))
-    sampling = dict(do_sample=TEMPERATURE > 0, **(dict(temperature=TEMPERATURE, top_k=50, top_p=0.95) if TEMPERATURE > 0 else {}))
     for prompt in PROMPTS:
-        text = generator(prompt, max_new_tokens=MAX_NEW_TOKENS, **sampling)[0]["generated_text"]
+        try:
+            settings = sf.pipeline_settings(generator, prompt, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
+        except sf.PromptTooLongError as e:
+            print(f"Prompt: {prompt!r}\nSkipped: {e}\n" + "-" * 40)
+            continue
+        text = generator(prompt, **settings)[0]["generated_text"]
         print(f"Prompt: {prompt!r}\nOutput: {text!r}\n" + "-" * 40)
+else:
+    print(f"Reload skipped: cell 8 wrote no HF folder, because HEAD_MODE = {cfg.head_mode!r} has no Llama form "
+          "(set HEAD_MODE = 'new' or 'tied' to export one)")
 
 # %% cellView="form"
 # @title 11. Does ternary superposition help? (ablation)

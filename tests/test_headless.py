@@ -50,7 +50,8 @@ def outputs(nb_path):
 
 
 def test_run_cpu_streams_titles_bars_and_results_passes_its_arguments_and_saves_the_notebook(project):
-    args = tiny(project, "-p", "SEED", "7", "-p", "STUDENT_DIM", "48")
+    run_dir = project / "elsewhere"
+    args = tiny(project, "-p", "SEED", "7", "-p", "STUDENT_DIM", "48", "-p", "RUN_DIR", str(run_dir))
     with open(project / "stderr.txt", "w+") as err:
         proc = subprocess.Popen(["bash", "scripts/run_cpu.sh", *args], cwd=project, env=ENV, text=True,
                                 stdout=subprocess.PIPE, stderr=err)
@@ -78,7 +79,16 @@ def test_run_cpu_streams_titles_bars_and_results_passes_its_arguments_and_saves_
     saved = outputs(project / "runs" / "smoke" / "spoon_feed.ipynb")
     report = "".join("".join(o.get("text", "")) for o in saved["# @title 7. Evaluate on held-out text"])
     assert "held-out cosine (student)" in report
-    assert (project / "runs" / "smoke" / "student" / "config.json").exists()
+    assert (run_dir / "student" / "config.json").exists()
+    # the reload cell decodes within the student's 32 positions: transformers never warns that it went past them
+    reload = json.dumps(saved["# @title 10. Reload the export with transformers"])
+    assert reload.count("Output: ") == 3 and "predefined maximum length" not in reload + r.stderr
+    # the closing line names the run's real RUN_DIR and every form the save cell wrote there (no GGUF: the test
+    # teacher's word-level tokenizer has no GGUF form, and cell 8 says so)
+    assert "GGUF skipped" in r.stdout and not (run_dir / "student.gguf").exists()
+    forms = ", ".join(f"{run_dir}/{f}" for f in ("plots/", "student/", "student-ternary/", "student-hf/"))
+    assert re.search(rf"^done in \d+ s: runs/smoke/spoon_feed.ipynb, {re.escape(forms)}$", r.stdout, re.M), \
+        r.stdout[-500:]
 
 
 def test_a_failing_cell_is_named_with_its_traceback_and_the_exit_status_is_nonzero(project):

@@ -170,3 +170,88 @@ def test_setup_cell_uses_a_helper_file_beside_the_notebook_and_redoes_a_cut_clon
     (tmp_path / "spoon-feed").mkdir()  # a clone interrupted before the helper arrived
     run_setup_cell(monkeypatch)
     assert colab.clones() == 1 and (tmp_path / "spoon-feed" / "spoonfeed_helpers.py").exists()
+
+
+# --- cell 2 checks every setting; cell 10 decodes with the form's settings (issue 17) ---------------------------
+
+def test_cell_2_reads_every_form_setting_of_cell_1():
+    """Every setting reaches a check in cell 2 (make_config, or a check_* call), so a bad one stops there."""
+    for name in re.findall(r"^(\w+) = .*# @param", CODE[0], re.M):
+        assert re.search(rf"\b{name}\b", CODE[1]), name
+
+
+@pytest.mark.parametrize("name, value", [("GGUF_QTYPE", "Q4_0"), ("HUB_REPO_ID", "bad name"),
+                                         ("HUB_REPO_ID", "me/bad@name!"), ("HUB_REPO_ID", "student"),
+                                         ("RETRAIN", "no"), ("RUN_ABLATION", "yes"), ("RUN_ABLATION", 0)])
+def test_a_bad_save_cell_or_switch_setting_stops_cell_2_before_any_work(tmp_path, monkeypatch, name, value):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SPOONFEED_PRESET", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    ns = {}
+    exec(CODE[0].replace('PRESET = "none"', 'PRESET = "smoke"'), ns)
+    ns[name] = value  # as papermill's injected cell sets it
+    with pytest.raises(sf.ConfigError, match=name):
+        exec(CODE[1], ns)
+    assert os.listdir(tmp_path) == []  # no folder made, nothing cached or trained
+
+
+def test_cell_2_needs_a_hub_token_only_when_hub_repo_id_is_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SPOONFEED_PRESET", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    ns = {}
+    exec(CODE[0].replace('PRESET = "none"', 'PRESET = "smoke"'), ns)
+    exec(CODE[1], dict(ns))  # HUB_REPO_ID = "": no upload, no token needed
+    ns["HUB_REPO_ID"] = "me/student"
+    with pytest.raises(sf.ConfigError, match="HUB_REPO_ID is set but there is no Hugging Face token"):
+        exec(CODE[1], ns)
+
+
+class RecordingPipeline:
+    """Stands in for transformers.pipeline: a real tokenizer, a model with a position limit, calls recorded."""
+
+    def __init__(self, limit):
+        from conftest import make_tokenizer
+
+        self.tokenizer = make_tokenizer()
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=limit))
+        self.calls = []
+
+    def __call__(self, prompt, **kwargs):
+        self.calls.append(kwargs)
+        return [{"generated_text": prompt + " ..."}]
+
+
+def run_reload_cell(exported, limit=12, **settings):
+    """Cell 10 with transformers' pipeline replaced by a RecordingPipeline; returns the calls' keyword arguments."""
+    recorder = RecordingPipeline(limit)
+    cell = next(c for c in CODE if 'pipeline("text-generation"' in c)
+    assert "from transformers import pipeline\n" in cell
+    ns = {"sf": sf, "exported": exported, "cfg": sf.make_config("smoke", head_mode=settings.pop("mode", "new")),
+          "PROMPTS": sf.ORIGINAL_PROMPTS, "MAX_NEW_TOKENS": 30, "TEMPERATURE": 0.7, "TOP_K": 50, "TOP_P": 0.95,
+          "pipeline": lambda task, model, device: recorder}
+    ns.update(settings)
+    exec(cell.replace("from transformers import pipeline\n", ""), ns)
+    return recorder.calls
+
+
+def test_the_reload_cell_decodes_with_the_forms_settings_within_the_students_positions(capsys):
+    calls = run_reload_cell({"hf": "student-hf"}, TEMPERATURE=0.9, TOP_K=7, TOP_P=0.5)
+    assert len(calls) == len(sf.ORIGINAL_PROMPTS)
+    for kw in calls:
+        assert (kw["do_sample"], kw["temperature"], kw["top_k"], kw["top_p"]) == (True, 0.9, 7, 0.5)
+        assert "max_new_tokens" not in kw and kw["max_length"] == 12  # 30 new tokens would pass the 12 positions
+    assert all(kw["top_k"] == 0 for kw in run_reload_cell({"hf": "x"}, TOP_K=0))  # 0: no top-k
+    assert all(not kw["do_sample"] and "top_k" not in kw for kw in run_reload_cell({"hf": "x"},
+                                                                                    TEMPERATURE=0))
+    capsys.readouterr()
+    calls = run_reload_cell({"hf": "x"}, limit=3)  # 4, 5 and 2 tokens with the test tokenizer
+    assert len(calls) == 1 and "Skipped: the prompt has 4 tokens but the student only knows 3 positions" in \
+        capsys.readouterr().out  # a prompt too long is reported, and the others still run
+
+
+def test_the_reload_cell_says_why_it_is_skipped_in_teacher_head_mode(capsys):
+    calls = run_reload_cell({"safetensors": "student", "ternary": "student-ternary"}, mode="teacher")
+    assert calls == []
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("Reload skipped:") and "HEAD_MODE = 'teacher'" in out
