@@ -223,3 +223,16 @@ def test_one_token_decoding_without_a_mask_equals_full_recomputation():
         cache = sf.KVCache(model.cfg, 2, "cpu")
         steps = [model(ids[:, :5], cache)] + [model(ids[:, t:t + 1], cache) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_moved_aside_line_names_fp32_not_none_for_a_float32_checkpoint():
+    old = {"lr": 1.0}  # a float32 signature: no precision key, as before the setting existed
+    new = {"lr": 1.0, "precision": "bf16"}
+    assert sf._signature_changes(old, new) == "precision 'fp32' -> 'bf16'"
+    assert sf._signature_changes(new, old) == "precision 'bf16' -> 'fp32'"
+
+
+def test_a_device_that_is_not_a_cpu_is_not_described_as_one(monkeypatch):
+    monkeypatch.setattr(sf, "pick_device", lambda device="auto": torch.device(device))
+    for precision in ("auto", "bf16"):
+        assert "CPU" not in sf.precision_policy(torch.device("mps"), precision).reason
