@@ -3,6 +3,7 @@ PRECISION=auto on a CPU. One process, one machine, each pair timed side by side:
 
     python bench/shapes.py            # about a minute on 2 cores
     python bench/shapes.py --smoke    # toy sizes (run by the tests)
+    python bench/shapes.py --profile  # + torch.profiler's top operators of a Phase 2 and a Phase 3 step in bf16
 
 - F.linear at decoding's one row (the body's 256-wide BitLinears, the 49152 x 256 head), at three rows (the
   original's three prompts as one batch) and at a training batch (8 x 128 rows);
@@ -45,6 +46,7 @@ def timed_us(fn, repeat):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile a Phase 2 and a Phase 3 step in bf16")
     args = ap.parse_args(argv)
     shrink = 64 if args.smoke else 1
     rows = []
@@ -66,7 +68,49 @@ def main(argv=None):
         rows.append((f"SDPA fwd + bwd {dtype}", us, None))
     a, b = rows[-2][1], rows[-1][1]
     print(f"| SDPA forward + backward, causal ({B} x {H} heads x {T} x {D}) | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
+    if args.profile:
+        profile_steps(args.smoke)
     return rows
+
+
+def profile_steps(smoke: bool, top: int = 12):
+    """torch.profiler's operators by self CPU time over 3 steps each: Phase 2 (superposition_step) and Phase 3
+    (the new head's CE step as train_lm_head runs it), at the cpu preset's shapes, in bf16."""
+    from torch.profiler import profile
+
+    import spoonfeed_helpers as sf
+
+    V, dim, B, T = (49152, 256, 8, 128) if not smoke else (512, 32, 2, 16)
+    torch.manual_seed(0)
+    model = sf.BitNetStudent(sf.StudentConfig(vocab_size=V, teacher_dim=576, dim=dim, n_layers=4 if not smoke else 2,
+                                              n_heads=4 if not smoke else 2, max_seq_len=T))
+    cfg = sf.make_config(batch_size=B, num_samples=B, lr=1e-3, precision="bf16")
+    policy = sf.precision_policy("cpu", "bf16")
+    tokens, target = torch.randint(0, V, (B, T)), torch.randn(B, T, 576)
+    params = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    opt = sf._adamw(params, 1e-3, 0.0, model.tok_embeddings.weight, 100.0)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    phase2 = lambda: sf.superposition_step(model, opt, params, tokens, target, cfg, None, gen, policy)  # noqa: E731
+    head, feats = model.head, torch.randn(B, T, dim)
+    hopt = sf._adamw(list(head.parameters()), 5e-3, 0.0)
+
+    def phase3():
+        with sf._autocast(policy):
+            logits = head(feats[:, :-1])
+            loss = sf.token_ce(logits.reshape(-1, V), tokens[:, 1:].reshape(-1), policy)
+        sf.optimizer_step(loss, hopt, list(head.parameters()), 1.0)
+
+    for name, step in (("Phase 2 step (cosine)", phase2), ("Phase 3 step (new head, CE)", phase3)):
+        step()
+        with profile() as prof:
+            for _ in range(3):
+                step()
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        print(f"\n{name}, bf16, 3 steps: {total / 3e3:.0f} ms a step of operator self time\n"
+              "| operator | share | ms a step |\n|---|---|---|")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]:
+            print(f"| {e.key} | {e.self_cpu_time_total / total:.0%} | {e.self_cpu_time_total / 3e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,6 @@ def test_bench_says_which_precision_path_it_took_and_gives_bf16_peak_shares(tmp_
 def test_shapes_smoke_runs_and_times_every_shape():
     from bench import shapes
 
-    rows = shapes.main(["--smoke"])
+    rows = shapes.main(["--smoke", "--profile"])
     assert len(rows) == len(shapes.LINEAR) + 2
     assert all(r[1] > 0 and (r[2] is None or r[2] > 0) for r in rows)
