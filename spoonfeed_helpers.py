@@ -1195,11 +1195,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
               precision=precision)
     longest = max((len(ids) for _, ids, _ in rows), default=0)
     if streamer is None and len(rows) > 1 and longest + max_new_tokens <= limit:
-        batch = torch.full((len(rows), longest), tokenizer.eos_token_id or 0, dtype=torch.long, device=device)
-        mask = torch.zeros_like(batch)
-        for r, (_, ids, _) in enumerate(rows):  # left padding: every row ends at the last column
-            batch[r, longest - len(ids):] = torch.tensor(ids, device=device)
-            mask[r, longest - len(ids):] = 1
+        batch, mask = left_pad([ids for _, ids, _ in rows], tokenizer.eos_token_id or 0, device)
         out = generate(model, batch, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_token_id,
                        [g for _, _, g in rows], attention_mask=mask, **kw)
         outputs = [out[r:r + 1, longest - len(ids):] for r, (_, ids, _) in enumerate(rows)]
@@ -1212,6 +1208,19 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
             new = new[:new.index(tokenizer.eos_token_id) + 1]  # what follows a row's EOS is padding
         results[i] = Generation(prompts[i], tokenizer.decode(ids + new, skip_special_tokens=True), len(new))
     return results
+
+
+def left_pad(rows: list[list[int]], fill: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists of different lengths -> (ids, attention_mask), both (B, longest) long: each row padded with
+    `fill` on the left, so that every row ends at the last column, and mask 1 on its tokens, 0 on the padding
+    (transformers' padding_side='left' convention; what generate's attention_mask takes)."""
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), fill, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):] = torch.tensor(r, dtype=torch.long, device=device)
+        mask[i, longest - len(r):] = 1
+    return ids, mask
 
 
 def _too_long(n: int, limit: int) -> str:
@@ -2228,10 +2237,9 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor, policy: Precision) -> 
     instead of on a float32 copy: with 49152-wide rows, the copies and float32 passes were most of a Phase 3
     step. The loss value is then rounded to bf16 (about 0.02 at 5 nats; the held-out figures are float32,
     see held_out_ce). Everywhere else autocast's float32 cross-entropy, as before."""
-    if policy.device == "cpu" and policy.autocast == torch.bfloat16:
-        with torch.autocast("cpu", enabled=False):
-            return F.cross_entropy(logits, targets)
-    return F.cross_entropy(logits, targets)
+    on_bf16_logits = policy.device == "cpu" and policy.autocast == torch.bfloat16
+    with torch.autocast("cpu", enabled=False) if on_bf16_logits else contextlib.nullcontext():
+        return F.cross_entropy(logits, targets)
 
 
 def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:

@@ -205,11 +205,7 @@ def bench_generate(p, vocab, teacher_dim, tok):
     tb = timed(lambda: sf.generate(b, prompt, n, temperature=0, precision=PRECISION))
     row(f"Generation tokens/s ({n} new tokens, one prompt)", n / ta, n / tb, unit="tok/s")
     ta3 = timed(lambda: [orig.generate_original(a, torch.tensor([q]), n, temperature=0) for q in prompts])
-    longest = max(len(q) for q in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, q in enumerate(prompts):
-        ids[i, longest - len(q):], mask[i, longest - len(q):] = torch.tensor(q), 1
+    ids, mask = sf.left_pad(prompts)
     tb3 = timed(lambda: sf.generate(b, ids, n, temperature=0, precision=PRECISION, attention_mask=mask))
     k = len(prompts)
     row(f"Generation tokens/s, the original's {k} prompts x {n} new tokens ((a) one at a time, as its notebook; "

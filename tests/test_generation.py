@@ -489,3 +489,10 @@ def test_an_attention_mask_that_is_not_left_padding_is_refused_before_any_work(m
     model = sf.BitNetStudent(tiny_student_config()).eval()
     with pytest.raises(ValueError, match="left padding"):
         sf.generate(model, torch.tensor([[1, 2, 3]]), 3, temperature=0, attention_mask=torch.tensor(mask))
+
+
+def test_left_pad_ends_every_row_at_the_last_column_with_its_mask():
+    ids, mask = sf.left_pad([[5, 6], [7, 8, 9], [4]], fill=1)
+    assert ids.tolist() == [[1, 5, 6], [7, 8, 9], [1, 1, 4]]
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
+    assert torch.equal(ids, _left_pad([[5, 6], [7, 8, 9], [4]], fill=1)[0])
