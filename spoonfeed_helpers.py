@@ -905,6 +905,16 @@ class BitNetStudent(nn.Module):
             raise RuntimeError("head_mode='teacher' needs the teacher head: call attach_teacher_head first")
         return self.teacher_head(self.projector(h))
 
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trainable head as (weight (vocab, dim), bias (vocab,) or None): the new head's, or in tied mode the
+        input embedding (no bias). For head_loss, which runs the head itself. Raises RuntimeError in teacher mode
+        (a frozen head over the projector, not trained)."""
+        if self.cfg.head_mode == "new":
+            return self.head.weight, self.head.bias
+        if self.cfg.head_mode == "tied":
+            return self.tok_embeddings.weight, None
+        raise RuntimeError("head_mode='teacher' has no trainable head")
+
     def _init_head(self):
         nn.init.normal_(self.head.weight, std=0.02)
         if self.head.bias is not None:  # the bias holds token priors; Llama's lm_head has none
@@ -1956,6 +1966,7 @@ class TeacherCache:
         self.teacher_dim = self.manifest["teacher_dim"]
         self.vocab_size = self.manifest["vocab_size"]
         self._offsets = {s: self.manifest["files"][f"{s}_states.npy"]["data_offset"] for s in ("train", "val")}
+        self._teacher_ce = None
 
     def states(self, split: str, idx) -> torch.Tensor:
         """Teacher states for the given block indices: (len(idx), T, D) float32."""
@@ -1979,6 +1990,20 @@ class TeacherCache:
         from safetensors.torch import load_file
 
         return load_file(self.path / "teacher_head.safetensors")["weight"].float()  # (V, D)
+
+    def teacher_ce(self, device="cpu", batch_size: int = 16) -> float:
+        """The teacher's held-out next-token CE, nats/token: its head over its cached (float16) states, float32.
+        It depends on the cache alone, so it is computed once per TeacherCache (evaluate runs once per ablation
+        arm, and each pass is a (M * T, D) x (D, V) product in float32)."""
+        if self._teacher_ce is None:
+            head = _frozen_teacher_head(self, device)
+            total = 0.0
+            for i in range(0, self.num_val, batch_size):
+                idx = np.arange(i, min(i + batch_size, self.num_val))
+                logits = head(self.states("val", idx).to(device))
+                total += next_token_ce(logits, self.tokens("val", idx).to(device), reduction="none").sum().item()
+            self._teacher_ce = total / (self.num_val * (self.seq_len - 1))
+        return self._teacher_ce
 
 
 def cache_request(teacher: str, dataset: str, num_samples: int, val_samples: int, seq_len: int,
@@ -2230,17 +2255,84 @@ def next_token_ce(logits, tokens, mask=None, reduction="mean"):
     return F.cross_entropy(logits.float(), targets)
 
 
-def token_ce(logits: torch.Tensor, targets: torch.Tensor, policy: Precision) -> torch.Tensor:
-    """Mean next-token CE for training, nats/token: logits (N, V) against targets (N,).
+class _FusedHeadLoss(torch.autograd.Function):
+    """The LM head and its loss in one pass over row chunks, gradients computed on the way (see head_loss)."""
 
-    Under CPU bf16 autocast the log-softmax runs on the bf16 logits themselves (torch accumulates in float32)
-    instead of on a float32 copy: with 49152-wide rows, the copies and float32 passes were most of a Phase 3
-    step. The loss value is then rounded to bf16 (about 0.02 at 5 nats; the held-out figures are float32,
-    see held_out_ce). Everywhere else autocast's float32 cross-entropy, as before."""
-    on_bf16_logits = policy.device == "cpu" and policy.autocast == torch.bfloat16
-    with torch.autocast("cpu", enabled=False) if on_bf16_logits else contextlib.nullcontext():
-        return F.cross_entropy(logits, targets)
+    @staticmethod
+    def forward(ctx, h, weight, bias, loss_grad, dtype, chunk_rows):
+        n, vocab = h.size(0), weight.size(0)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.autocast(h.device.type, enabled=False), torch.no_grad():
+            w = weight.detach().to(dtype)  # (V, D): one cast a call, as autocast would do
+            b = None if bias is None else bias.detach().to(dtype)
+            x_all = h.detach().to(dtype)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = None
+            grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+            total = torch.zeros((), dtype=torch.float64, device=h.device)
+            for i in range(0, n, chunk_rows):
+                x = x_all[i:i + chunk_rows]
+                z = x @ w.T if b is None else torch.addmm(b, x, w.T)  # (c, V) logits in `dtype`
+                loss, g = loss_grad(z, i)  # summed loss of these rows; g (c, V) in `dtype`: its gradient wrt z
+                del z
+                total += loss
+                if need_b:
+                    grad_b += g.sum(0)  # accumulated in float32 by torch, rounded to `dtype` once
+                if need_h:
+                    grad_h[i:i + chunk_rows] = g @ w
+                if need_w:  # (V, D), kept in float32 across chunks
+                    gw = g.T @ x  # contiguous, like the weight: the optimiser's grad takes it without a copy
+                    grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.n = n
+        return (total / n).float()
 
+    @staticmethod
+    def backward(ctx, grad_out):
+        scale = grad_out / ctx.n  # the loss is a mean over the n rows
+        return tuple(None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors) + (None,) * 3
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, policy: Precision,
+              targets: torch.Tensor | None = None, teacher_logits=None, temperature: float = 1.0,
+              chunk_rows: int | None = None) -> torch.Tensor:
+    """Training loss of a linear LM head, fused with the head: mean over rows, nats/token.
+
+    h: (N, D) states; weight: (V, D) and bias: (V,) or None, the head. Either targets (N,) token ids, for the
+    next-token CE, or teacher_logits, a function from a row offset i and a row count c to the teacher's logits
+    (c, V) for rows i..i+c, for KL(teacher || student) at `temperature`, times T^2 (Hinton et al., 2015: the value
+    of kd_loss). The head, the softmax and the gradient with respect to the logits (softmax - one-hot for CE,
+    T (softmax(z/T) - p_teacher) for KD) run in the policy's autocast dtype (float32 without one; torch
+    accumulates bf16 softmax sums in float32), over chunks of chunk_rows rows (default: 2^26 logits a chunk,
+    128 MiB in bf16), and the gradients for h, weight and bias (those that require one) are computed in the same
+    pass, the way fused linear cross-entropy kernels do it (Liger Kernel, Hsu et al., 2024; Cut Cross-Entropy,
+    Wijmans et al., 2025). The (N, V) logits are never held whole, in any dtype; nothing is copied to float32
+    but the (V, D) weight gradient and the summed loss. On this repo's 2-core CPU in bf16 that halves a Phase 3
+    step against autograd's log-softmax (bench/shapes.py). Same value and gradient as F.cross_entropy / kd_loss
+    on the full logits, up to the dtype's rounding. Raises ValueError unless exactly one of targets and
+    teacher_logits is given.
+    """
+    if (targets is None) == (teacher_logits is None):
+        raise ValueError("head_loss takes either targets (CE) or teacher_logits (KD), not both or neither")
+    dtype = policy.autocast or torch.float32
+    chunk_rows = chunk_rows or max(1, 2**26 // weight.size(0))
+    if targets is not None:
+        def loss_grad(z, i):  # CE: loss -log p_y; gradient p - onehot(y)
+            y = targets[i:i + len(z), None]
+            logp = torch.log_softmax(z, dim=-1)
+            loss = -logp.gather(1, y).sum(dtype=torch.float64)
+            g = logp.exp_()
+            g[torch.arange(len(g), device=g.device), y[:, 0]] -= 1
+            return loss, g
+    else:
+        t = float(temperature)
+
+        def loss_grad(z, i):  # KD: loss T^2 KL(p_t || p_s); gradient T (p_s - p_t), p at temperature T
+            t_logp = torch.log_softmax(teacher_logits(i, len(z)).to(z.dtype) / t, dim=-1)
+            s_logp = torch.log_softmax(z / t if t != 1 else z, dim=-1)
+            loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum").double() * t * t
+            return loss, s_logp.exp_().sub_(t_logp.exp_()).mul_(t)
+    return _FusedHeadLoss.apply(h, weight, bias, loss_grad, dtype, chunk_rows)
 
 def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
     """Multiplier of the base LR: linear warmup to 1, then cosine decay to min_ratio at the last step."""
@@ -2393,13 +2485,24 @@ def optimizer_step(loss: torch.Tensor, opt, params, grad_clip: float, scaler=Non
     return finite
 
 
-def _frozen_teacher_head(cache: TeacherCache, device) -> nn.Linear:
+def _frozen_teacher_head(cache: TeacherCache, device, dtype: torch.dtype | None = None) -> nn.Linear:
     """The teacher's LM head from the cache: teacher logits = head(cached state), with no logit cache.
     Built once, around the cached (V, D) tensor itself: no randomly initialised (V, D) weight first (2.3 GB
-    at the Qwen shapes), no second copy."""
+    at the Qwen shapes), no second copy. dtype: the weight's dtype (default float32, as cached; the training
+    loops pass their autocast dtype, so that the KD term does not cast the (V, D) weight at every step)."""
     head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False, device="meta")  # no storage, no init
-    head.weight = nn.Parameter(cache.teacher_head().to(device), requires_grad=False)  # (V, D) float32
+    weight = cache.teacher_head().to(device=device, dtype=dtype or torch.float32)  # (V, D)
+    head.weight = nn.Parameter(weight, requires_grad=False)
     return head
+
+
+def _teacher_logits(teacher_head: nn.Linear, states: torch.Tensor):
+    """head_loss's teacher_logits for these cached teacher states (n, D): rows i..i+c -> (c, V) logits, computed
+    in the head's dtype (no gradient), chunk by chunk, never all at once."""
+    def rows(i: int, c: int) -> torch.Tensor:
+        with torch.no_grad():
+            return F.linear(states[i:i + c].to(teacher_head.weight.dtype), teacher_head.weight)
+    return rows
 
 
 def _free_training_state(model: nn.Module, opt) -> None:
@@ -2597,9 +2700,9 @@ def _set_rng_state(gen: torch.Generator, state: dict):
     torch.set_rng_state(state["torch"])
 
 
-def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None):
+def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, policy: Precision | None = None):
     """Cosine and/or MSE over real tokens, plus logit KD through the teacher head on kd_positions
-    (flat indices into B*T; None = every real token)."""
+    (flat indices into B*T; None = every real token), fused with the head (head_loss) in the policy's dtype."""
     loss = 0.0
     if cfg.loss in ("cosine", "cosine+mse"):
         loss = loss + cosine_loss(pred, target, mask)
@@ -2609,9 +2712,10 @@ def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None):
         p, t = _real(mask, pred, target)  # (n, D)
         if kd_positions is not None:
             p, t = p[kd_positions], t[kd_positions]
-        with torch.no_grad():
-            t_logits = teacher_head(t)  # the teacher's own logits, recomputed from its cached state
-        loss = loss + cfg.kd_weight * kd_loss(teacher_head(p)[None], t_logits[None], cfg.kd_temperature)
+        # the teacher's own logits, recomputed from its cached state; the student's through the same frozen head
+        loss = loss + cfg.kd_weight * head_loss(p, teacher_head.weight, None, policy or precision_policy(p.device),
+                                                teacher_logits=_teacher_logits(teacher_head, t),
+                                                temperature=cfg.kd_temperature)
     return loss
 
 
@@ -2705,7 +2809,7 @@ def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teach
         kd_positions = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens].to(device)
     with _cuda_oom_hint(), _autocast(policy):
         pred = model.projector(model(tokens)).float()  # (B, T, D)
-        loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions)
+        loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions, policy=policy)
     if not torch.isfinite(loss):
         return loss.detach(), False
     stepped = optimizer_step(loss, opt, params, cfg.grad_clip, scaler)  # every trainable parameter, projector included
@@ -2742,7 +2846,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     scaler = make_grad_scaler(policy)
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "val_cosine": [],
                "baseline_cosine": baseline_cosine(cache)}
-    teacher_head = _frozen_teacher_head(cache, device) if cfg.kd_weight > 0 else None
+    teacher_head = _frozen_teacher_head(cache, device, policy.autocast) if cfg.kd_weight > 0 else None
     signature = _signature(cfg, "phase2", model, cache)
     start = 0
     weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in names}
@@ -2988,7 +3092,6 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
             model.head.weight.copy_(weight)
             if bias is not None:
                 model.head.bias.copy_(bias)
-    teacher_head = _frozen_teacher_head(cache, device) if cfg.head_kd_weight > 0 else None
     history = {"step": [], "loss": [], "eval_step": [], "val_ce": [], "val_ppl": [], "skipped": []}
     val_feats = None  # tied mode moves the embedding, so its held-out states must be recomputed each time
     if cfg.head_mode != "tied":
@@ -3019,6 +3122,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     policy = precision_policy(device, cfg.precision)
     scaler = make_grad_scaler(policy)
+    teacher_head = _frozen_teacher_head(cache, device, policy.autocast) if cfg.head_kd_weight > 0 else None
     signature = _signature(cfg, "phase3", model, cache, body)
     start = 0
     weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in names}
@@ -3036,19 +3140,18 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         with _cuda_oom_hint(), _autocast(policy):
             if cfg.head_mode == "new":
                 h = feats[idx.to(feats.device)]  # (B, T, dim), computed once before the loop
-                logits = model.head(h[:, :-1])  # (B, T-1, V): position t predicts token t+1, no big slice copies
             else:
                 model.train()
                 h = model(tokens)
-                logits = model.logits(h[:, :-1])
-            loss = token_ce(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), policy)
+            weight, bias = model.head_weights()
+            # position t predicts token t+1: CE over the (B * (T-1), V) logits, fused with the head
+            loss = head_loss(h[:, :-1].flatten(0, 1), weight, bias, policy, targets=tokens[:, 1:].flatten())
             if teacher_head is not None:  # KD from the teacher's logits on kd_tokens positions of the batch
                 pos = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens or tokens.numel()].to(device)
                 t_states = cache.states("train", idx).to(device).flatten(0, 1)[pos]
-                with torch.no_grad():
-                    t_logits = teacher_head(t_states)
-                s_logits = model.logits(h.flatten(0, 1)[pos])  # the head again on these positions only
-                loss = loss + cfg.head_kd_weight * kd_loss(s_logits[None], t_logits[None], cfg.kd_temperature)
+                loss = loss + cfg.head_kd_weight * head_loss(h.flatten(0, 1)[pos], weight, bias, policy,
+                                                             teacher_logits=_teacher_logits(teacher_head, t_states),
+                                                             temperature=cfg.kd_temperature)
         guard.check_loss(step, loss, t_states)
         guard.after_step(step, loss, optimizer_step(loss, opt, trainable, cfg.grad_clip, scaler), t_states)
         sched.step()
@@ -3098,11 +3201,9 @@ def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16, pr
     feats = student_features(model, tokens, batch_size, precision)
     head = _frozen_teacher_head(cache, device)
     n_tok = len(tokens) * (cache.seq_len - 1)
-    teacher_ce = via_teacher = 0.0
+    via_teacher = 0.0
     for i in range(0, len(tokens), batch_size):
         tok, sl = tokens[i:i + batch_size], slice(i, i + batch_size)
-        target = cache.states("val", np.arange(i, min(i + batch_size, len(tokens)))).to(device)
-        teacher_ce += next_token_ce(head(target), tok, reduction="none").sum().item()
         via_teacher += next_token_ce(head(_project(model, feats[sl], policy)), tok, reduction="none").sum().item()
     unigram_ce = float(-log_unigram(cache)[cache.val_tokens[:, 1:].ravel()].mean())
     student_cos = held_out_cosine(model, cache, batch_size, lambda tokens, i: _project(model, feats[i], policy))
@@ -3113,7 +3214,7 @@ def evaluate(model: BitNetStudent, cache: TeacherCache, batch_size: int = 16, pr
         "cosine_gain": student_cos - base_cos,
         "student_ce": held_out_ce(model, cache, feats, batch_size) if _has_head(model) else float("nan"),
         "student_ce_via_teacher_head": via_teacher / n_tok,
-        "teacher_ce": teacher_ce / n_tok,
+        "teacher_ce": cache.teacher_ce(device, batch_size),
         "unigram_ce": unigram_ce,
     }
     for k in ("student_ce", "student_ce_via_teacher_head", "teacher_ce", "unigram_ce"):
@@ -3522,8 +3623,19 @@ def _model_card(model: BitNetStudent, cfg: RunConfig | None, report: dict | None
     return str(ModelCard("\n".join(lines)))
 
 
+def _check_hf_exportable(model: BitNetStudent, tokenizer) -> None:
+    """export_hf's checks on the model (ConfigError): a Llama form exists, the tokenizer fits, and the rows pack."""
+    from transformers.integrations.bitnet import VALUES_PER_ITEM
+
+    _check_exportable(model, "export_hf")
+    check_compatible(model, tokenizer)
+    if any(m.out_features % VALUES_PER_ITEM for _, m in model.bitlinears()):
+        raise ConfigError(f"transformers' BitNet packing stores {VALUES_PER_ITEM} ternary rows a byte, so the "
+                          f"student dim {model.cfg.dim} must be a multiple of {VALUES_PER_ITEM}: change STUDENT_DIM")
+
+
 def export_hf(student: BitNetStudent, tokenizer, path, cache: TeacherCache | None = None,
-              cfg: RunConfig | None = None, report: dict | None = None) -> Path:
+              cfg: RunConfig | None = None, report: dict | None = None, lm_head: tuple | None = None) -> Path:
     """A standard transformers checkpoint: LlamaForCausalLM with the BitNet quantization config.
 
     Writes config.json (quantization_config: bitnet, bitlinear, offline), model.safetensors (each BitLinear
@@ -3534,7 +3646,8 @@ def export_hf(student: BitNetStudent, tokenizer, path, cache: TeacherCache | Non
     student's max_seq_len too, and its spoonfeed_format (HF_FORMAT) marks the folder as ours. Plain
     `AutoModelForCausalLM.from_pretrained(path)` loads it with no custom code; its logits equal the student's
     (full-precision parts rounded to float16) to float rounding.
-    A head bias is folded (llama_head; needs cache). The folder is written under a temp name and renamed, so an
+    A head bias is folded (llama_head; needs cache; lm_head: llama_head's (weight, figures) when the caller
+    has them already, as export_all does). The folder is written under a temp name and renamed, so an
     earlier export there is replaced only by a whole new one; a failure leaves no temp folder behind.
     Raises ConfigError, before any work, for head_mode='teacher', a tokenizer that does not fit, dims not a
     multiple of 4 (pack_weights' rows), a destination that is the current folder (or above it), a file, or a
@@ -3543,17 +3656,13 @@ def export_hf(student: BitNetStudent, tokenizer, path, cache: TeacherCache | Non
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig
-    from transformers.integrations.bitnet import VALUES_PER_ITEM, pack_weights
+    from transformers.integrations.bitnet import pack_weights
 
     model = student.eval()
-    _check_exportable(model, "export_hf")
-    check_compatible(model, tokenizer)
+    _check_hf_exportable(model, tokenizer)
     c = model.cfg
-    if any(m.out_features % VALUES_PER_ITEM for _, m in model.bitlinears()):
-        raise ConfigError(f"transformers' BitNet packing stores {VALUES_PER_ITEM} ternary rows a byte, so the "
-                          f"student dim {c.dim} must be a multiple of {VALUES_PER_ITEM}: change STUDENT_DIM")
     folder = _check_destination(path, "hf")
-    head, fold = llama_head(model, cache)
+    head, fold = lm_head or llama_head(model, cache)
     tensors = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
     for i, block in enumerate(model.layers):
         tensors[f"model.layers.{i}.input_layernorm.weight"] = block.attention_norm.weight
@@ -3687,13 +3796,13 @@ def gguf_qtype_for(student: BitNetStudent, qtype: str = "TQ2_0") -> str:
 
 
 def export_gguf(student: BitNetStudent, tokenizer, path, qtype: str = "TQ2_0", cache: TeacherCache | None = None,
-                tokenizer_gguf=None) -> Path:
+                tokenizer_gguf=None, lm_head: tuple | None = None) -> Path:
     """A llama.cpp GGUF file (architecture `llama`) written with the gguf package's GGUFWriter.
 
     Every BitLinear is its ternary weight times its scale, quantized by gguf.quants.quantize to TQ2_0 (2 bits a
     weight + an fp16 scale per 256 weights: 2.06 bits a weight) or TQ1_0 (1.69 bits), or stored as F16; q and
     k rows are permuted to llama.cpp's RoPE layout. Embedding and head F16, norms F32; a head bias is folded
-    (llama_head; needs cache). Tokenizer metadata: the source GGUF's tokenizer keys for a GGUF-loaded tokenizer
+    (llama_head; needs cache; or lm_head, llama_head's result, as in export_hf). Tokenizer metadata: the source GGUF's tokenizer keys for a GGUF-loaded tokenizer
     (the bundled teacher), else gpt2-style BPE metadata; general.name is GGUF_NAME. Written to a temp file and
     renamed: an earlier export at path is replaced only by a whole new file, and a failure leaves no temp file.
     Raises ConfigError, before any work, for an unknown qtype, rows that are not a multiple of 256 in a ternary
@@ -3717,7 +3826,7 @@ def export_gguf(student: BitNetStudent, tokenizer, path, qtype: str = "TQ2_0", c
                           f"{block}")
     file = _check_destination(path, "gguf")
     tok_fields = _gguf_tokenizer_fields(tokenizer, c.vocab_size, tokenizer_gguf)
-    head, _ = llama_head(model, cache)
+    head, _ = lm_head or llama_head(model, cache)
     w = gguf.GGUFWriter(None, "llama")  # the file is opened by write_header_to_file, at the temp name
     w.add_name(GGUF_NAME)
     w.add_context_length(c.max_seq_len)
@@ -3838,11 +3947,13 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
     to F16 (gguf_qtype_for); a tokenizer that GGUF metadata cannot describe skips the GGUF, with the reason
     printed. A skipped form's earlier export in run_dir is removed, with a line saying so, so that nothing stale
     sits beside this run's files. Returns {format: path} for what was written.
-    Raises ConfigError, before anything is written, for an invalid gguf_qtype or a destination in the way."""
+    Raises ConfigError, before anything is written, for an invalid gguf_qtype, a student the HF form cannot hold
+    (export_hf's checks), or a destination in the way."""
     run_dir = Path(run_dir)
     llama = student.cfg.head_mode != "teacher"
     if llama:
         check_export_settings(gguf_qtype=gguf_qtype)
+        _check_hf_exportable(student, tokenizer)
     paths = check_export_destinations(run_dir, student.cfg.head_mode)
     out = {"safetensors": save_pretrained(student, paths["safetensors"])}
     sizes = export_ternary(student, paths["ternary"])
@@ -3854,10 +3965,11 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
         for kind in ("hf", "gguf"):
             _remove_stale(run_dir / RUN_DIR_EXPORTS[kind], kind, f"this run writes no {kind.upper()} form ({why})")
         return out
-    out["hf"] = export_hf(student, tokenizer, paths["hf"], cache, cfg, report)
+    lm_head = llama_head(student, cache)  # the bias fold and its figures, once for both Llama forms
+    out["hf"] = export_hf(student, tokenizer, paths["hf"], cache, cfg, report, lm_head)
     qtype = gguf_qtype_for(student, gguf_qtype)
     try:
-        out["gguf"] = export_gguf(student, tokenizer, paths["gguf"], qtype, cache)
+        out["gguf"] = export_gguf(student, tokenizer, paths["gguf"], qtype, cache, lm_head=lm_head)
     except ConfigError as e:  # a tokenizer GGUF cannot describe: the other three forms are kept
         print(f"GGUF skipped: {e}")
         _remove_stale(paths["gguf"], "gguf", "this run writes no GGUF")
@@ -3876,8 +3988,8 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
 
 def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
     """Ablation arm (c): the same student and head trained with next-token CE on the same tokens, no teacher.
-    Same precision (precision_policy, GradScaler in fp16) and head slicing as Phase 3: logits only for the
-    T-1 positions that have a target, (B, T-1, V), inside the out-of-memory hint."""
+    Same precision (precision_policy, GradScaler in fp16) and the same fused head loss as Phase 3 (head_loss):
+    the T-1 positions that have a target, inside the out-of-memory hint."""
     device = model.tok_embeddings.weight.device
     policy = precision_policy(device, cfg.precision)
     scaler = make_grad_scaler(policy)
@@ -3895,8 +4007,8 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
         idx = torch.randint(cache.num_train, (cfg.batch_size,), generator=gen)
         tokens = cache.tokens("train", idx).to(device)
         with _cuda_oom_hint(), _autocast(policy):
-            logits = model.logits(model(tokens)[:, :-1])  # (B, T-1, V): position t predicts token t+1
-            loss = token_ce(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), policy)
+            h = model(tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim): position t predicts token t+1
+            loss = head_loss(h, *model.head_weights(), policy, targets=tokens[:, 1:].flatten())
         guard.check_loss(step, loss)
         guard.after_step(step, loss, optimizer_step(loss, opt, params, cfg.grad_clip, scaler))
         sched.step()

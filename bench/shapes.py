@@ -97,8 +97,8 @@ def profile_steps(smoke: bool, top: int = 12):
 
     def phase3():
         with sf._autocast(policy):
-            logits = head(feats[:, :-1])
-            loss = sf.token_ce(logits.reshape(-1, V), tokens[:, 1:].reshape(-1), policy)
+            loss = sf.head_loss(feats[:, :-1].flatten(0, 1), head.weight, head.bias, policy,
+                                targets=tokens[:, 1:].flatten())
         sf.optimizer_step(loss, hopt, list(head.parameters()), 1.0)
 
     for name, step in (("Phase 2 step (cosine)", phase2), ("Phase 3 step (new head, CE)", phase3)):

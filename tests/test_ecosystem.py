@@ -325,6 +325,32 @@ def test_export_all_writes_the_four_formats_and_skips_the_llama_forms_for_the_te
     assert "no Llama form" in capsys.readouterr().out
 
 
+def test_export_all_folds_a_head_bias_once_for_both_llama_forms(tmp_path, tiny_cache, monkeypatch, capsys):
+    cfg, cache, _ = tiny_cache
+    model = sf.build_student(cfg, cache)
+    sf.train_lm_head(model, cache, cfg, progress=False, need_phase2=False)  # a biased head
+    calls, fold = [], sf.llama_head
+    monkeypatch.setattr(sf, "llama_head", lambda *a, **k: calls.append(1) or fold(*a, **k))
+    out = sf.export_all(model, _bpe_tokenizer(), tmp_path / "run", cache)
+    assert set(out) == {"safetensors", "ternary", "hf", "gguf"} and len(calls) == 1
+    assert capsys.readouterr().out.count("head bias folded") == 1
+
+
+def test_export_all_checks_the_hf_form_before_writing_anything_or_folding_the_bias(tmp_path, tiny_cache, monkeypatch):
+    cfg, cache, _ = tiny_cache
+    model = sf.build_student(cfg, cache)
+    sf.train_lm_head(model, cache, cfg, progress=False, need_phase2=False)
+
+    class TooBig:  # a tokenizer with more tokens than the student's vocabulary
+        def __len__(self):
+            return model.cfg.vocab_size + 1
+
+    monkeypatch.setattr(sf, "llama_head", lambda *a, **k: pytest.fail("the fold ran before the checks"))
+    with pytest.raises(sf.ConfigError, match="vocab"):
+        sf.export_all(model, TooBig(), tmp_path / "exports", cache)
+    assert not (tmp_path / "exports").exists()
+
+
 # -----------------------------------------------------------------------------
 # destinations: every writer refuses what is not its own earlier output, before any work, and leaves no temp file
 

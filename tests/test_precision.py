@@ -169,13 +169,15 @@ def test_direct_ce_arm_uses_the_policy_phase3_slicing_and_the_oom_hint(tiny_cach
 
     monkeypatch.setattr(sf, "_cuda_oom_hint", Hint)
     model = sf.build_student(cfg, cache)
-    seen, logits = [], model.logits
-    monkeypatch.setattr(model, "logits", lambda h: seen.append(out := logits(h)) or out)
+    seen, head_loss = [], sf.head_loss
+    monkeypatch.setattr(sf, "head_loss", lambda h, w, b, policy, **k: seen.append((h.shape, policy, k)) or
+                        head_loss(h, w, b, policy, **k))
     cfg2 = sf.dataclasses.replace(cfg, superposition_steps=2, lm_head_steps=1)
     sf.train_direct_ce(model, cache, cfg2, progress=False)
     assert len(hints) == 3 and len(seen) == 3
-    assert all(o.dtype == torch.float16 and o.shape == (cfg.batch_size, cache.seq_len - 1, cache.vocab_size)
-               for o in seen)
+    rows = cfg.batch_size * (cache.seq_len - 1)  # the T-1 positions that have a target
+    assert all(shape == (rows, cfg.student_dim) and policy.autocast == torch.float16 and k["targets"].shape == (rows,)
+               for shape, policy, k in seen)
 
 
 def test_ablation_frees_each_arm_before_building_the_next(tiny_cache, monkeypatch):

@@ -55,6 +55,90 @@ def test_kd_is_zero_for_equal_logits_and_finite_on_random_input():
     assert torch.isfinite(kd) and kd > 0
 
 
+def _head_case(n=37, dim=16, vocab=300, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, dim, generator=g).requires_grad_(True)
+    w = (torch.randn(vocab, dim, generator=g) * 0.5).requires_grad_(True)
+    b = torch.randn(vocab, generator=g).requires_grad_(True) if bias else None
+    return h, w, b, g
+
+
+def _grads(loss, *xs):
+    return torch.autograd.grad(loss, [x for x in xs if x is not None])
+
+
+FP32 = sf.precision_policy("cpu", "fp32")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 8, 36, 37])  # one chunk, one row a chunk, a ragged last chunk
+def test_head_loss_ce_has_the_value_and_gradients_of_cross_entropy_on_full_logits(bias, chunk_rows):
+    h, w, b, g = _head_case(bias=bias)
+    y = torch.randint(300, (37,), generator=g)
+    fused = sf.head_loss(h, w, b, FP32, targets=y, chunk_rows=chunk_rows)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), y)
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, r in zip(_grads(fused, h, w, b), _grads(ref, h, w, b)):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_head_loss_kd_has_the_value_and_gradients_of_kd_loss(temperature):
+    h, w, b, g = _head_case()
+    teacher = torch.randn(37, 300, generator=g) * 3
+    fused = sf.head_loss(h, w, b, FP32, teacher_logits=lambda i, c: teacher[i:i + c], temperature=temperature,
+                         chunk_rows=10)
+    ref = sf.kd_loss(torch.nn.functional.linear(h, w, b)[None], teacher[None], temperature)
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, r in zip(_grads(fused, h, w, b), _grads(ref, h, w, b)):
+        assert torch.allclose(a, r, rtol=1e-4, atol=1e-7)
+
+
+def test_head_loss_gradients_follow_the_loss_they_are_part_of_and_skip_what_needs_none():
+    h, w, b, g = _head_case()
+    y = torch.randint(300, (37,), generator=g)
+    once = _grads(sf.head_loss(h, w, b, FP32, targets=y), w, b)
+    scaled = _grads(3.0 * sf.head_loss(h, w, b, FP32, targets=y) + 1.0, w, b)  # a weight on it, as KD and GradScaler
+    assert all(torch.allclose(3 * a, s) for a, s in zip(once, scaled))
+    frozen = h.detach()  # Phase 3: the states are fixed; only the head learns
+    gw, = torch.autograd.grad(sf.head_loss(frozen, w, None, FP32, targets=y), [w])
+    assert gw.shape == w.shape and gw.dtype == torch.float32 and gw.is_contiguous()
+
+
+def test_head_loss_in_bf16_stays_near_float32():
+    h, w, b, g = _head_case(n=64, dim=32, vocab=2000)
+    y = torch.randint(2000, (64,), generator=g)
+    bf16 = sf.precision_policy("cpu", "bf16")
+    lo, lb = sf.head_loss(h, w, b, FP32, targets=y), sf.head_loss(h, w, b, bf16, targets=y)
+    assert abs(lo.item() - lb.item()) < 0.02 and lb.dtype == torch.float32
+    (go,), (gb,) = _grads(lo, w), _grads(lb, w)
+    assert gb.dtype == torch.float32 and torch.nn.functional.cosine_similarity(go.flatten(), gb.flatten(), 0) > 0.999
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"targets": torch.zeros(37, dtype=torch.long),
+                                         "teacher_logits": lambda i, c: torch.zeros(c, 300)}])
+def test_head_loss_takes_exactly_one_of_targets_and_teacher_logits(kwargs):
+    h, w, b, _ = _head_case()
+    with pytest.raises(ValueError, match="either targets"):
+        sf.head_loss(h, w, b, FP32, **kwargs)
+
+
+def test_teacher_ce_is_the_teacher_heads_ce_on_the_cached_states_computed_once_per_cache(tiny_cache, monkeypatch):
+    cfg, cache, _ = tiny_cache
+    head = cache.teacher_head()
+    expected = np.mean([sf.next_token_ce(cache.states("val", [i]) @ head.T, cache.tokens("val", [i]),
+                                         reduction="none").mean().item() for i in range(cache.num_val)])
+    built = []
+    frozen = sf._frozen_teacher_head
+    monkeypatch.setattr(sf, "_frozen_teacher_head", lambda *a, **k: built.append(1) or frozen(*a, **k))
+    model = _student(cfg, cache)
+    first = sf.evaluate(model, cache)["metrics"]["teacher_ce"]
+    n = len(built)
+    assert first == pytest.approx(expected, rel=1e-5)
+    assert sf.evaluate(model, cache)["metrics"]["teacher_ce"] == first and len(built) == n + n - 1  # not again
+    assert sf.TeacherCache(cache.path).teacher_ce() == pytest.approx(first)  # a new cache object computes it anew
+
+
 def test_lr_schedule_warms_up_peaks_and_decays():
     f = [sf.lr_schedule(s, 100, 10, 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
