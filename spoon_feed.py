@@ -116,7 +116,7 @@ cfg = sf.make_config(
     embed_lr_mult=EMBED_LR_MULT, loss=LOSS, kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE,
     head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT, head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR,
     ckpt_every=CHECKPOINT_EVERY, seed=SEED, ablation_steps=ABLATION_STEPS, ablation_head_steps=ABLATION_HEAD_STEPS,
-    ablation_widths=tuple(int(w) for w in str(ABLATION_WIDTHS).split(",") if w.strip()), text_field=TEXT_FIELD,
+    ablation_widths=sf.parse_widths(ABLATION_WIDTHS), text_field=TEXT_FIELD,
     head_bias=HEAD_BIAS, precision=PRECISION,
 )
 sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)

@@ -120,7 +120,7 @@ class RunConfig:
     precision: str = "auto"  # auto | fp32 | bf16: what every phase computes in (precision_policy)
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
-        return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=dim or self.student_dim,
+        return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=self.student_dim if dim is None else dim,
                              n_layers=self.student_layers, n_heads=self.student_heads, max_seq_len=self.seq_len,
                              head_mode=self.head_mode, **kw)
 
@@ -163,8 +163,16 @@ class RunConfig:
             raise ConfigError(f"precision={self.precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
         if self.kd_weight < 0 or self.head_kd_weight < 0 or self.kd_temperature <= 0:
             raise ConfigError("kd weights must be >= 0 and kd_temperature > 0")
-        for w in (self.student_dim, *self.ablation_widths):
-            self.student_config(vocab_size=2, teacher_dim=2, dim=w)  # dims/heads/head dim are checked there
+        for w in self.ablation_widths:
+            if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
+                raise ConfigError(f"ablation_widths={self.ablation_widths!r}: every width must be a positive whole "
+                                  "number: set ABLATION_WIDTHS, e.g. \"128,512\"")
+        self.student_config(vocab_size=2, teacher_dim=2)  # dims/heads/head dim are checked there
+        for w in self.ablation_widths:
+            try:
+                self.student_config(vocab_size=2, teacher_dim=2, dim=w)
+            except ConfigError as e:
+                raise ConfigError(f"ablation_widths holds {w} (ABLATION_WIDTHS): {e}") from None
         return self
 
 
@@ -215,6 +223,19 @@ def check_switches(**switches) -> None:
     for name, value in switches.items():
         if not isinstance(value, (bool, np.bool_)):
             raise ConfigError(f"{name}={value!r} must be True or False")
+
+
+def parse_widths(text) -> tuple:
+    """Cell 2's ABLATION_WIDTHS: a comma-separated string of student widths ("128, 512"), or an int, to a tuple of
+    ints; "" gives (). Raises ConfigError naming the setting for anything that is not whole numbers (a "128.5",
+    a "wide", a "128;512"), before any work; RunConfig.validate then checks that each width fits the heads."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        return (int(text),)
+    parts = [w.strip() for w in text.split(",") if w.strip()] if isinstance(text, str) else None
+    if parts is None or not all(w.isascii() and w.isdigit() for w in parts):
+        raise ConfigError(f"ABLATION_WIDTHS={text!r} must be student widths separated by commas, such as "
+                          "\"128,512\", or \"\" for none")
+    return tuple(int(w) for w in parts if w)
 
 
 def preset_from_env(env=os.environ) -> str | None:
@@ -2306,11 +2327,11 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     accumulates bf16 softmax sums in float32), over chunks of chunk_rows rows (default: 2^26 logits a chunk,
     128 MiB in bf16), and the gradients for h, weight and bias (those that require one) are computed in the same
     pass, the way fused linear cross-entropy kernels do it (Liger Kernel, Hsu et al., 2024; Cut Cross-Entropy,
-    Wijmans et al., 2025). The (N, V) logits are never held whole, in any dtype; nothing is copied to float32
-    but the (V, D) weight gradient and the summed loss. On this repo's 2-core CPU in bf16 that halves a Phase 3
-    step against autograd's log-softmax (bench/shapes.py). Same value and gradient as F.cross_entropy / kd_loss
-    on the full logits, up to the dtype's rounding. Raises ValueError unless exactly one of targets and
-    teacher_logits is given.
+    Wijmans et al., 2025). At most chunk_rows x V logits exist at once (the cpu preset's 1016 rows are one
+    chunk), and nothing is copied to float32 but the (V, D) weight gradient and the summed loss: no autograd
+    log-softmax backward, no float32 copy of the logits. Figures against autograd on the cpu preset's shapes
+    are in the README (Benchmarks). Same value and gradient as F.cross_entropy / kd_loss on the full logits, up
+    to the dtype's rounding. Raises ValueError unless exactly one of targets and teacher_logits is given.
     """
     if (targets is None) == (teacher_logits is None):
         raise ValueError("head_loss takes either targets (CE) or teacher_logits (KD), not both or neither")
@@ -2333,6 +2354,7 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
             loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum").double() * t * t
             return loss, s_logp.exp_().sub_(t_logp.exp_()).mul_(t)
     return _FusedHeadLoss.apply(h, weight, bias, loss_grad, dtype, chunk_rows)
+
 
 def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
     """Multiplier of the base LR: linear warmup to 1, then cosine decay to min_ratio at the last step."""

@@ -7,7 +7,10 @@ PRECISION=auto on a CPU. One process, one machine, each pair timed side by side:
 
 - F.linear at decoding's one row (the body's 256-wide BitLinears, the 49152 x 256 head), at three rows (the
   original's three prompts as one batch) and at a training batch (8 x 128 rows);
-- SDPA forward + backward at Phase 2's shape (8 x 4 heads x 128 x 64), causal.
+- SDPA forward + backward at Phase 2's shape (8 x 4 heads x 128 x 64), causal;
+- the LM head's training loss, forward + backward, in bf16: autograd (F.linear, then F.cross_entropy or kd_loss
+  on the bf16 logits, as the helpers did before head_loss) against the fused sf.head_loss, for Phase 3's CE on
+  8 x 127 rows and its KD on 256 rows.
 """
 
 import argparse
@@ -68,8 +71,55 @@ def main(argv=None):
         rows.append((f"SDPA fwd + bwd {dtype}", us, None))
     a, b = rows[-2][1], rows[-1][1]
     print(f"| SDPA forward + backward, causal ({B} x {H} heads x {T} x {D}) | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
+    rows += head_loss_rows(args.smoke)
     if args.profile:
         profile_steps(args.smoke)
+    return rows
+
+
+def head_loss_rows(smoke: bool):
+    """Autograd against sf.head_loss for the head's training losses, bf16, forward + backward, side by side."""
+    import spoonfeed_helpers as sf
+
+    V, D, TD = (49152, 256, 576) if not smoke else (512, 32, 24)
+    policy = sf.precision_policy("cpu", "bf16")
+    torch.manual_seed(0)
+    w = (torch.randn(V, D) * 0.05).requires_grad_(True)
+    b = torch.zeros(V, requires_grad=True)
+    teacher = (torch.randn(V, TD) * 0.05).bfloat16()
+    rows = []
+    print("
+| LM head loss, bf16, forward + backward | autograd µs | sf.head_loss µs | speed-up |
+|---|---|---|---|")
+    for what, n in (("Phase 3 CE, 8 x 127 rows", 1016), ("Phase 3 KD, 256 rows", 256)):
+        n = n if not smoke else 16
+        h, y, t_states = torch.randn(n, D), torch.randint(V, (n,)), torch.randn(n, TD)
+        kd = "KD" in what
+
+        def autograd():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = F.linear(h, w, b)
+                if kd:
+                    with torch.no_grad():
+                        t_logits = F.linear(t_states.bfloat16(), teacher)
+                    loss = sf.kd_loss(logits[None], t_logits[None])
+                else:
+                    with torch.autocast("cpu", enabled=False):
+                        loss = F.cross_entropy(logits, y)
+            torch.autograd.grad(loss, [w, b])
+
+        def fused():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if kd:
+                    loss = sf.head_loss(h, w, b, policy, teacher_logits=lambda i, c: F.linear(
+                        t_states[i:i + c].bfloat16(), teacher))
+                else:
+                    loss = sf.head_loss(h, w, b, policy, targets=y)
+            torch.autograd.grad(loss, [w, b])
+
+        a, f = timed_us(autograd, 5), timed_us(fused, 5)
+        rows.append((f"head loss: {what}", a, f))
+        print(f"| {what} ({n} x {D} @ {D} x {V}) | {a:.0f} | {f:.0f} | {a / f:.2f}x |", flush=True)
     return rows
 
 

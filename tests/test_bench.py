@@ -44,5 +44,6 @@ def test_shapes_smoke_runs_and_times_every_shape():
     from bench import shapes
 
     rows = shapes.main(["--smoke", "--profile"])
-    assert len(rows) == len(shapes.LINEAR) + 2
+    assert len(rows) == len(shapes.LINEAR) + 2 + 2  # + SDPA in both dtypes + the head loss for CE and KD
     assert all(r[1] > 0 and (r[2] is None or r[2] > 0) for r in rows)
+    assert [r[0] for r in rows[-2:]] == ["head loss: Phase 3 CE, 8 x 127 rows", "head loss: Phase 3 KD, 256 rows"]

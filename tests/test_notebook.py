@@ -182,7 +182,11 @@ def test_cell_2_reads_every_form_setting_of_cell_1():
 
 @pytest.mark.parametrize("name, value", [("GGUF_QTYPE", "Q4_0"), ("HUB_REPO_ID", "bad name"),
                                          ("HUB_REPO_ID", "me/bad@name!"), ("HUB_REPO_ID", "student"),
-                                         ("RETRAIN", "no"), ("RUN_ABLATION", "yes"), ("RUN_ABLATION", 0)])
+                                         ("RETRAIN", "no"), ("RUN_ABLATION", "yes"), ("RUN_ABLATION", 0),
+                                         ("ABLATION_WIDTHS", "wide"), ("ABLATION_WIDTHS", "128.5"),
+                                         ("ABLATION_WIDTHS", "64;128"), ("ABLATION_WIDTHS", "0"),
+                                         ("ABLATION_WIDTHS", "-64"), ("ABLATION_WIDTHS", "6"),  # 6/2 heads: odd
+                                         ("ABLATION_WIDTHS", 1.5)])
 def test_a_bad_save_cell_or_switch_setting_stops_cell_2_before_any_work(tmp_path, monkeypatch, name, value):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SPOONFEED_PRESET", raising=False)
@@ -193,6 +197,13 @@ def test_a_bad_save_cell_or_switch_setting_stops_cell_2_before_any_work(tmp_path
     with pytest.raises(sf.ConfigError, match=name):
         exec(CODE[1], ns)
     assert os.listdir(tmp_path) == []  # no folder made, nothing cached or trained
+
+
+@pytest.mark.parametrize("text, widths", [("", ()), ("64", (64,)), (" 64 , 128 ", (64, 128)), ("64,", (64,)),
+                                          (128, (128,))])
+def test_ablation_widths_take_comma_separated_whole_numbers(text, widths):
+    assert sf.parse_widths(text) == widths
+    assert sf.make_config("smoke", ablation_widths=widths).ablation_widths == widths
 
 
 def test_cell_2_needs_a_hub_token_only_when_hub_repo_id_is_set(tmp_path, monkeypatch):
