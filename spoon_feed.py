@@ -187,11 +187,12 @@ print(sf.format_generations(generations))
 
 # %% cellView="form"
 # @title 10. Reload the export with transformers
-# @markdown The HF folder from cell 8 through a stock `pipeline("text-generation")`, no Spoon Feed model code: the same prompts, decoded by transformers with cell 9's settings (`TEMPERATURE`, 0 is greedy; `TOP_K`, 0 keeps every token; `TOP_P`; `MAX_NEW_TOKENS`), each stopping at EOS or at the student's position limit (`sf.pipeline_settings`).
-from transformers import pipeline
+# @markdown The HF folder from cell 8 through a stock `pipeline("text-generation")`, no Spoon Feed model code: the same prompts, decoded by transformers with cell 9's settings (`TEMPERATURE`, 0 is greedy; `TOP_K`, 0 keeps every token; `TOP_P`; `MAX_NEW_TOKENS`), each stopping at EOS or at the student's position limit (`sf.pipeline_settings`). Sampling is seeded with `SEED`, so a rerun prints the same text.
+from transformers import pipeline, set_seed
 
 if "hf" in exported:
     generator = pipeline("text-generation", model=str(exported["hf"]), device=sf.pick_device(cfg.device))
+    set_seed(SEED)  # transformers samples from torch's global generator
     for prompt in PROMPTS:
         try:
             settings = sf.pipeline_settings(generator, prompt, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)

@@ -227,6 +227,7 @@ class RecordingPipeline:
         self.tokenizer = make_tokenizer()
         self.model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=limit))
         self.calls = []
+        self.seeds = []
 
     def __call__(self, prompt, **kwargs):
         self.calls.append(kwargs)
@@ -237,12 +238,12 @@ def run_reload_cell(exported, limit=12, **settings):
     """Cell 10 with transformers' pipeline replaced by a RecordingPipeline; returns the calls' keyword arguments."""
     recorder = RecordingPipeline(limit)
     cell = next(c for c in CODE if 'pipeline("text-generation"' in c)
-    assert "from transformers import pipeline\n" in cell
+    assert "from transformers import pipeline, set_seed\n" in cell
     ns = {"sf": sf, "exported": exported, "cfg": sf.make_config("smoke", head_mode=settings.pop("mode", "new")),
           "PROMPTS": sf.ORIGINAL_PROMPTS, "MAX_NEW_TOKENS": 30, "TEMPERATURE": 0.7, "TOP_K": 50, "TOP_P": 0.95,
-          "pipeline": lambda task, model, device: recorder}
+          "SEED": 7, "pipeline": lambda task, model, device: recorder, "set_seed": recorder.seeds.append}
     ns.update(settings)
-    exec(cell.replace("from transformers import pipeline\n", ""), ns)
+    exec(cell.replace("from transformers import pipeline, set_seed\n", ""), ns)
     return recorder.calls
 
 
@@ -259,6 +260,12 @@ def test_the_reload_cell_decodes_with_the_forms_settings_within_the_students_pos
     calls = run_reload_cell({"hf": "x"}, limit=3)  # 4, 5 and 2 tokens with the test tokenizer
     assert len(calls) == 1 and "Skipped: the prompt has 4 tokens but the student only knows 3 positions" in \
         capsys.readouterr().out  # a prompt too long is reported, and the others still run
+
+
+def test_the_reload_cell_seeds_sampling_with_the_forms_seed_before_decoding():
+    seeds = []
+    calls = run_reload_cell({"hf": "x"}, SEED=3, set_seed=seeds.append)
+    assert seeds == [3] and len(calls) == len(sf.ORIGINAL_PROMPTS)
 
 
 def test_the_reload_cell_says_why_it_is_skipped_in_teacher_head_mode(capsys):
