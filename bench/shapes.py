@@ -88,9 +88,7 @@ def head_loss_rows(smoke: bool):
     b = torch.zeros(V, requires_grad=True)
     teacher = (torch.randn(V, TD) * 0.05).bfloat16()
     rows = []
-    print("
-| LM head loss, bf16, forward + backward | autograd µs | sf.head_loss µs | speed-up |
-|---|---|---|---|")
+    print("\n| LM head loss, bf16, forward + backward | autograd µs | sf.head_loss µs | speed-up |\n|---|---|---|---|")
     for what, n in (("Phase 3 CE, 8 x 127 rows", 1016), ("Phase 3 KD, 256 rows", 256)):
         n = n if not smoke else 16
         h, y, t_states = torch.randn(n, D), torch.randint(V, (n,)), torch.randn(n, TD)
