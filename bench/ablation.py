@@ -5,7 +5,7 @@
     nice -n 19 python bench/ablation.py --widths 256 --seeds 1     # one arm of each kind: the time estimate
 
 Arms, at equal data and budget (the `cpu` preset's ablation budget, ablation_steps + ablation_head_steps,
-as in the notebook's section 10):
+as in the notebook's section 11):
   (a) ternary + Spoon Feed               (Phase 2 cosine to the cached teacher states, then Phase 3);
   (b) full-precision linears + Spoon Feed;
   (c) ternary, direct next-token CE      (no teacher; as many optimiser steps as (a)'s two phases together);
@@ -234,7 +234,8 @@ def run(cfg: sf.RunConfig, cache, widths, seeds, out: Path, arms="abcd", equal_m
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = load_results(out, settings(base, cache))
-    data.update(machine=data.get("machine", machine_name()), plan=[list(j) for j in jobs])
+    old_plan = [tuple(j) for j in data.get("plan", [])]  # a rerun on a subset keeps the plan of what is there
+    data.update(machine=data.get("machine", machine_name()), plan=[list(j) for j in dict.fromkeys(old_plan + jobs)])
     if equal_memory:
         data.setdefault("equal_memory_widths", {}).update({str(w): equal_memory_width(base, w) for w in widths})
     todo = [j for j in jobs if key(*j) not in data["results"]]
@@ -266,7 +267,7 @@ def _by_seed(results: dict, arm: str, width: int, metric: str) -> dict:
 def paired(results: dict, x: tuple, y: tuple, metric: str) -> dict:
     """t_interval of x - y over the seeds both (arm, width) cells have; x, y: (arm, width)."""
     a, b = _by_seed(results, *x, metric), _by_seed(results, *y, metric)
-    seeds = sorted(set(a) & set(b))
+    seeds = sorted(s for s in set(a) & set(b) if a[s] == a[s] and b[s] == b[s])  # both figures, neither NaN
     return {**t_interval([a[s] - b[s] for s in seeds]), "seeds": seeds}
 
 
@@ -306,7 +307,7 @@ def summarise(data: dict, main_width: int | None = None) -> dict:
         for metric, better_high, what in (("cosine_gain", True, "cosine gain"), ("ce", False, "nats CE")):
             d = paired(results, ("a", w), ("b", fp), metric)
             row[metric] = d
-            row[f"{metric}_verdict"] = interval_verdict(d, ("ternary", f"full precision at width {fp} (equal memory)"),
+            row[f"{metric}_verdict"] = interval_verdict(d, ("ternary", f"full precision of equal memory (width {fp})"),
                                                         what, w, better_high)
         equal.append(row)
     if main_width is None and widths:
@@ -344,6 +345,8 @@ def format_report(data: dict, summary: dict) -> str:
         lines.append(f"| {d['comparison']} | {d['metric']} | {d['width']} | {d['n']} | "
                      f"{_pm(d['mean'], d['half_width'], 4)} "
                      f"| {d['verdict']} |")
+    if not summary["equal_memory"]:  # --no-equal-memory, or no (b) run at those widths yet
+        return "\n".join(lines + ["", f"Verdict (width {summary['main_width']}): {summary['verdict']}"])
     lines += ["", "Equal memory: ternary (a) at width w against full precision (b) at the width whose BitLinear "
               f"weights take the same bytes in bf16 ({TERNARY_BITS:.2f} vs {FP_BITS} bits a weight):", "",
               "| ternary width | fp width | BitLinear KiB ternary / fp | (a) - (b) cosine gain | (a) - (b) CE "
@@ -414,7 +417,14 @@ def main(argv=None):
     ap.add_argument("--max-arms", type=int, help=argparse.SUPPRESS)  # stop after this many arms (tests)
     args = ap.parse_args(argv)
     p = SMOKE if args.smoke else FULL
-    widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else p["widths"]
+    try:  # the notebook's ABLATION_WIDTHS rules, named as this command's option
+        widths = sf.parse_widths(args.widths) if args.widths is not None else p["widths"]
+    except sf.ConfigError:
+        ap.error(f"--widths {args.widths!r}: give student widths separated by commas, such as 128,256,512")
+    if not widths:
+        ap.error("--widths is empty: give student widths separated by commas, such as 128,256,512")
+    if args.seeds is not None and args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: run at least 1 seed (3 or more give an interval)")
     seeds = range(args.seeds if args.seeds is not None else p["seeds"])
     if set(args.arms) - set(ARMS) or not args.arms:
         ap.error(f"--arms takes letters from {''.join(ARMS)}")
@@ -423,7 +433,11 @@ def main(argv=None):
     if "kd_weight" in p:
         cfg = dataclasses.replace(cfg, kd_weight=p["kd_weight"])
     base = base_config(cfg, args.steps, args.head_steps)
-    plan(base, widths, seeds, args.arms, not args.no_equal_memory)  # bad widths fail before the teacher loads
+    try:  # bad widths fail before the teacher loads
+        plan(base, widths, seeds, args.arms, not args.no_equal_memory)
+    except sf.ConfigError as e:
+        ap.error(f"--widths {','.join(map(str, widths))}: {e}".replace(" (ABLATION_WIDTHS)", "")
+                 .replace("set ABLATION_WIDTHS, e.g.", "e.g."))
     cache = sf.cache_teacher_states(cfg, progress=not args.smoke)  # one Phase 1 cache for every arm and seed
     data = run(cfg, cache, widths, seeds, out, args.arms, not args.no_equal_memory, args.steps, args.head_steps,
                progress=not args.smoke, max_arms=args.max_arms)

@@ -123,6 +123,35 @@ def test_head_loss_takes_exactly_one_of_targets_and_teacher_logits(kwargs):
         sf.head_loss(h, w, b, FP32, **kwargs)
 
 
+@pytest.mark.parametrize("bad", [dict(chunk_rows=-5), dict(targets_len=40), dict(targets_len=30), dict(h_3d=True)])
+def test_head_loss_refuses_bad_shapes_and_chunks_before_any_work(bad):
+    h, w, b, g = _head_case()
+    y = torch.randint(300, (bad.get("targets_len", 37),), generator=g)
+    if bad.get("h_3d"):
+        h = h[None]
+    with pytest.raises(ValueError, match="chunk_rows|targets"):
+        sf.head_loss(h, w, b, FP32, targets=y, chunk_rows=bad.get("chunk_rows"))
+
+
+def test_head_loss_under_no_grad_gives_the_same_value_and_computes_no_gradient(monkeypatch):
+    h, w, b, g = _head_case()
+    y = torch.randint(300, (37,), generator=g)
+    want = sf.head_loss(h, w, b, FP32, targets=y).item()
+    with torch.no_grad():
+        got = sf.head_loss(h, w, b, FP32, targets=y)
+    assert got.item() == pytest.approx(want, rel=1e-6) and not got.requires_grad
+
+
+def test_head_loss_kd_value_is_summed_in_float64_not_rounded_to_bf16():
+    h, w, b, g = _head_case(n=64, dim=32, vocab=2000)
+    teacher = torch.randn(64, 2000, generator=g)
+    bf16 = sf.precision_policy("cpu", "bf16")
+    value = sf.head_loss(h, w, b, bf16, teacher_logits=lambda i, c: teacher[i:i + c]).item()
+    assert value != float(torch.tensor(value).bfloat16())  # not a bf16 number
+    ref = sf.kd_loss(torch.nn.functional.linear(h, w, b)[None], teacher[None]).item()
+    assert value == pytest.approx(ref, rel=0.02)
+
+
 def test_teacher_ce_is_the_teacher_heads_ce_on_the_cached_states_computed_once_per_cache(tiny_cache, monkeypatch):
     cfg, cache, _ = tiny_cache
     head = cache.teacher_head()
