@@ -156,6 +156,28 @@ def test_a_width_the_student_cannot_have_fails_before_any_arm(tiny_cache, tmp_pa
     assert calls == [] and not (tmp_path / "a.json").exists()
 
 
+@pytest.mark.parametrize("argv, message", [(["--widths", "abc"], "--widths 'abc'"), (["--widths", "16,,x"], "--widths"),
+                                           (["--widths", ""], "--widths is empty"), (["--widths", "0"], "--widths 0"),
+                                           (["--widths", "-8"], "--widths '-8'"), (["--widths", "6"], "odd"),
+                                           (["--seeds", "0"], "--seeds 0"), (["--seeds", "-1"], "--seeds -1")])
+def test_bad_command_line_values_are_one_error_naming_the_option_before_any_work(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as e:
+        ab.main(["--smoke", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_rerun_on_a_subset_keeps_the_plan_and_an_equal_memory_table_only_when_there_is_one(tiny_cache, tmp_path):
+    cfg, cache, _ = tiny_cache
+    out = tmp_path / "ablation.json"
+    ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, arms="ab", progress=False, max_arms=1)
+    full_plan = json.loads(out.read_text())["plan"]
+    data = ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, arms="a", equal_memory=False, progress=False)
+    assert data["plan"] == full_plan  # the subset's one arm is already in it
+    report = ab.format_report({**data, "settings": {**data["settings"]}}, ab.summarise(data))
+    assert "Equal memory" not in report and "Verdict" in report
+
+
 # --- the notebook's single-seed verdict -------------------------------------------------------------------
 
 def test_the_notebooks_single_seed_verdict_says_so_and_points_to_the_readme_table():
