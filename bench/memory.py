@@ -7,7 +7,7 @@ The default shapes are the form's: vocab 151936 and teacher width 1536 (Qwen2.5-
 768x12 layers x12 heads, 500 + 64 blocks of 128 tokens, batch 16. Phase 1 runs the real
 `cache_teacher_states` with a stand-in teacher of that width and vocab whose body returns random states:
 a real 1.5B teacher is out of reach of 2 CPU cores, and its own weights are Phase 1's peak on a GPU
-(see the README). Every later cell runs the notebook's own helper calls, one optimiser step a phase
+(see docs/colab.md). Every later cell runs the notebook's own helper calls, one optimiser step a phase
 (memory does not grow with steps), the ablation included, with the main student kept resident as in
 the notebook.
 

@@ -1,6 +1,9 @@
 """Shared fixtures: tiny configs, a tiny random Llama teacher with a word-level tokenizer, no network."""
+import inspect
 import os
 import random
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE = ("spoonfeed_helpers.py", "spoonfeed")  # what the notebook imports: the helper file and its package
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,11 +23,52 @@ WORDS = ("the cat dog sat ran on a mat log big small red blue and then it was ha
          "tree house sun moon day night saw jumped ate fish bird flew away home").split()
 
 
+def copy_code(folder: Path) -> Path:
+    """Put the notebook's code into folder (made if missing): the helper file and the package (no caches)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / CODE[0], folder / CODE[0])
+    shutil.copytree(ROOT / CODE[1], folder / CODE[1], ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def patch(monkeypatch):
+    """monkeypatch.setattr for a function that a test replaces, checked: patch(module, NAME, fn) patches NAME in
+    the module whose code calls it (where the caller looks it up: spoonfeed.precision.cpu_bf16_instructions, not
+    the re-export sf.cpu_bf16_instructions). The test then fails if fn was never called, so that no test passes
+    while testing less. called=False is for a replacement that must not run (it fails the test when it does):
+    then the caller's source (caller=, default the module itself) must call NAME through that module, or the patch
+    could not catch anything."""
+    patched = []
+
+    def setattr(module, name, fn, called=True, caller=None):
+        assert callable(getattr(module, name, None)), f"{module.__name__} has no function {name}"
+        if not called:  # caller (default: module) must look NAME up in module, as NAME( or alias.NAME(
+            caller = caller or module
+            aliases = [k for k, v in vars(caller).items() if v is module]
+            calls = [rf"\b{a}\.{name}\(" for a in aliases] + ([rf"(?<!def )\b{name}\("] if caller is module else [])
+            assert any(re.search(c, inspect.getsource(caller)) for c in calls), \
+                f"{caller.__name__} never calls {module.__name__}.{name}: patch it where its caller looks it up"
+        calls = []
+
+        def spy(*a, **k):
+            calls.append(1)
+            return fn(*a, **k)
+
+        monkeypatch.setattr(module, name, spy)
+        patched.append((module, name, calls, called))
+        return spy
+
+    yield setattr
+    missed = [f"{m.__name__}.{n}" for m, n, calls, called in patched if called and not calls]
+    assert not missed, f"patched but never called: {missed}; patch each where its caller looks it up"
 
 
 def tiny_student_config(**kw):

@@ -6,11 +6,10 @@ import math
 import re
 
 import pytest
+from conftest import ROOT, tiny_student_config
 
 import spoonfeed_helpers as sf
 from bench import ablation as ab
-from conftest import ROOT, tiny_student_config
-
 
 # --- equal memory -----------------------------------------------------------------------------------------
 
@@ -160,8 +159,8 @@ def test_a_width_the_student_cannot_have_fails_before_any_arm(tiny_cache, tmp_pa
                                            (["--widths", ""], "--widths is empty"), (["--widths", "0"], "--widths 0"),
                                            (["--widths", "-8"], "--widths '-8'"), (["--widths", "6"], "odd"),
                                            (["--seeds", "0"], "--seeds 0"), (["--seeds", "-1"], "--seeds -1")])
-def test_bad_command_line_values_are_one_error_naming_the_option_before_any_work(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"))
+def test_bad_command_line_values_are_one_error_naming_the_option_before_any_work(argv, message, capsys, patch):
+    patch(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"), called=False, caller=ab)
     with pytest.raises(SystemExit) as e:
         ab.main(["--smoke", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -180,13 +179,12 @@ def test_a_rerun_on_a_subset_keeps_the_plan_and_an_equal_memory_table_only_when_
 
 # --- the notebook's single-seed verdict -------------------------------------------------------------------
 
-def test_the_notebooks_single_seed_verdict_says_so_and_points_to_the_readme_table():
+def test_the_notebooks_single_seed_verdict_says_so_and_points_to_the_multi_seed_page():
     arms = {("ternary", 64): {"cosine": 0.6, "ce": 5.0}, ("full precision", 64): {"cosine": 0.7, "ce": 5.0},
             ("direct CE", 64): {"cosine": float("nan"), "ce": 6.0}}
     verdict = sf.ablation_verdict({"widths": (64,), "baseline_cosine": 0.5, "teacher_ce": 2.0, "arms": arms})
-    assert "one seed" in verdict and "README" in verdict
-    section = re.search(r"multi-seed table \(README, '([^']+)'", verdict).group(1)
-    assert re.search(rf"^#+ {re.escape(section)}$", (ROOT / "README.md").read_text(), re.M)
+    page, section = re.search(r"one seed per arm: the multi-seed table \(([^,]+), '([^']+)'", verdict).groups()
+    assert re.search(rf"^#+ {re.escape(section)}$", (ROOT / page).read_text(), re.M)
 
 
 # --- the smoke run on the bundled teacher -----------------------------------------------------------------

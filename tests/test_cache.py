@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CountingLoader, make_teacher, make_tokenizer, tiny_run_config
 
 import spoonfeed_helpers as sf
-from conftest import CountingLoader, make_teacher, make_tokenizer, tiny_run_config
 
 
 def test_cached_states_equal_a_direct_teacher_forward(tiny_cache):

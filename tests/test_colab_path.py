@@ -5,9 +5,11 @@ The teacher is a tiny random Qwen2 with the real Qwen vocab of 151936, written w
 next to a word-level tokenizer that works offline. The student is tiny; the 151936-token head dominates."""
 import json
 import random
+import re
+
+from conftest import ROOT, WORDS, copy_code
 
 import spoonfeed_helpers as sf
-from conftest import ROOT, WORDS
 
 QWEN_VOCAB = 151936
 EOS = "<|endoftext|>"
@@ -54,7 +56,9 @@ def test_notebook_runs_the_colab_path_with_a_hugging_face_qwen2_teacher(tmp_path
                   BATCH_SIZE=4, CACHE_DIR=str(tmp_path / "cache"), RUN_DIR=str(tmp_path / "run"),
                   CHECKPOINT_EVERY=3, MAX_NEW_TOKENS=8, ABLATION_STEPS=2, ABLATION_HEAD_STEPS=1)
     out = tmp_path / "out.ipynb"
-    papermill.execute_notebook(str(ROOT / "spoon_feed.ipynb"), str(out), parameters=params, cwd=str(ROOT),
+    colab = copy_code(tmp_path / "content")  # what cell 2 fetches into Colab's folder: the helper and its package
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # the kernel finds the code beside the notebook, nowhere else
+    papermill.execute_notebook(str(ROOT / "spoon_feed.ipynb"), str(out), parameters=params, cwd=str(colab),
                                kernel_name="python3", progress_bar=False)
     text = "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
                    for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
@@ -69,3 +73,5 @@ def test_notebook_runs_the_colab_path_with_a_hugging_face_qwen2_teacher(tmp_path
     assert (tmp_path / "run" / "student" / "model.safetensors").exists()
     assert (tmp_path / "run" / "student-ternary" / "ternary.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / "phase2.pt").exists()
+    imported = re.search(r"^code: (.*)$", text, re.M)
+    assert imported and imported.group(1).startswith(str(colab)), "the kernel imported the code from elsewhere"

@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
-import spoonfeed_helpers as sf
 from conftest import CountingLoader, make_tokenizer, tiny_run_config, tiny_student_config
+
+import spoonfeed.precision
+import spoonfeed_helpers as sf
 
 
 @pytest.fixture
@@ -18,8 +19,8 @@ def cpu_only(monkeypatch):
 
 
 @pytest.mark.parametrize("native", [[], ["avx512_bf16"], ["avx512_bf16", "amx_bf16"]])
-def test_auto_uses_bf16_exactly_where_the_cpu_has_native_bf16_matmul(monkeypatch, cpu_only, native):
-    monkeypatch.setattr(sf, "cpu_bf16_instructions", lambda: native)
+def test_auto_uses_bf16_exactly_where_the_cpu_has_native_bf16_matmul(patch, cpu_only, native):
+    patch(spoonfeed.precision, "cpu_bf16_instructions", lambda: native)
     policy = sf.precision_policy("cpu", "auto")
     want = torch.bfloat16 if native else None
     assert (policy.autocast, policy.grad_scaler) == (want, False)
@@ -66,10 +67,9 @@ def test_the_cache_is_keyed_by_the_teachers_dtype_and_fp32_keeps_its_old_key():
     assert sf.cache_folder("c", fp32) != sf.cache_folder("c", bf16)
 
 
-def test_phase1_loads_the_teacher_in_the_policys_dtype_and_keeps_one_cache_per_dtype(tmp_path, monkeypatch,
-                                                                                     cpu_only):
+def test_phase1_loads_the_teacher_in_the_policys_dtype_and_keeps_one_cache_per_dtype(tmp_path, monkeypatch, cpu_only, patch):
     """The default loader gets cfg.precision; switching PRECISION does not reuse the other dtype's states."""
-    monkeypatch.setattr(sf, "cpu_bf16_instructions", lambda: ["avx512_bf16"])
+    patch(spoonfeed.precision, "cpu_bf16_instructions", lambda: ["avx512_bf16"])
     seen = []
     teacher_and_tok = CountingLoader()
 
@@ -78,8 +78,8 @@ def test_phase1_loads_the_teacher_in_the_policys_dtype_and_keeps_one_cache_per_d
         teacher, tok = teacher_and_tok()
         return teacher.to(sf.precision_policy(device, precision).teacher), tok
 
-    monkeypatch.setattr(sf, "load_teacher", fake_load_teacher)
-    monkeypatch.setattr(sf, "load_tokenizer", lambda name: make_tokenizer())
+    patch(sf, "load_teacher", fake_load_teacher)  # cache_teacher_states' default loader
+    patch(sf, "load_tokenizer", lambda name: make_tokenizer())
     cfg = tiny_run_config(tmp_path)
     caches = {p: sf.cache_teacher_states(dataclasses.replace(cfg, precision=p), progress=False)
               for p in ("auto", "fp32", "bf16")}
@@ -232,7 +232,6 @@ def test_the_moved_aside_line_names_fp32_not_none_for_a_float32_checkpoint():
     assert sf._signature_changes(new, old) == "precision 'bf16' -> 'fp32'"
 
 
-def test_a_device_that_is_not_a_cpu_is_not_described_as_one(monkeypatch):
-    monkeypatch.setattr(sf, "pick_device", lambda device="auto": torch.device(device))
+def test_a_device_that_is_not_a_cpu_is_not_described_as_one():
     for precision in ("auto", "bf16"):
         assert "CPU" not in sf.precision_policy(torch.device("mps"), precision).reason

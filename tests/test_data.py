@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import WORDS, CountingLoader, make_tokenizer, tiny_run_config, write_corpus
 
 import spoonfeed_helpers as sf
-from conftest import WORDS, CountingLoader, make_tokenizer, tiny_run_config, write_corpus
 
 
 def words(n, rng):

@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
-
-import spoonfeed_helpers as sf
 from conftest import WORDS, make_tokenizer, tiny_student_config
+
+import spoonfeed.export
+import spoonfeed_helpers as sf
 
 
 def _rounded(model):
@@ -325,18 +326,18 @@ def test_export_all_writes_the_four_formats_and_skips_the_llama_forms_for_the_te
     assert "no Llama form" in capsys.readouterr().out
 
 
-def test_export_all_folds_a_head_bias_once_for_both_llama_forms(tmp_path, tiny_cache, monkeypatch, capsys):
+def test_export_all_folds_a_head_bias_once_for_both_llama_forms(tmp_path, tiny_cache, patch, capsys):
     cfg, cache, _ = tiny_cache
     model = sf.build_student(cfg, cache)
     sf.train_lm_head(model, cache, cfg, progress=False, need_phase2=False)  # a biased head
     calls, fold = [], sf.llama_head
-    monkeypatch.setattr(sf, "llama_head", lambda *a, **k: calls.append(1) or fold(*a, **k))
+    patch(sf, "llama_head", lambda *a, **k: calls.append(1) or fold(*a, **k))  # export_all folds, the forms reuse it
     out = sf.export_all(model, _bpe_tokenizer(), tmp_path / "run", cache)
     assert set(out) == {"safetensors", "ternary", "hf", "gguf"} and len(calls) == 1
     assert capsys.readouterr().out.count("head bias folded") == 1
 
 
-def test_export_all_checks_the_hf_form_before_writing_anything_or_folding_the_bias(tmp_path, tiny_cache, monkeypatch):
+def test_export_all_checks_the_hf_form_before_writing_anything_or_folding_the_bias(tmp_path, tiny_cache, patch):
     cfg, cache, _ = tiny_cache
     model = sf.build_student(cfg, cache)
     sf.train_lm_head(model, cache, cfg, progress=False, need_phase2=False)
@@ -345,7 +346,8 @@ def test_export_all_checks_the_hf_form_before_writing_anything_or_folding_the_bi
         def __len__(self):
             return model.cfg.vocab_size + 1
 
-    monkeypatch.setattr(sf, "llama_head", lambda *a, **k: pytest.fail("the fold ran before the checks"))
+    for module in (sf, spoonfeed.export):  # export_all, and the forms it calls
+        patch(module, "llama_head", lambda *a, **k: pytest.fail("the fold ran before the checks"), called=False)
     with pytest.raises(sf.ConfigError, match="vocab"):
         sf.export_all(model, TooBig(), tmp_path / "exports", cache)
     assert not (tmp_path / "exports").exists()
@@ -372,7 +374,7 @@ def _student():
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-def test_every_writer_refuses_a_destination_that_holds_something_else_before_any_work(tmp_path, writer, monkeypatch):
+def test_every_writer_refuses_a_destination_that_holds_something_else_before_any_work(tmp_path, writer, patch):
     notes = tmp_path / "mine"  # a user's folder
     notes.mkdir()
     (notes / "notes.txt").write_text("my notes")
@@ -386,7 +388,7 @@ def test_every_writer_refuses_a_destination_that_holds_something_else_before_any
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the destination was checked")
 
-    monkeypatch.setattr(sf, "llama_head", no_work)  # the head fold: the first costly step of the Llama forms
+    patch(spoonfeed.export, "llama_head", no_work, called=False)  # the head fold: the first costly step of the Llama forms
     for place in places:
         with pytest.raises(sf.ConfigError, match=rf"{writer} .*{place.name}") as err:
             WRITERS[writer](_student(), place)

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_student_config
 
 import spoonfeed_helpers as sf
-from conftest import tiny_student_config
 
 
 def test_pack_unpack_round_trip():

@@ -5,12 +5,20 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                          TemperatureLogitsWarper, TextStreamer, TopKLogitsWarper, TopPLogitsWarper)
+from conftest import make_tokenizer, tiny_student_config
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.streamers import BaseStreamer
 
+import spoonfeed.generation
 import spoonfeed_helpers as sf
-from conftest import make_tokenizer, tiny_student_config
 
 INF = float("inf")
 
@@ -393,11 +401,11 @@ def test_eval_ternary_weights_follow_the_weights_however_written(write, source, 
     assert torch.equal(sf.generate(model, idx[:, :3], 6, temperature=0), sf.generate(ref, idx[:, :3], 6, temperature=0))
 
 
-def test_generate_quantizes_each_bitlinear_once_per_call(monkeypatch):
+def test_generate_quantizes_each_bitlinear_once_per_call(patch):
     model = sf.BitNetStudent(tiny_student_config()).eval()
     calls = []
     real = sf.quantize_weight
-    monkeypatch.setattr(sf, "quantize_weight", lambda w: calls.append(1) or real(w))
+    patch(sf, "quantize_weight", lambda w: calls.append(1) or real(w))  # BitLinear quantizes through it
     sf.generate(model, torch.randint(0, 64, (1, 3)), 10, temperature=0)
     assert len(calls) == len(model.bitlinears())  # 14, not 14 a token
     assert all(m._w_cache is None for _, m in model.bitlinears())  # nothing kept after the call
@@ -444,13 +452,13 @@ def test_a_left_padded_batch_decodes_each_row_as_it_would_alone(temperature, top
         assert torch.equal(batch[i, :ids.shape[1]], ids[i])  # the padding is given back as it came
 
 
-def test_generate_text_batches_without_a_streamer_and_gives_what_streaming_gives(monkeypatch):
+def test_generate_text_batches_without_a_streamer_and_gives_what_streaming_gives(patch):
     tok = make_tokenizer()
     model = sf.BitNetStudent(tiny_student_config(vocab_size=len(tok))).eval()
     prompts = ["the cat sat on a", "a", "", "the dog ran over the big red"]
     calls = []
     real = sf.generate
-    monkeypatch.setattr(sf, "generate", lambda m, ids, *a, **k: calls.append(tuple(ids.shape)) or real(m, ids, *a, **k))
+    patch(spoonfeed.generation, "generate", lambda m, ids, *a, **k: calls.append(tuple(ids.shape)) or real(m, ids, *a, **k))
     for temperature in (0.0, 1.0):
         calls.clear()
         batched = sf.generate_text(model, tok, prompts, 6, temperature, seed=4, precision="fp32")
@@ -471,13 +479,13 @@ def test_a_row_that_stops_at_eos_is_not_counted_past_it_in_a_batch():
     assert [(r.text, r.new_tokens) for r in out] == [("the cat", 1), ("a big red dog", 1)]
 
 
-def test_prompts_that_would_pass_max_seq_len_together_decode_one_at_a_time(monkeypatch):
+def test_prompts_that_would_pass_max_seq_len_together_decode_one_at_a_time(patch):
     """Each prompt keeps its own position limit: a long prompt does not cut a short one's continuation."""
     tok = make_tokenizer()
     model = sf.BitNetStudent(tiny_student_config(vocab_size=len(tok), max_seq_len=10)).eval()
     calls = []
     real = sf.generate
-    monkeypatch.setattr(sf, "generate", lambda m, ids, *a, **k: calls.append(tuple(ids.shape)) or real(m, ids, *a, **k))
+    patch(spoonfeed.generation, "generate", lambda m, ids, *a, **k: calls.append(tuple(ids.shape)) or real(m, ids, *a, **k))
     with pytest.warns(UserWarning, match="stopping after 2 new tokens"):
         out = sf.generate_text(model, tok, ["the cat", "the dog sat on a big red mat"], 6, 0.0)
     assert calls == [(1, 2), (1, 8)]

@@ -11,8 +11,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import ROOT, make_teacher, make_tokenizer, write_corpus
+from conftest import ROOT, copy_code, make_teacher, make_tokenizer, write_corpus
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "SPOONFEED_SETUP": "0"}  # the install step is scripts/setup.sh's job, not the tests'
@@ -22,9 +21,9 @@ ENV.pop("SPOONFEED_PRESET", None)
 
 @pytest.fixture
 def project(tmp_path):
-    """A copy of the notebook, the helper file and scripts/, plus a tiny teacher folder and a corpus."""
-    for name in ("spoon_feed.ipynb", "spoonfeed_helpers.py"):
-        shutil.copy(ROOT / name, tmp_path / name)
+    """A copy of the notebook, the helper file, its package and scripts/, plus a tiny teacher folder and a corpus."""
+    shutil.copy(ROOT / "spoon_feed.ipynb", tmp_path / "spoon_feed.ipynb")
+    copy_code(tmp_path)
     shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
     make_teacher().save_pretrained(tmp_path / "teacher")
     make_tokenizer().save_pretrained(tmp_path / "teacher")

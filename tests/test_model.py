@@ -4,10 +4,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-import spoonfeed_helpers as sf
 from conftest import tiny_student_config
 
+import spoonfeed_helpers as sf
 
 # --- quantizers -------------------------------------------------------------------------------------------
 

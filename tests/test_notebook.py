@@ -3,7 +3,7 @@
 import json
 import re
 
-from conftest import ROOT
+from conftest import ROOT, copy_code
 
 NB = json.loads((ROOT / "spoon_feed.ipynb").read_text())
 CODE = ["".join(c["source"]) for c in NB["cells"] if c["cell_type"] == "code"]
@@ -85,6 +85,7 @@ def test_the_save_cell_writes_every_format_and_a_stock_pipeline_reloads_the_expo
 # --- the Colab runtime (issue 13) -----------------------------------------------------------------------------
 
 import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
@@ -130,8 +131,9 @@ class FakeColab:
             target = args[-1]
             if os.path.exists(target):
                 raise subprocess.CalledProcessError(128, args)
-            os.makedirs(target)
-            open(os.path.join(target, "spoonfeed_helpers.py"), "w").close()
+            os.makedirs(os.path.join(target, "spoonfeed"))
+            for name in ("spoonfeed_helpers.py", os.path.join("spoonfeed", "__init__.py")):
+                open(os.path.join(target, name), "w").close()
         return subprocess.CompletedProcess(args, 0)
 
     def clones(self):
@@ -160,16 +162,21 @@ def test_setup_cell_reruns_and_restarts_without_cloning_again(tmp_path, monkeypa
     assert ns["cfg"].student_dim == sf.PRESETS["smoke"]["student_dim"]
 
 
-def test_setup_cell_uses_a_helper_file_beside_the_notebook_and_redoes_a_cut_clone(tmp_path, monkeypatch):
+def test_setup_cell_uses_the_code_beside_the_notebook_and_redoes_a_cut_clone(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "spoonfeed_helpers.py").write_text("")
+    copy_code(tmp_path)  # the helper file and its package beside the notebook
     colab = FakeColab(monkeypatch)
     run_setup_cell(monkeypatch)
     assert colab.clones() == 0 and os.path.abspath("spoon-feed") not in sys.path
-    (tmp_path / "spoonfeed_helpers.py").unlink()
-    (tmp_path / "spoon-feed").mkdir()  # a clone interrupted before the helper arrived
+    shutil.rmtree(tmp_path / "spoonfeed")  # the helper file alone is not enough: it imports the package
     run_setup_cell(monkeypatch)
-    assert colab.clones() == 1 and (tmp_path / "spoon-feed" / "spoonfeed_helpers.py").exists()
+    assert colab.clones() == 1 and os.path.abspath("spoon-feed") in sys.path
+    shutil.rmtree(tmp_path / "spoon-feed")
+    (tmp_path / "spoon-feed").mkdir()  # a clone interrupted before the code arrived
+    (tmp_path / "spoon-feed" / "spoonfeed_helpers.py").write_text("")
+    run_setup_cell(monkeypatch)
+    assert colab.clones() == 2
+    assert all((tmp_path / "spoon-feed" / f).exists() for f in ("spoonfeed_helpers.py", "spoonfeed/__init__.py"))
 
 
 # --- cell 2 checks every setting; cell 10 decodes with the form's settings (issue 17) ---------------------------

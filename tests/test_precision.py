@@ -4,9 +4,11 @@ torch.cuda; fp16 autocast itself runs on this CPU."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-import spoonfeed_helpers as sf
 from conftest import tiny_run_config
+
+import spoonfeed.phase
+import spoonfeed.precision
+import spoonfeed_helpers as sf
 
 CARDS = {  # name: (capability, autocast dtype, GradScaler, teacher dtype)
     "Tesla T4": ((7, 5), torch.float16, True, torch.float32),
@@ -36,10 +38,10 @@ def test_policy_follows_compute_capability_never_bf16_emulation(monkeypatch, nam
     assert (forced.autocast, forced.grad_scaler, forced.teacher) == (None, False, torch.float32)
 
 
-def test_policy_on_cpu_is_float32_without_autocast_or_scaler(monkeypatch):
+def test_policy_on_cpu_is_float32_without_autocast_or_scaler(monkeypatch, patch):
     """A CPU without native bf16 matmul (test_cpu_precision.py covers those with it)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sf, "cpu_bf16_instructions", lambda: [])
+    patch(spoonfeed.precision, "cpu_bf16_instructions", lambda: [])
     policy = sf.precision_policy("auto")
     assert (policy.device, policy.autocast, policy.grad_scaler, policy.teacher) == ("cpu", None, False, torch.float32)
     assert sf.make_grad_scaler(policy) is None
@@ -118,9 +120,13 @@ def test_bitlinear_under_fp16_autocast_keeps_zero_and_small_rows_finite():
     assert torch.all(y[0] == 0) and torch.any(y[1] != 0)
 
 
-def test_phase2_and_3_with_fp16_and_grad_scaler_resume_bit_exact(tmp_path, monkeypatch):
+FP16_CALLERS = (sf, spoonfeed.phase, spoonfeed.metrics)  # what looks precision_policy up during Phases 2 and 3
+
+
+def test_phase2_and_3_with_fp16_and_grad_scaler_resume_bit_exact(tmp_path, patch):
     """The GradScaler's state is checkpointed: an interrupted fp16 run resumes to the same weights and scale."""
-    monkeypatch.setattr(sf, "precision_policy", lambda device="auto", precision="auto": fp16_on_cpu_policy())
+    for module in FP16_CALLERS:
+        patch(module, "precision_policy", lambda device="auto", precision="auto": fp16_on_cpu_policy())
     cfg = tiny_run_config(tmp_path, superposition_steps=6, lm_head_steps=4, ckpt_every=2, eval_every=3)
     from conftest import CountingLoader
 
@@ -157,9 +163,9 @@ def test_every_phase_frees_its_gradients(tiny_cache):
     assert all(p.grad is None for p in other.parameters())
 
 
-def test_direct_ce_arm_uses_the_policy_phase3_slicing_and_the_oom_hint(tiny_cache, monkeypatch):
+def test_direct_ce_arm_uses_the_policy_phase3_slicing_and_the_oom_hint(tiny_cache, patch):
     cfg, cache, _ = tiny_cache
-    monkeypatch.setattr(sf, "precision_policy", lambda device="auto", precision="auto": fp16_on_cpu_policy())
+    patch(spoonfeed.phase, "precision_policy", lambda device="auto", precision="auto": fp16_on_cpu_policy())
     hints = []
 
     class Hint(sf._cuda_oom_hint):
@@ -167,11 +173,11 @@ def test_direct_ce_arm_uses_the_policy_phase3_slicing_and_the_oom_hint(tiny_cach
             hints.append(1)
             return self
 
-    monkeypatch.setattr(sf, "_cuda_oom_hint", Hint)
+    patch(sf, "_cuda_oom_hint", Hint)
     model = sf.build_student(cfg, cache)
     seen, head_loss = [], sf.head_loss
-    monkeypatch.setattr(sf, "head_loss", lambda h, w, b, policy, **k: seen.append((h.shape, policy, k)) or
-                        head_loss(h, w, b, policy, **k))
+    patch(sf, "head_loss", lambda h, w, b, policy, **k: seen.append((h.shape, policy, k)) or
+          head_loss(h, w, b, policy, **k))
     cfg2 = sf.dataclasses.replace(cfg, superposition_steps=2, lm_head_steps=1)
     sf.train_direct_ce(model, cache, cfg2, progress=False)
     assert len(hints) == 3 and len(seen) == 3
@@ -180,7 +186,7 @@ def test_direct_ce_arm_uses_the_policy_phase3_slicing_and_the_oom_hint(tiny_cach
                for shape, policy, k in seen)
 
 
-def test_ablation_frees_each_arm_before_building_the_next(tiny_cache, monkeypatch):
+def test_ablation_frees_each_arm_before_building_the_next(tiny_cache, patch):
     import gc
     import weakref
 
@@ -194,7 +200,7 @@ def test_ablation_frees_each_arm_before_building_the_next(tiny_cache, monkeypatc
         built.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(sf, "build_student", tracked)
+    patch(sf, "build_student", tracked)
     sf.run_ablation(cache, sf.dataclasses.replace(cfg, ablation_steps=2, ablation_head_steps=1), progress=False)
     assert len(built) == 3
 

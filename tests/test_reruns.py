@@ -74,13 +74,13 @@ def test_rerun_phase2_after_changing_its_setting_then_phase3_equals_a_fresh_run(
 
 
 @pytest.mark.parametrize("change", [dict(lm_head_steps=4), dict(head_lr=3e-3), dict(head_init="unigram")])
-def test_rerun_phase3_alone_after_changing_its_setting_reuses_phase2(small, tmp_path, monkeypatch, change):
+def test_rerun_phase3_alone_after_changing_its_setting_reuses_phase2(small, tmp_path, monkeypatch, change, patch):
     cfg, cache = small
     nb = Notebook(cache).run_all(cfg)
     new = _cfg(cfg, **change)
     steps = []
     real = sf.superposition_step
-    monkeypatch.setattr(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1])
+    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False)
     nb.cell6(new)
     assert steps == []
     monkeypatch.undo()
@@ -253,7 +253,7 @@ def test_too_high_learning_rate_is_named_as_the_cause(small, lr):
 
 
 @pytest.mark.parametrize("where", ["weights", "optimizer state"])
-def test_no_checkpoint_is_written_with_non_finite_values(small, monkeypatch, where):
+def test_no_checkpoint_is_written_with_non_finite_values(small, patch, where):
     cfg, cache = small
     model = sf.build_student(cfg, cache)
     calls = []
@@ -270,7 +270,7 @@ def test_no_checkpoint_is_written_with_non_finite_values(small, monkeypatch, whe
                     opt.state[model.projector.net[0].weight]["exp_avg_sq"][0, 0] = float("nan")
         return stepped
 
-    monkeypatch.setattr(sf, "optimizer_step", poisoning)
+    patch(sf, "optimizer_step", poisoning)
     with pytest.raises(sf.NonFiniteLossError, match="refusing to save the phase2 checkpoint"):
         sf.train_superposition(model, cache, cfg, progress=False)
     latest, _ = sf._ckpt_paths(cfg.run_dir, "phase2")
@@ -317,13 +317,13 @@ def test_unwritable_folder_is_one_config_error_naming_the_setting(small, tmp_pat
         sf.check_folders(_cfg(cfg, **{setting: str(blocker / "sub")}))
 
 
-def test_unwritable_run_dir_is_refused_before_phase2_trains(small, tmp_path, monkeypatch):
+def test_unwritable_run_dir_is_refused_before_phase2_trains(small, tmp_path, patch):
     cfg, cache = small
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     steps = []
     real = sf.superposition_step
-    monkeypatch.setattr(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1])
+    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False)
     bad = _cfg(cfg, run_dir=str(blocker / "run"))
     with pytest.raises(sf.ConfigError, match="RUN_DIR"):
         sf.train_superposition(sf.build_student(bad, cache), cache, bad, progress=False)

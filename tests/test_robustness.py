@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_student_config
 
 import spoonfeed_helpers as sf
-from conftest import tiny_student_config
 
 
 def _cfg(cfg, **kw):
@@ -45,13 +45,13 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_cache, tmp_path, phase):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_finished_phase_is_not_redone_unless_asked(tiny_cache, monkeypatch):
+def test_finished_phase_is_not_redone_unless_asked(tiny_cache, patch):
     cfg, cache, _ = tiny_cache
     model = _student(cfg, cache)
     sf.train_superposition(model, cache, cfg, progress=False)
     steps = []
     real = sf.superposition_step
-    monkeypatch.setattr(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1])
+    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1])
     sf.train_superposition(_student(cfg, cache), cache, cfg, progress=False)
     assert steps == []
     sf.train_superposition(_student(cfg, cache), cache, cfg, progress=False, fresh=True)
@@ -98,7 +98,7 @@ def test_checkpoint_from_other_settings_is_moved_aside_not_lost(tiny_cache):
     assert (Path(cfg.run_dir) / "checkpoints" / "phase2.other-settings.pt").exists()
 
 
-def test_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(tiny_cache, monkeypatch):
+def test_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(tiny_cache, patch):
     cfg, cache, _ = tiny_cache
     cfg = _cfg(cfg, ckpt_every=5)
     model = _student(cfg, cache)
@@ -109,7 +109,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(tiny_cache
         calls.append(1)
         return real(pred, target, mask) * (float("nan") if len(calls) == 8 else 1.0)
 
-    monkeypatch.setattr(sf, "cosine_loss", poisoned)
+    patch(sf, "cosine_loss", poisoned)
     with pytest.raises(sf.NonFiniteLossError, match=r"step 7.*checkpoint"):
         sf.train_superposition(model, cache, cfg, progress=False)
     state = torch.load(sf._ckpt_paths(cfg.run_dir, "phase2")[0], weights_only=True)

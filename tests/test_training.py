@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+import spoonfeed.cache
+import spoonfeed.metrics
 import spoonfeed_helpers as sf
 
 
@@ -152,14 +154,15 @@ def test_head_loss_kd_value_is_summed_in_float64_not_rounded_to_bf16():
     assert value == pytest.approx(ref, rel=0.02)
 
 
-def test_teacher_ce_is_the_teacher_heads_ce_on_the_cached_states_computed_once_per_cache(tiny_cache, monkeypatch):
+def test_teacher_ce_is_the_teacher_heads_ce_on_the_cached_states_computed_once_per_cache(tiny_cache, patch):
     cfg, cache, _ = tiny_cache
     head = cache.teacher_head()
     expected = np.mean([sf.next_token_ce(cache.states("val", [i]) @ head.T, cache.tokens("val", [i]),
                                          reduction="none").mean().item() for i in range(cache.num_val)])
     built = []
     frozen = sf._frozen_teacher_head
-    monkeypatch.setattr(sf, "_frozen_teacher_head", lambda *a, **k: built.append(1) or frozen(*a, **k))
+    for module in (spoonfeed.metrics, spoonfeed.cache):  # evaluate, and the teacher CE it asks the cache for
+        patch(module, "_frozen_teacher_head", lambda *a, **k: built.append(1) or frozen(*a, **k))
     model = _student(cfg, cache)
     first = sf.evaluate(model, cache)["metrics"]["teacher_ce"]
     n = len(built)

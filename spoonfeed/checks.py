@@ -1,0 +1,113 @@
+"""The checks made before any work starts: the runtime, the folders and the room the run needs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .cache import cache_folder, cache_request
+from .config import BUNDLED_TEACHER, _teacher_shape
+from .errors import ConfigError
+from .files import check_export_destinations, space_problem, writable_problem
+from .precision import pick_device
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+
+def check_runtime(cfg: RunConfig, preset: str | None = None) -> None:
+    """Cell 2: the form's defaults need a GPU. On a CPU runtime with a Hub teacher and no preset, Phase 2 alone
+    would take about 9 hours (66 s a step) and the ablation would outgrow Colab's 12.7 GB of host RAM, so stop
+    before any work with ConfigError naming the two fixes. A preset, the bundled teacher or a local teacher
+    folder means the user chose CPU on purpose."""
+    if preset or pick_device(cfg.device).type != "cpu":
+        return
+    if cfg.teacher == BUNDLED_TEACHER or os.path.isdir(os.path.expanduser(cfg.teacher)):
+        return
+    raise ConfigError(
+        f"this runtime has no GPU, and the teacher {cfg.teacher!r} with a {cfg.student_dim}x{cfg.student_layers} "
+        "student needs one (on CPU, Phase 2 alone takes about 9 hours). In Colab: Runtime \u2192 Change runtime "
+        "type \u2192 T4 GPU, then Run all. Or set PRESET = \"cpu\" in cell 1 (the bundled teacher and the stdlib "
+        "corpus, about 15 minutes on 2 CPU cores)")
+
+
+def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool) -> dict:
+    """What a run writes under RUN_DIR, in bytes, by relative path: checkpoints (weights plus AdamW's two
+    moments, fp32: 12 bytes a trained parameter) as newest and .prev, the float32 student, the packed export."""
+    out = {}
+
+    def checkpoints(prefix, dim, head_mode, head_steps):
+        n = cfg.student_config(vocab, teacher_dim, dim=dim).param_counts()
+        trained3 = {"new": n["head"], "tied": n["embedding"], "teacher": 0}[head_mode] if head_steps else 0
+        for phase, numel in (("phase2", n["phase2"]), ("phase3", trained3)):
+            for name in (f"{phase}.pt", f"{phase}.prev.pt") if numel else ():
+                out[f"{prefix}checkpoints/{name}"] = 12 * numel
+        return n
+
+    n = checkpoints("", cfg.student_dim, cfg.head_mode, cfg.lm_head_steps)
+    total = n["phase2"] + n["head"] + (vocab * teacher_dim if cfg.head_mode == "teacher" else 0)
+    out["student/model.safetensors"] = 4 * total
+    out["student-ternary/ternary.safetensors"] = 2 * total  # an upper bound: the BitLinears take 1.6 bits
+    for width in dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)) if ablation else ():
+        for arm in ("ternary", "full"):  # run_ablation's arms (a) and (b); arm (c) writes no checkpoint
+            checkpoints(f"ablation/{arm}-{width}/", width, "new", cfg.ablation_head_steps)
+    return out
+
+
+def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
+    """Check every folder the run writes before any work starts: CACHE_DIR (the Phase 1 cache) and RUN_DIR
+    (checkpoints, plots, the saved student and its packed export; the ablation's checkpoints when ablation).
+    The save cell's destinations in RUN_DIR must be free or hold earlier exports (check_export_destinations).
+
+    Each must be writable (it is created if missing) and have room for what the run writes there: the cache
+    (unless a finished cache for this request is already there; the size is known for the listed teachers and
+    for local teacher folders) and RUN_DIR's files, less what the same files already take. Two folders on one
+    disk share its free space. Checkpoint sizes count AdamW's two moments; DISK_MARGIN is added on top.
+    Raises ConfigError, once, naming every setting to change. Returns one line per folder for the notebook.
+    """
+    lines, need_by_disk, ablation_bytes = [], {}, 0
+    shape = _teacher_shape(cfg.teacher)
+    folders = (("CACHE_DIR", cfg.cache_dir), ("RUN_DIR", cfg.run_dir))
+    problems = [p for p in (writable_problem(folder, setting) for setting, folder in folders) if p]
+    if not problems:
+        try:  # the save cell's files in RUN_DIR: refused there, after the training, if something else is in the way
+            check_export_destinations(cfg.run_dir, cfg.head_mode)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for setting, folder in folders:
+        if shape is None:
+            need = None
+        elif setting == "CACHE_DIR":
+            request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len,
+                                    cfg.seed, cfg.text_field)
+            done = (cache_folder(folder, request) / "manifest.json").is_file()  # reused, or rebuilt in place
+            D, V = shape
+            need = 0 if done else (cfg.num_samples + cfg.val_samples) * cfg.seq_len * (2 * D + 4) + 2 * V * D
+        else:
+            files = _run_dir_bytes(cfg, shape[1], shape[0], ablation)
+            have = sum((Path(folder) / f).stat().st_size for f in files if (Path(folder) / f).is_file())
+            need = max(0, sum(files.values()) - have) + max(files.values())  # + the temp file of a save
+            ablation_bytes = sum(v for k, v in files.items() if k.startswith("ablation/"))
+        usage = shutil.disk_usage(folder)
+        dev = os.stat(folder).st_dev
+        entry = need_by_disk.setdefault(dev, {"folder": folder, "need": 0, "settings": []})
+        entry["need"] += need or 0
+        entry["settings"].append(setting)
+        lines.append(f"{setting} {folder}: writable, " + (f"needs about {need / 2**20:,.0f} MiB" if need is not None
+                     else "size unknown until the teacher loads") + f", {usage.free / 2**30:.1f} GiB free")
+    for entry in need_by_disk.values():
+        names = " and ".join(entry["settings"])
+        problems.append(space_problem(
+            entry["folder"], entry["need"], f"{names} need{'s' if len(entry['settings']) == 1 else ''}",
+            f"point {names.replace(' and ', ' or ')} at a bigger disk, free some space, or lower NUM_CACHE_SAMPLES / "
+            "MAX_SEQ_LENGTH / the student size" + (f", or set RUN_ABLATION = False (its checkpoints take about "
+                                                   f"{ablation_bytes / 2**30:.2f} GiB)"
+                                                   if ablation_bytes and "RUN_DIR" in entry["settings"] else "")))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return "\n".join(lines)

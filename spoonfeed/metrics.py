@@ -1,0 +1,145 @@
+"""Held-out metrics: cosine against the teacher, next-token CE, and the evaluation report."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .losses import _frozen_teacher_head, mean_ce
+from .precision import _autocast, precision_policy
+
+if TYPE_CHECKING:
+    from .cache import TeacherCache
+    from .precision import Precision
+
+
+def _project(model: nn.Module, feats: torch.Tensor, policy: Precision) -> torch.Tensor:
+    """projector(student states) (B, T, dim) -> (B, T, teacher_dim) float32, under the policy's autocast."""
+    with _autocast(policy):
+        return model.projector(feats).float()
+
+
+@torch.no_grad()
+def held_out_cosine(model: nn.Module | None, cache: TeacherCache, batch_size: int = 16, predict=None,
+                    precision: str = "auto") -> float:
+    """Mean cosine against the teacher over every held-out token. The prediction is projector(student), run
+    under precision_policy's autocast for `precision` (the cosine itself in float32), unless
+    predict(tokens, idx) -> (B, T, D) is given (the baseline, or the teacher's own states in tests)."""
+    was_training = model is not None and model.training
+    if predict is None:
+        model.eval()
+        device = model.tok_embeddings.weight.device
+        policy = precision_policy(device, precision)
+        predict = lambda tokens, idx: _project(model, student_features(model, tokens, len(tokens), precision),  # noqa: E731
+                                               policy)
+    total = 0.0
+    for i in range(0, cache.num_val, batch_size):
+        idx = np.arange(i, min(i + batch_size, cache.num_val))
+        pred = predict(cache.tokens("val", idx), idx).float()
+        total += F.cosine_similarity(pred, cache.states("val", idx).to(pred.device), dim=-1).sum().item()
+    if was_training:
+        model.train()
+    return total / (cache.num_val * cache.seq_len)
+
+
+def baseline_cosine(cache: TeacherCache, batch_size: int = 16) -> float:
+    """The constant predictor: the mean teacher vector of the training cache, scored on held-out tokens."""
+    mean = torch.from_numpy(cache.train_mean)
+    return held_out_cosine(None, cache, batch_size, lambda tokens, idx: mean.expand(len(idx), cache.seq_len, -1))
+
+
+@torch.no_grad()
+def student_features(model: nn.Module, tokens: torch.Tensor, batch_size: int = 16,
+                     precision: str = "auto") -> torch.Tensor:
+    """Final student states for all blocks, computed once: tokens (N, T) -> (N, T, dim) float32 on the model's
+    device. The body runs under precision_policy's autocast for `precision` (bf16 on a CPU with native bf16)."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    policy = precision_policy(device, precision)
+    with _autocast(policy):
+        return torch.cat([model(tokens[i:i + batch_size].to(device)).float()
+                          for i in range(0, len(tokens), batch_size)])
+
+
+@torch.no_grad()
+def held_out_ce(model: nn.Module, cache: TeacherCache, features=None, batch_size: int = 16,
+                precision: str = "auto") -> float:
+    """The student's next-token CE on held-out blocks, in nats/token. The body runs under `precision`'s
+    autocast (student_features); the head, its logits and the softmax stay float32, so the figure carries no
+    bf16 rounding of the logits."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
+    feats = student_features(model, tokens, batch_size, precision) if features is None else features
+    return mean_ce(feats, tokens, model.logits, batch_size)
+
+
+def log_unigram(cache: TeacherCache) -> np.ndarray:
+    """Log-frequencies of the training tokens, add-half smoothed: the constant CE predictor. (V,) float32."""
+    counts = np.bincount(cache.train_tokens.ravel(), minlength=cache.vocab_size).astype(np.float64) + 0.5
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def ternary_stats(model: nn.Module) -> list[dict]:
+    """Per BitLinear: the share of -1, 0 and +1 in its ternary weight, and its scale."""
+    rows = []
+    for name, m in model.bitlinears():
+        q, scale = m.ternary_weight()
+        n = q.numel()
+        rows.append({"layer": name, "neg": (q == -1).sum().item() / n, "zero": (q == 0).sum().item() / n,
+                     "pos": (q == 1).sum().item() / n, "scale": scale.item()})
+    return rows
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cache: TeacherCache, batch_size: int = 16, precision: str = "auto") -> dict:
+    """Held-out figures: cosine vs the mean-vector baseline, CE/perplexity (nats/token) vs the teacher and the
+    unigram predictor, the student decoded through the teacher head, and ternary weight statistics.
+    The student's body and projector run under precision_policy's autocast for `precision` (cfg.precision in
+    the notebook), as in training; every head, softmax and cosine is float32."""
+    device = model.tok_embeddings.weight.device
+    model.eval()
+    policy = precision_policy(device, precision)
+    tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
+    feats = student_features(model, tokens, batch_size, precision)
+    head = _frozen_teacher_head(cache, device)
+    n_tok = len(tokens) * (cache.seq_len - 1)
+    unigram_ce = float(-log_unigram(cache)[cache.val_tokens[:, 1:].ravel()].mean())
+    student_cos = held_out_cosine(model, cache, batch_size, lambda tokens, i: _project(model, feats[i], policy))
+    base_cos = baseline_cosine(cache, batch_size)
+    metrics = {
+        "student_cosine": student_cos,
+        "baseline_cosine": base_cos,
+        "cosine_gain": student_cos - base_cos,
+        "student_ce": held_out_ce(model, cache, feats, batch_size) if _has_head(model) else float("nan"),
+        "student_ce_via_teacher_head": mean_ce(feats, tokens, lambda f: head(_project(model, f, policy)), batch_size),
+        "teacher_ce": cache.teacher_ce(device, batch_size),
+        "unigram_ce": unigram_ce,
+    }
+    for k in ("student_ce", "student_ce_via_teacher_head", "teacher_ce", "unigram_ce"):
+        metrics[k.replace("_ce", "_ppl")] = math.exp(min(metrics[k], 50))
+    return {"metrics": metrics, "ternary": ternary_stats(model), "head_mode": model.cfg.head_mode,
+            "tokens": n_tok}
+
+
+def _has_head(model):
+    return model.cfg.head_mode != "teacher" or model.teacher_head is not None
+
+
+def format_report(report: dict) -> str:
+    m = report["metrics"]
+    rows = [("held-out cosine (student)", m["student_cosine"]), ("held-out cosine (mean-vector baseline)",
+            m["baseline_cosine"]), ("cosine gain over baseline", m["cosine_gain"]),
+            (f"student CE, {report['head_mode']} head (nats)", m["student_ce"]),
+            ("student CE via teacher head (nats)", m["student_ce_via_teacher_head"]),
+            ("teacher CE (nats)", m["teacher_ce"]), ("unigram constant predictor CE (nats)", m["unigram_ce"]),
+            ("student perplexity", m["student_ppl"]), ("teacher perplexity", m["teacher_ppl"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{name:<{width}}  {value:10.4f}" for name, value in rows]
+    lines.append(f"({report['tokens']} held-out next-token predictions)")
+    return "\n".join(lines)

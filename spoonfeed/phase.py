@@ -1,0 +1,91 @@
+"""The phase scaffold that every training loop shares (Phases 2 and 3, the ablation's direct-CE arm).
+
+It builds, in one order: AdamW, the LR schedule, the batch generator, the precision policy and its GradScaler,
+resume from the last good checkpoint, the fault guard; then checkpoints and teardown.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoints import _checkpoint_every, _resume, load_checkpoint
+from .optim import _adamw, _FaultGuard, _free_training_state, lr_schedule, optimizer_step
+from .plots import progress_bar
+from .precision import make_grad_scaler, precision_policy
+
+
+class Phase:
+    """What a training loop needs around its research step, built in one place and in one order.
+
+    Builds AdamW over `params` (the embedding, when given, at lr * embed_lr_mult), a LambdaLR with linear warmup
+    then cosine decay to cfg.min_lr_ratio over `steps`, a torch.Generator seeded with `seed` for the batches,
+    the precision policy of the parameters' device (cfg.precision) and its GradScaler (fp16 only). With a
+    checkpoint `key` ("phase2", "phase3") it resumes from the newest good checkpoint whose `signature` matches
+    and that holds exactly the weights `names` (state_dict names; None = all): weights, optimiser, schedule,
+    GradScaler and random state, so that a resumed run is bit for bit the uninterrupted one. `resumed`,
+    `start` and `history` say what was found; without a checkpoint, `restart()` (when given) puts the weights
+    back at the phase's start. A fault guard (`_FaultGuard`) then watches every step.
+
+    Raises what load_checkpoint and the guard raise; see train_superposition for the whole list.
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, params, cfg, *, lr: float, steps: int, warmup: int,
+                 seed: int, lr_fix: str, history: dict | None = None, key: str | None = None,
+                 signature: dict | None = None, names: list[str] | None = None, embedding=None,
+                 embed_lr_mult: float = 1.0, weight_decay: float = 0.0, fresh: bool = False, cache_path=None,
+                 restart=None):
+        self.name, self.model, self.cfg, self.key = name, model, cfg, key
+        self.params, self.steps, self.signature, self.names = list(params), steps, signature, names
+        self.opt = _adamw(self.params, lr, weight_decay, embedding, embed_lr_mult)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_schedule(s, steps, warmup, cfg.min_lr_ratio))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.policy = precision_policy(self.params[0].device, cfg.precision)
+        self.scaler = make_grad_scaler(self.policy)
+        self.history, self.start, self.resumed = history, 0, False
+        if key is not None:
+            weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if names is None or k in names}
+            state = None if fresh else load_checkpoint(cfg.run_dir, key, signature, weights)
+            if _resume(state, model, self.opt, self.sched, self.gen, names, self.scaler):
+                self.history, self.start, self.resumed = state["history"], state["step"], True
+                print(f"{name}: resuming at step {self.start} of {steps}" if self.start < steps else
+                      f"{name}: already done")
+        if not self.resumed and restart is not None:
+            restart()  # from scratch: the weights as the phase starts them, whatever they held before
+        skipped = self.history.setdefault("skipped", []) if self.history is not None else None
+        self.guard = _FaultGuard(name, self.params, lr_fix, cfg.run_dir, cache_path, skipped, self.scaler)
+
+    def bar(self, desc: str, progress: bool = True):
+        """The steps still to run, start..steps, as a progress bar."""
+        return progress_bar(range(self.start, self.steps), desc=desc, disable=not progress)
+
+    def batch(self, num_blocks: int) -> torch.Tensor:
+        """cfg.batch_size block indices drawn from the phase's generator: (B,) int64."""
+        return torch.randint(num_blocks, (self.cfg.batch_size,), generator=self.gen)
+
+    @property
+    def lr(self) -> float:
+        """The LR the current step uses (the first parameter group's)."""
+        return self.opt.param_groups[0]["lr"]
+
+    def update(self, step: int, loss: torch.Tensor, target=None, stepped: bool | None = None) -> bool:
+        """One step's bookkeeping: a non-finite loss raises, naming its cause (target: the batch's teacher states,
+        checked first); then optimizer_step (clipped to cfg.grad_clip) unless the caller has stepped already
+        (`stepped` given); a skipped step is named and counted; then the schedule moves on. Returns stepped."""
+        self.guard.check_loss(step, loss, target)
+        if stepped is None:
+            stepped = optimizer_step(loss, self.opt, self.params, self.cfg.grad_clip, self.scaler)
+        self.guard.after_step(step, loss, stepped, target)
+        self.sched.step()
+        return stepped
+
+    def checkpoint(self, done: int) -> None:
+        """Every cfg.ckpt_every steps and at the last one: save the weights `names`, optimiser, schedule, GradScaler
+        and random state (atomic; refused when non-finite)."""
+        if self.key is not None:
+            _checkpoint_every(self.cfg, self.key, done, self.steps, self.signature, self.model, self.opt, self.sched,
+                              self.gen, self.history, self.names, self.scaler)
+
+    def close(self) -> None:
+        """End of the phase: drop gradients and AdamW's moments, and give their memory back."""
+        _free_training_state(self.model, self.opt)

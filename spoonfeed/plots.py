@@ -1,0 +1,120 @@
+"""Plots for every phase, and the progress bars."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .cache import TeacherCache
+
+
+def progress_bar(*args, **kwargs):
+    """A tqdm bar: tqdm.auto's (a widget in Jupyter, Colab and VS Code, which needs ipywidgets; text in a
+    terminal), or a text bar on stderr when SPOONFEED_PROGRESS=text. Headless runs set that
+    (scripts/run_notebook.py): a papermill kernel has no front end to draw a widget, and only a text bar's
+    output streams on to the terminal. Takes tqdm's arguments."""
+    if os.environ.get("SPOONFEED_PROGRESS") == "text":
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(*args, **kwargs)
+
+
+def _figure(ncols=1, width=10, height=3.6):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, path):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def plot_cache(cache: TeacherCache, path=None):
+    """Phase 1: token frequencies and the size of the teacher targets."""
+    fig, (ax1, ax2) = _figure(2)
+    counts = np.sort(np.bincount(cache.train_tokens.ravel()))[::-1]
+    ax1.loglog(np.arange(1, (counts > 0).sum() + 1), counts[counts > 0])
+    ax1.set(title=f"{cache.num_train} train blocks x {cache.seq_len} tokens", xlabel="token rank",
+            ylabel="count")
+    norms = cache.states("train", np.arange(min(cache.num_train, 64))).norm(dim=-1).ravel().numpy()
+    ax2.hist(norms, bins=50)
+    ax2.set(title=f"teacher target norms (D={cache.teacher_dim})", xlabel="||h||", ylabel="tokens")
+    return _save(fig, path)
+
+
+def plot_phase2(history: dict, path=None):
+    fig, (ax1, ax2) = _figure(2)
+    ax1.plot(history["step"], history["loss"], lw=0.8)
+    ax1.set(title="Phase 2 train loss", xlabel="step", ylabel="loss")
+    ax1.grid(alpha=0.3)
+    ax2.plot(history["eval_step"], history["val_cosine"], "o-", label="student (held-out)")
+    ax2.axhline(history["baseline_cosine"], color="gray", ls="--", label="mean-vector baseline")
+    ax2.set(title="held-out cosine", xlabel="step", ylabel="cosine")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_phase3(history: dict, teacher_ce: float | None = None, path=None):
+    fig, (ax1, ax2) = _figure(2)
+    ax1.plot(history["step"], history["loss"], lw=0.8, label="train")
+    ax1.plot(history["eval_step"], history["val_ce"], "o-", label="held-out")
+    if teacher_ce is not None:
+        ax1.axhline(teacher_ce, color="gray", ls="--", label="teacher")
+    ax1.set(title="Phase 3 cross-entropy", xlabel="step", ylabel="nats/token")
+    ax1.legend()
+    ax2.plot(history["eval_step"], history["val_ppl"], "o-")
+    ax2.set(title="held-out perplexity", xlabel="step", ylabel="perplexity", yscale="log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_evaluation(report: dict, path=None):
+    m = report["metrics"]
+    fig, (ax1, ax2, ax3) = _figure(3, width=14)
+    ax1.bar(["student", "baseline"], [m["student_cosine"], m["baseline_cosine"]], color=["C0", "gray"])
+    ax1.set(title="held-out cosine to teacher", ylim=(min(0, m["baseline_cosine"]), 1))
+    names = ["student", "via teacher head", "unigram", "teacher"]
+    ax2.bar(names, [m["student_ce"], m["student_ce_via_teacher_head"], m["unigram_ce"], m["teacher_ce"]],
+            color=["C0", "C1", "gray", "C2"])
+    ax2.set(title="held-out CE (nats/token)")
+    ax2.tick_params(axis="x", labelsize=8)
+    _ternary_bars(ax3, report["ternary"])
+    return _save(fig, path)
+
+
+def _ternary_bars(ax, stats):
+    x = np.arange(len(stats))
+    neg, zero, pos = (np.array([r[k] for r in stats]) for k in ("neg", "zero", "pos"))
+    ax.bar(x, neg, label="-1", color="C3")
+    ax.bar(x, zero, bottom=neg, label="0", color="lightgray")
+    ax.bar(x, pos, bottom=neg + zero, label="+1", color="C0")
+    ax.set(title="ternary weights per layer", xlabel="BitLinear (in model order)", ylabel="share", ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def plot_ablation(result: dict, path=None):
+    fig, (ax1, ax2) = _figure(2)
+    names = ["ternary", "full precision", "direct CE"]
+    for j, w in enumerate(result["widths"]):
+        xs = np.arange(3) + j * 0.8 / len(result["widths"])
+        kw = dict(width=0.8 / len(result["widths"]), label=f"width {w}")
+        ax1.bar(xs[:2], [result["arms"][(n, w)]["cosine"] for n in names[:2]], **kw)
+        ax2.bar(xs, [result["arms"][(n, w)]["ce"] for n in names], **kw)
+    ax1.axhline(result["baseline_cosine"], color="gray", ls="--", label="mean-vector baseline")
+    ax1.set(title="held-out cosine", xticks=np.arange(2), xticklabels=names[:2])
+    ax2.axhline(result["teacher_ce"], color="gray", ls="--", label="teacher")
+    ax2.set(title="held-out CE (nats/token)", xticks=np.arange(3), xticklabels=names)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=8)
+    return _save(fig, path)
