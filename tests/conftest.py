@@ -127,9 +127,22 @@ def tiny_run_config(tmp_path, **kw):
     return sf.make_config(**{**base, **kw})
 
 
+@pytest.fixture(scope="session")
+def tiny_cache_template(tmp_path_factory):
+    """Phase 1 on the tiny teacher, run once a session: (folder with corpus/ and cache/, the cache's key)."""
+    root = tmp_path_factory.mktemp("tiny-cache")
+    cache = sf.cache_teacher_states(tiny_run_config(root), loader=CountingLoader(), progress=False)
+    return root, cache.path.name
+
+
 @pytest.fixture
-def tiny_cache(tmp_path):
-    cfg = tiny_run_config(tmp_path)
+def tiny_cache(tmp_path, tiny_cache_template):
+    """(cfg, cache, loader) as Phase 1 leaves them on the tiny teacher: the teacher loaded once (loader.calls == 1).
+    The cache is built once a session; each test gets its own copy of the cache folder in its own CACHE_DIR, and
+    its own RUN_DIR, so a test may damage, rebuild or train from it without touching another's."""
+    root, key = tiny_cache_template
+    cfg = tiny_run_config(tmp_path, dataset=str(root / "corpus"))
+    shutil.copytree(root / "cache" / key, Path(cfg.cache_dir) / key)
     loader = CountingLoader()
-    cache = sf.cache_teacher_states(cfg, loader=loader, progress=False)
-    return cfg, cache, loader
+    loader.calls = 1  # the load that built it
+    return cfg, sf.TeacherCache(Path(cfg.cache_dir) / key), loader

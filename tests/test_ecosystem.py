@@ -217,6 +217,7 @@ def _field(reader, key):
     return reader.fields[key].contents()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
 def test_gguf_holds_llama_metadata_the_bundled_tokenizer_and_the_exact_ternary_weights(tmp_path, qtype):
     import gguf

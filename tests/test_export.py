@@ -76,6 +76,7 @@ def test_ternary_stats_show_the_share_of_each_value():
     assert row["scale"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_ablation_runs_three_arms_with_finite_figures(tiny_cache):
     cfg, cache, _ = tiny_cache
     result = sf.run_ablation(cache, cfg, progress=False)

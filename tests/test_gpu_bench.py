@@ -3,7 +3,10 @@ CPU policy and the T4's (fp16 autocast + GradScaler, forced), and the figures ar
 import json
 import math
 
+import pytest
 
+
+@pytest.mark.slow
 def test_memory_bench_smoke_measures_every_cell_and_the_checkpoint_sizes(tmp_path):
     from bench import memory
 
@@ -24,6 +27,7 @@ def test_checkpoint_sizes_at_the_defaults_follow_from_the_shapes():
     assert 2.7e9 < sizes["phase2_pt"] < 2.9e9 and 1.3e9 < sizes["phase3_pt"] < 1.5e9
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_runs_every_phase_under_both_policies(tmp_path, monkeypatch):
     from bench import gpu_check
 

@@ -13,6 +13,8 @@ import sys
 import pytest
 from conftest import ROOT, copy_code, make_teacher, make_tokenizer, write_corpus
 
+pytestmark = pytest.mark.slow  # every test here runs the notebook headless, end to end
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "SPOONFEED_SETUP": "0"}  # the install step is scripts/setup.sh's job, not the tests'
 ENV.pop("SPOONFEED_PROGRESS", None)

@@ -186,6 +186,7 @@ def test_direct_ce_arm_uses_the_policy_phase3_slicing_and_the_oom_hint(tiny_cach
                for shape, policy, k in seen)
 
 
+@pytest.mark.slow
 def test_ablation_frees_each_arm_before_building_the_next(tiny_cache, patch):
     import gc
     import weakref
