@@ -41,10 +41,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import spoonfeed  # noqa: F401  the plumbing: the package folder beside this file
+except ModuleNotFoundError as e:  # the helper copied without its package
+    raise ModuleNotFoundError("spoonfeed_helpers.py needs its package, the folder spoonfeed/, beside it: copy the "
+                              "folder together with the file, or clone the whole repository") from e
+
 # isort: off
 from spoonfeed.errors import ConfigError, NonFiniteTeacherError, PhaseOrderError
 from spoonfeed.config import check_batch_size, HEAD_MODES, RunConfig, StudentConfig
-from spoonfeed.precision import _autocast, _cuda_oom_hint, pick_device, Precision, precision_policy
+from spoonfeed.precision import _autocast, _cuda_oom_hint, pick_device, Precision, precision_policy, release_memory
 from spoonfeed.files import (
     _atomic_write_text, _check_destination, _file_digest, _normal_mode, _remove_stale, _replacing,
     check_export_destinations, check_free_space, check_writable, FORMAT, RUN_DIR_EXPORTS, TERNARY_FORMAT,
@@ -53,7 +59,7 @@ from spoonfeed.teacher import free_teacher, load_teacher, load_tokenizer
 from spoonfeed.data import CHARS_PER_TOKEN, data_fingerprint, DataReport, iter_texts, MAX_DOC_BLOCKS, pack_blocks
 from spoonfeed.cache import _valid_cache, CACHE_FILES, cache_folder, cache_request, data_change, TeacherCache
 from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss, mse_loss
-from spoonfeed.optim import _check_finite, _release_memory, optimizer_step
+from spoonfeed.optim import _check_finite, optimizer_step
 from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint
 from spoonfeed.phase import Phase
 from spoonfeed.metrics import baseline_cosine, evaluate, held_out_ce, held_out_cosine, log_unigram, student_features
@@ -747,7 +753,8 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     bar = run.bar("Phase 2: superposition", progress)
     for step in bar:
         idx = run.batch(cache.num_train)
-        tokens, target = cache.tokens("train", idx).to(device), cache.states("train", idx).to(device)  # (B, T), (B, T, D)
+        tokens = cache.tokens("train", idx).to(device)  # (B, T)
+        target = cache.states("train", idx).to(device)  # (B, T, D)
         lr = run.lr  # the LR this step uses
         loss, stepped = superposition_step(model, run.opt, params, tokens, target, cfg, teacher_head, run.gen,
                                            run.policy, run.scaler)
@@ -1205,13 +1212,13 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
             m = evaluate(model, cache, precision=cfg.precision)["metrics"]
             arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
             del model  # before the next arm is built: one arm in memory at a time
-            _release_memory()
+            release_memory()
         model = build_student(wcfg, cache)
         train_direct_ce(model, cache, wcfg, progress=progress)
         m = evaluate(model, cache, precision=cfg.precision)["metrics"]
         arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
         del model
-        _release_memory()
+        release_memory()
         teacher_ce, base_cos = m["teacher_ce"], m["baseline_cosine"]
     result = {"arms": arms, "widths": widths, "baseline_cosine": base_cos, "teacher_ce": teacher_ce}
     result["verdict"] = ablation_verdict(result)

@@ -30,7 +30,7 @@ def check_runtime(cfg: RunConfig, preset: str | None = None) -> None:
         f"this runtime has no GPU, and the teacher {cfg.teacher!r} with a {cfg.student_dim}x{cfg.student_layers} "
         "student needs one (on CPU, Phase 2 alone takes about 9 hours). In Colab: Runtime \u2192 Change runtime "
         "type \u2192 T4 GPU, then Run all. Or set PRESET = \"cpu\" in cell 1 (the bundled teacher and the stdlib "
-        "corpus, about 15 minutes on 2 CPU cores)")
+        "corpus, about 10 minutes on 2 CPU cores)")
 
 
 def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool) -> dict:

@@ -213,7 +213,7 @@ def preset_from_env(env=os.environ) -> str | None:
 
 
 PRESETS = {
-    # bundled teacher + stdlib corpus; the whole notebook in about 15 minutes on 2 CPU cores
+    # bundled teacher + stdlib corpus; the whole notebook in about 10 minutes on 2 CPU cores (docs/headless.md)
     "cpu": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=512, val_samples=64, seq_len=128,
                 student_dim=256, student_layers=4, student_heads=4, superposition_steps=300, lm_head_steps=150,
                 batch_size=8, lr=2e-3, warmup_steps=30, loss="cosine", kd_weight=0.0, kd_temperature=1.0,

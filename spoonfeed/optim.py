@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .errors import NonFiniteGradientError, NonFiniteLossError, NonFiniteTargetError
+from .precision import release_memory
 
 
 def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
@@ -140,7 +141,7 @@ def _free_training_state(model: nn.Module, opt) -> None:
     model.zero_grad(set_to_none=True)
     opt.zero_grad(set_to_none=True)
     opt.state.clear()
-    _release_memory()
+    release_memory()
 
 
 def non_finite(tensors: dict, prefix: str = "") -> list[str]:
@@ -155,12 +156,3 @@ def _check_finite(model: nn.Module):
     if bad:
         raise NonFiniteLossError(f"refusing to save: non-finite weights in {bad[:3]}; resume from the last good "
                                  "checkpoint instead")
-
-
-def _release_memory() -> None:
-    """Collect what was just dropped and give its memory back to CUDA (the next arm is then built in it)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -1,11 +1,9 @@
 """Your own data: local files through the `datasets` library's packaged builders, every common format, the
 TEXT_FIELD rules, errors that name the file and the line, all before the teacher loads (issue 15; 14.3, 14.5)."""
 import json
-import os
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import WORDS, CountingLoader, make_tokenizer, tiny_run_config, write_corpus
 

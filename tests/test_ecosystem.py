@@ -2,6 +2,7 @@
 the head bias folded or trained away, and the Hub upload's argument checks. No network."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -347,8 +348,9 @@ def test_export_all_checks_the_hf_form_before_writing_anything_or_folding_the_bi
         def __len__(self):
             return model.cfg.vocab_size + 1
 
-    for module in (sf, spoonfeed.export):  # export_all, and the forms it calls
-        patch(module, "llama_head", lambda *a, **k: pytest.fail("the fold ran before the checks"), called=False)
+    for caller in (sf.export_all, spoonfeed.export.export_hf, spoonfeed.export.export_gguf):  # and the forms
+        patch(sys.modules[caller.__module__], "llama_head",
+              lambda *a, **k: pytest.fail("the fold ran before the checks"), called=False, caller=caller)
     with pytest.raises(sf.ConfigError, match="vocab"):
         sf.export_all(model, TooBig(), tmp_path / "exports", cache)
     assert not (tmp_path / "exports").exists()
@@ -389,7 +391,8 @@ def test_every_writer_refuses_a_destination_that_holds_something_else_before_any
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the destination was checked")
 
-    patch(spoonfeed.export, "llama_head", no_work, called=False)  # the head fold: the first costly step of the Llama forms
+    if writer in ("export_hf", "export_gguf"):  # the head fold: the first costly step of the Llama forms
+        patch(spoonfeed.export, "llama_head", no_work, called=False, caller=getattr(spoonfeed.export, writer))
     for place in places:
         with pytest.raises(sf.ConfigError, match=rf"{writer} .*{place.name}") as err:
             WRITERS[writer](_student(), place)

@@ -80,7 +80,8 @@ def test_rerun_phase3_alone_after_changing_its_setting_reuses_phase2(small, tmp_
     new = _cfg(cfg, **change)
     steps = []
     real = sf.superposition_step
-    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False)
+    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False,
+          caller=sf.train_superposition)
     nb.cell6(new)
     assert steps == []
     monkeypatch.undo()
@@ -323,7 +324,8 @@ def test_unwritable_run_dir_is_refused_before_phase2_trains(small, tmp_path, pat
     blocker.write_text("not a folder")
     steps = []
     real = sf.superposition_step
-    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False)
+    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False,
+          caller=sf.train_superposition)
     bad = _cfg(cfg, run_dir=str(blocker / "run"))
     with pytest.raises(sf.ConfigError, match="RUN_DIR"):
         sf.train_superposition(sf.build_student(bad, cache), cache, bad, progress=False)
