@@ -69,8 +69,8 @@ from spoonfeed.errors import (  # noqa: F401
     NonFiniteGradientError, NonFiniteLossError, NonFiniteTargetError, PromptTooLongError, TeacherUnavailableError,
 )
 from spoonfeed.config import (  # noqa: F401
-    BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, make_config,
-    ORIGINAL_PROMPTS, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
+    BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, FORM_NAMES,
+    make_config, ORIGINAL_PROMPTS, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
 )
 from spoonfeed.precision import cpu_bf16_instructions, make_grad_scaler  # noqa: F401
 from spoonfeed.files import HF_FORMAT  # noqa: F401
@@ -551,7 +551,8 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     teacher_dtype = getattr(teacher, "dtype", torch.float32)
     context = getattr(teacher.config, "max_position_embeddings", None)
     if context and cfg.seq_len > context:
-        raise ConfigError(f"seq_len={cfg.seq_len} is beyond the teacher's context ({context}): lower MAX_SEQ_LENGTH")
+        raise ConfigError(f"MAX_SEQ_LENGTH={cfg.seq_len} is beyond the teacher's context ({context}): lower "
+                          "MAX_SEQ_LENGTH")
     D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
     head16 = head.detach().to("cpu", torch.float16).contiguous()  # (V, D), as cached: KD and evaluation use it
     if not torch.isfinite(head16).all():
