@@ -50,7 +50,9 @@ from spoonfeed.files import (
     check_export_destinations, check_free_space, check_writable, FORMAT, RUN_DIR_EXPORTS, TERNARY_FORMAT,
 )
 from spoonfeed.teacher import free_teacher, load_teacher, load_tokenizer
-from spoonfeed.data import CHARS_PER_TOKEN, data_fingerprint, DataReport, iter_texts, MAX_DOC_BLOCKS, pack_blocks
+from spoonfeed.data import (
+    CHARS_PER_TOKEN, check_eos, data_fingerprint, DataReport, iter_texts, MAX_DOC_BLOCKS, pack_blocks,
+)
 from spoonfeed.cache import _valid_cache, CACHE_FILES, cache_folder, cache_request, data_change, TeacherCache
 from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss, mse_loss
 from spoonfeed.optim import _check_finite, _release_memory, optimizer_step
@@ -514,8 +516,9 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
 
     loader() returns (teacher, tokenizer); default load_teacher(cfg.teacher, cfg.device). The data is packed
     with `tokenizer`, else the loader's `tokenizer` attribute, else load_tokenizer(cfg.teacher) (fast: the
-    teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts),
-    an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's context.
+    teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts), a
+    tokenizer with no EOS (check_eos), an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's
+    context.
     The teacher runs in precision_policy's teacher dtype for cfg.precision (or `precision`, when given: "fp32"
     forces float32), and that dtype is part of the cache's key (a custom loader's teacher runs as it is given). Raises
     NonFiniteTeacherError, naming the teacher's dtype, before writing a batch whose states are not finite;
@@ -536,6 +539,7 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     check_writable(cfg.cache_dir, "CACHE_DIR")
     if tokenizer is None:
         tokenizer = getattr(loader, "tokenizer", None) or load_tokenizer(cfg.teacher)
+    check_eos(tokenizer, f"the tokenizer of TEACHER_MODEL={cfg.teacher!r}")
     report = DataReport(cfg.dataset, cfg.text_field)
     texts = iter_texts(cfg.dataset, cfg.seed, cfg.text_field, tokenizer, report,
                        max_chars=MAX_DOC_BLOCKS * cfg.seq_len * CHARS_PER_TOKEN, work_dir=cfg.cache_dir)

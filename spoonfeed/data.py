@@ -482,6 +482,26 @@ def _iter_hub_texts(name: str, report: DataReport, text_field: str = "auto", tok
         _no_field_error(report)
 
 
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<eos>", "<|eot_id|>", "[SEP]")  # to suggest
+
+
+def check_eos(tokenizer, who: str = "the tokenizer") -> int:
+    """The EOS id that joins documents in the blocks (pack_blocks). Raises ConfigError, naming `who` and how to
+    give it one, when the tokenizer has no EOS token, or names one its vocabulary lacks (an id of None, or the
+    unknown token's id), before any data is read or the teacher loads."""
+    eos, name = tokenizer.eos_token_id, tokenizer.eos_token
+    missing = eos is None or (eos == tokenizer.unk_token_id and name != tokenizer.unk_token)
+    if not missing:
+        return eos
+    vocab = tokenizer.get_vocab()
+    found = [t for t in _EOS_NAMES if t in vocab]
+    suggest = f"{found[0]!r}, which it has" if found else "a token of its vocabulary such as '</s>'"
+    problem = "has no EOS token" if name is None else f"names the EOS token {name!r}, which is not in its vocabulary"
+    raise ConfigError(f"{who} {problem}, and Phase 1 joins documents with EOS: give it one, {suggest}: in the "
+                      f"teacher's folder, set \"eos_token\" in tokenizer_config.json; or set tokenizer.eos_token and "
+                      "pass tokenizer= to cache_teacher_states")
+
+
 def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, val_every: int = 10,
                 max_doc_blocks: int = MAX_DOC_BLOCKS, report: DataReport | None = None):
     """Tokenize documents, join them with EOS and cut full blocks of seq_len tokens: no padding anywhere.
@@ -489,9 +509,10 @@ def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, va
     Every val_every-th document goes to the held-out stream (until it is full), so train and held-out
     blocks never share a document. A document contributes at most max_doc_blocks blocks, for variety.
     Returns (train (N, T) int32, val (M, T) int32, indices of the held-out documents). `report` (a
-    DataReport) gets the token and block counts. Raises ConfigError when either split gets no block.
+    DataReport) gets the token and block counts. Raises ConfigError when either split gets no block, and when
+    the tokenizer has no usable EOS (check_eos), before reading any text.
     """
-    eos = tokenizer.eos_token_id
+    eos = check_eos(tokenizer)
     want = {"train": num_train * seq_len, "val": num_val * seq_len}
     streams = {"train": [], "val": []}
     cap = max_doc_blocks * seq_len

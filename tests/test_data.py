@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import WORDS, CountingLoader, make_tokenizer, tiny_run_config, write_corpus
+from conftest import WORDS, CountingLoader, make_teacher, make_tokenizer, tiny_run_config, write_corpus
 
 import spoonfeed_helpers as sf
 
@@ -399,3 +399,52 @@ def test_reading_writes_nothing_outside_the_cache_folder(tmp_path, monkeypatch):
     cache, _ = phase1(tmp_path, tmp_path / "data", num_samples=8, val_samples=2, batch_size=4)
     assert not home.exists() or not any(home.rglob("*"))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.path.name]  # no builder files left behind
+
+
+# --- issue 27: data as users really have it --------------------------------------------------------------------
+
+
+def _no_eos(case):
+    """A tokenizer without a usable EOS, in each way one can lack it."""
+    tok = make_tokenizer()
+    if case == "none":
+        tok.eos_token = None
+    elif case == "not in the vocab, with an unknown token":
+        tok.eos_token = "<|endoftext|>"  # maps to <unk>'s id
+    else:  # not in the vocab, and no unknown token to map it to
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="the"))
+        raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+        tok.eos_token = "<eos>"  # set after construction: not added to the vocabulary, so its id is None
+    return tok
+
+
+@pytest.mark.parametrize("case", ["none", "not in the vocab, with an unknown token", "not in the vocab, no unknown"])
+def test_a_tokenizer_without_an_eos_stops_phase_1_before_the_data_is_read_or_the_teacher_loads(tmp_path, case):
+    loader = CountingLoader()
+    loader.tokenizer = _no_eos(case)
+    with pytest.raises(sf.ConfigError, match=r"tokenizer of TEACHER_MODEL='tiny/teacher' (has no EOS token|names "
+                                             r"the EOS token .* not in its vocabulary).*joins documents with EOS.*"
+                                             r"eos_token"):
+        phase1(tmp_path, write_corpus(tmp_path / "corpus"), loader=loader)
+    assert loader.calls == 0
+    with pytest.raises(sf.ConfigError, match="EOS"):  # pack_blocks itself checks, before reading a document
+        sf.pack_blocks(iter(()), loader.tokenizer, 8, 2, 1)
+
+
+def test_a_local_teacher_folder_whose_tokenizer_has_no_eos_names_the_folder_and_the_fix(tmp_path):
+    tok = make_tokenizer()
+    tok.eos_token = None
+    folder = tmp_path / "my-teacher"
+    tok.save_pretrained(folder)
+    make_teacher().config.save_pretrained(folder)
+    cfg = tiny_run_config(tmp_path, teacher=str(folder))
+
+    def loader():
+        raise AssertionError("the teacher loaded")
+
+    with pytest.raises(sf.ConfigError, match=rf"{folder}'? has no EOS token.*\"eos_token\" in tokenizer_config.json"):
+        sf.cache_teacher_states(cfg, loader=loader, progress=False)
