@@ -50,9 +50,9 @@ from spoonfeed.files import (
     check_export_destinations, check_free_space, check_writable, FORMAT, RUN_DIR_EXPORTS, TERNARY_FORMAT,
 )
 from spoonfeed.teacher import free_teacher, load_teacher, load_tokenizer
-from spoonfeed.data import (
-    CHARS_PER_TOKEN, check_eos, data_fingerprint, DataReport, iter_texts, MAX_DOC_BLOCKS, pack_blocks,
-)
+from spoonfeed.data import CHARS_PER_TOKEN, DataReport, iter_texts, MAX_DOC_BLOCKS, undecodable_note
+from spoonfeed.sources import data_fingerprint
+from spoonfeed.packing import check_eos, pack_blocks
 from spoonfeed.cache import _valid_cache, CACHE_FILES, cache_folder, cache_request, data_change, TeacherCache
 from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss, mse_loss
 from spoonfeed.optim import _check_finite, _release_memory, optimizer_step
@@ -77,7 +77,9 @@ from spoonfeed.config import (  # noqa: F401
 from spoonfeed.precision import cpu_bf16_instructions, make_grad_scaler  # noqa: F401
 from spoonfeed.files import HF_FORMAT  # noqa: F401
 from spoonfeed.teacher import _load_cuda_teacher, bundled_teacher_dir  # noqa: F401
-from spoonfeed.data import _texts_from_records, describe_data, MIN_TEXT_CHARS, record_text  # noqa: F401
+from spoonfeed.data import (  # noqa: F401
+    _text_documents, _texts_from_records, describe_data, DUPLICATE, MIN_TEXT_CHARS, record_text,
+)
 from spoonfeed.losses import kd_loss, next_token_ce  # noqa: F401
 from spoonfeed.optim import _adamw, lr_schedule  # noqa: F401
 from spoonfeed.checkpoints import _non_finite, _signature_changes, save_checkpoint  # noqa: F401
@@ -528,7 +530,7 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     precision = precision or cfg.precision
     policy = precision_policy(cfg.device, precision)
     request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
-                            cfg.text_field, fingerprint, policy.teacher)
+                            cfg.text_field, fingerprint, policy.teacher, cfg.encoding)
     folder = cache_folder(cfg.cache_dir, request)
     if not rebuild and _valid_cache(folder, request):
         print(f"Phase 1: reusing the cache in {folder}")
@@ -542,12 +544,15 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     check_eos(tokenizer, f"the tokenizer of TEACHER_MODEL={cfg.teacher!r}")
     report = DataReport(cfg.dataset, cfg.text_field)
     texts = iter_texts(cfg.dataset, cfg.seed, cfg.text_field, tokenizer, report,
-                       max_chars=MAX_DOC_BLOCKS * cfg.seq_len * CHARS_PER_TOKEN, work_dir=cfg.cache_dir)
+                       max_chars=MAX_DOC_BLOCKS * cfg.seq_len * CHARS_PER_TOKEN, work_dir=cfg.cache_dir,
+                       encoding=cfg.encoding)
     try:
         train, val, val_docs = pack_blocks(texts, tokenizer, cfg.seq_len, cfg.num_samples, cfg.val_samples,
                                            report=report)
     finally:
         texts.close()
+    if undecodable_note(report):
+        print(f"Phase 1: note: {undecodable_note(report)}")
     print(f"Phase 1: the data gave {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens from "
           f"{report.records:,} records; loading the teacher")
     loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device, tokenizer, precision))

@@ -74,17 +74,21 @@ class TeacherCache:
 
 def cache_request(teacher: str, dataset: str, num_samples: int, val_samples: int, seq_len: int,
                   seed: int = 0, text_field: str = "auto", data_files: dict | None = None,
-                  teacher_dtype: torch.dtype = torch.float32) -> dict:
+                  teacher_dtype: torch.dtype = torch.float32, encoding: str = "utf-8") -> dict:
     """What a Phase 1 cache is keyed by. data_files: data_fingerprint(dataset) for local data (its listing is
     left out), so editing a local file makes a different request; None for a Hub dataset. teacher_dtype: what
     the teacher computes in (precision_policy's teacher dtype); a teacher run in bf16 or fp16 gives a different
-    cache from the float32 one (whose key is as it was before the setting existed, so those caches stay valid)."""
+    cache from the float32 one (whose key is as it was before the setting existed, so those caches stay valid).
+    encoding: ENCODING, the local files' text encoding; like the dtype, only a value other than the default
+    enters the key."""
     request = {"version": CACHE_VERSION, "teacher": teacher, "dataset": dataset, "num_samples": num_samples,
                "val_samples": val_samples, "seq_len": seq_len, "seed": seed, "layers": "last (final-normed)",
                "dtype": "float16", "text_field": text_field,
                "data_files": {k: v for k, v in data_files.items() if k != "listing"} if data_files else None}
     if teacher_dtype != torch.float32:
         request["teacher_dtype"] = str(teacher_dtype).replace("torch.", "")
+    if encoding != "utf-8":
+        request["encoding"] = encoding
     return request
 
 
