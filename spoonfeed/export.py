@@ -283,8 +283,9 @@ def _gguf_tokenizer_source(tokenizer, tokenizer_gguf=None) -> str | None:
 def _looks_special(token: str) -> bool:
     """llama.cpp convert_hf_to_gguf.py's does_token_look_special: added tokens that some models leave unmarked
     but that are control tokens all the same (<|im_start|>, deepseek's <｜...｜>, gemma's <unused0>, <pad>, <mask>)."""
-    return token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>")) \
-        or (token.startswith("<\uff5c") and token.endswith("\uff5c>")) or (token.startswith("<unused") and token.endswith(">"))
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> list[tuple]:
@@ -318,7 +319,8 @@ def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> l
     U32, I32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    special, added, decoder = set(tokenizer.all_special_tokens), tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
+    special, added = set(tokenizer.all_special_tokens), tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder  # id -> AddedToken, with .special
     for tok, i in tokenizer.get_vocab().items():
         tokens[i] = tok
         if tok in added:  # llama.cpp matches these whole in the text, before BPE (llama-vocab.cpp)

@@ -1,4 +1,4 @@
-"""Finding local data: a file, a folder (links followed, loops guarded) or a glob, and the fingerprint the cache key takes."""
+"""Finding local data: a file, a folder (links followed, loops guarded) or a glob, and the cache key's fingerprint."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def _stdlib_files() -> list[str]:
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    return sorted(str(p) for p in root.rglob("*.py")
+                  if "site-packages" not in p.parts and "dist-packages" not in p.parts)
 
 
 def is_local_dataset(source: str) -> bool:
@@ -135,8 +136,9 @@ def local_data_files(source: str) -> LocalFiles:
     left_out, links = [], []
     if os.path.isfile(path):
         if Path(path).suffix.lower() not in LOCAL_FORMATS:
-            raise ConfigError(f"{path}: unsupported suffix {Path(path).suffix or '(none)'!r}. DATASET takes {supported} "
-                              "files, a folder or glob of them, or a folder written by Dataset.save_to_disk")
+            raise ConfigError(f"{path}: unsupported suffix {Path(path).suffix or '(none)'!r}. DATASET takes "
+                              f"{supported} files, a folder or glob of them, or a folder written by "
+                              "Dataset.save_to_disk")
         candidates = [path]
     elif os.path.isdir(path) and _is_saved_dataset(path):
         return LocalFiles([path], [], [], [])

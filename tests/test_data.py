@@ -548,7 +548,8 @@ def test_every_layout_of_a_big_txt_file_is_covered_once_in_order(tmp_path, layou
     lines = [words(rng.randint(3, 30), rng) for _ in range(400)]
     text = {"no blank lines": "\n".join(lines), "no line breaks at all": " ".join(lines),
             "windows line ends": "\r\n\r\n".join(lines), "blank lines of spaces": "\n   \n".join(lines),
-            "paragraphs longer than a document": "\n\n".join("\n".join(lines[i:i + 40]) for i in range(0, 400, 40))}[layout]
+            "paragraphs longer than a document": "\n\n".join("\n".join(lines[i:i + 40])
+                                                              for i in range(0, 400, 40))}[layout]
     (tmp_path / "big.txt").write_bytes(text.encode())
     docs = texts(tmp_path / "big.txt", max_chars=300)
     assert len(docs) > 20 and all(len(d) <= 300 for d in docs)

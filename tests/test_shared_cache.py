@@ -31,7 +31,8 @@ stop = out.with_suffix(".stop")
 
 def snapshot(cache):
     idx = np.arange(cache.num_train)
-    return (cache.states("train", idx).numpy().tobytes() + cache.states("val", np.arange(cache.num_val)).numpy().tobytes()
+    val = np.arange(cache.num_val)
+    return (cache.states("train", idx).numpy().tobytes() + cache.states("val", val).numpy().tobytes()
             + cache.teacher_head().numpy().tobytes() + cache.train_tokens.tobytes())
 
 result = {{"reads": [], "changed": 0, "zeros": 0, "inconsistent": 0, "missing": 0}}
