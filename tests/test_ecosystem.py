@@ -181,9 +181,9 @@ def test_head_bias_is_part_of_phase_3s_checkpoint_signature_only(tiny_cache):
 def test_head_bias_setting_is_checked():
     assert sf.make_config(head_bias=False).head_bias is False
     assert sf.RunConfig().head_bias is True  # today's behaviour by default
-    with pytest.raises(sf.ConfigError, match="head_bias"):
+    with pytest.raises(sf.ConfigError, match="HEAD_BIAS='no' must be True or False"):
         sf.make_config(head_bias="no")
-    with pytest.raises(sf.ConfigError, match="seed"):
+    with pytest.raises(sf.ConfigError, match="SEED=True must be a whole number"):
         sf.make_config(seed=True)  # bools are still refused where a number is wanted
 
 
