@@ -52,12 +52,16 @@ from spoonfeed.errors import ConfigError, NonFiniteTeacherError, PhaseOrderError
 from spoonfeed.config import check_batch_size, HEAD_MODES, RunConfig, StudentConfig
 from spoonfeed.precision import _autocast, _cuda_oom_hint, pick_device, Precision, precision_policy, release_memory
 from spoonfeed.files import (
-    _atomic_write_text, _check_destination, _file_digest, _normal_mode, _remove_stale, _replacing,
+    _atomic_write_text, _check_destination, _file_digest, _normal_mode, _remove, _remove_stale, _replacing,
     check_export_destinations, check_free_space, check_writable, FORMAT, RUN_DIR_EXPORTS, TERNARY_FORMAT,
 )
 from spoonfeed.teacher import free_teacher, load_teacher, load_tokenizer
-from spoonfeed.data import CHARS_PER_TOKEN, data_fingerprint, DataReport, iter_texts, MAX_DOC_BLOCKS, pack_blocks
-from spoonfeed.cache import _valid_cache, CACHE_FILES, cache_folder, cache_request, data_change, TeacherCache
+from spoonfeed.data import CHARS_PER_TOKEN, DataReport, iter_texts, MAX_DOC_BLOCKS, undecodable_note
+from spoonfeed.sources import data_fingerprint
+from spoonfeed.packing import check_eos, pack_blocks
+from spoonfeed.cache import (
+    begin_build, CACHE_FILES, cache_folder, cache_request, data_change, open_cache, publish, TeacherCache,
+)
 from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss, mse_loss
 from spoonfeed.optim import _check_finite, optimizer_step
 from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint
@@ -75,13 +79,15 @@ from spoonfeed.errors import (  # noqa: F401
     NonFiniteGradientError, NonFiniteLossError, NonFiniteTargetError, PromptTooLongError, TeacherUnavailableError,
 )
 from spoonfeed.config import (  # noqa: F401
-    BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, make_config,
-    ORIGINAL_PROMPTS, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
+    BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, FORM_NAMES,
+    make_config, ORIGINAL_PROMPTS, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
 )
 from spoonfeed.precision import cpu_bf16_instructions, make_grad_scaler  # noqa: F401
 from spoonfeed.files import HF_FORMAT  # noqa: F401
 from spoonfeed.teacher import _load_cuda_teacher, bundled_teacher_dir  # noqa: F401
-from spoonfeed.data import _texts_from_records, describe_data, MIN_TEXT_CHARS, record_text  # noqa: F401
+from spoonfeed.data import (  # noqa: F401
+    _text_documents, _texts_from_records, describe_data, DUPLICATE, MIN_TEXT_CHARS, record_text,
+)
 from spoonfeed.losses import kd_loss, next_token_ce  # noqa: F401
 from spoonfeed.optim import _adamw, lr_schedule  # noqa: F401
 from spoonfeed.checkpoints import _non_finite, _signature_changes, save_checkpoint  # noqa: F401
@@ -502,13 +508,14 @@ def _check_teacher_states(h: torch.Tensor, h16: torch.Tensor, teacher_dtype, whe
         else:
             fix = "the teacher's weights are likely broken: check TEACHER_MODEL or pick another teacher"
         raise NonFiniteTeacherError(f"Phase 1 stopped: the teacher's hidden states hold {bad} non-finite values "
-                                    f"({where}); the teacher ran in {dtype}: {fix}. Nothing was cached ({folder} "
-                                    "has no manifest)")
+                                    f"({where}); the teacher ran in {dtype}: {fix}. Nothing was cached (no manifest "
+                                    f"was written; {folder} is as it was)")
     bad = (~torch.isfinite(h16)).sum().item()
     if bad:
         raise NonFiniteTeacherError(f"Phase 1 stopped: {bad} teacher state values ({where}) exceed float16's range "
                                     f"(65504), the cache's dtype; the teacher's final norm is unusual: pick another "
-                                    f"TEACHER_MODEL. Nothing was cached ({folder} has no manifest)")
+                                    f"TEACHER_MODEL. Nothing was cached (no manifest was written; {folder} is as it "
+                                    "was)")
 
 
 def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, progress: bool = True,
@@ -520,36 +527,45 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
 
     loader() returns (teacher, tokenizer); default load_teacher(cfg.teacher, cfg.device). The data is packed
     with `tokenizer`, else the loader's `tokenizer` attribute, else load_tokenizer(cfg.teacher) (fast: the
-    teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts),
-    an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's context.
+    teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts), a
+    tokenizer with no EOS (check_eos), an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's
+    context.
     The teacher runs in precision_policy's teacher dtype for cfg.precision (or `precision`, when given: "fp32"
     forces float32), and that dtype is part of the cache's key (a custom loader's teacher runs as it is given). Raises
-    NonFiniteTeacherError, naming the teacher's dtype, before writing a batch whose states are not finite;
-    the folder then gets no manifest, so the next run rebuilds it.
+    NonFiniteTeacherError, naming the teacher's dtype, before writing a batch whose states are not finite.
+    A new cache is written into a folder beside the cache's own (begin_build) and renamed into place whole when
+    it is finished (publish): a finished cache is never rewritten in place, so a run reading it (another
+    process sharing CACHE_DIR) keeps reading consistent files, and a failed or interrupted build leaves the
+    folder as it was.
     """
     fingerprint = data_fingerprint(cfg.dataset)  # unsupported or empty local files are refused here
     precision = precision or cfg.precision
     policy = precision_policy(cfg.device, precision)
     request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
-                            cfg.text_field, fingerprint, policy.teacher)
+                            cfg.text_field, fingerprint, policy.teacher, cfg.encoding)
     folder = cache_folder(cfg.cache_dir, request)
-    if not rebuild and _valid_cache(folder, request):
+    cache = None if rebuild else open_cache(folder, request)  # opened once: what is checked is what is read
+    if cache is not None:
         print(f"Phase 1: reusing the cache in {folder}")
-        return TeacherCache(folder)
+        return cache
     why = data_change(folder, request, fingerprint)
     if why and not rebuild:
         print(f"Phase 1: rebuilding the cache in {folder}: {why} since it was built")
     check_writable(cfg.cache_dir, "CACHE_DIR")
     if tokenizer is None:
         tokenizer = getattr(loader, "tokenizer", None) or load_tokenizer(cfg.teacher)
+    check_eos(tokenizer, f"the tokenizer of TEACHER_MODEL={cfg.teacher!r}")
     report = DataReport(cfg.dataset, cfg.text_field)
     texts = iter_texts(cfg.dataset, cfg.seed, cfg.text_field, tokenizer, report,
-                       max_chars=MAX_DOC_BLOCKS * cfg.seq_len * CHARS_PER_TOKEN, work_dir=cfg.cache_dir)
+                       max_chars=MAX_DOC_BLOCKS * cfg.seq_len * CHARS_PER_TOKEN, work_dir=cfg.cache_dir,
+                       encoding=cfg.encoding)
     try:
         train, val, val_docs = pack_blocks(texts, tokenizer, cfg.seq_len, cfg.num_samples, cfg.val_samples,
                                            report=report)
     finally:
         texts.close()
+    if undecodable_note(report):
+        print(f"Phase 1: note: {undecodable_note(report)}")
     print(f"Phase 1: the data gave {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens from "
           f"{report.records:,} records; loading the teacher")
     loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device, tokenizer, precision))
@@ -557,7 +573,8 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     teacher_dtype = getattr(teacher, "dtype", torch.float32)
     context = getattr(teacher.config, "max_position_embeddings", None)
     if context and cfg.seq_len > context:
-        raise ConfigError(f"seq_len={cfg.seq_len} is beyond the teacher's context ({context}): lower MAX_SEQ_LENGTH")
+        raise ConfigError(f"MAX_SEQ_LENGTH={cfg.seq_len} is beyond the teacher's context ({context}): lower "
+                          "MAX_SEQ_LENGTH")
     D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
     head16 = head.detach().to("cpu", torch.float16).contiguous()  # (V, D), as cached: KD and evaluation use it
     if not torch.isfinite(head16).all():
@@ -566,8 +583,7 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
                                     "that are not finite in float16 (the cache's dtype): its weights are broken or "
                                     "out of float16's range; check TEACHER_MODEL or pick another teacher. Nothing "
                                     "was cached")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").unlink(missing_ok=True)  # from here on the folder is incomplete
+    final, folder = folder, begin_build(folder)  # written beside the cache's folder, and renamed into place whole
     check_free_space(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2, "the cache needs",
                      "lower NUM_CACHE_SAMPLES or MAX_SEQ_LENGTH, or point CACHE_DIR at a bigger disk")
     np.save(folder / "train_tokens.npy", train)
@@ -588,11 +604,10 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
                 h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
             h16 = h.to("cpu", torch.float16)
             try:
-                _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", folder)
+                _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", final)
             except NonFiniteTeacherError:
                 del out
-                for name in ("train_states.npy", "val_states.npy"):
-                    (folder / name).unlink(missing_ok=True)  # incomplete: nothing to keep
+                _remove(folder)  # the build: incomplete, nothing to keep
                 free_teacher(teacher)
                 raise
             out[i:i + len(x)] = h16.numpy()
@@ -618,8 +633,9 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
                 "data": asdict(report), "data_listing": fingerprint["listing"] if fingerprint else {}}
     _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
     free_teacher(teacher)
-    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {folder}")
-    return TeacherCache(folder)
+    cache = publish(folder, final)
+    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {final}")
+    return cache
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -656,15 +672,17 @@ def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, 
 
 def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherCache,
                phase2_student: str | None = None) -> dict:
-    """Everything a phase's result is made from. Phase 3's names the exact student it decodes: phase2_student,
-    the _frozen_digest of the finished Phase 2 weights."""
+    """Everything a phase's result is made from. "cache" is the cache's content (TeacherCache.content_digest, from
+    its files' digests), not its folder: Phase 1 rebuilds a cache in the same folder when the data changes, and
+    a checkpoint trained on the old content is then moved aside and retrained, never taken as done. Phase 3's
+    names the exact student it decodes: phase2_student, the _frozen_digest of the finished Phase 2 weights."""
     keys = {"phase2": ("superposition_steps", "batch_size", "lr", "embed_lr_mult", "warmup_steps", "min_lr_ratio",
                        "weight_decay", "grad_clip", "loss", "kd_weight", "kd_temperature", "kd_tokens", "seed"),
             "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_init", "head_kd_weight",
                        "kd_temperature", "kd_tokens", "warmup_steps", "min_lr_ratio", "grad_clip", "seed",
                        "head_bias")}[phase]
     head_keys = ("head_mode", "head_bias")  # Phase 2 trains no head; Phase 3's head settings are in keys
-    sig = {"cache": str(cache.path.name), "student": {k: v for k, v in asdict(model.cfg).items() if k not in head_keys},
+    sig = {"cache": cache.content_digest, "student": {k: v for k, v in asdict(model.cfg).items() if k not in head_keys},
            **{k: getattr(cfg, k) for k in keys}}
     if phase == "phase3":
         sig["phase2_student"] = phase2_student

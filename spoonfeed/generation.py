@@ -158,10 +158,13 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
     most of what is read) is read in bf16 (decode_head), and the body stays float32: at one row a matmul is
     bound by the overhead, and this CPU's bf16 path is slower there (docs/benchmarks.md). The logits are
     sampled in float32.
-    Raises ConfigError for a setting out of range, PromptTooLongError (a ValueError) when T0 >= max_seq_len,
-    ValueError for an empty idx; all before any forward.
+    Raises ConfigError for a setting out of range and for a token id the student does not know (in idx, padding
+    included, or eos_token_id / pad_token_id, which are fed back to it: check_token_ids), PromptTooLongError (a
+    ValueError) when T0 >= max_seq_len, ValueError for an empty idx; all before any forward.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    check_token_ids(model.cfg.vocab_size, {"the prompt ids": idx.flatten().tolist(), "eos_token_id": eos_token_id,
+                                           "pad_token_id": pad_token_id})
     B, T0 = idx.shape
     limit = model.cfg.max_seq_len
     if T0 == 0:
@@ -263,8 +266,9 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
     precision: see generate (cfg.precision in the notebook). Returns one Generation per prompt, in order.
     A single string is one prompt. Special tokens written out in a prompt's text (e.g. "<|im_start|>") are
     parsed as those tokens, as they were in the training text.
-    Raises ConfigError for a setting out of range (check_generation_settings) or a prompt that is not a string,
-    before any prompt is run.
+    Raises ConfigError for a setting out of range (check_generation_settings), a prompt that is not a string, and
+    a token id the student does not know (a tokenizer larger than its vocab: check_token_ids, naming the prompts
+    and tokens), before any prompt is run.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     if isinstance(prompts, str):  # one prompt, not its characters
@@ -277,8 +281,11 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
     limit = model.cfg.max_seq_len
     results = [None] * len(prompts)
     rows = []  # (place, token ids, generator) of the prompts that fit
-    for i, prompt in enumerate(prompts):
-        ids = prompt_ids(tokenizer, prompt)
+    ids_of = [prompt_ids(tokenizer, p) for p in prompts]
+    check_token_ids(model.cfg.vocab_size, {**{f"prompt {i + 1}": ids for i, ids in enumerate(ids_of)},
+                                           "the tokenizer's eos_token_id": tokenizer.eos_token_id,
+                                           "the tokenizer's pad_token_id": tokenizer.pad_token_id}, tokenizer)
+    for i, (prompt, ids) in enumerate(zip(prompts, ids_of)):
         if len(ids) >= limit:
             results[i] = Generation(prompt, "", 0, f"prompt {i + 1} of {len(prompts)}: {_too_long(len(ids), limit)}")
             continue
@@ -301,6 +308,28 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
             new = new[:new.index(tokenizer.eos_token_id) + 1]  # what follows a row's EOS is padding
         results[i] = Generation(prompts[i], tokenizer.decode(ids + new, skip_special_tokens=True), len(new))
     return results
+
+
+def check_token_ids(vocab_size: int, named: dict, tokenizer=None) -> None:
+    """Every token id that reaches the student's embedding must be one it has: 0 <= id < vocab_size. named maps
+    what holds the ids (a prompt, eos_token_id) to an id, a list of ids, or None (nothing to check). A tokenizer
+    larger than the student's vocab (not the teacher's) gives ids the embedding does not have, which would
+    otherwise stop generation mid-way with an IndexError. Raises one ConfigError naming every place and token
+    (through tokenizer, when given) and the fix."""
+    bad = []
+    for what, ids in named.items():
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        out = sorted({int(i) for i in ids if not 0 <= int(i) < vocab_size})
+        if out:
+            tokens = tokenizer.convert_ids_to_tokens(out[:3]) if tokenizer is not None else None
+            shown = ", ".join(f"{i} ({t!r})" if tokens and t is not None else str(i)
+                              for i, t in zip(out[:3], tokens or [None] * 3))
+            bad.append(f"{what} holds {shown}" + (" ..." if len(out) > 3 else ""))
+    if bad:
+        size = f" (the tokenizer has {len(tokenizer)} tokens)" if tokenizer is not None else ""
+        raise ConfigError(f"token ids the student does not know: {'; '.join(bad)}. Its vocab has {vocab_size} ids, "
+                          f"0 to {vocab_size - 1}{size}: generate with the tokenizer of the teacher it was distilled "
+                          "from (sf.check_compatible(student, tokenizer) checks the pair). Nothing was generated")
 
 
 def left_pad(rows: list[list[int]], fill: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

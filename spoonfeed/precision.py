@@ -75,7 +75,7 @@ def precision_policy(device="auto", precision: str = "auto") -> Precision:
     "auto": fp16 with a GradScaler).
     """
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
+        raise ConfigError(f"PRECISION={precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
     dev = pick_device(device) if isinstance(device, str) else torch.device(device)
     if dev.type != "cuda":
         if precision == "fp32":

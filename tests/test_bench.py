@@ -49,3 +49,13 @@ def test_shapes_smoke_runs_and_times_every_shape():
     assert len(rows) == len(shapes.LINEAR) + 2 + 2  # + SDPA in both dtypes + the head loss for CE and KD
     assert all(r[1] > 0 and (r[2] is None or r[2] > 0) for r in rows)
     assert [r[0] for r in rows[-2:]] == ["head loss: Phase 3 CE, 8 x 127 rows", "head loss: Phase 3 KD, 256 rows"]
+
+
+def test_text_split_smoke_runs_and_gives_the_ratio():
+    from bench import text_split
+
+    result = text_split.main(["--smoke", "--before"])
+    after, before = result["rows"]
+    assert after["reader"] == "after (this code)" and after["documents"][1] > after["documents"][0] > 0
+    assert after["documents"] == before["documents"]  # the two readers cut the same file into as many documents
+    assert all(r["ratio_4x"] > 0 and r["first_s"][0] > 0 for r in result["rows"])
