@@ -665,6 +665,8 @@ def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherC
     computes = precision_policy(model.tok_embeddings.weight.device, cfg.precision).name
     if computes != "fp32":  # float32 runs keep the signature they had before PRECISION existed
         sig["precision"] = computes
+    if phase == "phase2" and cfg.embedding_update != "dense":  # dense runs keep their signature too
+        sig["embedding_update"] = cfg.embedding_update
     return sig
 
 

@@ -59,6 +59,9 @@ HEAD_MODES = ("new", "tied", "teacher")
 HEAD_INITS = ("teacher", "unigram")  # how Phase 3 starts a new head: see train_lm_head
 
 
+EMBEDDING_UPDATES = ("dense", "lazy")  # EMBEDDING_UPDATE: AdamW on every row, or only the rows a batch touches
+
+
 @dataclass
 class RunConfig:
     """Every knob of a run. The defaults are the original notebook's form values (the Colab defaults)."""
@@ -101,6 +104,8 @@ class RunConfig:
     text_field: str = "auto"  # the record field that holds the text; auto: text, instruction + response, or a chat
     head_bias: bool = True  # Phase 3's new head has a bias; False trains a bias-free head (Llama/GGUF export exactly)
     precision: str = "auto"  # auto | fp32 | bf16: what every phase computes in (precision_policy)
+    embedding_update: str = "dense"  # dense | lazy: how AdamW updates the input embedding (LazyAdamW, spoonfeed/optim)
+    compile: bool = False  # torch.compile the training steps of Phases 2-3 and the direct-CE arm (spoonfeed/compile)
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=self.student_dim if dim is None else dim,
@@ -143,6 +148,9 @@ class RunConfig:
             raise ConfigError(f"head_init={self.head_init!r} is not one of {HEAD_INITS}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
+        if self.embedding_update not in EMBEDDING_UPDATES:
+            raise ConfigError(f"embedding_update={self.embedding_update!r} is not one of {EMBEDDING_UPDATES}: set "
+                              "EMBEDDING_UPDATE to one of them")
         if self.kd_weight < 0 or self.head_kd_weight < 0 or self.kd_temperature <= 0:
             raise ConfigError("kd weights must be >= 0 and kd_temperature > 0")
         self.student_config(vocab_size=2, teacher_dim=2)  # dims/heads/head dim are checked there

@@ -17,7 +17,9 @@ from .precision import make_grad_scaler, precision_policy
 class Phase:
     """What a training loop needs around its research step, built in one place and in one order.
 
-    Builds AdamW over `params` (the embedding, when given, at lr * embed_lr_mult), a LambdaLR with linear warmup
+    Builds AdamW over `params` (the embedding, when given, at lr * embed_lr_mult; with cfg.embedding_update "lazy"
+    its nn.Embedding gives sparse gradients for the phase and LazyAdamW updates only the rows a batch touches), a
+    LambdaLR with linear warmup
     then cosine decay to cfg.min_lr_ratio over `steps`, a torch.Generator seeded with `seed` for the batches,
     the precision policy of the parameters' device (cfg.precision) and its GradScaler (fp16 only). With a
     checkpoint `key` ("phase2", "phase3") it resumes from the newest good checkpoint whose `signature` matches
@@ -36,7 +38,12 @@ class Phase:
                  restart=None):
         self.name, self.model, self.cfg, self.key = name, model, cfg, key
         self.params, self.steps, self.signature, self.names = list(params), steps, signature, names
-        self.opt = _adamw(self.params, lr, weight_decay, embedding, embed_lr_mult)
+        lazy = embedding is not None and getattr(cfg, "embedding_update", "dense") == "lazy"
+        self.sparse = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is embedding
+                       ] if lazy else []  # made sparse for the phase: its backward gives the touched rows only
+        for m in self.sparse:
+            m.sparse = True
+        self.opt = _adamw(self.params, lr, weight_decay, embedding, embed_lr_mult, lazy=lazy)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_schedule(s, steps, warmup, cfg.min_lr_ratio))
         self.gen = torch.Generator().manual_seed(seed)
@@ -87,5 +94,8 @@ class Phase:
                               self.gen, self.history, self.names, self.scaler)
 
     def close(self) -> None:
-        """End of the phase: drop gradients and AdamW's moments, and give their memory back."""
+        """End of the phase: drop gradients and AdamW's moments, and give their memory back; a sparse embedding
+        is dense again."""
+        for m in self.sparse:
+            m.sparse = False
         _free_training_state(self.model, self.opt)
