@@ -105,7 +105,7 @@ class RunConfig:
     head_bias: bool = True  # Phase 3's new head has a bias; False trains a bias-free head (Llama/GGUF export exactly)
     precision: str = "auto"  # auto | fp32 | bf16: what every phase computes in (precision_policy)
     embedding_update: str = "dense"  # dense | lazy: how AdamW updates the input embedding (LazyAdamW, spoonfeed/optim)
-    compile: bool = False  # torch.compile the training steps of Phases 2-3 and the direct-CE arm (spoonfeed/compile)
+    compile: bool = False  # torch.compile Phase 2's and the direct-CE arm's forward, and decoding (spoonfeed/compile)
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=self.student_dim if dim is None else dim,

@@ -6,6 +6,8 @@ resume from the last good checkpoint, the fault guard; then checkpoints and tear
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .checkpoints import _checkpoint_every, _resume, load_checkpoint
@@ -26,7 +28,8 @@ class Phase:
     and that holds exactly the weights `names` (state_dict names; None = all): weights, optimiser, schedule,
     GradScaler and random state, so that a resumed run is bit for bit the uninterrupted one. `resumed`,
     `start` and `history` say what was found; without a checkpoint, `restart()` (when given) puts the weights
-    back at the phase's start. A fault guard (`_FaultGuard`) then watches every step.
+    back at the phase's start. A fault guard (`_FaultGuard`) then watches every step. compiled=True (the loop's
+    forward runs through torch.compile) times the first step, compile included, and prints it (first_step_s).
 
     Raises what load_checkpoint and the guard raise; see train_superposition for the whole list.
     """
@@ -35,8 +38,9 @@ class Phase:
                  seed: int, lr_fix: str, history: dict | None = None, key: str | None = None,
                  signature: dict | None = None, names: list[str] | None = None, embedding=None,
                  embed_lr_mult: float = 1.0, weight_decay: float = 0.0, fresh: bool = False, cache_path=None,
-                 restart=None):
+                 restart=None, compiled: bool = False):
         self.name, self.model, self.cfg, self.key = name, model, cfg, key
+        self.compiled, self.first_step_s, self._t0 = compiled, None, time.perf_counter()
         self.params, self.steps, self.signature, self.names = list(params), steps, signature, names
         lazy = embedding is not None and getattr(cfg, "embedding_update", "dense") == "lazy"
         self.sparse = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is embedding
@@ -64,6 +68,7 @@ class Phase:
 
     def bar(self, desc: str, progress: bool = True):
         """The steps still to run, start..steps, as a progress bar."""
+        self.first_step_s, self._t0 = None, time.perf_counter()
         return progress_bar(range(self.start, self.steps), desc=desc, disable=not progress)
 
     def batch(self, num_blocks: int) -> torch.Tensor:
@@ -84,6 +89,10 @@ class Phase:
             stepped = optimizer_step(loss, self.opt, self.params, self.cfg.grad_clip, self.scaler)
         self.guard.after_step(step, loss, stepped, target)
         self.sched.step()
+        if self.compiled and self.first_step_s is None:  # torch.compile's time, apart from the steps' time
+            self.first_step_s = time.perf_counter() - self._t0
+            print(f"{self.name}: the first step took {self.first_step_s:.1f} s, compiling its forward and backward "
+                  "(COMPILE, once per shape); the others run compiled")
         return stepped
 
     def checkpoint(self, done: int) -> None:
