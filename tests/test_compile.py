@@ -128,7 +128,8 @@ def test_compiled_decoding_gives_eagers_tokens_and_compiles_once_per_batch_size(
 @pytest.mark.parametrize("precision,rtol", [("fp32", 1e-5), ("bf16", 2e-3)])
 def test_inductor_phase2_loss_and_gradients_match_eager_within_float_rounding(backend, precision, rtol):
     """Inductor's fused kernels round differently from eager's separate passes (an int8 level can flip where
-    x * scale lands on .5): float32 agrees to 1e-5 relative, bf16 to 2e-3, in the loss and every gradient."""
+    x * scale lands near .5): the loss agrees to 1e-5 relative in float32 and 2e-3 in bf16, and each gradient to
+    100 times that in relative 2-norm (a flipped level moves a few elements of a gradient, not its norm)."""
     backend("inductor")
     runs = []
     for compile in (False, True):
@@ -144,7 +145,7 @@ def test_inductor_phase2_loss_and_gradients_match_eager_within_float_rounding(ba
     assert loss == pytest.approx(eager_loss, rel=rtol)
     assert grads.keys() == eager.keys()
     for n in eager:
-        torch.testing.assert_close(grads[n], eager[n], rtol=100 * rtol, atol=rtol * eager[n].abs().max().item())
+        assert (grads[n] - eager[n]).norm() <= 100 * rtol * eager[n].norm(), n
 
 
 @pytest.mark.slow
