@@ -315,7 +315,8 @@ class Generation:
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7, top_k=50, top_p=0.95, seed=0,
-                  *, min_p=None, repetition_penalty=1.0, streamer=None, precision: str = "auto") -> list[Generation]:
+                  *, min_p=None, repetition_penalty=1.0, streamer=None, precision: str = "auto",
+                  compile: bool = False) -> list[Generation]:
     """Decode a list of prompts with `generate`; the notebook's generation cell.
 
     Without a streamer the prompts decode together, left-padded into one batch (generate's attention_mask), so
@@ -328,7 +329,8 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
     EOS). A prompt too long for the student is reported in its own Generation.error and skipped; the others still
     generate, exactly as they would with a short prompt in its place. If the longest prompt plus max_new_tokens
     would pass the student's max_seq_len, the prompts decode one at a time, so that each gets its own limit.
-    precision: see generate (cfg.precision in the notebook). Returns one Generation per prompt, in order.
+    precision and compile: see generate (cfg.precision and cfg.compile in the notebook). Returns one Generation per
+    prompt, in order.
     A single string is one prompt. Special tokens written out in a prompt's text (e.g. "<|im_start|>") are
     parsed as those tokens, as they were in the training text.
     Raises ConfigError for a setting out of range (check_generation_settings) or a prompt that is not a string,
@@ -353,7 +355,7 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
         seed_i = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         rows.append((i, ids, torch.Generator(device=device).manual_seed(seed_i)))
     kw = dict(min_p=min_p, repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-              precision=precision)
+              precision=precision, compile=compile)
     longest = max((len(ids) for _, ids, _ in rows), default=0)
     if streamer is None and len(rows) > 1 and longest + max_new_tokens <= limit:
         batch, mask = left_pad([ids for _, ids, _ in rows], tokenizer.eos_token_id or 0, device)
