@@ -14,9 +14,11 @@ COMPILE_TIMES: dict = {}  # (name, shapes) -> seconds of the first call, the com
 
 
 def shapes(args) -> tuple:
-    """What a compiled step is specialised on: each tensor argument's (shape, dtype, device), and the grad mode
+    """What a compiled step is specialised on: each tensor argument's (shape, dtype, device), a model argument's
+    config (its `cfg`: a ternary or full-precision student of another width is another graph), and the grad mode
     and autocast state it runs under."""
-    out = [tuple((tuple(a.shape), str(a.dtype), a.device.type) for a in args if torch.is_tensor(a))]
+    out = [tuple((tuple(a.shape), str(a.dtype), a.device.type) if torch.is_tensor(a) else repr(getattr(a, "cfg", None))
+                 for a in args)]
     out.append(torch.is_grad_enabled())
     out.append(torch.is_autocast_enabled("cpu") and str(torch.get_autocast_dtype("cpu")))
     return tuple(out)
