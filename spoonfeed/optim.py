@@ -108,7 +108,8 @@ class LazyAdamW(torch.optim.AdamW):
       drops is the step AdamW gives a row with a zero gradient on its decaying moments (its momentum coasting
       on), so a row's weight differs from AdamW's once it has sat out a step after being touched.
     A step that touches every row is AdamW's step exactly (to float rounding); a dense gradient counts as
-    touching every row. State per lazy weight: "step", "exp_avg" and "exp_avg_sq" (V, d) as AdamW's, and "last"
+    touching every row. A step an fp16 GradScaler found overflowing (its found_inf) changes no row, as it changes
+    no other weight. State per lazy weight: "step", "exp_avg" and "exp_avg_sq" (V, d) as AdamW's, and "last"
     (V,) int64, the step each row was last brought up to date; with weight decay also "log_decay", the running
     sum of log(1 - lr_t * weight_decay) over the steps (float64).
     """
@@ -120,6 +121,9 @@ class LazyAdamW(torch.optim.AdamW):
             loss = super().step(closure)
         finally:
             self.param_groups = groups
+        found_inf = getattr(self, "found_inf", None)  # set by an fp16 GradScaler: the fused step skips, and so do we
+        if found_inf is not None and bool(found_inf):
+            return loss
         with torch.no_grad():
             for group in groups:
                 if group.get("lazy"):

@@ -71,6 +71,16 @@ def test_an_untouched_row_stays_put_and_its_next_touch_is_adamws_step_on_adamws_
     assert opt_l.state[lazy]["last"].tolist() == [4, 4, 4, 0, 0, 4, 0, 0, 0, 0, 0, 0]
 
 
+def test_a_step_the_grad_scaler_found_overflowing_moves_no_row():
+    (dense, opt_d), (lazy, opt_l) = _pair(0.0)
+    _step(((dense, opt_d), (lazy, opt_l)), [0, 1], torch.ones(2, D))
+    before, moments = lazy.detach().clone(), opt_l.state[lazy]["exp_avg"].clone()
+    lazy.grad = _sparse([0, 2], torch.full((2, D), float("inf")))
+    opt_l.found_inf = torch.tensor(1.0)  # what torch.amp.GradScaler.step sets on a fused optimizer
+    opt_l.step()
+    assert torch.equal(lazy.detach(), before) and torch.equal(opt_l.state[lazy]["exp_avg"], moments)
+
+
 def test_lazy_state_survives_a_checkpoint_with_its_dtypes_and_resumes_the_same_steps():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(V, D))
