@@ -193,3 +193,48 @@ def test_logit_kd_settings_are_checked_before_any_work(field, value, setting):
 def test_the_defaults_run_no_logit_kd_phase():
     for preset in (None, "cpu", "smoke"):
         assert sf.make_config(preset).logit_kd_steps == 0
+
+
+# --- plots that show the difference (issue 26, item 7) -----------------------------------------------------
+
+def _render(fig):
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+ABLATION = {"widths": (256,), "baseline_cosine": 0.7193, "teacher_ce": 2.82,
+            "arms": {("ternary", 256): {"cosine": 0.854, "ce": 5.13}, ("full precision", 256): {"cosine": 0.844, "ce": 5.23},
+                     ("direct CE", 256): {"cosine": float("nan"), "ce": 5.38}}}
+
+
+def test_the_ablation_plot_draws_points_on_axes_fitted_to_them_with_the_legend_off_the_data():
+    import matplotlib.pyplot as plt
+
+    fig = sf.plot_ablation(ABLATION)
+    renderer = _render(fig)
+    ax1, ax2 = fig.axes
+    lo, hi = ax1.get_ylim()
+    assert 0.80 < lo < 0.844 and 0.854 < hi < 0.90  # 0.854 vs 0.844 spans a good part of the axis, not 1%
+    assert (0.854 - 0.844) / (hi - lo) > 0.3
+    lo, hi = ax2.get_ylim()
+    assert 4.5 < lo < 5.13 and 5.38 < hi < 6.0
+    legend = ax2.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= ax2.get_window_extent(renderer).x1  # beside the axes, never on the points
+    assert not any(isinstance(p, plt.Rectangle) and p.get_height() > 0.5 for p in ax1.patches)  # no bars from zero
+    plt.close(fig)
+
+
+def test_phase3_plot_gives_each_panel_room_and_plain_numbers_on_the_log_axis():
+    import matplotlib.pyplot as plt
+
+    history = {"step": list(range(150)), "loss": [5.0 - i / 100 for i in range(150)], "eval_step": [50, 100, 150],
+               "val_ce": [5.1, 5.0, 4.95], "val_ppl": [164.0, 148.4, 141.2]}
+    fig = sf.plot_phase3(history, teacher_ce=2.8)
+    renderer = _render(fig)
+    ax1, ax2 = fig.axes
+    labels = [t.get_text() for t in ax2.get_yticklabels(minor=True) + ax2.get_yticklabels() if t.get_text()]
+    assert labels and all("10^" not in t and "times" not in t and "$" not in t for t in labels), labels
+    right_label = ax2.yaxis.label.get_window_extent(renderer)
+    left_edge = ax1.get_tightbbox(renderer).x1  # the left panel with every label and tick it draws
+    assert right_label.x0 > left_edge  # the right panel's y label clears the left panel and its ticks
+    plt.close(fig)
