@@ -343,9 +343,11 @@ class Study:
                     print("wall-clock budget skipped: no speed file. Measure one on an idle machine with "
                           "`python bench/recipes.py --measure`, then pass it with --speeds", flush=True)
                     continue
-                chosen = {name: self.best(budget, name) for name in self.arms}
-                self.data.setdefault("chosen", {})[budget] = {n: {"lr": lr, "variant": v} for n, (lr, v) in chosen.items()}
-                sf._atomic_write_text(self.out, _json(self.data))
+                chosen = {}
+                for name in self.arms:  # each arm's choice is written as soon as its sweep is done
+                    chosen[name] = lr, variant = self.best(budget, name)
+                    self.data.setdefault("chosen", {}).setdefault(budget, {})[name] = {"lr": lr, "variant": variant}
+                    sf._atomic_write_text(self.out, _json(self.data))
                 for seed in self.seeds[1:]:
                     for name, (lr, variant) in chosen.items():
                         self.result(budget, name, lr, variant, seed)
@@ -428,6 +430,17 @@ def format_report(data: dict, summary: dict) -> str:
                          f"{d['verdict']} |")
         if sm["best"]:
             lines += ["", f"Lowest mean own held-out CE at this budget: ({sm['best']})"]
+    lines += ["", "## Every run (the sweeps on seed 0, then the seeds)", "",
+              "| budget | arm | LR | variant | seed | steps | own CE | second-domain CE | cosine gain | train s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(data["results"].values(), key=lambda r: (r["budget"], r["arm"], r["seed"], sorted(r["variant"]),
+                                                               r["lr"])):
+        variant = ", ".join(f"{k}={v}" for k, v in r["variant"].items()) or "–"
+        gain = _num(r["cosine_gain"])
+        lines.append(f"| {r['budget']} | ({r['arm']}) | {r['lr']:.3g} | {variant} | {r['seed']} | "
+                     f"{' + '.join(str(n) for n in r['steps'].values())} | {_num(r['ce']):.4f} | "
+                     f"{_num(r['second_ce']):.4f} | {'–' if gain != gain else f'{gain:.4f}'} | "
+                     f"{r['train_seconds']:.0f} | {r['loadavg']:.1f} |")
     return "\n".join(lines)
 
 
