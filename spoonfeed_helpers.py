@@ -809,10 +809,11 @@ def fit_head_to_teacher(cache: TeacherCache, features: torch.Tensor, ridge: floa
     return scale * weight, scale * bias
 
 
-def _frozen_digest(model: BitNetStudent) -> str:
+def _frozen_digest(model: BitNetStudent, skip=("head.", "teacher_head.")) -> str:
+    """sha256 of every weight whose name does not start with `skip` (default: the body Phase 3 keeps frozen)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
-        if not name.startswith(("head.", "teacher_head.")):
+        if not name.startswith(skip):
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -985,15 +986,6 @@ def _logit_kd_signature(cfg: RunConfig, model: BitNetStudent, cache: TeacherCach
             **{k: getattr(cfg, k) for k in keys}}
 
 
-def _weights_digest(model: BitNetStudent) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if not name.startswith("teacher_head."):
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, steps: int | None = None,
                    progress: bool = True, checkpoint: bool = False, fresh: bool = False) -> dict:
     """Logit KD of the whole student, body, embedding and head together, from whatever weights it holds.
@@ -1031,7 +1023,8 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     params = [p for n, p in model.named_parameters() if not n.startswith(("projector.", "teacher_head."))]
     names = [n for n in model.state_dict() if not n.startswith("teacher_head.")]
     key = "logit_kd" if checkpoint else None
-    signature = _logit_kd_signature(cfg, model, cache, steps, _weights_digest(model)) if checkpoint else None
+    every = ("teacher_head.",)  # the digest skips only the frozen teacher head: this phase trains all the rest
+    signature = _logit_kd_signature(cfg, model, cache, steps, _frozen_digest(model, every)) if checkpoint else None
     mark = getattr(model, "logit_kd_result", None)  # a finished run with these settings left these weights
     if checkpoint and not fresh and mark is not None and mark["digest"] == signature["start"] and \
             {**mark["signature"], "start": None} == {**signature, "start": None}:
@@ -1067,7 +1060,7 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     model.eval()
     model.phase2_result = None  # the body has moved: Phase 3 would no longer decode a finished Phase 2 student
     if checkpoint and len(history["step"]) == steps:
-        model.logit_kd_result = {"signature": signature, "digest": _weights_digest(model), "history": history}
+        model.logit_kd_result = {"signature": signature, "digest": _frozen_digest(model, every), "history": history}
     return history
 
 
