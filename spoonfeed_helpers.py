@@ -285,6 +285,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_heads, self.head_dim = layer, cfg.n_heads, cfg.head_dim
         self.wq, self.wk, self.wv, self.wo = (BitLinear(cfg.dim, cfg.dim, cfg.ternary) for _ in range(4))
+        # SubLN (BitDistill): an RMSNorm on o_proj's input; transformers' BitNet names it attn_sub_norm
+        self.attn_sub_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) if cfg.subln else None
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, mask=None):
         """x (B, T, dim); cos/sin (T, hs), or (B, 1, T, hs) per row; mask (B, 1, T, past + T) bool, for
@@ -315,6 +317,8 @@ class Attention(nn.Module):
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        if self.attn_sub_norm is not None:  # in float32, as Llama's RMSNorm computes (bf16 input has no fused kernel)
+            y = self.attn_sub_norm(y.float())
         return self.wo(y)
 
 
@@ -324,9 +328,12 @@ class SwiGLU(nn.Module):
         self.w1 = BitLinear(cfg.dim, cfg.hidden_dim, cfg.ternary)  # gate
         self.w3 = BitLinear(cfg.dim, cfg.hidden_dim, cfg.ternary)  # up
         self.w2 = BitLinear(cfg.hidden_dim, cfg.dim, cfg.ternary)  # down
+        # SubLN (BitDistill): an RMSNorm on down_proj's input (transformers' BitNet: ffn_sub_norm)
+        self.ffn_sub_norm = nn.RMSNorm(cfg.hidden_dim, eps=cfg.norm_eps) if cfg.subln else None
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        x = F.silu(self.w1(x)) * self.w3(x)  # (B, T, hidden)
+        return self.w2(x if self.ffn_sub_norm is None else self.ffn_sub_norm(x.float()))
 
 
 class Block(nn.Module):
@@ -693,7 +700,8 @@ def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherC
                        "kd_temperature", "kd_tokens", "warmup_steps", "min_lr_ratio", "grad_clip", "seed",
                        "head_bias")}[phase]
     head_keys = ("head_mode", "head_bias")  # Phase 2 trains no head; Phase 3's head settings are in keys
-    sig = {"cache": cache.content_digest, "student": {k: v for k, v in asdict(model.cfg).items() if k not in head_keys},
+    student = {k: v for k, v in asdict(model.cfg).items() if k not in head_keys and not (k == "subln" and not v)}
+    sig = {"cache": cache.content_digest, "student": student,  # no subln key unless on: older checkpoints stay valid
            **{k: getattr(cfg, k) for k in keys}}
     if phase == "phase3":
         sig["phase2_student"] = phase2_student
@@ -858,10 +866,11 @@ def fit_head_to_teacher(cache: TeacherCache, features: torch.Tensor, ridge: floa
     return scale * weight, scale * bias
 
 
-def _frozen_digest(model: BitNetStudent) -> str:
+def _frozen_digest(model: BitNetStudent, skip=("head.", "teacher_head.")) -> str:
+    """sha256 of every weight whose name does not start with `skip` (default: the body Phase 3 keeps frozen)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
-        if not name.startswith(("head.", "teacher_head.")):
+        if not name.startswith(skip):
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -1019,6 +1028,96 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     model.eval()
     if cfg.head_mode == "new" and _frozen_digest(model) != body:
         raise RuntimeError("Phase 3 changed the frozen body: this is a bug")
+    return history
+
+
+# -------------------------------------------------------------------------------------------------------------
+# logit KD of the whole student: plain KD from scratch (Hinton et al.), or after Phase 2, or BitDistill's stage
+
+def _logit_kd_signature(cfg: RunConfig, model: BitNetStudent, cache: TeacherCache, steps: int, start: str) -> dict:
+    """What a logit-KD run is made from: its settings and `start`, the digest of every weight it starts from."""
+    keys = ("batch_size", "logit_kd_lr", "logit_kd_alpha", "logit_kd_temperature", "embed_lr_mult", "warmup_steps",
+            "min_lr_ratio", "weight_decay", "grad_clip", "seed")
+    return {"cache": cache.path.name, "student": asdict(model.cfg), "steps": steps, "start": start,
+            "precision": precision_policy(model.tok_embeddings.weight.device, cfg.precision).name,
+            **{k: getattr(cfg, k) for k in keys}}
+
+
+def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, steps: int | None = None,
+                   progress: bool = True, checkpoint: bool = False, fresh: bool = False) -> dict:
+    """Logit KD of the whole student, body, embedding and head together, from whatever weights it holds.
+
+    Loss a batch, over the B * (T-1) positions that have a next token, in nats/token:
+        alpha * CE(student, next token) + (1 - alpha) * T^2 * KL(p_teacher || p_student) at temperature T,
+    alpha = cfg.logit_kd_alpha, T = cfg.logit_kd_temperature (Hinton et al., 2015; DistillKit's default loss).
+    The teacher's logits (B * (T-1), V) are its cached LM head over its cached final-normed states, so no logit
+    cache is needed; they are computed chunk by chunk in the precision policy's dtype inside the fused head loss
+    (head_loss with ce_weight), which runs the student's head once a chunk for both terms.
+    From a fresh build_student this is plain logit KD (recipe arm (c)); after Phase 2 and Phase 3's head fit it
+    is the optional phase that trains the whole student (arm (d)); with a SubLN student at T = 5 it is the
+    logit part of BitDistill's distillation stage (Wu et al., 2025, arm (e)). Only head_mode 'new' has a head
+    of its own. AdamW at cfg.logit_kd_lr (the embedding at lr * embed_lr_mult), warmup then cosine decay over
+    `steps` (default cfg.logit_kd_steps), clipping over every trainable weight, seed cfg.seed + 2 for batches.
+    checkpoint=True checkpoints every cfg.ckpt_every steps ("logit_kd") and resumes a run with the same
+    settings and the same starting weights; fresh=True ignores it. Returns {"step", "loss", "lr", "skipped"}.
+    Raises ConfigError for head_mode other than 'new', a batch larger than the cache, or an unwritable RUN_DIR;
+    the fault guard's errors (see train_superposition) for non-finite losses.
+    """
+    steps = cfg.logit_kd_steps if steps is None else steps
+    if model.cfg.head_mode != "new" or model.head is None:
+        raise ConfigError(f"logit KD trains the student's own head: head_mode={model.cfg.head_mode!r} has none; "
+                          "set HEAD_MODE = 'new'")
+    check_batch_size(cfg.batch_size, cache.num_train, f"the {cache.num_train} cached blocks")
+    if checkpoint:
+        check_writable(cfg.run_dir, "RUN_DIR")
+    device = model.tok_embeddings.weight.device
+    history = {"step": [], "loss": [], "lr": [], "skipped": []}
+    if steps == 0:
+        return history
+    model.requires_grad_(True)
+    if model.teacher_head is not None:
+        model.teacher_head.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if not n.startswith(("projector.", "teacher_head."))]
+    names = [n for n in model.state_dict() if not n.startswith("teacher_head.")]
+    key = "logit_kd" if checkpoint else None
+    every = ("teacher_head.",)  # the digest skips only the frozen teacher head: this phase trains all the rest
+    signature = _logit_kd_signature(cfg, model, cache, steps, _frozen_digest(model, every)) if checkpoint else None
+    mark = getattr(model, "logit_kd_result", None)  # a finished run with these settings left these weights
+    if checkpoint and not fresh and mark is not None and mark["digest"] == signature["start"] and \
+            {**mark["signature"], "start": None} == {**signature, "start": None}:
+        print("logit KD: already done")
+        return mark["history"]
+    lr = cfg.logit_kd_lr
+    run = Phase("logit KD", model, params, cfg, lr=lr, steps=steps, warmup=min(cfg.warmup_steps, steps // 10),
+                seed=cfg.seed + 2, lr_fix=f"Lower LOGIT_KD_LR (now {lr})", history=history, key=key,
+                signature=signature, names=names, embedding=model.tok_embeddings.weight,
+                embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path)
+    history, policy = run.history, run.policy
+    teacher_head = _frozen_teacher_head(cache, device, policy.autocast)
+    alpha, temperature = cfg.logit_kd_alpha, cfg.logit_kd_temperature
+    model.train()
+    bar = run.bar("logit KD: whole student", progress)
+    for step in bar:
+        idx = run.batch(cache.num_train)
+        tokens = cache.tokens("train", idx).to(device)  # (B, T)
+        t_states = cache.states("train", idx)[:, :-1].to(device).flatten(0, 1)  # (B * (T-1), D): state t -> token t+1
+        lr_now = run.lr
+        with _cuda_oom_hint(), _autocast(policy):
+            h = model(tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim)
+            loss = head_loss(h, *model.head_weights(), policy, targets=tokens[:, 1:].flatten(),
+                             teacher_logits=_teacher_logits(teacher_head, t_states), temperature=temperature,
+                             ce_weight=alpha)
+        run.update(step, loss, t_states)
+        history["step"].append(step)
+        history["loss"].append(loss.item())
+        history["lr"].append(lr_now)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        run.checkpoint(step + 1)
+    run.close()
+    model.eval()
+    model.phase2_result = None  # the body has moved: Phase 3 would no longer decode a finished Phase 2 student
+    if checkpoint and len(history["step"]) == steps:
+        model.logit_kd_result = {"signature": signature, "digest": _frozen_digest(model, every), "history": history}
     return history
 
 
@@ -1187,17 +1286,18 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
     Raises ConfigError, before anything is written, for an invalid gguf_qtype, a student the HF form cannot hold
     (export_hf's checks), or a destination in the way."""
     run_dir = Path(run_dir)
-    llama = student.cfg.head_mode != "teacher"
+    why = ("head_mode='teacher' has no Llama form (set HEAD_MODE = 'new')" if student.cfg.head_mode == "teacher" else
+           "a SubLN student (subln=True) has no Llama form" if student.cfg.subln else None)
+    llama = why is None
     if llama:
         check_export_settings(gguf_qtype=gguf_qtype)
         _check_hf_exportable(student, tokenizer)
-    paths = check_export_destinations(run_dir, student.cfg.head_mode)
+    paths = check_export_destinations(run_dir, student.cfg.head_mode if llama else "teacher")
     out = {"safetensors": save_pretrained(student, paths["safetensors"])}
     sizes = export_ternary(student, paths["ternary"])
     out["ternary"] = paths["ternary"]
     print(format_sizes(sizes))
     if not llama:
-        why = "head_mode='teacher' has no Llama form (set HEAD_MODE = 'new')"
         print(f"HF folder and GGUF skipped: {why}")
         for kind in ("hf", "gguf"):
             _remove_stale(run_dir / RUN_DIR_EXPORTS[kind], kind, f"this run writes no {kind.upper()} form ({why})")

@@ -107,6 +107,12 @@ class RunConfig:
     encoding: str = "utf-8"  # the text encoding of local data files (ENCODING); undecodable bytes are counted
     embedding_update: str = "dense"  # dense | lazy: how AdamW updates the input embedding (LazyAdamW, spoonfeed/optim)
     compile: bool = False  # torch.compile Phase 2's and the direct-CE arm's forward, and decoding (spoonfeed/compile)
+    # logit KD of the whole student (body, embedding, head): alpha * CE + (1 - alpha) * T^2 * KL through the cached
+    # teacher head (train_logit_kd); after Phase 3 it is optional and off by default (0 steps)
+    logit_kd_steps: int = 0
+    logit_kd_lr: float = 1e-3
+    logit_kd_alpha: float = 0.5  # the CE weight alpha; 1 - alpha goes to the KD term
+    logit_kd_temperature: float = 1.0
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=self.student_dim if dim is None else dim,
@@ -127,7 +133,7 @@ class RunConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{setting(name)} must be positive, got {getattr(self, name)}: set it to 1 or more")
         for name in ("lm_head_steps", "warmup_steps", "ckpt_every", "ablation_steps", "ablation_head_steps",
-                     "kd_tokens"):
+                     "kd_tokens", "logit_kd_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{setting(name)} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "embed_lr_mult", "head_lr", "kd_temperature"):
@@ -158,6 +164,10 @@ class RunConfig:
         except ConfigError as e:
             raise ConfigError(f"{_show('student_dim', self.student_dim)} with "
                               f"{_show('student_heads', self.student_heads)}: {e}") from None
+        if not (0 <= self.logit_kd_alpha <= 1 and self.logit_kd_temperature > 0 and self.logit_kd_lr > 0):
+            raise ConfigError(f"logit KD needs logit_kd_alpha in [0, 1] (now {self.logit_kd_alpha}), "
+                              f"logit_kd_temperature > 0 (now {self.logit_kd_temperature}) and logit_kd_lr > 0 "
+                              f"(now {self.logit_kd_lr}): set LOGIT_KD_ALPHA, LOGIT_KD_TEMPERATURE and LOGIT_KD_LR")
         for w in self.ablation_widths:
             try:
                 self.student_config(vocab_size=2, teacher_dim=2, dim=w)
@@ -358,6 +368,9 @@ class StudentConfig:
     ternary: bool = True  # False: full-precision linears (ablation arm b)
     head_mode: str = "new"  # new: untied head; tied: the original's; teacher: teacher head over the projector
     head_bias: bool = True  # the new head's bias (token priors); Llama and llama.cpp heads have none
+    # SubLN (BitDistill, Wu et al. 2025): an RMSNorm on the inputs of o_proj and down_proj, as transformers' BitNet
+    # (attn_sub_norm, ffn_sub_norm); the Llama exports have no place for it
+    subln: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "teacher_dim", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -372,6 +385,8 @@ class StudentConfig:
                               "needs it even: change STUDENT_DIM or STUDENT_HEADS")
         if self.head_mode not in HEAD_MODES:
             raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
+        if not isinstance(self.subln, bool):
+            raise ConfigError(f"student subln={self.subln!r} must be True or False")
 
     @property
     def head_dim(self) -> int:
@@ -387,6 +402,7 @@ class StudentConfig:
         Counted from the layer shapes (BitNetStudent's modules), without building the model."""
         d, h, t, V = self.dim, self.hidden_dim, self.teacher_dim, self.vocab_size
         layer = 4 * d * d + 3 * d * h + 2 * d  # wq wk wv wo, gate/up/down, two RMSNorms
+        layer += (d + h) if self.subln else 0  # SubLN: attn_sub_norm (d) and ffn_sub_norm (hidden)
         projector = (d * 2 * d + 2 * d) + 2 * (2 * d) + (2 * d * t + t)  # Linear(d, 2d), LayerNorm(2d), Linear(2d, t)
         embedding = V * d
         return {"phase2": embedding + self.n_layers * layer + d + projector,

@@ -85,6 +85,9 @@ def _check_exportable(model: nn.Module, what: str):
                           "has no Llama form. Set HEAD_MODE = 'new' (or 'tied'), rerun Phase 3 and export again")
     if not model.cfg.ternary:
         raise ConfigError(f"{what} writes ternary students; this one has full-precision linears (ablation arm b)")
+    if getattr(model.cfg, "subln", False):
+        raise ConfigError(f"{what} writes a stock Llama, which has no SubLN norms (attn_sub_norm, ffn_sub_norm): "
+                          "a SubLN student is saved by save_pretrained and export_ternary only")
     _check_finite(model)
 
 
