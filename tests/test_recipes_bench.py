@@ -168,7 +168,7 @@ def test_the_second_domain_is_the_requirements_package_descriptions_written_once
 @pytest.mark.parametrize("argv, message", [(["--arms", "a,z"], "--arms"), (["--budgets", "minutes"], "--budgets"),
                                            (["--seeds", "0"], "--seeds 0"), (["--speeds", "/no/such.json"], "--speeds")])
 def test_bad_command_line_values_are_one_error_naming_the_option_before_any_work(argv, message, capsys, patch):
-    patch(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"), called=False, caller=rc)
+    patch(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"), called=False, caller=rc.main)
     with pytest.raises(SystemExit) as e:
         rc.main(["--smoke", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
