@@ -85,18 +85,26 @@ def _walk(root: Path, left_out: list, links: list) -> list[str]:
             full = here / f
             if f.startswith("."):
                 continue
-            if not full.is_file():
-                left_out.append([str(full), "a broken link" if full.is_symlink() else "not a regular file"])
-                continue
-            real = os.path.realpath(full)
-            if real in seen_files:
-                left_out.append([str(full), f"the same file as {seen_files[real]}, read once"])
-                continue
-            seen_files[real] = str(full)
-            if full.is_symlink():
-                links.append([str(full), real])
-            out.append(str(full))
+            if _admit(full, seen_files, left_out, links):
+                out.append(str(full))
     return sorted(out)
+
+
+def _admit(path: Path, seen: dict, left_out: list, links: list) -> bool:
+    """Whether a found file is read: a regular file (through links) not already read under another name. What is not
+    read goes to left_out with the reason; a link that is read goes to links with its target. seen: real path ->
+    the first name it was read under."""
+    if not path.is_file():
+        left_out.append([str(path), "a broken link" if path.is_symlink() else "not a regular file"])
+        return False
+    real = os.path.realpath(path)
+    if real in seen:
+        left_out.append([str(path), f"the same file as {seen[real]}, read once"])
+        return False
+    seen[real] = str(path)
+    if path.is_symlink():
+        links.append([str(path), real])
+    return True
 
 
 def _glob(pattern: str, left_out: list, links: list) -> list[str]:
@@ -105,17 +113,8 @@ def _glob(pattern: str, left_out: list, links: list) -> list[str]:
     for p in sorted(map(Path, globlib.glob(pattern, recursive=True))):
         if any(part.startswith(".") for part in p.parts) or p.is_dir():
             continue
-        if not p.is_file():
-            left_out.append([str(p), "a broken link" if p.is_symlink() else "not a regular file"])
-            continue
-        real = os.path.realpath(p)
-        if real in seen:
-            left_out.append([str(p), f"the same file as {seen[real]}, read once"])
-            continue
-        seen[real] = str(p)
-        if p.is_symlink():
-            links.append([str(p), real])
-        out.append(str(p))
+        if _admit(p, seen, left_out, links):
+            out.append(str(p))
     return out
 
 
