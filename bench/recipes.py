@@ -307,7 +307,17 @@ class Study:
             raise _Stop
         arm = self.arms[name]
         run_dir = self.out.parent / f"{self.out.stem}-runs" / k.replace("/", "_").replace("=", "").replace(",", "_")
-        r = run_one(self.cache, self.second, self.base, name, arm, lr, variant, seed, steps, run_dir, self.progress)
+        try:
+            r = run_one(self.cache, self.second, self.base, name, arm, lr, variant, seed, steps, run_dir,
+                        self.progress)
+        except sf.NonFiniteTargetError:  # the cache is at fault, not this setting: stop the study
+            raise
+        except sf.NonFiniteLossError as e:  # this setting diverged: a result of the sweep (CE +inf), not a crash
+            nan = float("nan")
+            r = {"arm": name, "lr": lr, "variant": variant, "seed": seed, "steps": steps, "ce": float("inf"),
+                 "second_ce": float("inf"), "cosine_gain": nan, "teacher_ce": nan, "second_teacher_ce": nan,
+                 "train_seconds": nan, "phase_seconds": {}, "cpu_seconds": nan, "loadavg": os.getloadavg()[0],
+                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "diverged": str(e).splitlines()[0][:300]}
         r["budget"] = budget
         self.data["results"][k] = r
         sf._atomic_write_text(self.out, _json(self.data))
@@ -392,7 +402,7 @@ def summarise(data: dict, names=None) -> dict:
                 continue
             row = {"arm": name, "label": labels.get(name, name), **chosen[name], "seeds": sorted(runs),
                    "steps": next(iter(runs.values()))["steps"],
-                   "train_seconds": float(np.mean([r["train_seconds"] for r in runs.values()]))}
+                   "train_seconds": float(np.mean([_num(r["train_seconds"]) for r in runs.values()]))}
             for m, _ in METRICS:
                 ci = t_interval([_num(r[m]) for r in runs.values()])
                 row[m] = {"mean": ci["mean"], "sd": ci["sd"]}
@@ -443,7 +453,8 @@ def format_report(data: dict, summary: dict) -> str:
         lines.append(f"| {r['budget']} | ({r['arm']}) | {r['lr']:.3g} | {variant} | {r['seed']} | "
                      f"{' + '.join(str(n) for n in r['steps'].values())} | {_num(r['ce']):.4f} | "
                      f"{_num(r['second_ce']):.4f} | {'–' if gain != gain else f'{gain:.4f}'} | "
-                     f"{r['train_seconds']:.0f} | {r['loadavg']:.1f} |")
+                     f"{_num(r['train_seconds']):.0f} | {_num(r['loadavg']):.1f} |"
+                     + (" diverged |" if r.get("diverged") else ""))
     return "\n".join(lines)
 
 

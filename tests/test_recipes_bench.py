@@ -80,6 +80,34 @@ def test_the_variants_run_at_the_best_lr_and_win_only_when_lower(tiny_cache, tmp
     assert data["chosen"]["steps"]["c"] == {"lr": cfg.lr, "variant": {}}
 
 
+def test_a_diverged_lr_is_a_result_of_the_sweep_not_a_crash_and_is_never_chosen(tiny_cache, tmp_path, patch):
+    cfg, cache, _ = tiny_cache
+    calls = []
+    fake = _fake({"a": cfg.lr * 2}, calls)  # the best finite LR sits at the top edge
+
+    def run_one(cache, second, base, name, arm, lr, variant, seed, steps, run_dir, progress=False):
+        if lr > cfg.lr * 2:
+            raise sf.NonFiniteLossError(f"Phase 2 loss is nan at step 3: Lower LEARNING_RATE (now {lr})")
+        return fake(cache, second, base, name, arm, lr, variant, seed, steps, run_dir)
+
+    patch(rc, "run_one", run_one)
+    out = tmp_path / "r.json"
+    data = rc.Study(cache, cache, cfg, out, ["a"], range(2), ["steps"]).run()
+    diverged = [r for r in data["results"].values() if r.get("diverged")]
+    assert [r["lr"] for r in diverged] == [pytest.approx(cfg.lr * 4)] and "LEARNING_RATE" in diverged[0]["diverged"]
+    assert data["chosen"]["steps"]["a"]["lr"] == pytest.approx(cfg.lr * 2)
+    saved = json.loads(out.read_text())  # strict JSON: the diverged CE is null
+    report = rc.format_report(saved, rc.summarise(saved))
+    assert "diverged" in report
+
+    def bad_cache(*a, **k):
+        raise sf.NonFiniteTargetError("the cached teacher states of the batch are not finite")
+
+    patch(rc, "run_one", bad_cache)
+    with pytest.raises(sf.NonFiniteTargetError):  # the cache's fault stops the study
+        rc.Study(cache, cache, cfg, tmp_path / "t.json", ["a"], range(1), ["steps"]).run()
+
+
 def test_a_stopped_study_resumes_without_redoing_a_run_and_takes_the_same_path(tiny_cache, tmp_path, patch):
     cfg, cache, _ = tiny_cache
     calls = []
