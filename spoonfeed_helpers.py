@@ -56,6 +56,7 @@ from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosin
 from spoonfeed.optim import _check_finite, _release_memory, optimizer_step
 from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint
 from spoonfeed.phase import Phase
+from spoonfeed.parallel import world
 from spoonfeed.metrics import baseline_cosine, evaluate, held_out_ce, held_out_cosine, log_unigram, student_features
 from spoonfeed.heads import fit_logit_scale, fold_head_bias, ridge_solve
 from spoonfeed.generation import KVCache
@@ -520,14 +521,19 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     forces float32), and that dtype is part of the cache's key (a custom loader's teacher runs as it is given). Raises
     NonFiniteTeacherError, naming the teacher's dtype, before writing a batch whose states are not finite;
     the folder then gets no manifest, so the next run rebuilds it.
+    Under `accelerate launch` every process reads and packs the same data and loads the teacher, runs it on its own
+    contiguous share of the batches and writes those rows of the shared states files; the main process decides
+    whether to reuse, creates the files, and writes the rest and the manifest last, once every share is written. The
+    cache is byte for byte the one process's (docs/multi-gpu.md).
     """
+    ranks = world()  # one process, or those of `accelerate launch`
     fingerprint = data_fingerprint(cfg.dataset)  # unsupported or empty local files are refused here
     precision = precision or cfg.precision
     policy = precision_policy(cfg.device, precision)
     request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
                             cfg.text_field, fingerprint, policy.teacher)
     folder = cache_folder(cfg.cache_dir, request)
-    if not rebuild and _valid_cache(folder, request):
+    if not rebuild and ranks.on_main(lambda: _valid_cache(folder, request)):
         print(f"Phase 1: reusing the cache in {folder}")
         return TeacherCache(folder)
     why = data_change(folder, request, fingerprint)
@@ -564,38 +570,56 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     (folder / "manifest.json").unlink(missing_ok=True)  # from here on the folder is incomplete
     check_free_space(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2, "the cache needs",
                      "lower NUM_CACHE_SAMPLES or MAX_SEQ_LENGTH, or point CACHE_DIR at a bigger disk")
-    np.save(folder / "train_tokens.npy", train)
-    np.save(folder / "val_tokens.npy", val)
+    if ranks.is_main_process:
+        np.save(folder / "train_tokens.npy", train)
+        np.save(folder / "val_tokens.npy", val)
     decoder = teacher.get_decoder()  # the body with its final norm, and no LM head: no logits computed
     device = next(teacher.parameters()).device
-    total = torch.zeros(D, dtype=torch.float64)
-    bar = progress_bar(total=len(train) + len(val), desc="Phase 1: teacher states", unit="block",
-                       disable=not progress)
-    offsets = {}
-    for split, blocks in (("train", train), ("val", val)):
-        out = np.lib.format.open_memmap(folder / f"{split}_states.npy", mode="w+", dtype=np.float16,
-                                        shape=(*blocks.shape, D))
+    splits, bs = {"train": train, "val": val}, cfg.cache_batch_size
+    mine = {s: ranks.share(range(0, len(b), bs)) for s, b in splits.items()}  # this process's batches: all, in one
+    bar = progress_bar(total=sum(len(splits[s][i:i + bs]) for s in mine for i in mine[s]), unit="block",
+                       desc="Phase 1: teacher states", disable=not progress)
+    offsets, sums = {}, []
+    for split, blocks in splits.items():
+        out = ranks.main_first(lambda main: np.lib.format.open_memmap(  # the main process creates the file
+            folder / f"{split}_states.npy", mode="w+" if main else "r+", dtype=np.float16, shape=(*blocks.shape, D)))
         offsets[split] = out.offset
-        for i in range(0, len(blocks), cfg.cache_batch_size):
-            x = torch.from_numpy(blocks[i:i + cfg.cache_batch_size].astype(np.int64)).to(device)
-            with torch.inference_mode(), _cuda_oom_hint():
-                h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
-            h16 = h.to("cpu", torch.float16)
-            try:
-                _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", folder)
-            except NonFiniteTeacherError:
-                del out
-                for name in ("train_states.npy", "val_states.npy"):
-                    (folder / name).unlink(missing_ok=True)  # incomplete: nothing to keep
-                free_teacher(teacher)
-                raise
-            out[i:i + len(x)] = h16.numpy()
-            if split == "train":
-                total += h.double().sum(dim=(0, 1)).cpu()
-            bar.update(len(x))
-        out.flush()
+        try:
+            with ranks.together():  # a failure on one process stops all of them here, once none is writing
+                for i in mine[split]:
+                    x = torch.from_numpy(blocks[i:i + bs].astype(np.int64)).to(device)
+                    with torch.inference_mode(), _cuda_oom_hint():
+                        h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
+                    h16 = h.to("cpu", torch.float16)
+                    _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", folder)
+                    out[i:i + len(x)] = h16.numpy()
+                    if split == "train":
+                        sums.append(h.double().sum(dim=(0, 1)).cpu())  # (D,) float64, one a batch
+                    bar.update(len(x))
+                out.flush()
+        except NonFiniteTeacherError:
+            del out
+            for name in ("train_states.npy", "val_states.npy") if ranks.is_main_process else ():
+                (folder / name).unlink(missing_ok=True)  # incomplete: nothing to keep
+            free_teacher(teacher)
+            raise
         del out
     bar.close()
+    total = torch.zeros(D, dtype=torch.float64)
+    for batch_sum in ranks.gather(sums):  # every batch's sum, added in the order one process adds them
+        total += batch_sum
+    with ranks.together():  # the main process writes the rest, the manifest last, after every share is complete
+        if ranks.is_main_process:
+            _finish_cache(folder, request, train, val, val_docs, total, head16, offsets, report, fingerprint)
+    free_teacher(teacher)
+    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {folder}")
+    return TeacherCache(folder)
+
+
+def _finish_cache(folder, request, train, val, val_docs, total, head16, offsets, report, fingerprint) -> None:
+    """Phase 1's last writes, once every teacher state is on disk: the mean state, the teacher's head, and the
+    manifest (digests of every file), last, atomically."""
+    D = len(total)
     np.save(folder / "train_mean.npy", (total / train.size).float().numpy())
     from safetensors.torch import save_file
 
@@ -607,13 +631,10 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
         files[name] = {"bytes": p.stat().st_size, "blake2b": _file_digest(p)}
     for split in ("train", "val"):
         files[f"{split}_states.npy"]["data_offset"] = offsets[split]
-    manifest = {"request": request, "teacher_dim": D, "vocab_size": head.shape[0], "files": files,
+    manifest = {"request": request, "teacher_dim": D, "vocab_size": head16.shape[0], "files": files,
                 "num_train": len(train), "num_val": len(val), "val_docs": val_docs, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "data": asdict(report), "data_listing": fingerprint["listing"] if fingerprint else {}}
     _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
-    free_teacher(teacher)
-    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {folder}")
-    return TeacherCache(folder)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -629,9 +650,11 @@ def _phase_weights(model: BitNetStudent, phase: str) -> list[str]:
             "teacher": []}[model.cfg.head_mode]
 
 
-def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, policy: Precision | None = None):
+def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, policy: Precision | None = None,
+                 kd_share: float = 1.0):
     """Cosine and/or MSE over real tokens, plus logit KD through the teacher head on kd_positions
-    (flat indices into B*T; None = every real token), fused with the head (head_loss) in the policy's dtype."""
+    (flat indices into B*T; None = every real token), fused with the head (head_loss) in the policy's dtype, and
+    weighted by kd_share (World.positions: this process's share of the batch's KD positions; none: no KD term)."""
     loss = 0.0
     if cfg.loss in ("cosine", "cosine+mse"):
         loss = loss + cosine_loss(pred, target, mask)
@@ -642,9 +665,10 @@ def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, 
         if kd_positions is not None:
             p, t = p[kd_positions], t[kd_positions]
         # the teacher's own logits, recomputed from its cached state; the student's through the same frozen head
-        loss = loss + cfg.kd_weight * head_loss(p, teacher_head.weight, None, policy or precision_policy(p.device),
-                                                teacher_logits=_teacher_logits(teacher_head, t),
-                                                temperature=cfg.kd_temperature)
+        if len(p):  # under several processes, this one may hold none of the batch's KD positions
+            loss = loss + cfg.kd_weight * kd_share * head_loss(
+                p, teacher_head.weight, None, policy or precision_policy(p.device),
+                teacher_logits=_teacher_logits(teacher_head, t), temperature=cfg.kd_temperature)
     return loss
 
 
@@ -660,6 +684,7 @@ def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherC
     head_keys = ("head_mode", "head_bias")  # Phase 2 trains no head; Phase 3's head settings are in keys
     sig = {"cache": str(cache.path.name), "student": {k: v for k, v in asdict(model.cfg).items() if k not in head_keys},
            **{k: getattr(cfg, k) for k in keys}}
+    sig["batch_size"] = cfg.batch_size * world().num_processes  # the global batch: a resume may change the processes
     if phase == "phase3":
         sig["phase2_student"] = phase2_student
     computes = precision_policy(model.tok_embeddings.weight.device, cfg.precision).name
@@ -695,19 +720,25 @@ def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teach
     """One Phase 2 step on a batch: tokens (B, T), target (B, T, D). Returns (loss, stepped): a non-finite
     loss is returned before any weight changes, and stepped is False when no update was made (non-finite loss,
     a non-finite gradient that optimizer_step refused, or an fp16 overflow the GradScaler skipped).
-    policy: precision_policy of the device (default: looked up); scaler: its GradScaler (fp16), or None."""
+    policy: precision_policy of the device (default: looked up); scaler: its GradScaler (fp16), or None.
+    Under N processes (Phase.batch: this process's B rows of the N * B): the KD positions are drawn over the whole
+    batch, as one process draws them, and the loss returned (and judged) is the mean over the processes."""
     device = tokens.device
     policy = policy or precision_policy(device)
-    kd_positions = None
-    if cfg.kd_weight > 0 and 0 < cfg.kd_tokens < tokens.numel():
-        kd_positions = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens].to(device)
+    ranks = world()
+    kd_positions, kd_share, numel = None, 1.0, tokens.numel() * ranks.num_processes  # the whole batch's positions
+    if cfg.kd_weight > 0 and 0 < cfg.kd_tokens < numel:
+        kd_positions, kd_share = ranks.positions(torch.randperm(numel, generator=gen)[:cfg.kd_tokens], tokens.numel())
+        kd_positions = kd_positions.to(device)
     with _cuda_oom_hint(), _autocast(policy):
         pred = model.projector(model(tokens)).float()  # (B, T, D)
-        loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions, policy=policy)
-    if not torch.isfinite(loss):
-        return loss.detach(), False
+        loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions, policy=policy,
+                            kd_share=kd_share)
+    mean = ranks.mean(loss.detach())  # every process decides on the same figure
+    if not torch.isfinite(mean):
+        return mean, False
     stepped = optimizer_step(loss, opt, params, cfg.grad_clip, scaler)  # every trainable parameter, projector included
-    return loss.detach(), stepped
+    return mean, stepped
 
 
 def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
@@ -725,7 +756,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     RUN_DIR cannot be written or lacks room for a checkpoint, and NonFiniteLossError (NonFiniteTargetError,
     NonFiniteGradientError) naming the cause when a step goes non-finite (see _FaultGuard).
     """
-    check_batch_size(cfg.batch_size, cache.num_train, f"the {cache.num_train} cached blocks")
+    check_batch_size(cfg.batch_size * world().num_processes, cache.num_train, f"the {cache.num_train} cached blocks")
     _check_student(model, cfg, cache)
     check_writable(cfg.run_dir, "RUN_DIR")
     device = model.tok_embeddings.weight.device
@@ -873,7 +904,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     (the head; the embedding in tied mode) and is valid only for the exact student it decodes: one made for
     another Phase 2 result is moved aside with a line that says why, and Phase 3 is redone.
     """
-    check_batch_size(cfg.batch_size, cache.num_train, f"the {cache.num_train} cached blocks")
+    check_batch_size(cfg.batch_size * world().num_processes, cache.num_train, f"the {cache.num_train} cached blocks")
     check_writable(cfg.run_dir, "RUN_DIR")
     device = model.tok_embeddings.weight.device
     body = _ensure_phase2(model, cache, cfg) if need_phase2 else _frozen_digest(model)
@@ -941,17 +972,20 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
             # position t predicts token t+1: CE over the (B * (T-1), V) logits, fused with the head
             loss = head_loss(h[:, :-1].flatten(0, 1), weight, bias, policy, targets=tokens[:, 1:].flatten())
             if teacher_head is not None:  # KD from the teacher's logits on kd_tokens positions of the batch
-                pos = torch.randperm(tokens.numel(), generator=run.gen)[:cfg.kd_tokens or tokens.numel()].to(device)
+                numel = tokens.numel() * run.world.num_processes  # the whole batch's, every process's rows
+                pos, share = run.world.positions(torch.randperm(numel, generator=run.gen)[:cfg.kd_tokens or numel],
+                                                 tokens.numel())
+                pos = pos.to(device)
                 t_states = cache.states("train", idx).to(device).flatten(0, 1)[pos]
-                loss = loss + cfg.head_kd_weight * head_loss(h.flatten(0, 1)[pos], weight, bias, policy,
-                                                             teacher_logits=_teacher_logits(teacher_head, t_states),
-                                                             temperature=cfg.kd_temperature)
-        run.update(step, loss, t_states)
+                if len(pos):  # under several processes, this one may hold none of the batch's KD positions
+                    loss = loss + cfg.head_kd_weight * share * head_loss(
+                        h.flatten(0, 1)[pos], weight, bias, policy,
+                        teacher_logits=_teacher_logits(teacher_head, t_states), temperature=cfg.kd_temperature)
+        history["loss"].append(run.update(step, loss, t_states))  # the mean over the processes
         history["step"].append(step)
-        history["loss"].append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             record(step + 1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
         run.checkpoint(step + 1)
         if stop_after is not None and step + 1 >= stop_after:
             break
@@ -1181,8 +1215,7 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
         with _cuda_oom_hint(), _autocast(run.policy):
             h = model(tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim): position t predicts token t+1
             loss = head_loss(h, *model.head_weights(), run.policy, targets=tokens[:, 1:].flatten())
-        run.update(step, loss)
-        losses.append(loss.item())
+        losses.append(run.update(step, loss))
     run.close()
     model.eval()
     return {"loss": losses}
