@@ -1,7 +1,7 @@
 """Headless runs of the notebook's path on one process or several: Phase 1, Phases 2 and 3, evaluation, export.
 
     python -m spoonfeed_run --preset smoke                                        # one process
-    accelerate launch --num_processes 4 -m spoonfeed_run --preset cpu --set device=auto   # 4 GPUs of one machine
+    accelerate launch --num_processes 4 -m spoonfeed_run --preset cpu --set device=cuda   # 4 GPUs of one machine
     accelerate launch --multi_gpu --num_processes 2 -m spoonfeed_run --preset smoke   # 2 CPU processes (gloo)
 
 It makes the same helper calls as the notebook's cells 2 to 8, with the same presets and settings
@@ -92,6 +92,11 @@ def main(argv=None) -> dict:
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():  # one process prints
             return _run(cfg, preset, args, ranks, state)
+    except Exception as e:  # under several processes, one line each says which stopped, and why
+        if ranks.parallel:
+            print(f"spoonfeed_run: process {ranks.process_index} of {ranks.num_processes} stopped: "
+                  f"{type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+        raise
     finally:
         if quiet:
             quiet.close()
