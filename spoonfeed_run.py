@@ -88,9 +88,10 @@ def main(argv=None) -> dict:
     # CPU processes talk through gloo: PartialState picks it only when told the run is on the CPU
     state = PartialState(cpu=sf.pick_device(cfg.device).type == "cpu")
     ranks = world()
-    quiet = open(os.devnull, "w") if not ranks.is_main_process else None
     try:
-        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():  # one process prints
+        with contextlib.ExitStack() as stack:
+            if not ranks.is_main_process:  # one process prints
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             return _run(cfg, preset, args, ranks, state)
     except Exception as e:  # under several processes, one line each says which stopped, and why
         if ranks.parallel:
@@ -98,8 +99,6 @@ def main(argv=None) -> dict:
                   f"{type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
         raise
     finally:
-        if quiet:
-            quiet.close()
         if ranks.parallel:
             state.destroy_process_group()
 

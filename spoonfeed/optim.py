@@ -115,8 +115,8 @@ def optimizer_step(loss: torch.Tensor, opt, params, grad_clip: float, scaler=Non
 
     zero_grad -> backward (scaled when a GradScaler is given) -> under `accelerate launch`, the gradients averaged
     over the processes (World.average_gradients), so that every process takes the same step -> unscale -> clip the
-    global grad norm over `params` to `grad_clip` -> step. Returns True when the step was taken. When the gradient norm is not
-    finite, opt.step() is never reached: the gradients are dropped and False is returned, so the caller can
+    global grad norm over `params` to `grad_clip` -> step. Returns True when the step was taken. When the gradient
+    norm is not finite, opt.step() is never reached: the gradients are dropped and False is returned, so the caller can
     name the cause. With an enabled fp16 GradScaler an overflow is the scaler's business (it skips the step and
     lowers its scale); that also returns False.
     """

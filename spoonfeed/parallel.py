@@ -118,7 +118,7 @@ class World:
         error = None
         try:
             yield
-        except Exception as e:  # noqa: BLE001: every kind is handed on, below
+        except Exception as e:  # every kind: it is handed on, below
             error = e
         failed = [f for f in self.gather([None if error is None else (self.process_index, type(error), str(error))])
                   if f is not None]
@@ -128,7 +128,7 @@ class World:
             index, kind, message = failed[0]
             try:
                 other = kind(f"process {index} of {self.num_processes} stopped the run: {message}")
-            except Exception:  # noqa: BLE001: a class whose constructor takes other arguments
+            except Exception:  # a class whose constructor takes other arguments
                 other = RuntimeError(f"process {index} of {self.num_processes} stopped the run: "
                                      f"{kind.__name__}: {message}")
             raise other
@@ -136,12 +136,16 @@ class World:
     def average_gradients(self, params) -> None:
         """After backward: every parameter's gradient becomes its mean over the processes (accelerate's reduce), in
         buckets of GRAD_BUCKET elements, so that one optimiser step on N processes with batch B each is one step on
-        the mean gradient of the N * B rows. A parameter with no gradient counts as zeros. Nothing in one process."""
+        the mean gradient of the N * B rows. A parameter with no gradient here counts as zeros; one with no gradient on
+        any process keeps none (AdamW then leaves it alone, as one process does). Nothing in one process."""
         if not self.parallel:
             return
         from accelerate.utils import reduce
 
         params = [p for p in params if p.requires_grad]
+        if not params:
+            return
+        had = reduce(torch.tensor([float(p.grad is not None) for p in params], device=params[0].device), "sum")
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -151,6 +155,9 @@ class World:
             for p in bucket:
                 p.grad.copy_(flat[i:i + p.numel()].view_as(p))
                 i += p.numel()
+        for p, n in zip(params, had.tolist()):
+            if not n:
+                p.grad = None
 
 
 GRAD_BUCKET = 2**24  # gradient elements all-reduced at once (64 MiB in float32): one collective per bucket

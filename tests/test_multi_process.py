@@ -43,7 +43,7 @@ def launch(tmp: Path, name: str, processes: int, *settings, cache: str | None = 
     else:  # --multi_gpu selects torchrun; spoonfeed_run makes the processes CPU ones (gloo) for device=cpu
         command = ["accelerate", "launch", "--multi_gpu", f"--num_processes={processes}", "--monitor_interval=0.1",
                    f"--main_process_port={free_port()}", "-m", "spoonfeed_run", *args]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def result(tmp: Path, name: str) -> dict:
@@ -137,7 +137,7 @@ def test_accelerate_s_cpu_launcher_that_starts_one_process_is_refused_naming_the
     r = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes=2", f"--main_process_port={free_port()}",
                         "-m", "spoonfeed_run", "--preset", "smoke", "--set", f"run_dir={tmp_path / 'run'}",
                         "--set", f"cache_dir={tmp_path / 'cache'}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0
     assert "starts one process, not N" in r.stderr and "--multi_gpu --num_processes N" in r.stderr
     assert not (tmp_path / "cache").exists()  # refused before any work

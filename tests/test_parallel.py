@@ -14,10 +14,10 @@ from accelerate import PartialState
 from conftest import ROOT, make_teacher, make_tokenizer, tiny_run_config
 
 import spoonfeed.optim
-import spoonfeed.parallel as parallel
 import spoonfeed.phase
 import spoonfeed_helpers as sf
 import spoonfeed_run
+from spoonfeed import parallel
 from spoonfeed.errors import ConfigError
 
 
@@ -151,6 +151,21 @@ def test_gradients_averaged_over_processes_are_the_whole_batch_gradient():
         assert torch.allclose((a + b) / 2, whole, atol=1e-6)
 
 
+def test_gradient_averaging_writes_every_bucket_back_and_leaves_unused_parameters_alone(monkeypatch):
+    """Outside a launcher accelerate's reduce is the identity, so World.average_gradients must give every gradient
+    back as it was, across several buckets; a parameter no process computed a gradient for keeps none (AdamW
+    skips it, as in one process), and a frozen one is not touched."""
+    monkeypatch.setattr(parallel, "GRAD_BUCKET", 5)  # 6 + 2 + 4 elements: several buckets
+    a, b, c = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(
+        torch.randn(4))
+    frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    (a.sum() * 2 + (b * torch.arange(2.0)).sum()).backward()  # c gets no gradient
+    before = [a.grad.clone(), b.grad.clone()]
+    parallel.World(state(2, 0)).average_gradients([a, b, c, frozen])
+    assert torch.equal(a.grad, before[0]) and torch.equal(b.grad, before[1])
+    assert c.grad is None and frozen.grad is None
+
+
 def test_one_failure_inside_together_is_raised_on_every_process():
     class Gathered(parallel.World):
         def __init__(self, index, others):
@@ -160,20 +175,19 @@ def test_one_failure_inside_together_is_raised_on_every_process():
         def gather(self, items):
             return items + self.others
 
-    with pytest.raises(ConfigError, match="process 0 of 2 stopped the run: disk full"):
-        with Gathered(1, [(0, ConfigError, "disk full")]).together():
-            pass  # this process was fine
-    with pytest.raises(ValueError, match="mine"):  # the process that failed raises its own exception
-        with Gathered(0, [None]).together():
-            raise ValueError("mine")
+    with pytest.raises(ConfigError, match="process 0 of 2 stopped the run: disk full"), \
+            Gathered(1, [(0, ConfigError, "disk full")]).together():
+        pass  # this process was fine
+    with pytest.raises(ValueError, match="mine"), Gathered(0, [None]).together():  # the failed one: its own
+        raise ValueError("mine")
 
     class Odd(Exception):
         def __init__(self, a, b):
             super().__init__(f"{a} {b}")
 
-    with pytest.raises(RuntimeError, match="process 0 of 2 stopped the run: Odd: x y"):
-        with Gathered(1, [(0, Odd, "x y")]).together():
-            pass
+    with pytest.raises(RuntimeError, match="process 0 of 2 stopped the run: Odd: x y"), \
+            Gathered(1, [(0, Odd, "x y")]).together():
+        pass
 
 
 # --- only the main process writes ------------------------------------------------------------------------------
