@@ -34,11 +34,12 @@
 
 # %% cellView="form" tags=["parameters"]
 # @title 1. Configuration
-# @markdown The original notebook's defaults and options, plus the offline choices: the bundled teacher `smollm2` and the `stdlib` corpus (Python's standard library source). `DATASET` also takes your own data: a local .txt, .md, .py, .json, .jsonl, .csv or .parquet file, a folder or glob of them, or a folder written by `Dataset.save_to_disk`. `TEXT_FIELD` names the record field that holds the text; `auto` takes `text`, or `instruction` + `response`, or a chat list (`messages`, `conversations`). `PRESET` fills in every setting you left at its default (`cpu`: 2 CPU cores, offline; `smoke`: a few minutes, for CI); with `none`, `SPOONFEED_PRESET` from the environment is used. This cell holds every setting, so `papermill -p NAME value` overrides any of them.
+# @markdown The original notebook's defaults and options, plus the offline choices: the bundled teacher `smollm2` and the `stdlib` corpus (Python's standard library source). `DATASET` also takes your own data: a local .txt, .md, .py, .json, .jsonl, .csv or .parquet file, a folder or glob of them, or a folder written by `Dataset.save_to_disk`. `TEXT_FIELD` names the record field that holds the text; `auto` takes `text`, or `instruction` + `response`, or a chat list (`messages`, `conversations`). `ENCODING` is your files' text encoding (`utf-8`, or e.g. `cp1252`); the data report names files with bytes it cannot decode. `PRESET` fills in every setting you left at its default (`cpu`: 2 CPU cores, offline; `smoke`: a few minutes, for CI); with `none`, `SPOONFEED_PRESET` from the environment is used. This cell holds every setting, so `papermill -p NAME value` overrides any of them. Speed: `EMBEDDING_UPDATE = "lazy"` updates only the embedding rows a batch touches (a different rule from AdamW on every row), and `COMPILE` runs Phase 2, the direct-CE arm and decoding through `torch.compile`, which pays only over long runs, since the first step compiles (docs/benchmarks.md).
 PRESET = "none"  # @param ["none", "cpu", "smoke"]
 TEACHER_MODEL = "Qwen/Qwen2.5-Coder-1.5B-Instruct"  # @param ["Qwen/Qwen2.5-Coder-1.5B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "smollm2"]
 DATASET = "roneneldan/TinyStories"  # @param ["roneneldan/TinyStories", "Magpie-Align/Magpie-Reasoning-V2-250K-CoT-Deepseek-R1-Llama-70B", "stdlib"] {allow-input: true}
 TEXT_FIELD = "auto"  # @param {type:"string"}
+ENCODING = "utf-8"  # @param {type:"string"}
 
 # Data settings
 NUM_CACHE_SAMPLES = 500  # @param {type:"slider", min:100, max:2000, step:100}
@@ -70,6 +71,8 @@ CHECKPOINT_EVERY = 100  # @param {type:"integer"}
 RETRAIN = False  # @param {type:"boolean"}
 SEED = 0  # @param {type:"integer"}
 PRECISION = "auto"  # @param ["auto", "fp32", "bf16"]
+EMBEDDING_UPDATE = "dense"  # @param ["dense", "lazy"]
+COMPILE = False  # @param {type:"boolean"}
 
 # Export (cell 8): the GGUF's weight type; HUB_REPO_ID "user/name" uploads the HF folder (token: HF_TOKEN secret)
 GGUF_QTYPE = "TQ2_0"  # @param ["TQ2_0", "TQ1_0", "F16"]
@@ -118,7 +121,8 @@ cfg = sf.make_config(
     head_mode=HEAD_MODE, head_kd_weight=HEAD_KD_WEIGHT, head_init=HEAD_INIT, cache_dir=CACHE_DIR, run_dir=RUN_DIR,
     ckpt_every=CHECKPOINT_EVERY, seed=SEED, ablation_steps=ABLATION_STEPS, ablation_head_steps=ABLATION_HEAD_STEPS,
     ablation_widths=sf.parse_widths(ABLATION_WIDTHS), text_field=TEXT_FIELD,
-    head_bias=HEAD_BIAS, precision=PRECISION,
+    head_bias=HEAD_BIAS, precision=PRECISION, encoding=ENCODING, embedding_update=EMBEDDING_UPDATE,
+    compile=COMPILE,
 )
 sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
 sf.check_export_settings(GGUF_QTYPE, HUB_REPO_ID)
@@ -183,7 +187,7 @@ PROMPTS = sf.ORIGINAL_PROMPTS
 sf.check_compatible(student, tokenizer, cache.teacher_dim)
 streamer = TextStreamer(tokenizer, skip_special_tokens=True)
 generations = sf.generate_text(student, tokenizer, PROMPTS, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, seed=SEED,
-                               streamer=streamer, precision=cfg.precision)
+                               streamer=streamer, precision=cfg.precision, compile=cfg.compile)
 print("-" * 40)
 print(sf.format_generations(generations))
 

@@ -41,22 +41,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import spoonfeed  # noqa: F401  the plumbing: the package folder beside this file
+except ModuleNotFoundError as e:  # the helper copied without its package
+    raise ModuleNotFoundError("spoonfeed_helpers.py needs its package, the folder spoonfeed/, beside it: copy the "
+                              "folder together with the file, or clone the whole repository") from e
+
 # isort: off
 from spoonfeed.errors import ConfigError, NonFiniteTeacherError, PhaseOrderError
 from spoonfeed.config import check_batch_size, HEAD_MODES, RunConfig, StudentConfig
-from spoonfeed.precision import _autocast, _cuda_oom_hint, pick_device, Precision, precision_policy
+from spoonfeed.precision import _autocast, _cuda_oom_hint, pick_device, Precision, precision_policy, release_memory
 from spoonfeed.files import (
-    _atomic_write_text, _check_destination, _file_digest, _normal_mode, _remove_stale, _replacing,
+    _atomic_write_text, _check_destination, _file_digest, _normal_mode, _remove, _remove_stale, _replacing,
     check_export_destinations, check_free_space, check_writable, FORMAT, RUN_DIR_EXPORTS, TERNARY_FORMAT,
 )
 from spoonfeed.teacher import free_teacher, load_teacher, load_tokenizer
-from spoonfeed.data import CHARS_PER_TOKEN, data_fingerprint, DataReport, iter_texts, MAX_DOC_BLOCKS, pack_blocks
-from spoonfeed.cache import _valid_cache, CACHE_FILES, cache_folder, cache_request, data_change, TeacherCache
+from spoonfeed.data import CHARS_PER_TOKEN, DataReport, iter_texts, MAX_DOC_BLOCKS, undecodable_note
+from spoonfeed.sources import data_fingerprint
+from spoonfeed.packing import check_eos, pack_blocks
+from spoonfeed.cache import (
+    begin_build, CACHE_FILES, cache_folder, cache_request, data_change, open_cache, open_shared_cache, publish,
+    TeacherCache,
+)
 from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss, mse_loss
-from spoonfeed.optim import _check_finite, _release_memory, optimizer_step
+from spoonfeed.optim import _check_finite, optimizer_step
 from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint
 from spoonfeed.phase import Phase
 from spoonfeed.parallel import world
+from spoonfeed.compile import Compiled
 from spoonfeed.metrics import baseline_cosine, evaluate, held_out_ce, held_out_cosine, log_unigram, student_features
 from spoonfeed.heads import fit_logit_scale, fold_head_bias, ridge_solve
 from spoonfeed.generation import KVCache
@@ -70,20 +82,22 @@ from spoonfeed.errors import (  # noqa: F401
     NonFiniteGradientError, NonFiniteLossError, NonFiniteTargetError, PromptTooLongError, TeacherUnavailableError,
 )
 from spoonfeed.config import (  # noqa: F401
-    BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, make_config,
-    ORIGINAL_PROMPTS, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
+    BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, FORM_NAMES,
+    make_config, ORIGINAL_PROMPTS, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
 )
 from spoonfeed.precision import cpu_bf16_instructions, make_grad_scaler  # noqa: F401
 from spoonfeed.files import HF_FORMAT  # noqa: F401
 from spoonfeed.teacher import _load_cuda_teacher, bundled_teacher_dir  # noqa: F401
-from spoonfeed.data import _texts_from_records, describe_data, MIN_TEXT_CHARS, record_text  # noqa: F401
+from spoonfeed.data import (  # noqa: F401
+    _text_documents, _texts_from_records, describe_data, DUPLICATE, MIN_TEXT_CHARS, record_text,
+)
 from spoonfeed.losses import kd_loss, next_token_ce  # noqa: F401
 from spoonfeed.optim import _adamw, lr_schedule  # noqa: F401
 from spoonfeed.checkpoints import _non_finite, _signature_changes, save_checkpoint  # noqa: F401
 from spoonfeed.metrics import format_report, ternary_stats  # noqa: F401
 from spoonfeed.generation import (  # noqa: F401
     _sample_next, check_compatible, check_generation_settings, decode_head, format_generations, generate,
-    generate_text, left_pad, logits_processors, MIN_TEMPERATURE, prompt_ids,
+    generate_text, left_pad, logits_processors, MIN_TEMPERATURE, prompt_ids, StaticKVCache,
 )
 from spoonfeed.export import (  # noqa: F401
     _hub_token, _permute_for_llamacpp, GGUF_LINEAR_NAMES, GGUF_QTYPES, pipeline_settings, push_to_hub,
@@ -131,6 +145,8 @@ def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
     cost as much as the matmuls at the cpu preset's sizes (profile in docs/benchmarks.md)."""
     xf = x.float()
     scale = QMAX / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)  # (..., 1); 15x faster than an inf-norm here
+    if torch.compiler.is_compiling():  # torch.compile fuses the passes itself, and wants no in-place writes
+        return (xf * scale).round().clamp(-QMAX - 1, QMAX).div(scale).to(x.dtype)
     y = xf.mul_(scale) if xf is not x else xf * scale  # a float copy of x is ours to overwrite
     return y.round_().clamp_(-QMAX - 1, QMAX).div_(scale).to(x.dtype)
 
@@ -271,6 +287,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_heads, self.head_dim = layer, cfg.n_heads, cfg.head_dim
         self.wq, self.wk, self.wv, self.wo = (BitLinear(cfg.dim, cfg.dim, cfg.ternary) for _ in range(4))
+        # SubLN (BitDistill): an RMSNorm on o_proj's input; transformers' BitNet names it attn_sub_norm
+        self.attn_sub_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) if cfg.subln else None
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, mask=None):
         """x (B, T, dim); cos/sin (T, hs), or (B, 1, T, hs) per row; mask (B, 1, T, past + T) bool, for
@@ -301,6 +319,8 @@ class Attention(nn.Module):
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        if self.attn_sub_norm is not None:  # in float32, as Llama's RMSNorm computes (bf16 input has no fused kernel)
+            y = self.attn_sub_norm(y.float())
         return self.wo(y)
 
 
@@ -310,9 +330,12 @@ class SwiGLU(nn.Module):
         self.w1 = BitLinear(cfg.dim, cfg.hidden_dim, cfg.ternary)  # gate
         self.w3 = BitLinear(cfg.dim, cfg.hidden_dim, cfg.ternary)  # up
         self.w2 = BitLinear(cfg.hidden_dim, cfg.dim, cfg.ternary)  # down
+        # SubLN (BitDistill): an RMSNorm on down_proj's input (transformers' BitNet: ffn_sub_norm)
+        self.ffn_sub_norm = nn.RMSNorm(cfg.hidden_dim, eps=cfg.norm_eps) if cfg.subln else None
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        x = F.silu(self.w1(x)) * self.w3(x)  # (B, T, hidden)
+        return self.w2(x if self.ffn_sub_norm is None else self.ffn_sub_norm(x.float()))
 
 
 class Block(nn.Module):
@@ -384,8 +407,13 @@ class BitNetStudent(nn.Module):
 
     def forward(self, idx, cache: KVCache | None = None):
         """idx: (B, T) token ids -> final-normed student states (B, T, dim). With a cache, the tokens continue
-        it (its left-padded rows included, see KVCache.pad). Raises ValueError past max_seq_len positions."""
+        it (its left-padded rows included, see KVCache.pad). Raises ValueError past max_seq_len positions.
+        A static cache (StaticKVCache, for a compiled decode step) gives the positions and the mask as tensors
+        over all its slots, so every step has the same shapes; its caller checks the positions."""
         B, T = idx.shape
+        if getattr(cache, "static", False):
+            cos, sin, mask = cache.rope_and_mask(self.rope_cos, self.rope_sin, T)  # (B, 1, T, hs) x 2, (B, 1, T, S)
+            return self._layers(idx, cos, sin, cache, mask, T)
         start = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
         last = start + T - (0 if pad is None else int(pad.min()))  # the furthest position, plus one
@@ -402,6 +430,9 @@ class BitNetStudent(nn.Module):
             mask = (key[None, None] >= pad[:, None, None]) & (key[None, None] <= slot[None, :, None])  # (B, T, S)
             mask |= key[None, None] == slot[None, :, None]  # a pad sees itself: no all-masked row, no NaN
             mask = mask[:, None]  # (B, 1, T, S)
+        return self._layers(idx, cos, sin, cache, mask, T)
+
+    def _layers(self, idx, cos, sin, cache, mask, T):
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for block in self.layers:
             x = block(x, cos, sin, cache, mask)
@@ -497,13 +528,14 @@ def _check_teacher_states(h: torch.Tensor, h16: torch.Tensor, teacher_dtype, whe
         else:
             fix = "the teacher's weights are likely broken: check TEACHER_MODEL or pick another teacher"
         raise NonFiniteTeacherError(f"Phase 1 stopped: the teacher's hidden states hold {bad} non-finite values "
-                                    f"({where}); the teacher ran in {dtype}: {fix}. Nothing was cached ({folder} "
-                                    "has no manifest)")
+                                    f"({where}); the teacher ran in {dtype}: {fix}. Nothing was cached (no manifest "
+                                    f"was written; {folder} is as it was)")
     bad = (~torch.isfinite(h16)).sum().item()
     if bad:
         raise NonFiniteTeacherError(f"Phase 1 stopped: {bad} teacher state values ({where}) exceed float16's range "
                                     f"(65504), the cache's dtype; the teacher's final norm is unusual: pick another "
-                                    f"TEACHER_MODEL. Nothing was cached ({folder} has no manifest)")
+                                    f"TEACHER_MODEL. Nothing was cached (no manifest was written; {folder} is as it "
+                                    "was)")
 
 
 def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, progress: bool = True,
@@ -515,41 +547,50 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
 
     loader() returns (teacher, tokenizer); default load_teacher(cfg.teacher, cfg.device). The data is packed
     with `tokenizer`, else the loader's `tokenizer` attribute, else load_tokenizer(cfg.teacher) (fast: the
-    teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts),
-    an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's context.
+    teacher itself loads only after the data is checked). Raises ConfigError for bad data (see iter_texts), a
+    tokenizer with no EOS (check_eos), an unwritable CACHE_DIR, too little disk, and seq_len beyond the teacher's
+    context.
     The teacher runs in precision_policy's teacher dtype for cfg.precision (or `precision`, when given: "fp32"
     forces float32), and that dtype is part of the cache's key (a custom loader's teacher runs as it is given). Raises
-    NonFiniteTeacherError, naming the teacher's dtype, before writing a batch whose states are not finite;
-    the folder then gets no manifest, so the next run rebuilds it.
+    NonFiniteTeacherError, naming the teacher's dtype, before writing a batch whose states are not finite.
+    A new cache is written into a folder beside the cache's own (begin_build) and renamed into place whole when
+    it is finished (publish): a finished cache is never rewritten in place, so a run reading it (another
+    process sharing CACHE_DIR) keeps reading consistent files, and a failed or interrupted build leaves the
+    folder as it was.
     Under `accelerate launch` every process reads and packs the same data and loads the teacher, runs it on its own
-    contiguous share of the batches and writes those rows of the shared states files; the main process decides
-    whether to reuse, creates the files, and writes the rest and the manifest last, once every share is written. The
-    cache is byte for byte the one process's (docs/multi-gpu.md).
+    contiguous share of the batches and writes those rows of the build's states files; the main process checks the
+    cache for reuse, makes the build and its files, and writes the rest, the manifest last once every share is
+    written, then publishes it. The cache is byte for byte the one process's (docs/multi-gpu.md).
     """
     ranks = world()  # one process, or those of `accelerate launch`
     fingerprint = data_fingerprint(cfg.dataset)  # unsupported or empty local files are refused here
     precision = precision or cfg.precision
     policy = precision_policy(cfg.device, precision)
     request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
-                            cfg.text_field, fingerprint, policy.teacher)
+                            cfg.text_field, fingerprint, policy.teacher, cfg.encoding)
     folder = cache_folder(cfg.cache_dir, request)
-    if not rebuild and ranks.on_main(lambda: _valid_cache(folder, request)):
+    cache = None if rebuild else open_shared_cache(folder, request, ranks)  # opened once: what is checked is read
+    if cache is not None:
         print(f"Phase 1: reusing the cache in {folder}")
-        return TeacherCache(folder)
+        return cache
     why = data_change(folder, request, fingerprint)
     if why and not rebuild:
         print(f"Phase 1: rebuilding the cache in {folder}: {why} since it was built")
     check_writable(cfg.cache_dir, "CACHE_DIR")
     if tokenizer is None:
         tokenizer = getattr(loader, "tokenizer", None) or load_tokenizer(cfg.teacher)
+    check_eos(tokenizer, f"the tokenizer of TEACHER_MODEL={cfg.teacher!r}")
     report = DataReport(cfg.dataset, cfg.text_field)
     texts = iter_texts(cfg.dataset, cfg.seed, cfg.text_field, tokenizer, report,
-                       max_chars=MAX_DOC_BLOCKS * cfg.seq_len * CHARS_PER_TOKEN, work_dir=cfg.cache_dir)
+                       max_chars=MAX_DOC_BLOCKS * cfg.seq_len * CHARS_PER_TOKEN, work_dir=cfg.cache_dir,
+                       encoding=cfg.encoding)
     try:
         train, val, val_docs = pack_blocks(texts, tokenizer, cfg.seq_len, cfg.num_samples, cfg.val_samples,
                                            report=report)
     finally:
         texts.close()
+    if undecodable_note(report):
+        print(f"Phase 1: note: {undecodable_note(report)}")
     print(f"Phase 1: the data gave {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens from "
           f"{report.records:,} records; loading the teacher")
     loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device, tokenizer, precision))
@@ -557,7 +598,8 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     teacher_dtype = getattr(teacher, "dtype", torch.float32)
     context = getattr(teacher.config, "max_position_embeddings", None)
     if context and cfg.seq_len > context:
-        raise ConfigError(f"seq_len={cfg.seq_len} is beyond the teacher's context ({context}): lower MAX_SEQ_LENGTH")
+        raise ConfigError(f"MAX_SEQ_LENGTH={cfg.seq_len} is beyond the teacher's context ({context}): lower "
+                          "MAX_SEQ_LENGTH")
     D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
     head16 = head.detach().to("cpu", torch.float16).contiguous()  # (V, D), as cached: KD and evaluation use it
     if not torch.isfinite(head16).all():
@@ -566,8 +608,8 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
                                     "that are not finite in float16 (the cache's dtype): its weights are broken or "
                                     "out of float16's range; check TEACHER_MODEL or pick another teacher. Nothing "
                                     "was cached")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").unlink(missing_ok=True)  # from here on the folder is incomplete
+    final = folder
+    folder = ranks.on_main(lambda: begin_build(final))  # written beside the cache's folder, renamed into place whole
     check_free_space(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2, "the cache needs",
                      "lower NUM_CACHE_SAMPLES or MAX_SEQ_LENGTH, or point CACHE_DIR at a bigger disk")
     if ranks.is_main_process:
@@ -591,7 +633,7 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
                     with torch.inference_mode(), _cuda_oom_hint():
                         h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
                     h16 = h.to("cpu", torch.float16)
-                    _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", folder)
+                    _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", final)
                     out[i:i + len(x)] = h16.numpy()
                     if split == "train":
                         sums.append(h.double().sum(dim=(0, 1)).cpu())  # (D,) float64, one a batch
@@ -599,8 +641,8 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
                 out.flush()
         except NonFiniteTeacherError:
             del out
-            for name in ("train_states.npy", "val_states.npy") if ranks.is_main_process else ():
-                (folder / name).unlink(missing_ok=True)  # incomplete: nothing to keep
+            if ranks.is_main_process:
+                _remove(folder)  # the build: incomplete, nothing to keep
             free_teacher(teacher)
             raise
         del out
@@ -608,12 +650,14 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     total = torch.zeros(D, dtype=torch.float64)
     for batch_sum in ranks.gather(sums):  # every batch's sum, added in the order one process adds them
         total += batch_sum
+    free_teacher(teacher)
     with ranks.together():  # the main process writes the rest, the manifest last, after every share is complete
         if ranks.is_main_process:
             _finish_cache(folder, request, train, val, val_docs, total, head16, offsets, report, fingerprint)
-    free_teacher(teacher)
-    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {folder}")
-    return TeacherCache(folder)
+            cache = publish(folder, final)
+    cache = cache if ranks.is_main_process else TeacherCache(final)
+    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {final}")
+    return cache
 
 
 def _finish_cache(folder, request, train, val, val_docs, total, head16, offsets, report, fingerprint) -> None:
@@ -674,15 +718,18 @@ def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, 
 
 def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherCache,
                phase2_student: str | None = None) -> dict:
-    """Everything a phase's result is made from. Phase 3's names the exact student it decodes: phase2_student,
-    the _frozen_digest of the finished Phase 2 weights."""
+    """Everything a phase's result is made from. "cache" is the cache's content (TeacherCache.content_digest, from
+    its files' digests), not its folder: Phase 1 rebuilds a cache in the same folder when the data changes, and
+    a checkpoint trained on the old content is then moved aside and retrained, never taken as done. Phase 3's
+    names the exact student it decodes: phase2_student, the _frozen_digest of the finished Phase 2 weights."""
     keys = {"phase2": ("superposition_steps", "batch_size", "lr", "embed_lr_mult", "warmup_steps", "min_lr_ratio",
                        "weight_decay", "grad_clip", "loss", "kd_weight", "kd_temperature", "kd_tokens", "seed"),
             "phase3": ("lm_head_steps", "batch_size", "head_lr", "head_mode", "head_init", "head_kd_weight",
                        "kd_temperature", "kd_tokens", "warmup_steps", "min_lr_ratio", "grad_clip", "seed",
                        "head_bias")}[phase]
     head_keys = ("head_mode", "head_bias")  # Phase 2 trains no head; Phase 3's head settings are in keys
-    sig = {"cache": str(cache.path.name), "student": {k: v for k, v in asdict(model.cfg).items() if k not in head_keys},
+    student = {k: v for k, v in asdict(model.cfg).items() if k not in head_keys and not (k == "subln" and not v)}
+    sig = {"cache": cache.content_digest, "student": student,  # no subln key unless on: older checkpoints stay valid
            **{k: getattr(cfg, k) for k in keys}}
     sig["batch_size"] = cfg.batch_size * world().num_processes  # the global batch: a resume may change the processes
     if phase == "phase3":
@@ -690,6 +737,8 @@ def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherC
     computes = precision_policy(model.tok_embeddings.weight.device, cfg.precision).name
     if computes != "fp32":  # float32 runs keep the signature they had before PRECISION existed
         sig["precision"] = computes
+    if phase == "phase2" and cfg.embedding_update != "dense":  # dense runs keep their signature too
+        sig["embedding_update"] = cfg.embedding_update
     return sig
 
 
@@ -715,12 +764,31 @@ def _init_phase2(model: BitNetStudent, cfg: RunConfig, cache: TeacherCache):
     model.phase2_result = None
 
 
+def _projected(model: BitNetStudent, tokens: torch.Tensor) -> torch.Tensor:
+    """Phase 2's forward: tokens (B, T) -> projector(student states) (B, T, teacher_dim)."""
+    return model.projector(model(tokens))
+
+
+def _states(model: BitNetStudent, tokens: torch.Tensor) -> torch.Tensor:
+    """The direct-CE arm's forward: tokens (B, T) -> student states (B, T, dim)."""
+    return model(tokens)
+
+
+# COMPILE: the same forwards through torch.compile, once per shape (the batch is fixed), eager if it fails
+_COMPILED = {_projected: Compiled(_projected, "Phase 2's forward"), _states: Compiled(_states, "the student's forward")}
+
+
+def _forward(fn, cfg: RunConfig):
+    return _COMPILED[fn] if cfg.compile else fn
+
+
 def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teacher_head=None, gen=None,
                        policy: Precision | None = None, scaler=None):
     """One Phase 2 step on a batch: tokens (B, T), target (B, T, D). Returns (loss, stepped): a non-finite
     loss is returned before any weight changes, and stepped is False when no update was made (non-finite loss,
     a non-finite gradient that optimizer_step refused, or an fp16 overflow the GradScaler skipped).
     policy: precision_policy of the device (default: looked up); scaler: its GradScaler (fp16), or None.
+    cfg.compile runs the forward (student and projector) through torch.compile (spoonfeed/compile.py).
     Under N processes (Phase.batch: this process's B rows of the N * B): the KD positions are drawn over the whole
     batch, as one process draws them, and the loss returned (and judged) is the mean over the processes."""
     device = tokens.device
@@ -731,7 +799,7 @@ def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teach
         kd_positions, kd_share = ranks.positions(torch.randperm(numel, generator=gen)[:cfg.kd_tokens], tokens.numel())
         kd_positions = kd_positions.to(device)
     with _cuda_oom_hint(), _autocast(policy):
-        pred = model.projector(model(tokens)).float()  # (B, T, D)
+        pred = _forward(_projected, cfg)(model, tokens).float()  # (B, T, D)
         loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions, policy=policy,
                             kd_share=kd_share)
     mean = ranks.mean(loss.detach())  # every process decides on the same figure
@@ -769,7 +837,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
                 lr_fix=f"Lower LEARNING_RATE (now {cfg.lr}) or EMBED_LR_MULT (now {cfg.embed_lr_mult})",
                 history=history, key="phase2", signature=signature, names=_phase_weights(model, "phase2"),
                 embedding=model.tok_embeddings.weight, embed_lr_mult=cfg.embed_lr_mult,
-                weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path,
+                weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path, compiled=cfg.compile,
                 restart=lambda: _init_phase2(model, cfg, cache))  # the student as build_student made it
     history = run.history
     model.phase2_result = None
@@ -778,7 +846,8 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     bar = run.bar("Phase 2: superposition", progress)
     for step in bar:
         idx = run.batch(cache.num_train)
-        tokens, target = cache.tokens("train", idx).to(device), cache.states("train", idx).to(device)  # (B, T), (B, T, D)
+        tokens = cache.tokens("train", idx).to(device)  # (B, T)
+        target = cache.states("train", idx).to(device)  # (B, T, D)
         lr = run.lr  # the LR this step uses
         loss, stepped = superposition_step(model, run.opt, params, tokens, target, cfg, teacher_head, run.gen,
                                            run.policy, run.scaler)
@@ -832,10 +901,11 @@ def fit_head_to_teacher(cache: TeacherCache, features: torch.Tensor, ridge: floa
     return scale * weight, scale * bias
 
 
-def _frozen_digest(model: BitNetStudent) -> str:
+def _frozen_digest(model: BitNetStudent, skip=("head.", "teacher_head.")) -> str:
+    """sha256 of every weight whose name does not start with `skip` (default: the body Phase 3 keeps frozen)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
-        if not name.startswith(("head.", "teacher_head.")):
+        if not name.startswith(skip):
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -996,6 +1066,95 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     model.eval()
     if cfg.head_mode == "new" and _frozen_digest(model) != body:
         raise RuntimeError("Phase 3 changed the frozen body: this is a bug")
+    return history
+
+
+# -------------------------------------------------------------------------------------------------------------
+# logit KD of the whole student: plain KD from scratch (Hinton et al.), or after Phase 2, or BitDistill's stage
+
+def _logit_kd_signature(cfg: RunConfig, model: BitNetStudent, cache: TeacherCache, steps: int, start: str) -> dict:
+    """What a logit-KD run is made from: its settings and `start`, the digest of every weight it starts from."""
+    keys = ("batch_size", "logit_kd_lr", "logit_kd_alpha", "logit_kd_temperature", "embed_lr_mult", "warmup_steps",
+            "min_lr_ratio", "weight_decay", "grad_clip", "seed")
+    return {"cache": cache.path.name, "student": asdict(model.cfg), "steps": steps, "start": start,
+            "precision": precision_policy(model.tok_embeddings.weight.device, cfg.precision).name,
+            **{k: getattr(cfg, k) for k in keys}, "batch_size": cfg.batch_size * world().num_processes}
+
+
+def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, steps: int | None = None,
+                   progress: bool = True, checkpoint: bool = False, fresh: bool = False) -> dict:
+    """Logit KD of the whole student, body, embedding and head together, from whatever weights it holds.
+
+    Loss a batch, over the B * (T-1) positions that have a next token, in nats/token:
+        alpha * CE(student, next token) + (1 - alpha) * T^2 * KL(p_teacher || p_student) at temperature T,
+    alpha = cfg.logit_kd_alpha, T = cfg.logit_kd_temperature (Hinton et al., 2015; DistillKit's default loss).
+    The teacher's logits (B * (T-1), V) are its cached LM head over its cached final-normed states, so no logit
+    cache is needed; they are computed chunk by chunk in the precision policy's dtype inside the fused head loss
+    (head_loss with ce_weight), which runs the student's head once a chunk for both terms.
+    From a fresh build_student this is plain logit KD (recipe arm (c)); after Phase 2 and Phase 3's head fit it
+    is the optional phase that trains the whole student (arm (d)); with a SubLN student at T = 5 it is the
+    logit part of BitDistill's distillation stage (Wu et al., 2025, arm (e)). Only head_mode 'new' has a head
+    of its own. AdamW at cfg.logit_kd_lr (the embedding at lr * embed_lr_mult), warmup then cosine decay over
+    `steps` (default cfg.logit_kd_steps), clipping over every trainable weight, seed cfg.seed + 2 for batches.
+    checkpoint=True checkpoints every cfg.ckpt_every steps ("logit_kd") and resumes a run with the same
+    settings and the same starting weights; fresh=True ignores it. Returns {"step", "loss", "lr", "skipped"}.
+    Raises ConfigError for head_mode other than 'new', a batch larger than the cache, or an unwritable RUN_DIR;
+    the fault guard's errors (see train_superposition) for non-finite losses.
+    """
+    steps = cfg.logit_kd_steps if steps is None else steps
+    if model.cfg.head_mode != "new" or model.head is None:
+        raise ConfigError(f"logit KD trains the student's own head: head_mode={model.cfg.head_mode!r} has none; "
+                          "set HEAD_MODE = 'new'")
+    check_batch_size(cfg.batch_size * world().num_processes, cache.num_train, f"the {cache.num_train} cached blocks")
+    if checkpoint:
+        check_writable(cfg.run_dir, "RUN_DIR")
+    device = model.tok_embeddings.weight.device
+    history = {"step": [], "loss": [], "lr": [], "skipped": []}
+    if steps == 0:
+        return history
+    model.requires_grad_(True)
+    if model.teacher_head is not None:
+        model.teacher_head.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if not n.startswith(("projector.", "teacher_head."))]
+    names = [n for n in model.state_dict() if not n.startswith("teacher_head.")]
+    key = "logit_kd" if checkpoint else None
+    every = ("teacher_head.",)  # the digest skips only the frozen teacher head: this phase trains all the rest
+    signature = _logit_kd_signature(cfg, model, cache, steps, _frozen_digest(model, every)) if checkpoint else None
+    mark = getattr(model, "logit_kd_result", None)  # a finished run with these settings left these weights
+    if checkpoint and not fresh and mark is not None and mark["digest"] == signature["start"] and \
+            {**mark["signature"], "start": None} == {**signature, "start": None}:
+        print("logit KD: already done")
+        return mark["history"]
+    lr = cfg.logit_kd_lr
+    run = Phase("logit KD", model, params, cfg, lr=lr, steps=steps, warmup=min(cfg.warmup_steps, steps // 10),
+                seed=cfg.seed + 2, lr_fix=f"Lower LOGIT_KD_LR (now {lr})", history=history, key=key,
+                signature=signature, names=names, embedding=model.tok_embeddings.weight,
+                embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path)
+    history, policy = run.history, run.policy
+    teacher_head = _frozen_teacher_head(cache, device, policy.autocast)
+    alpha, temperature = cfg.logit_kd_alpha, cfg.logit_kd_temperature
+    model.train()
+    bar = run.bar("logit KD: whole student", progress)
+    for step in bar:
+        idx = run.batch(cache.num_train)
+        tokens = cache.tokens("train", idx).to(device)  # (B, T)
+        t_states = cache.states("train", idx)[:, :-1].to(device).flatten(0, 1)  # (B * (T-1), D): state t -> token t+1
+        lr_now = run.lr
+        with _cuda_oom_hint(), _autocast(policy):
+            h = model(tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim)
+            loss = head_loss(h, *model.head_weights(), policy, targets=tokens[:, 1:].flatten(),
+                             teacher_logits=_teacher_logits(teacher_head, t_states), temperature=temperature,
+                             ce_weight=alpha)
+        history["loss"].append(run.update(step, loss, t_states))  # the mean over the processes
+        history["step"].append(step)
+        history["lr"].append(lr_now)
+        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+        run.checkpoint(step + 1)
+    run.close()
+    model.eval()
+    model.phase2_result = None  # the body has moved: Phase 3 would no longer decode a finished Phase 2 student
+    if checkpoint and len(history["step"]) == steps:
+        model.logit_kd_result = {"signature": signature, "digest": _frozen_digest(model, every), "history": history}
     return history
 
 
@@ -1164,17 +1323,18 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
     Raises ConfigError, before anything is written, for an invalid gguf_qtype, a student the HF form cannot hold
     (export_hf's checks), or a destination in the way."""
     run_dir = Path(run_dir)
-    llama = student.cfg.head_mode != "teacher"
+    why = ("head_mode='teacher' has no Llama form (set HEAD_MODE = 'new')" if student.cfg.head_mode == "teacher" else
+           "a SubLN student (subln=True) has no Llama form" if student.cfg.subln else None)
+    llama = why is None
     if llama:
         check_export_settings(gguf_qtype=gguf_qtype)
         _check_hf_exportable(student, tokenizer)
-    paths = check_export_destinations(run_dir, student.cfg.head_mode)
+    paths = check_export_destinations(run_dir, student.cfg.head_mode if llama else "teacher")
     out = {"safetensors": save_pretrained(student, paths["safetensors"])}
     sizes = export_ternary(student, paths["ternary"])
     out["ternary"] = paths["ternary"]
     print(format_sizes(sizes))
     if not llama:
-        why = "head_mode='teacher' has no Llama form (set HEAD_MODE = 'new')"
         print(f"HF folder and GGUF skipped: {why}")
         for kind in ("hf", "gguf"):
             _remove_stale(run_dir / RUN_DIR_EXPORTS[kind], kind, f"this run writes no {kind.upper()} form ({why})")
@@ -1202,18 +1362,20 @@ def export_all(student: BitNetStudent, tokenizer, run_dir, cache: TeacherCache |
 def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
     """Ablation arm (c): the same student and head trained with next-token CE on the same tokens, no teacher.
     Same precision (precision_policy, GradScaler in fp16) and the same fused head loss as Phase 3 (head_loss):
-    the T-1 positions that have a target, inside the out-of-memory hint."""
+    the T-1 positions that have a target, inside the out-of-memory hint. cfg.compile compiles the student's
+    forward, as in Phase 2."""
     device = model.tok_embeddings.weight.device
     steps = cfg.superposition_steps + cfg.lm_head_steps  # the same number of optimiser steps as (a) and (b)
     run = Phase("ablation (direct CE)", model, model.parameters(), cfg, lr=cfg.lr, steps=steps,
                 warmup=cfg.warmup_steps, seed=cfg.seed, lr_fix=f"Lower LEARNING_RATE (now {cfg.lr})",
-                embedding=model.tok_embeddings.weight, embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay)
+                embedding=model.tok_embeddings.weight, embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay,
+                compiled=cfg.compile)
     losses = []
     model.train()
     for step in run.bar("ablation: direct CE", progress):
         tokens = cache.tokens("train", run.batch(cache.num_train)).to(device)  # (B, T)
         with _cuda_oom_hint(), _autocast(run.policy):
-            h = model(tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim): position t predicts token t+1
+            h = _forward(_states, cfg)(model, tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim): t predicts t+1
             loss = head_loss(h, *model.head_weights(), run.policy, targets=tokens[:, 1:].flatten())
         losses.append(run.update(step, loss))
     run.close()
@@ -1238,13 +1400,13 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
             m = evaluate(model, cache, precision=cfg.precision)["metrics"]
             arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
             del model  # before the next arm is built: one arm in memory at a time
-            _release_memory()
+            release_memory()
         model = build_student(wcfg, cache)
         train_direct_ce(model, cache, wcfg, progress=progress)
         m = evaluate(model, cache, precision=cfg.precision)["metrics"]
         arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
         del model
-        _release_memory()
+        release_memory()
         teacher_ce, base_cos = m["teacher_ce"], m["baseline_cosine"]
     result = {"arms": arms, "widths": widths, "baseline_cosine": base_cos, "teacher_ce": teacher_ce}
     result["verdict"] = ablation_verdict(result)

@@ -34,6 +34,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import spoonfeed_helpers as sf  # noqa: E402
+from spoonfeed.losses import mean_ce  # noqa: E402
 
 
 def ce_of_logits(logits: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -47,9 +48,7 @@ def hf_ce(path, cache) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokens = cache.tokens("val", np.arange(cache.num_val))
-    total = sum(sf.next_token_ce(model(tokens[i:i + 8]).logits.float(), tokens[i:i + 8], reduction="none").sum().item()
-                for i in range(0, len(tokens), 8))
-    return total / (len(tokens) * (cache.seq_len - 1))
+    return mean_ce(tokens, tokens, lambda ids: model(ids).logits, batch_size=8)  # the model reads the tokens
 
 
 def llamacpp_ce(path, cache) -> float | None:

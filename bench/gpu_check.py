@@ -23,7 +23,6 @@ so a run cut short keeps what it measured.
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -208,7 +207,7 @@ def main(argv=None):
                 ablation_steps=max(1, steps // 2), ablation_head_steps=max(1, steps // 4))
             with forced_t4(device) if name == "T4" else contextlib.nullcontext():
                 run_policy(name, cfg, teacher, device, watch, args)
-            sf._release_memory()
+            sf.release_memory()
     result["total_seconds"] = time.perf_counter() - t0
     out.write_text(json.dumps(result, indent=1))
     print(f"total {result['total_seconds']:.0f} s; figures in {out}")

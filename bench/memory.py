@@ -41,8 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spoonfeed_helpers as sf  # noqa: E402
+from spoonfeed.config import TEACHERS, RunConfig  # noqa: E402
 
-DEFAULTS = dict(vocab=151936, teacher_dim=1536, num_samples=500, val_samples=64, seq_len=128, student_dim=768,
+_, _TEACHER_DIM, _VOCAB = TEACHERS[RunConfig.teacher]  # the default teacher's (context, width, vocab)
+DEFAULTS = dict(vocab=_VOCAB, teacher_dim=_TEACHER_DIM, num_samples=500, val_samples=64, seq_len=128, student_dim=768,
                 student_layers=12, student_heads=12, batch_size=16)
 SMOKE = dict(vocab=512, teacher_dim=48, num_samples=16, val_samples=4, seq_len=16, student_dim=32,
              student_layers=2, student_heads=2, batch_size=4)

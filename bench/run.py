@@ -1,13 +1,16 @@
 """Spoon Feed against the original notebook, side by side in one run: speed, memory and quality.
 
     python bench/run.py                  # the full benchmark, about 20 minutes on 2 CPU cores
-    python bench/run.py --smoke          # seconds-to-minutes: every section at toy size (run by the tests)
-    python bench/run.py --only quality   # one or more sections: peak,phase1,phase2,phase3,generate,rss,quality
+    python bench/run.py --smoke          # seconds-to-minutes: every section at toy size (run by the tests); the
+                                         # compiled rows through aot_eager, not inductor's C++ kernels
+    python bench/run.py --only quality   # one or more sections: peak,phase1,phase2,speed,phase3,generate,rss,quality
     python bench/run.py --precision fp32 # (b) in float32 (default: auto, bf16 on a CPU with native bf16 matmul)
 
 (a) is bench/original.py, the original notebook's loops re-implemented as the baseline; (b) is
 spoonfeed_helpers, run at --precision (the PRECISION setting; (a) is always float32, as the original ran).
-Every speed figure is a ratio (b)/(a) measured in this process on this machine.
+Every speed figure is a ratio (b)/(a) measured in this process on this machine. With the speed section, the
+Phase 2 and generation sections also time (b) with EMBEDDING_UPDATE = "lazy" and with COMPILE (torch.compile, compiled from an empty
+inductor cache; the first step or call, which compiles, is its own row).
 Results go to stdout as one markdown table, and to --out as JSON.
 """
 
@@ -31,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import spoonfeed_helpers as sf  # noqa: E402
 from bench import original as orig  # noqa: E402
 
-SECTIONS = ("peak", "phase1", "phase2", "phase3", "generate", "rss", "quality")
+SECTIONS = ("peak", "phase1", "phase2", "speed", "phase3", "generate", "rss", "quality")  # speed: issue 28's rows
 
 # the budget of the quality comparison (training issue): 512 x 128 tokens, student 256x4x4, batch 8, 300 + 150
 FULL = dict(n_phase1=48, dim=256, layers=4, heads=4, seq=128, batch=8, steps=10, head_steps=10, gen_tokens=128,
@@ -39,6 +42,7 @@ FULL = dict(n_phase1=48, dim=256, layers=4, heads=4, seq=128, batch=8, steps=10,
 SMOKE = dict(n_phase1=4, dim=32, layers=2, heads=2, seq=32, batch=2, steps=2, head_steps=2, gen_tokens=8,
              rss_n=8, rss_steps=2, matmul=256)
 PRECISION = "auto"  # --precision: what (b) computes in
+SPEED = True  # the "speed" section: Phase 2 and generation with EMBEDDING_UPDATE = "lazy" and COMPILE
 
 ROWS = []
 
@@ -162,6 +166,8 @@ def bench_phase2(p, peak, head_weight, vocab, teacher_dim):
     if policy.autocast == torch.bfloat16:
         row("Phase 2 share of bf16 matmul peak", B * T * flops / ta / 1e9 / peak["bf16"],
             B * T * flops / tb / 1e9 / peak["bf16"])
+    if SPEED:
+        phase2_variants(p, b, params, tokens, target, cfg, policy, B * T / ta, tb)
     head = torch.nn.Linear(teacher_dim, vocab, bias=False).requires_grad_(False)
     head.weight.data.copy_(head_weight)
     for kd_tokens, label in ((128, "128 positions a batch"), (0, "every position")):
@@ -170,6 +176,56 @@ def bench_phase2(p, peak, head_weight, vocab, teacher_dim):
                    p["steps"])
         row(f"Phase 2 step time with logit KD on {label}, vs cosine only", tb, tk, unit="s",
             note="(a) is the cosine-only step here: the ratio is KD's extra cost")
+
+
+def phase2_variants(p, b, params, tokens, target, cfg, policy, tok_a, tb):
+    """Phase 2 steps with the lazy embedding update (EMBEDDING_UPDATE) and torch.compile (COMPILE), each next to
+    today's (b) step in this run. A compiled variant's first step (the compile, forward and backward) is timed
+    apart from its steady steps. The embedding gets its own AdamW group here, as in train_superposition."""
+    from spoonfeed import compile as sf_compile
+
+    B, T = tokens.shape
+
+    def variant(lazy, compile):
+        b.tok_embeddings.sparse = lazy  # what Phase does for EMBEDDING_UPDATE = "lazy"
+        opt = sf._adamw(params, 1e-3, 0.0, b.tok_embeddings.weight, 1.0, lazy=lazy)
+        vcfg = dataclasses.replace(cfg, compile=compile)
+        step = lambda: sf.superposition_step(b, opt, params, tokens, target, vcfg, None, None, policy)  # noqa: E731
+        sf_compile.reset()
+        t = time.perf_counter()
+        step()
+        first = time.perf_counter() - t
+        dt = timed(step, p["steps"])
+        b.tok_embeddings.sparse = False
+        return first, dt
+
+    dense = variant(False, False)
+    for lazy, compile, label in ((True, False, "lazy embedding update"), (False, True, "compiled (COMPILE)"),
+                                 (True, True, "compiled + lazy embedding update")):
+        first, dt = variant(lazy, compile)
+        row(f"Phase 2 training tokens/s, {label}", tok_a, B * T / dt, 3.0 if compile and lazy else None, "tok/s",
+            note=f"today's (b) {B * T / tb:.0f} tok/s in this run; {dt / dense[1]:.2f}x its step time with "
+                 "the embedding in its own group")
+        if compile:
+            row(f"Phase 2 first step with {label}, vs an eager step", dense[1], first, unit="s",
+                note="(a) is today's eager (b) step here: the ratio is the compile's cost in steps")
+    update_rows(p, b)
+
+
+def update_rows(p, b):
+    """The embedding's part of a step alone: the lookup's backward, clipping and AdamW on the embedding, dense
+    (today's) against lazy, with a batch's worth of token ids."""
+    B, T = p["batch"], p["seq"]
+    tokens = torch.randint(0, b.cfg.vocab_size, (B, T))
+    times = {}
+    for lazy in (False, True):
+        emb = torch.nn.Embedding(b.cfg.vocab_size, b.cfg.dim, sparse=lazy)
+        opt = sf._adamw([emb.weight], 1e-3, 0.0, emb.weight, 100.0, lazy=lazy)
+        grad = torch.randn(B, T, b.cfg.dim)
+        times[lazy] = timed(lambda: sf.optimizer_step((emb(tokens) * grad).sum(), opt, [emb.weight], 1.0), p["steps"])
+    row(f"Embedding update alone ({b.cfg.vocab_size} x {b.cfg.dim}, {B} x {T} tokens): lazy vs today's dense AdamW",
+        times[False] * 1e3, times[True] * 1e3, unit="ms", higher_is_better=False,
+        note="(a) is today's dense update here; backward of the lookup, clipping and the step")
 
 
 def bench_phase3(p, cache, vocab, teacher_dim):
@@ -204,12 +260,29 @@ def bench_generate(p, vocab, teacher_dim, tok):
     ta = timed(lambda: orig.generate_original(a, prompt, n, temperature=0))
     tb = timed(lambda: sf.generate(b, prompt, n, temperature=0, precision=PRECISION))
     row(f"Generation tokens/s ({n} new tokens, one prompt)", n / ta, n / tb, unit="tok/s")
+    if SPEED:
+        generate_compiled(b, prompt, n, ta, tb)
     ta3 = timed(lambda: [orig.generate_original(a, torch.tensor([q]), n, temperature=0) for q in prompts])
     ids, mask = sf.left_pad(prompts)
     tb3 = timed(lambda: sf.generate(b, ids, n, temperature=0, precision=PRECISION, attention_mask=mask))
     k = len(prompts)
     row(f"Generation tokens/s, the original's {k} prompts x {n} new tokens ((a) one at a time, as its notebook; "
         f"(b) one batch, as generate_text)", k * n / ta3, k * n / tb3, 10.0, "tok/s")
+
+
+def generate_compiled(b, prompt, n, ta, tb):
+    """One prompt through the compiled decode step (COMPILE), its first call (the compile) apart."""
+    from spoonfeed import compile as sf_compile
+
+    sf_compile.reset()
+    t = time.perf_counter()
+    sf.generate(b, prompt, n, temperature=0, precision=PRECISION, compile=True)
+    first = time.perf_counter() - t
+    tbc = timed(lambda: sf.generate(b, prompt, n, temperature=0, precision=PRECISION, compile=True))
+    row(f"Generation tokens/s ({n} new tokens, one prompt), compiled decode step (COMPILE)", n / ta, n / tbc, 10.0,
+        "tok/s", note=f"eager (b) {n / tb:.0f} tok/s in this run")
+    row(f"Generation: the first compiled call ({n} new tokens, compile included), vs an eager call", tb, first,
+        unit="s", note="(a) is the eager (b) call here: the ratio is the compile's cost in calls")
 
 
 # --- memory -----------------------------------------------------------------------------------------------
@@ -376,9 +449,15 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}: choose from {','.join(SECTIONS)}")
     p = SMOKE if args.smoke else FULL
+    from spoonfeed import compile as sf_compile
+
+    if args.smoke:  # the compiled rows' code runs, captured by TorchDynamo but without inductor's C++ compile
+        sf_compile.BACKEND = "aot_eager"
+    else:  # compile times from an empty cache, as a first run sees them (inductor caches its kernels on disk)
+        torch._inductor.config.force_disable_caches = True
     ROWS.clear()
-    global PRECISION
-    PRECISION = args.precision
+    global PRECISION, SPEED
+    PRECISION, SPEED = args.precision, "speed" in sections
     policy = sf.precision_policy("cpu", PRECISION)
     print(f"(b) computes in {policy.name}: {policy.reason}", flush=True)
     peak = {"fp32": matmul_peak(p["matmul"]), "bf16": matmul_peak(p["matmul"], torch.bfloat16)}
@@ -388,7 +467,9 @@ def main(argv=None):
             ROWS.append(dict(figure=f"{dtype} matmul peak ({p['matmul']}x{p['matmul']})", original=peak[dtype],
                              spoonfeed=peak[dtype], ratio=float("nan"), target=None, met="", unit="GFLOP/s",
                              note=""))
-    teacher, tok = sf.load_teacher(sf.BUNDLED_TEACHER, device="cpu", precision="fp32")  # (a)'s, as the original
+    if "fp32" not in _OURS:  # loaded once a process (the tests run main() several times)
+        _OURS["fp32"] = sf.load_teacher(sf.BUNDLED_TEACHER, device="cpu", precision="fp32")
+    teacher, tok = _OURS["fp32"]  # (a)'s, as the original
     vocab, teacher_dim = teacher.config.vocab_size, teacher.config.hidden_size
     head_weight = teacher.get_output_embeddings().weight.detach()
     with tempfile.TemporaryDirectory() as d:

@@ -7,7 +7,7 @@ more keyword arguments, which papermill hands on to nbclient's NotebookClient, a
 variables. What they add:
 - each cell's `# @title` line as the cell starts, with the seconds since the start (nbclient's `on_cell_start`);
 - the kernel's stdout and stderr copied to the terminal as they arrive (papermill's `stdout_file`/`stderr_file`);
-- the phase bars as text bars on stderr (SPOONFEED_PROGRESS=text, see `spoonfeed_helpers.progress_bar`): a
+- the phase bars as text bars on stderr (SPOONFEED_PROGRESS=text, see `spoonfeed.plots.progress_bar`): a
   headless kernel has no front end to draw a widget, so a widget bar would never reach the terminal;
 - each cell's stream output merged into one in the saved notebook (nbclient's `coalesce_streams`);
 - a failing cell named by its title, with its traceback, and exit status 1 (papermill's own message is a

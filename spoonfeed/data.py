@@ -1,7 +1,8 @@
-"""Reading text (local files, saved datasets, the Hub, the stdlib corpus) and packing it into token blocks."""
+"""Reading text: local files, saved datasets, the Hub and the stdlib corpus, and the data report."""
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob as globlib
 import hashlib
@@ -11,10 +12,9 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .config import STDLIB_CORPUS
 from .errors import ConfigError
+from .sources import data_fingerprint, is_local_dataset, LOCAL_FORMATS, local_data_files  # noqa: F401
 
 TEXT_FIELDS = ("text", "instruction", "messages", "conversations")  # what TEXT_FIELD="auto" looks for, in order
 
@@ -34,21 +34,6 @@ CHARS_PER_TOKEN = 3  # a low estimate: a .txt document of MAX_DOC_BLOCKS * seq_l
 FIELD_CHECK_RECORDS = 1000  # after this many records with no usable field, TEXT_FIELD is wrong: stop and say so
 
 
-# local file suffix -> the `datasets` packaged builder that reads it, and its config
-LOCAL_FORMATS = {
-    ".txt": ("text", {"sample_by": "paragraph", "encoding_errors": "replace"}),  # paragraphs, regrouped below
-    ".md": ("text", {"sample_by": "document", "encoding_errors": "replace"}),  # a whole file is one document
-    ".py": ("text", {"sample_by": "document", "encoding_errors": "replace"}),
-    ".json": ("json", {}),  # JSON Lines, or one JSON array of objects
-    ".jsonl": ("json", {}),
-    ".csv": ("csv", {}),
-    ".parquet": ("parquet", {}),
-}
-
-
-_DOCUMENT_SUFFIXES = (".py", ".md")  # source files: an empty one (an empty __init__.py) is normal, not an error
-
-
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
           "bot": "assistant", "system": "system", "tool": "tool"}
 
@@ -64,6 +49,10 @@ class DataReport:
     files: int = 0  # local files that make up the source
     files_read: int = 0  # of which reading reached this many (it stops once the blocks are full)
     ignored: list = dataclasses.field(default_factory=list)  # files in a folder/glob with no supported suffix
+    left_out: list = dataclasses.field(default_factory=list)  # [path, why]: link loops, second ways in, broken links
+    links: list = dataclasses.field(default_factory=list)  # [path, target] of the links followed
+    encoding: str = "utf-8"  # what local text files were decoded with (ENCODING)
+    undecodable: dict = dataclasses.field(default_factory=dict)  # path -> bytes not valid in `encoding` (replaced)
     records: int = 0  # records (rows, paragraphs, files) read
     documents: int = 0  # texts handed to the packer
     chat_rendered: str = ""  # "the tokenizer's chat template" or "plain (the tokenizer has no chat template)"
@@ -75,6 +64,8 @@ class DataReport:
     train_blocks: int = 0
     val_blocks: int = 0
     seq_len: int = 0
+    long_documents: int = 0  # documents longer than the per-document cap, continued when the documents ran out
+    pieces: int = 0  # pieces of those continuations that were packed (each a disjoint region of its document)
 
     def skip(self, reason: str, where: str) -> None:
         count = self.skipped.setdefault(reason, [0, where])
@@ -166,10 +157,16 @@ def record_text(item: dict, text_field: str = "auto", tokenizer=None) -> str | N
     return _record_text(item, text_field, tokenizer)[0]
 
 
-def _texts_from_records(records, where, report: DataReport, text_field: str, tokenizer):
-    """Texts from (index, record) pairs; where(index) names a record in errors and in the report.
+DUPLICATE = "the same text as an earlier document"  # the data report's reason for a dropped duplicate
+
+
+def _texts_from_records(records, where, report: DataReport, text_field: str, tokenizer, given: set | None = None):
+    """Texts from (index, record) pairs; where(index) names a record in errors and in the report. A text whose
+    content (stripped) was already given is dropped and counted as skipped (DUPLICATE), so that no text lands in
+    both training and held-out; `given` holds the digests of the texts given so far (shared across files).
     Raises ConfigError for a record that is not an object, and when FIELD_CHECK_RECORDS records hold no
     usable field (the message lists the fields they do have)."""
+    given = set() if given is None else given
     wanted = TEXT_FIELDS if text_field == "auto" else (text_field,)
     seen = dict.fromkeys(report.fields)
     for i, item in records:
@@ -181,9 +178,14 @@ def _texts_from_records(records, where, report: DataReport, text_field: str, tok
         if any(not _missing(item.get(k)) for k in wanted):
             report.has_field += 1
         text, why = _record_text(item, text_field, tokenizer)
+        digest = None if text is None else hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"),
+                                                           digest_size=16).digest()
+        if digest in given:
+            text, why = None, DUPLICATE
         if text is None:
             report.skip(why, where(i))
         else:
+            given.add(digest)
             if any(isinstance(item.get(k), (list, tuple)) for k in wanted) and not report.chat_rendered:
                 report.chat_rendered = ("the tokenizer's chat template" if getattr(tokenizer, "chat_template", None)
                                         else "plain text (the tokenizer has no chat template)")
@@ -203,113 +205,71 @@ def _no_field_error(report: DataReport):
                       "that holds the text")
 
 
-def _split_text(text: str, max_chars: int) -> list[str]:
-    """Cut a long text into consecutive, disjoint pieces of at most max_chars: at a line end, else at a
-    space, else anywhere."""
-    pieces = []
-    while len(text) > max_chars:
-        cut = text.rfind("\n", 0, max_chars + 1)
-        if cut <= max_chars // 2:
-            cut = text.rfind(" ", 0, max_chars + 1)
-        if cut <= max_chars // 2:
-            cut = max_chars
-        pieces.append(text[:cut])
-        text = text[cut:].lstrip()
-    return pieces + [text] if text else pieces
+def _split_text(text: str, max_chars: int):
+    """Consecutive, disjoint pieces of a text, each of at most max_chars: cut at a line end, else at a space, else
+    anywhere; the whitespace at a cut is dropped. Linear in len(text): each cut looks at one window."""
+    start, n = 0, len(text)
+    while n - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind("\n", start, end + 1)
+        if cut <= start + max_chars // 2:
+            cut = text.rfind(" ", start, end + 1)
+        if cut <= start + max_chars // 2:
+            cut = end
+        yield text[start:cut]
+        start = cut
+        while start < n and text[start].isspace():
+            start += 1
+    if start < n:
+        yield text[start:]
 
 
-def _paragraph_documents(paragraphs, max_chars: int):
-    """(index, document) pairs from (index, {"text": paragraph}) pairs of one .txt file: consecutive
-    paragraphs joined by a blank line into documents of at most max_chars characters; a longer paragraph
-    (a file with no blank lines) is cut into chunks at line ends. The documents are disjoint regions."""
-    buf, size, first = [], 0, 0
-    for i, row in paragraphs:
-        for piece in _split_text(row["text"].strip(), max_chars):
-            if buf and size + len(piece) > max_chars:
-                yield first, {"text": "\n\n".join(buf)}
-                buf, size = [], 0
-            if not buf:
-                first = i
-            buf.append(piece)
-            size += len(piece) + 2
-    if buf:
-        yield first, {"text": "\n\n".join(buf)}
+def _text_documents(lines, max_chars: int):
+    """(line index, {"text": document}) pairs from the (line index, {"text": line}) pairs of one .txt file, as
+    they stream: paragraphs (lines between blank lines) joined by a blank line into documents of at most
+    max_chars characters. A longer paragraph is cut at line ends, a longer line at a space. The documents are
+    consecutive, disjoint regions of the file, and the first is ready once its text is read: the work is linear
+    in the file's length, blank lines or none."""
+    doc, doc_len, doc_first = [], 0, 0  # whole paragraphs of the document being built
+    para, para_len, para_first = [], -1, 0  # lines of the paragraph being read (para_len counts the "\n"s)
 
+    def end_paragraph():  # -> the document it completes, or None
+        nonlocal doc, doc_len, doc_first, para, para_len
+        done = None
+        if para:
+            text = "\n".join(para)
+            if doc and doc_len + 2 + len(text) > max_chars:
+                done, doc = (doc_first, {"text": "\n\n".join(doc)}), []
+            if not doc:
+                doc_first, doc_len = para_first, -2
+            doc.append(text)
+            doc_len += 2 + len(text)
+        para, para_len = [], -1
+        return done
 
-def _is_saved_dataset(path) -> bool:
-    """A folder written by Dataset.save_to_disk (state.json) or DatasetDict.save_to_disk (dataset_dict.json)."""
-    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
-
-
-def _stdlib_files() -> list[str]:
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-
-
-def is_local_dataset(source: str) -> bool:
-    """True for the stdlib corpus and for an existing local file, folder or glob; False for a Hub id."""
-    path = os.path.expanduser(source)
-    return source == STDLIB_CORPUS or os.path.exists(path) or bool(globlib.glob(path, recursive=True))
-
-
-def local_data_files(source: str) -> tuple[list[str], list[str]]:
-    """(files to read, files ignored) for a local source, in reading order (sorted; the stdlib unshuffled).
-
-    A file must have a supported suffix (LOCAL_FORMATS); a folder or glob skips the others, and they are
-    listed as ignored. Hidden files and folders are left out. A folder written by save_to_disk is one entry.
-    Raises ConfigError for an unsupported single file, a folder or glob with no supported file, and an empty
-    data file (an empty .py/.md is read, and skipped as too short).
-    """
-    if source == STDLIB_CORPUS:
-        return _stdlib_files(), []
-    path = os.path.expanduser(source)
-    supported = ", ".join(LOCAL_FORMATS)
-    if os.path.isfile(path):
-        if Path(path).suffix.lower() not in LOCAL_FORMATS:
-            raise ConfigError(f"{path}: unsupported suffix {Path(path).suffix or '(none)'!r}. DATASET takes {supported} "
-                              "files, a folder or glob of them, or a folder written by Dataset.save_to_disk")
-        candidates = [path]
-    elif os.path.isdir(path) and _is_saved_dataset(path):
-        return [path], []
-    else:
-        root = Path(path) if os.path.isdir(path) else None
-        found = root.rglob("*") if root else map(Path, globlib.glob(path, recursive=True))
-        candidates = sorted(str(p) for p in found if p.is_file() and not any(
-            part.startswith(".") for part in (p.relative_to(root) if root else p).parts))
-    files = [f for f in candidates if Path(f).suffix.lower() in LOCAL_FORMATS]
-    ignored = [f for f in candidates if f not in set(files)]
-    if not files:
-        suffixes = sorted({Path(f).suffix or "(none)" for f in ignored})
-        raise ConfigError(f"{source} holds no {supported} file" + (f" (it has {', '.join(suffixes)})" if suffixes else
-                          " (it is empty)") + ": point DATASET at your data files")
-    empty = [f for f in files if os.path.getsize(f) == 0 and Path(f).suffix.lower() not in _DOCUMENT_SUFFIXES]
-    if empty and os.path.isfile(path):  # the one file DATASET names
-        raise ConfigError(f"{empty[0]} is empty: fill it, or point DATASET at another file")
-    files = [f for f in files if f not in set(empty)]  # in a folder or glob an empty data file is passed over
-    if not files:
-        raise ConfigError(f"{source} holds only empty data files ({', '.join(empty[:3])}): fill them, or point "
-                          "DATASET at your data")
-    return files, ignored
-
-
-def data_fingerprint(source: str) -> dict | None:
-    """What the local files of a dataset hold, for the Phase 1 cache key: {"files": n, "bytes": total size,
-    "digest": hash of every file's path, size and modification time (ns)}, with "listing" {path: [size,
-    mtime_ns]} for saying what changed. Editing, adding or removing a file changes the digest. None for a Hub
-    dataset. Raises ConfigError as local_data_files does."""
-    if not is_local_dataset(source):
-        return None
-    files, _ = local_data_files(source)
-    if len(files) == 1 and os.path.isdir(files[0]):  # save_to_disk folder: every file in it
-        files = sorted(str(p) for p in Path(files[0]).rglob("*") if p.is_file())
-    listing = {}
-    for f in files:
-        st = os.stat(f)
-        listing[f] = [st.st_size, st.st_mtime_ns]
-    digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
-    return {"files": len(listing), "bytes": sum(v[0] for v in listing.values()), "digest": digest, "listing": listing}
+    for i, row in lines:
+        line = row["text"]
+        if not line.strip():
+            done = end_paragraph()
+            if done:
+                yield done
+            continue
+        for piece in _split_text(line.rstrip() if para else line.strip(), max_chars):
+            if para and para_len + 1 + len(piece) > max_chars:  # a long paragraph: what fits is a document
+                if doc:
+                    yield doc_first, {"text": "\n\n".join(doc)}
+                    doc = []
+                yield para_first, {"text": "\n".join(para)}
+                para, para_len = [], -1
+            if not para:
+                para_first = i
+            para.append(piece)
+            para_len += 1 + len(piece)
+    done = end_paragraph()
+    if done:
+        yield done
+    if doc:
+        yield doc_first, {"text": "\n\n".join(doc)}
 
 
 class _quiet_datasets:
@@ -330,21 +290,26 @@ def _describe_json_value(value) -> str:
     return f"{type(value).__name__ if value is not None else 'null'} {json.dumps(value)[:40]}"
 
 
-def _json_problem(path: str) -> str | None:
+def _is_json_array(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _json_problem(path: str, encoding: str = "utf-8") -> str | None:
     """Where a .json/.jsonl file stops being JSON objects: "line 4 is not valid JSON (...)", "line 2 is null
     null, not an object ...", "record index 1 is str ...", or None when every record is an object."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding=encoding, errors="replace") as f:
         is_array = f.read(4096).lstrip().startswith("[")
     if is_array:  # one JSON array
         try:
-            rows = json.loads(Path(path).read_text(encoding="utf-8", errors="replace"))
+            rows = json.loads(Path(path).read_text(encoding=encoding, errors="replace"))
         except json.JSONDecodeError as e:
             return f"line {e.lineno} column {e.colno} is not valid JSON ({e.msg})"
         for i, row in enumerate(rows if isinstance(rows, list) else []):
             if not isinstance(row, dict):
                 return f"record index {i} is {_describe_json_value(row)}, not an object with a text field"
         return None
-    with open(path, encoding="utf-8", errors="replace") as f:  # JSON Lines, read a line at a time
+    with open(path, encoding=encoding, errors="replace") as f:  # JSON Lines, read a line at a time
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -360,38 +325,84 @@ def _json_problem(path: str) -> str | None:
 _DATA_FIX = "fix or remove it, or leave the file out of DATASET"
 
 
-def _data_error(path: str, builder: str, err: Exception) -> ConfigError:
-    """One ConfigError that names the file and the line (or record index) a builder's error came from."""
+def _decode_problem(path: str, encoding: str) -> str | None:
+    """Where a file stops being text in `encoding`: "byte 1,204 (0xe9) is not valid utf-8", or None."""
+    decoder, offset = codecs.getincrementaldecoder(encoding)(), 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            held = len(decoder.getstate()[0])  # bytes of a sequence the last chunk left unfinished
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                return f"byte {offset - held + e.start:,} (0x{e.object[e.start]:02x}) is not valid {encoding}"
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _data_error(path: str, builder: str, err: Exception, encoding: str = "utf-8") -> ConfigError:
+    """One ConfigError that names the file and the line (or record index) a builder's error came from; for bytes
+    that are not text in `encoding`, the byte and the ENCODING setting."""
     if isinstance(err, OSError):
         return ConfigError(f"{path} cannot be read ({err.strerror or err}): {_DATA_FIX}")
-    problem = _json_problem(path) if builder == "json" else None
+    problem = _decode_problem(path, encoding) if builder != "parquet" else None
+    if problem:
+        return ConfigError(f"{path}: {problem}: set ENCODING to the file's encoding (now {encoding!r}; for example "
+                           "'cp1252' or 'latin-1'), or save the file as UTF-8")
+    if builder == "json" and encoding.replace("_", "-").lower() not in ("utf-8", "utf8") and _is_json_array(path):
+        return ConfigError(f"{path}: a JSON array file must be UTF-8 (datasets' json reader parses an array before "
+                           f"ENCODING={encoding!r} applies): save it as UTF-8, or as JSON Lines (.jsonl, which "
+                           "ENCODING reads)")
+    problem = _json_problem(path, encoding) if builder == "json" else None
     if problem:
         return ConfigError(f"{path}: {problem}: {_DATA_FIX}")
     what = {"json": "JSON or JSON Lines", "csv": "CSV", "parquet": "Parquet", "text": "text"}[builder]
     return ConfigError(f"{path}: not a valid {what} file ({type(err).__name__}: {str(err).strip()[:200]}): {_DATA_FIX}")
 
 
-def _file_records(path: str, work_dir: str):
+_UNDECODABLE = [0]  # bytes the "spoonfeed.replace" error handler has replaced so far, in this process
+
+
+def _replace_and_count(err: UnicodeError):
+    """codecs error handler: what errors="replace" does on decoding (U+FFFD for each undecodable sequence), and
+    count the bytes, so that the data report can say which text files held how many."""
+    if not isinstance(err, UnicodeDecodeError):
+        raise err
+    _UNDECODABLE[0] += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("spoonfeed.replace", _replace_and_count)
+
+
+def _file_records(path: str, work_dir: str, encoding: str = "utf-8"):
     """(index, record) pairs of one local file, read lazily by the `datasets` packaged builder for its suffix
-    (streaming: no Arrow copy of the data is written; the builder's lock files go to work_dir)."""
+    (streaming: no Arrow copy of the data is written; the builder's lock files go to work_dir). The path is
+    escaped (glob.escape): `datasets` globs its data_files, and a name with [, ], * or ? would match others.
+    Text files are decoded with `encoding`, undecodable bytes replaced and counted (_UNDECODABLE); JSON and CSV
+    files with `encoding`, strictly."""
     from datasets import load_dataset
 
     builder, kw = LOCAL_FORMATS[Path(path).suffix.lower()]
+    if builder in ("text", "json", "csv"):
+        kw = {**kw, "encoding": encoding, **({"encoding_errors": "spoonfeed.replace"} if builder == "text" else {})}
     try:
         with _quiet_datasets():
-            ds = load_dataset(builder, data_files=[path], split="train", streaming=True, cache_dir=work_dir, **kw)
+            ds = load_dataset(builder, data_files=[globlib.escape(path)], split="train", streaming=True,
+                              cache_dir=work_dir, **kw)
             checked = builder != "json"
             for i, item in enumerate(ds):
                 if not checked and all(v is None for v in item.values()):
                     checked = True  # the json builder reads a `null` line as a record of Nones: find the line
-                    problem = _json_problem(path)
+                    problem = _json_problem(path, encoding)
                     if problem:
                         raise ConfigError(f"{path}: {problem}: {_DATA_FIX}")
                 yield i, item
     except ConfigError:
         raise
     except Exception as e:  # ArrowInvalid, pandas ParserError, UnicodeDecodeError, OSError ... one clear error
-        raise _data_error(path, builder, e) from e
+        raise _data_error(path, builder, e, encoding) from e
 
 
 def _saved_records(path: str, report: DataReport):
@@ -406,18 +417,23 @@ def _saved_records(path: str, report: DataReport):
 
 
 def iter_texts(source: str, seed: int = 0, text_field: str = "auto", tokenizer=None, report: DataReport | None = None,
-               max_chars: int = MAX_DOC_BLOCKS * 128 * CHARS_PER_TOKEN, work_dir: str | None = None):
+               max_chars: int = MAX_DOC_BLOCKS * 128 * CHARS_PER_TOKEN, work_dir: str | None = None,
+               encoding: str = "utf-8"):
     """Documents (str) from a dataset, read lazily: the caller stops once it has enough.
 
     - `stdlib`: the Python standard library's .py files, one document each, in a fixed shuffled order (seed).
-    - A local file, folder or glob, through the `datasets` packaged builders (LOCAL_FORMATS): .txt (split at
-      blank lines into documents of at most max_chars characters, chunked at line ends when it has none), .py
-      and .md (whole documents), .json/.jsonl (JSON Lines or a JSON array), .csv and .parquet; a folder
-      written by save_to_disk (load_from_disk).
+    - A local file, folder (links followed, loops guarded) or glob (local_data_files; a path that exists is
+      literal, glob characters and all), through the `datasets` packaged builders (LOCAL_FORMATS): .txt (read a
+      line at a time and grouped at blank lines into documents of at most max_chars characters as it streams:
+      _text_documents), .py and .md (whole documents), .json/.jsonl (JSON Lines or a JSON array), .csv and
+      .parquet; a folder written by save_to_disk (load_from_disk). Local text is decoded with `encoding`
+      (ENCODING; the stdlib is UTF-8): a text file's undecodable bytes are replaced (U+FFFD) and counted in
+      report.undecodable; a JSON or CSV file that is not valid in it is a ConfigError naming ENCODING.
     - Anything else: a Hub dataset, streamed.
-    Records become text by record_text's rules (text_field, the tokenizer's chat template). `report`
-    (a DataReport) is filled as reading goes. work_dir holds the builders' lock files while reading (a
-    temporary folder inside it, removed after); None: the system's temporary folder.
+    Records become text by record_text's rules (text_field, the tokenizer's chat template). A text whose
+    content was already given is dropped (counted in the report as DUPLICATE). `report` (a DataReport) is
+    filled as reading goes. work_dir holds the builders' lock files while reading (a temporary folder inside
+    it, removed after); None: the system's temporary folder.
     Raises ConfigError (naming the file and line, or the record index) for an unsupported or empty file, a
     malformed record, a record that is not an object, and a source where no record has the wanted field.
     """
@@ -428,9 +444,11 @@ def iter_texts(source: str, seed: int = 0, text_field: str = "auto", tokenizer=N
         report.reader = "Hub dataset, streamed"
         yield from _iter_hub_texts(source, report, text_field, tokenizer)
         return
-    files, report.ignored = local_data_files(source)
+    files, report.ignored, report.left_out, report.links = local_data_files(source)
     if source == STDLIB_CORPUS:
         random.Random(seed).shuffle(files)  # a fixed, varied order: not 500 blocks of one package
+        encoding = "utf-8"  # Python source is UTF-8 (PEP 3120)
+    report.encoding = encoding
     report.files = len(files)
     if len(files) == 1 and os.path.isdir(files[0]):
         report.reader = "a save_to_disk folder, via datasets.load_from_disk"
@@ -440,24 +458,25 @@ def iter_texts(source: str, seed: int = 0, text_field: str = "auto", tokenizer=N
     if work_dir:
         os.makedirs(work_dir, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="spoonfeed-datasets-", dir=work_dir)
+    seen = set()  # digests of the texts given so far: a duplicate is dropped, whichever file it is in
     try:
         for path in files:
             report.files_read += 1
-            if os.path.isdir(path):
-                records = _saved_records(path, report)
-                fmt = None
-            else:
-                records = _file_records(path, tmp.name)
-                fmt = LOCAL_FORMATS[Path(path).suffix.lower()]
-            if fmt and fmt[0] == "text":  # a text file's documents are its text, whatever TEXT_FIELD says
-                kind = "paragraph" if fmt[1]["sample_by"] == "paragraph" else "document"
-                if kind == "paragraph":
-                    records = _paragraph_documents(records, max_chars)
-                where = (lambda i, p=path: f"{p} paragraph index {i}") if kind == "paragraph" else (lambda i, p=path: p)
-                yield from _texts_from_records(records, where, report, "text", tokenizer)
-            else:
-                yield from _texts_from_records(records, lambda i, p=path: f"{p} record index {i}", report,
-                                               text_field, tokenizer)
+            fmt, before = None if os.path.isdir(path) else LOCAL_FORMATS[Path(path).suffix.lower()], _UNDECODABLE[0]
+            records = _saved_records(path, report) if fmt is None else _file_records(path, tmp.name, encoding)
+            try:
+                if fmt and fmt[0] == "text":  # a text file's documents are its text, whatever TEXT_FIELD says
+                    lines = fmt[1]["sample_by"] == "line"
+                    if lines:
+                        records = _text_documents(records, max_chars)
+                    where = (lambda i, p=path: f"{p} line {i + 1}") if lines else (lambda i, p=path: p)
+                    yield from _texts_from_records(records, where, report, "text", tokenizer, seen)
+                else:
+                    yield from _texts_from_records(records, lambda i, p=path: f"{p} record index {i}", report,
+                                                   text_field, tokenizer, seen)
+            finally:  # also when the caller stops reading half-way through this file
+                if _UNDECODABLE[0] > before:
+                    report.undecodable[path] = _UNDECODABLE[0] - before
         report.exhausted = True
         if report.records == 0:
             raise ConfigError(f"{source} holds no records: point DATASET at a file or folder with text")
@@ -476,87 +495,67 @@ def _iter_hub_texts(name: str, report: DataReport, text_field: str = "auto", tok
         raise ConfigError(f"could not open dataset {name!r} ({type(e).__name__}: {str(e)[:200]}). Offline, use "
                           f"DATASET = {STDLIB_CORPUS!r} or a local file or folder ({', '.join(LOCAL_FORMATS)})") from e
     yield from _texts_from_records(enumerate(stream), lambda i: f"{name} record index {i}", report, text_field,
-                                   tokenizer)
+                                   tokenizer, set())
     report.exhausted = True
     if report.records and report.has_field == 0:
         _no_field_error(report)
 
 
-def pack_blocks(texts, tokenizer, seq_len: int, num_train: int, num_val: int, val_every: int = 10,
-                max_doc_blocks: int = MAX_DOC_BLOCKS, report: DataReport | None = None):
-    """Tokenize documents, join them with EOS and cut full blocks of seq_len tokens: no padding anywhere.
-
-    Every val_every-th document goes to the held-out stream (until it is full), so train and held-out
-    blocks never share a document. A document contributes at most max_doc_blocks blocks, for variety.
-    Returns (train (N, T) int32, val (M, T) int32, indices of the held-out documents). `report` (a
-    DataReport) gets the token and block counts. Raises ConfigError when either split gets no block.
-    """
-    eos = tokenizer.eos_token_id
-    want = {"train": num_train * seq_len, "val": num_val * seq_len}
-    streams = {"train": [], "val": []}
-    cap = max_doc_blocks * seq_len
-    val_docs = []
-    tokens = n_docs = 0
-    for i, text in enumerate(texts):
-        n_docs = i + 1
-        split = "val" if (i % val_every == val_every - 1 and len(streams["val"]) < want["val"]) or \
-            len(streams["train"]) >= want["train"] else "train"
-        ids = tokenizer(text[: cap * 12], add_special_tokens=False).input_ids[:cap]  # ~4 chars a token
-        streams[split].extend(ids + [eos])
-        tokens += len(ids)
-        if split == "val":
-            val_docs.append(i)
-        if all(len(v) >= want[k] for k, v in streams.items()):
-            break
-    blocks = {}
-    for split, ids in streams.items():
-        n = min(len(ids) // seq_len, want[split] // seq_len)
-        blocks[split] = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-    if report is not None:
-        report.tokens, report.seq_len = tokens, seq_len
-        report.train_blocks, report.val_blocks = len(blocks["train"]), len(blocks["val"])
-    if len(blocks["train"]) == 0 or len(blocks["val"]) == 0:
-        skipped = ""
-        if report is not None and report.skipped:
-            skipped = " Skipped records: " + "; ".join(f"{n} x {why} (first: {where})"
-                                                        for why, (n, where) in report.skipped.items()) + "."
-        raise ConfigError(f"the dataset gave {len(blocks['train'])} training and {len(blocks['val'])} held-out "
-                          f"blocks of {seq_len} tokens from {n_docs} document(s) ({tokens} tokens).{skipped} Each "
-                          f"document adds at most {max_doc_blocks} blocks, and held-out blocks come only from "
-                          f"documents of their own (every {val_every}th), so the data needs more or longer "
-                          "documents: add files (a .py or .md file is one document; a .txt file is split at blank "
-                          "lines), or lower MAX_SEQ_LENGTH / NUM_CACHE_SAMPLES")
-    for split, n in (("train", num_train), ("val", num_val)):
-        if len(blocks[split]) < n:
-            print(f"note: the dataset ran out after {len(blocks[split])} of {n} {split} blocks")
-    return blocks["train"], blocks["val"], val_docs
+def undecodable_note(report) -> str | None:
+    """One line naming the text files that held bytes not valid in their encoding (replaced by U+FFFD), how many
+    bytes, and the ENCODING fix; None when there were none. Takes a DataReport or its dict (a manifest's)."""
+    d = asdict(report) if isinstance(report, DataReport) else report
+    bad = d.get("undecodable") or {}
+    if not bad:
+        return None
+    files = ", ".join(f"{os.path.basename(f)} ({n:,} bytes)" for f, n in list(bad.items())[:5])
+    return (f"{len(bad)} file(s) held bytes that are not valid {d.get('encoding', 'utf-8')}, read as U+FFFD: {files}"
+            + (" ..." if len(bad) > 5 else "") + ". If they are in another encoding, set ENCODING to it (for example "
+            "'cp1252' or 'latin-1') and rerun")
 
 
 def describe_data(cache_or_report, tokenizer=None) -> str:
-    """What Phase 1's data gave, as the notebook prints it: the source and how it was read, records read and
-    skipped (with the reason and where the first one was), tokens, blocks, and the first training block
-    decoded. Takes a TeacherCache (its manifest keeps the report) or a DataReport."""
+    """What Phase 1's data gave, as the notebook prints it: the source and how it was read, files ignored or left
+    out (and why) and links followed, records read and skipped (with the reason and where the first one was;
+    duplicates included), files with undecodable bytes, tokens, blocks, and the first training block decoded.
+    Takes a TeacherCache (its manifest keeps the report) or a DataReport."""
     if isinstance(cache_or_report, DataReport):
         d, first = asdict(cache_or_report), None
     else:
         d, first = cache_or_report.manifest.get("data"), cache_or_report.train_tokens[0]
         if d is None:
             return "data: this cache was built before data reports were kept (rebuild it to get one)"
+
+    def some(items, show):
+        return ", ".join(show(x) for x in items[:5]) + (" ..." if len(items) > 5 else "")
+
     lines = [f"data: {d['source']} ({d['reader']})"]
     if d["ignored"]:
         lines.append(f"  ignored {len(d['ignored'])} file(s) with no supported suffix: "
-                     + ", ".join(os.path.basename(f) for f in d["ignored"][:5]) + (" ..." if len(d["ignored"]) > 5 else ""))
+                     + some(d["ignored"], os.path.basename))
+    if d.get("links"):
+        lines.append(f"  followed {len(d['links'])} link(s): " + some(d["links"], lambda x: f"{x[0]} -> {x[1]}"))
+    if d.get("left_out"):
+        lines.append(f"  left out {len(d['left_out'])} path(s): " + some(d["left_out"], lambda x: f"{x[0]} ({x[1]})"))
     read = f"{d['files_read']} of {d['files']} files, " if d["files"] else ""
     stop = "all of it" if d["exhausted"] else "stopped once the blocks were full"
     skipped = sum(n for n, _ in d["skipped"].values())
     lines.append(f"  read {read}{d['records']:,} records ({stop}): {d['documents']:,} documents, {skipped:,} skipped"
                  + (f"; TEXT_FIELD = {d['text_field']!r}" if d["text_field"] != "auto" else ""))
     for why, (n, where) in sorted(d["skipped"].items(), key=lambda kv: -kv[1][0]):
-        lines.append(f"    skipped {n:,} x {why} (first: {where})")
+        lines.append(f"    skipped {n:,} x {why} (first: {where})" + (" (dropped before the split)" if why == DUPLICATE
+                                                                        else ""))
+    note = undecodable_note(d)
+    if note:
+        lines.append(f"  {note}")
     if d["chat_rendered"]:
         lines.append(f"  chat lists rendered with {d['chat_rendered']}")
+    split = "held-out documents disjoint from training"
+    if d.get("pieces"):
+        split = (f"the documents ran out, so the rest of {d['long_documents']} long one(s) was cut into "
+                 f"{d['pieces']} pieces; held-out documents and pieces share no text with training")
     lines.append(f"  {d['tokens']:,} tokens -> {d['train_blocks']} training + {d['val_blocks']} held-out blocks of "
-                 f"{d['seq_len']} tokens (documents joined by EOS; held-out documents disjoint from training)")
+                 f"{d['seq_len']} tokens (documents joined by EOS; {split})")
     if first is not None and tokenizer is not None:
         text = tokenizer.decode(first.tolist())
         lines.append("  first training block, decoded:")

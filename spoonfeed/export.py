@@ -85,6 +85,9 @@ def _check_exportable(model: nn.Module, what: str):
                           "has no Llama form. Set HEAD_MODE = 'new' (or 'tied'), rerun Phase 3 and export again")
     if not model.cfg.ternary:
         raise ConfigError(f"{what} writes ternary students; this one has full-precision linears (ablation arm b)")
+    if getattr(model.cfg, "subln", False):
+        raise ConfigError(f"{what} writes a stock Llama, which has no SubLN norms (attn_sub_norm, ffn_sub_norm): "
+                          "a SubLN student is saved by save_pretrained and export_ternary only")
     _check_finite(model)
 
 
@@ -280,10 +283,23 @@ def _gguf_tokenizer_source(tokenizer, tokenizer_gguf=None) -> str | None:
     return None
 
 
+def _looks_special(token: str) -> bool:
+    """llama.cpp convert_hf_to_gguf.py's does_token_look_special: added tokens that some models leave unmarked
+    but that are control tokens all the same (<|im_start|>, deepseek's <｜...｜>, gemma's <unused0>, <pad>, <mask>)."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
 def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> list[tuple]:
     """(key, value, type, sub_type) for every tokenizer.* key. From a GGUF-loaded tokenizer (the bundled teacher):
     that GGUF's own keys, copied. From a transformers BPE tokenizer: gpt2-style tokens, types, merges and special
     ids, padded to the model's vocab with unused [PAD{i}] tokens as llama.cpp's converter does.
+    Token types follow llama.cpp's convert_hf_to_gguf.py (get_vocab_base): an added token
+    (tokenizer.get_added_vocab()) is CONTROL when it is special or looks special (_looks_special), else
+    USER_DEFINED; llama.cpp matches both whole in the text, so a token the student was trained on as one id
+    reaches it as that id, not as BPE pieces. A token of the BPE vocab is NORMAL (CONTROL when it is one of
+    all_special_tokens); padding ids are UNUSED.
     Raises ConfigError for other tokenizers or a token count that does not match the model."""
     import gguf
 
@@ -306,10 +322,15 @@ def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> l
     U32, I32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    special = set(tokenizer.all_special_tokens)
+    special, added = set(tokenizer.all_special_tokens), tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder  # id -> AddedToken, with .special
     for tok, i in tokenizer.get_vocab().items():
         tokens[i] = tok
-        types[i] = int(gguf.TokenType.CONTROL if tok in special else gguf.TokenType.NORMAL)
+        if tok in added:  # llama.cpp matches these whole in the text, before BPE (llama-vocab.cpp)
+            looks = decoder[i].special or _looks_special(tok)
+            types[i] = int(gguf.TokenType.CONTROL if looks else gguf.TokenType.USER_DEFINED)
+        else:
+            types[i] = int(gguf.TokenType.CONTROL if tok in special else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if not merges:  # GGUF has no empty arrays, and llama.cpp's gpt2 tokenizer needs its merges
         raise ConfigError("this BPE tokenizer has no merges, which llama.cpp's gpt2 tokenizer needs: export the HF "

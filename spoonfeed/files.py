@@ -8,12 +8,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
 
 
 DISK_MARGIN = 1.1  # ask for 10% more free space than the estimate

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compile import Compiled
 from .errors import ConfigError, PromptTooLongError
 from .precision import precision_policy
 
@@ -24,6 +25,8 @@ class KVCache:
 
     pad: (B,) left-padding of each row (generate's attention_mask, transformers' convention): row b's first
     pad[b] slots hold no token, are masked out of attention, and its tokens' positions start at 0 after them."""
+
+    static = False  # the model's forward slices this cache by Python ints (see StaticKVCache)
 
     def __init__(self, cfg: StudentConfig, batch: int, device, dtype=torch.float32, slots: int | None = None,
                  pad: torch.Tensor | None = None):
@@ -42,6 +45,41 @@ class KVCache:
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class StaticKVCache(KVCache):
+    """A KVCache for a compiled decode step: every slot is attended under a mask, and the next slot is a tensor.
+
+    k, v: (L, B, nh, slots, hs) as KVCache's; pos: a 0-dim int64 tensor; pad: (B,) int64, zeros for unpadded rows.
+    A step of T tokens writes slots pos..pos+T-1 and attends to all `slots` with a (B, 1, T, slots) mask that
+    hides the empty slots and each row's padding, so every decode step has the same shapes and values change
+    only inside tensors: torch.compile(dynamic=False) compiles the step once for a (batch, slots) pair. The
+    model's forward asks it for the positions and the mask (rope_and_mask); positions are not checked there.
+    """
+
+    static = True
+
+    def __init__(self, cfg: StudentConfig, batch: int, device, dtype=torch.float32, slots: int | None = None,
+                 pad: torch.Tensor | None = None):
+        super().__init__(cfg, batch, device, dtype, slots)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.pad = pad if pad is not None else torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+        self.keys = torch.arange(self.slots, device=device)  # (S,)
+
+    def rope_and_mask(self, rope_cos, rope_sin, T: int):
+        """The rotary tables at each row's positions, (B, 1, T, hs) twice, and the attention mask (B, 1, T, S):
+        row b's token at slot s sees slots pad[b]..s; a padding slot sees itself (no all-masked row, no NaN)."""
+        slot = self.pos + torch.arange(T, device=self.keys.device)  # (T,)
+        pos = (slot[None] - self.pad[:, None]).clamp(min=0)  # (B, T)
+        key, slot = self.keys[None, None], slot[None, :, None]  # (1, 1, S), (1, T, 1)
+        mask = ((key >= self.pad[:, None, None]) & (key <= slot)) | (key == slot)  # (B, T, S)
+        return rope_cos[pos][:, None], rope_sin[pos][:, None], mask[:, None]
+
+    def update(self, layer: int, k, v):
+        slot = self.pos + torch.arange(k.size(2), device=k.device)  # (T,)
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)
+        return self.k[layer], self.v[layer]  # (B, nh, S, hs): every slot, the mask hides the empty ones
 
 
 MIN_TEMPERATURE = 1e-4  # logits / 1e-4 stay finite in float32; smaller temperatures overflow the softmax
@@ -130,18 +168,40 @@ def decode_head(model: nn.Module, dtype: torch.dtype | None = None):
     """The head as decoding uses it: h (B, dim) -> logits (B, vocab) float32. With dtype (bf16), the new or tied
     head's weight is cast once, here, and each token reads half the bytes; None (or the teacher head over the
     projector) is model.logits in float32. Not for training: the copy does not follow later weight writes."""
+    weight, bias = _head_weights(model, dtype)
+    return lambda h: _logits(model, h, weight, bias)
+
+
+def _head_weights(model: nn.Module, dtype: torch.dtype | None):
+    """(weight (V, dim), bias (V,) or None) cast to dtype once, for decode_head; (None, None): model.logits."""
     mode = model.cfg.head_mode
     if dtype is None or mode == "teacher":
-        return lambda h: model.logits(h).float()
+        return None, None
     weight = (model.head.weight if mode == "new" else model.tok_embeddings.weight).detach().to(dtype)
     bias = model.head.bias.detach().to(dtype) if mode == "new" and model.head.bias is not None else None
-    return lambda h: F.linear(h.to(dtype), weight, bias).float()
+    return weight, bias
+
+
+def _logits(model: nn.Module, h, weight, bias):
+    """h (B, dim) -> logits (B, V) float32, through (weight, bias) from _head_weights or through model.logits."""
+    if weight is None:
+        return model.logits(h).float()
+    return F.linear(h.to(weight.dtype), weight, bias).float()
+
+
+def _decode_step(model: nn.Module, ids, cache, weight, bias):
+    """One token a row through the student and its head: ids (B, 1) -> logits (B, V) float32. What COMPILE
+    compiles for decoding (with a StaticKVCache: the same shapes at every step)."""
+    return _logits(model, model(ids, cache)[:, -1], weight, bias)
+
+
+_DECODE = Compiled(_decode_step, "the decode step")
 
 
 @torch.no_grad()
 def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=None, top_p=None,
              eos_token_id=None, generator=None, *, min_p=None, repetition_penalty=1.0, pad_token_id=None,
-             streamer=None, precision: str = "auto", attention_mask=None):
+             streamer=None, precision: str = "auto", attention_mask=None, compile: bool = False):
     """KV-cached decoding with transformers' logits processors (see logits_processors). idx: (B, T0) token ids,
     T0 >= 1 -> (B, T0 + n) with n <= max_new_tokens. Temperature 0 is greedy.
 
@@ -158,10 +218,18 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
     most of what is read) is read in bf16 (decode_head), and the body stays float32: at one row a matmul is
     bound by the overhead, and this CPU's bf16 path is slower there (docs/benchmarks.md). The logits are
     sampled in float32.
-    Raises ConfigError for a setting out of range, PromptTooLongError (a ValueError) when T0 >= max_seq_len,
-    ValueError for an empty idx; all before any forward.
+    compile=True (the COMPILE setting) decodes each token through _decode_step compiled by torch.compile, with a
+    StaticKVCache of the student's max_seq_len slots: the step is compiled once for a batch size (the first call
+    pays for it, reported apart) and the prompt runs eager. It gives the eager path's results to float rounding
+    (tests: the static cache's logits within 1e-5 of the growing cache's, the same greedy tokens compiled); a
+    compile that fails runs eager (Compiled).
+    Raises ConfigError for a setting out of range and for a token id the student does not know (in idx, padding
+    included, or eos_token_id / pad_token_id, which are fed back to it: check_token_ids), PromptTooLongError (a
+    ValueError) when T0 >= max_seq_len, ValueError for an empty idx; all before any forward.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    check_token_ids(model.cfg.vocab_size, {"the prompt ids": idx.flatten().tolist(), "eos_token_id": eos_token_id,
+                                           "pad_token_id": pad_token_id})
     B, T0 = idx.shape
     limit = model.cfg.max_seq_len
     if T0 == 0:
@@ -192,12 +260,16 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     if streamer is not None:
         streamer.put(idx.cpu())
-    head = decode_head(model, precision_policy(idx.device, precision).autocast)
-    cache = KVCache(model.cfg, B, idx.device, model.tok_embeddings.weight.dtype, T0 + max_new_tokens, left)
+    weight, bias = _head_weights(model, precision_policy(idx.device, precision).autocast)
+    dtype = model.tok_embeddings.weight.dtype
+    if compile:  # every call the same shapes: the student's whole context
+        cache = StaticKVCache(model.cfg, B, idx.device, dtype, limit, left)
+    else:
+        cache = KVCache(model.cfg, B, idx.device, dtype, T0 + max_new_tokens, left)
+    step_fn = _DECODE if compile else _decode_step
     with model.quantize_once():
-        h = model(idx, cache)[:, -1]  # (B, dim): the last position's state
+        logits = _logits(model, model(idx, cache)[:, -1], weight, bias)  # (B, V) float32: the prompt's last position
         for step in range(max_new_tokens):
-            logits = head(h)  # (B, V) float32
             nxt = _sample_next(logits, ids[:, :t], processors, temperature > 0, generator)  # (B,)
             if eos_token_id is not None:
                 nxt = nxt.masked_fill(done, pad)  # finished rows get padding, as in transformers
@@ -208,7 +280,7 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
                 streamer.put(nxt.cpu())
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            h = model(nxt[:, None], cache)[:, -1]  # (B, dim)
+            logits = step_fn(model, nxt[:, None], cache, weight, bias)  # (B, V) float32
     if streamer is not None:
         streamer.end()
     ids[:, :T0] = idx
@@ -247,7 +319,8 @@ class Generation:
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7, top_k=50, top_p=0.95, seed=0,
-                  *, min_p=None, repetition_penalty=1.0, streamer=None, precision: str = "auto") -> list[Generation]:
+                  *, min_p=None, repetition_penalty=1.0, streamer=None, precision: str = "auto",
+                  compile: bool = False) -> list[Generation]:
     """Decode a list of prompts with `generate`; the notebook's generation cell.
 
     Without a streamer the prompts decode together, left-padded into one batch (generate's attention_mask), so
@@ -260,11 +333,13 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
     EOS). A prompt too long for the student is reported in its own Generation.error and skipped; the others still
     generate, exactly as they would with a short prompt in its place. If the longest prompt plus max_new_tokens
     would pass the student's max_seq_len, the prompts decode one at a time, so that each gets its own limit.
-    precision: see generate (cfg.precision in the notebook). Returns one Generation per prompt, in order.
+    precision and compile: see generate (cfg.precision and cfg.compile in the notebook). Returns one Generation per
+    prompt, in order.
     A single string is one prompt. Special tokens written out in a prompt's text (e.g. "<|im_start|>") are
     parsed as those tokens, as they were in the training text.
-    Raises ConfigError for a setting out of range (check_generation_settings) or a prompt that is not a string,
-    before any prompt is run.
+    Raises ConfigError for a setting out of range (check_generation_settings), a prompt that is not a string, and
+    a token id the student does not know (a tokenizer larger than its vocab: check_token_ids, naming the prompts
+    and tokens), before any prompt is run.
     """
     check_generation_settings(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     if isinstance(prompts, str):  # one prompt, not its characters
@@ -277,15 +352,18 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
     limit = model.cfg.max_seq_len
     results = [None] * len(prompts)
     rows = []  # (place, token ids, generator) of the prompts that fit
-    for i, prompt in enumerate(prompts):
-        ids = prompt_ids(tokenizer, prompt)
+    ids_of = [prompt_ids(tokenizer, p) for p in prompts]
+    check_token_ids(model.cfg.vocab_size, {**{f"prompt {i + 1}": ids for i, ids in enumerate(ids_of)},
+                                           "the tokenizer's eos_token_id": tokenizer.eos_token_id,
+                                           "the tokenizer's pad_token_id": tokenizer.pad_token_id}, tokenizer)
+    for i, (prompt, ids) in enumerate(zip(prompts, ids_of)):
         if len(ids) >= limit:
             results[i] = Generation(prompt, "", 0, f"prompt {i + 1} of {len(prompts)}: {_too_long(len(ids), limit)}")
             continue
         seed_i = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         rows.append((i, ids, torch.Generator(device=device).manual_seed(seed_i)))
     kw = dict(min_p=min_p, repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-              precision=precision)
+              precision=precision, compile=compile)
     longest = max((len(ids) for _, ids, _ in rows), default=0)
     if streamer is None and len(rows) > 1 and longest + max_new_tokens <= limit:
         batch, mask = left_pad([ids for _, ids, _ in rows], tokenizer.eos_token_id or 0, device)
@@ -301,6 +379,28 @@ def generate_text(model, tokenizer, prompts, max_new_tokens=30, temperature=0.7,
             new = new[:new.index(tokenizer.eos_token_id) + 1]  # what follows a row's EOS is padding
         results[i] = Generation(prompts[i], tokenizer.decode(ids + new, skip_special_tokens=True), len(new))
     return results
+
+
+def check_token_ids(vocab_size: int, named: dict, tokenizer=None) -> None:
+    """Every token id that reaches the student's embedding must be one it has: 0 <= id < vocab_size. named maps
+    what holds the ids (a prompt, eos_token_id) to an id, a list of ids, or None (nothing to check). A tokenizer
+    larger than the student's vocab (not the teacher's) gives ids the embedding does not have, which would
+    otherwise stop generation mid-way with an IndexError. Raises one ConfigError naming every place and token
+    (through tokenizer, when given) and the fix."""
+    bad = []
+    for what, ids in named.items():
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        out = sorted({int(i) for i in ids if not 0 <= int(i) < vocab_size})
+        if out:
+            tokens = tokenizer.convert_ids_to_tokens(out[:3]) if tokenizer is not None else None
+            shown = ", ".join(f"{i} ({t!r})" if tokens and t is not None else str(i)
+                              for i, t in zip(out[:3], tokens or [None] * 3))
+            bad.append(f"{what} holds {shown}" + (" ..." if len(out) > 3 else ""))
+    if bad:
+        size = f" (the tokenizer has {len(tokenizer)} tokens)" if tokenizer is not None else ""
+        raise ConfigError(f"token ids the student does not know: {'; '.join(bad)}. Its vocab has {vocab_size} ids, "
+                          f"0 to {vocab_size - 1}{size}: generate with the tokenizer of the teacher it was distilled "
+                          "from (sf.check_compatible(student, tokenizer) checks the pair). Nothing was generated")
 
 
 def left_pad(rows: list[list[int]], fill: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,7 +105,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, policy: Precision,
               targets: torch.Tensor | None = None, teacher_logits=None, temperature: float = 1.0,
-              chunk_rows: int | None = None) -> torch.Tensor:
+              chunk_rows: int | None = None, ce_weight: float | None = None) -> torch.Tensor:
     """Training loss of a linear LM head, fused with the head: mean over rows, nats/token.
 
     h: (N, D) states; weight: (V, D) and bias: (V,) or None, the head. Either targets (N,) token ids, for the
@@ -127,11 +127,19 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     preset's held-out figures stay within the issue's noise targets of float32's). No ignore_index: every row
     has a target. The teacher's logits get no gradient, and create_graph (double backward) is not supported:
     the gradients are computed in the forward pass, and not at all under torch.no_grad().
-    Raises ValueError unless exactly one of targets and teacher_logits is given, for h that is not (N, D) or
-    targets that are not (N,), and for chunk_rows < 1.
+    Both targets and teacher_logits, with ce_weight = alpha in [0, 1], give the mixed loss of plain logit KD,
+    alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) (Hinton et al., 2015; DistillKit's default), from one
+    head product a chunk: the gradient is alpha (softmax(z) - one-hot) + (1 - alpha) T (softmax(z/T) - p_teacher).
+    Raises ValueError unless exactly one of targets and teacher_logits is given (or both, with ce_weight in
+    [0, 1]), for h that is not (N, D) or targets that are not (N,), and for chunk_rows < 1.
     """
-    if (targets is None) == (teacher_logits is None):
-        raise ValueError("head_loss takes either targets (CE) or teacher_logits (KD), not both or neither")
+    both = targets is not None and teacher_logits is not None
+    if (targets is None and teacher_logits is None) or (both and ce_weight is None):
+        raise ValueError("head_loss takes either targets (CE) or teacher_logits (KD), not both or neither; both "
+                         "only with ce_weight (the mixed KD loss)")
+    if ce_weight is not None and not (both and 0 <= ce_weight <= 1):
+        raise ValueError(f"ce_weight={ce_weight} weighs CE against KD: it needs both targets and teacher_logits, "
+                         "and a value in [0, 1]")
     if h.dim() != 2 or (targets is not None and targets.shape != (h.size(0),)):
         raise ValueError(f"head_loss takes h (N, D) and targets (N,); got h {tuple(h.shape)} and targets "
                          f"{None if targets is None else tuple(targets.shape)}: flatten the positions first")
@@ -141,22 +149,28 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         h, weight, bias = h.detach(), weight.detach(), None if bias is None else bias.detach()
     dtype = policy.autocast or torch.float32
     chunk_rows = chunk_rows or max(1, 2**26 // weight.size(0))
-    if targets is not None:
-        def loss_grad(z, i):  # CE: loss -log p_y; gradient p - onehot(y)
-            y = targets[i:i + len(z), None]
-            logp = torch.log_softmax(z, dim=-1)
-            loss = -logp.gather(1, y).sum(dtype=torch.float64)
-            g = logp.exp_()
-            g[torch.arange(len(g), device=g.device), y[:, 0]] -= 1
-            return loss, g
-    else:
-        t = float(temperature)
+    t = float(temperature)
 
-        def loss_grad(z, i):  # KD: loss T^2 KL(p_t || p_s); gradient T (p_s - p_t), p at temperature T
-            t_logp = torch.log_softmax(teacher_logits(i, len(z)).to(z.dtype) / t, dim=-1)
-            s_logp = torch.log_softmax(z / t if t != 1 else z, dim=-1)
-            loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(dtype=torch.float64) * t * t
-            return loss, s_logp.exp_().sub_(t_logp.exp_()).mul_(t)
+    def ce_grad(z, i):  # CE: loss -log p_y; gradient p - onehot(y)
+        y = targets[i:i + len(z), None]
+        logp = torch.log_softmax(z, dim=-1)
+        loss = -logp.gather(1, y).sum(dtype=torch.float64)
+        g = logp.exp_()
+        g[torch.arange(len(g), device=g.device), y[:, 0]] -= 1
+        return loss, g
+
+    def kd_grad(z, i):  # KD: loss T^2 KL(p_t || p_s); gradient T (p_s - p_t), p at temperature T
+        t_logp = torch.log_softmax(teacher_logits(i, len(z)).to(z.dtype) / t, dim=-1)
+        s_logp = torch.log_softmax(z / t if t != 1 else z, dim=-1)
+        loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(dtype=torch.float64) * t * t
+        return loss, s_logp.exp_().sub_(t_logp.exp_()).mul_(t)
+
+    def mixed_grad(z, i):  # alpha CE + (1 - alpha) T^2 KL, from the same logits z
+        a = float(ce_weight)
+        (l_ce, g_ce), (l_kd, g_kd) = ce_grad(z, i), kd_grad(z, i)
+        return a * l_ce + (1 - a) * l_kd, g_ce.mul_(a).add_(g_kd, alpha=1 - a)
+
+    loss_grad = mixed_grad if both else ce_grad if targets is not None else kd_grad
     return _FusedHeadLoss.apply(h, weight, bias, loss_grad, dtype, chunk_rows)
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .errors import NonFiniteGradientError, NonFiniteLossError, NonFiniteTargetError
 from .parallel import world
+from .precision import release_memory
 
 
 def lr_schedule(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
@@ -95,8 +96,93 @@ class _FaultGuard:
                                   f"fp16 autocast can do this). {self.kept}")
 
 
-def _adamw(params, lr, weight_decay, embedding=None, embed_lr_mult: float = 1.0):
-    """AdamW; the embedding weight, when it is among params, gets lr * embed_lr_mult in a group of its own.
+class LazyAdamW(torch.optim.AdamW):
+    """AdamW (Loshchilov & Hutter 2019, torch.optim.AdamW's arithmetic) whose groups marked lazy=True update only the
+    rows of a (V, d) weight that the step's gradient touches, in time proportional to those rows, not to V.
+
+    Meant for an input embedding with a sparse gradient (nn.Embedding(sparse=True)): a batch of B x T tokens touches
+    at most B * T of its V rows. The other groups take torch's AdamW step (fused where it can be).
+
+    The rule for a lazy group, per row (after torch.optim.SparseAdam, with AdamW's decays made exact):
+    - a touched row first catches up on the k steps it sat out since it was last touched: its moments decay by
+      beta1^k and beta2^k and its weight by the product of (1 - lr_t * weight_decay) over those steps, which is
+      exactly what AdamW did to them meanwhile; then it takes AdamW's step at the global step count (the bias
+      corrections). Its moments are therefore AdamW's, to float rounding.
+    - an untouched row does not change at all: weight and moments stay as its last touch left them. What this
+      drops is the step AdamW gives a row with a zero gradient on its decaying moments (its momentum coasting
+      on), so a row's weight differs from AdamW's once it has sat out a step after being touched.
+    A step that touches every row is AdamW's step exactly (to float rounding); a dense gradient counts as
+    touching every row. A step an fp16 GradScaler found overflowing (its found_inf) changes no row, as it changes
+    no other weight. State per lazy weight: "step", "exp_avg" and "exp_avg_sq" (V, d) as AdamW's, and "last"
+    (V,) int64, the step each row was last brought up to date; with weight decay also "log_decay", the running
+    sum of log(1 - lr_t * weight_decay) over the steps (float64).
+    """
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g.get("lazy")]
+        try:
+            loss = super().step(closure)
+        finally:
+            self.param_groups = groups
+        found_inf = getattr(self, "found_inf", None)  # set by an fp16 GradScaler: the fused step skips, and so do we
+        if found_inf is not None and bool(found_inf):
+            return loss
+        with torch.no_grad():
+            for group in groups:
+                if group.get("lazy"):
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            self._lazy_step(p, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then "last" and "log_decay" as saved (int64 and float64): torch casts every floating or integer
+        state tensor but "step" to the parameter's dtype."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, saved in state_dict["state"].items():
+            for key in ("last", "log_decay"):
+                if key in saved:
+                    self.state[params[i]][key] = saved[key].to(params[i].device, copy=True)
+
+    def _lazy_step(self, p: torch.Tensor, group: dict) -> None:
+        (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["last"] = torch.zeros(p.size(0), dtype=torch.long, device=p.device)
+        grad = p.grad
+        if grad.is_sparse:
+            grad = grad.coalesce()  # one row per token id: duplicates summed, as the dense gradient sums them
+            rows, g = grad.indices()[0], grad.values()  # (n,), (n, d)
+        else:
+            rows, g = torch.arange(p.size(0), device=p.device), grad
+        state["step"] += 1
+        step = int(state["step"].item())
+        skipped = (step - 1 - state["last"][rows]).to(torch.float64)[:, None]  # (n, 1) steps each row sat out
+        m = state["exp_avg"][rows].mul_(torch.pow(beta1, skipped).to(p.dtype))
+        v = state["exp_avg_sq"][rows].mul_(torch.pow(beta2, skipped).to(p.dtype))
+        w = p[rows]
+        if wd:
+            log = state.setdefault("log_decay", torch.zeros(1, dtype=torch.float64, device=p.device))
+            state["log_decay"] = log = torch.cat([log, log[-1:] + math.log1p(-lr * wd)])  # (step + 1,)
+            w.mul_(torch.exp(log[step] - log[state["last"][rows]])[:, None].to(p.dtype))  # this step's decay too
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+        w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+        p.index_copy_(0, rows, w)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        state["last"][rows] = step
+
+
+def _adamw(params, lr, weight_decay, embedding=None, embed_lr_mult: float = 1.0, lazy: bool = False):
+    """AdamW; the embedding weight, when it is among params, gets lr * embed_lr_mult in a group of its own, and
+    with lazy=True that group updates only the rows each step touches (LazyAdamW, for a sparse gradient).
 
     Each embedding row moves only when its token occurs, so at the body's LR most rows hardly leave their
     small random start, and the token's identity is drowned in the residual stream. A much larger LR there
@@ -106,17 +192,42 @@ def _adamw(params, lr, weight_decay, embedding=None, embed_lr_mult: float = 1.0)
     fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one fused kernel instead of many small ops
     groups = [{"params": [p for p in params if p is not embedding]}]
     if any(p is embedding for p in params):
-        groups.append({"params": [embedding], "lr": lr * embed_lr_mult})
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
+        groups.append({"params": [embedding], "lr": lr * embed_lr_mult, "lazy": lazy})
+    cls = LazyAdamW if lazy else torch.optim.AdamW
+    return cls(groups, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=fused)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over params, where a gradient may also be sparse (a lazy embedding's): a
+    sparse gradient is coalesced in place (duplicate rows summed) and counts with its values. Returns the total
+    2-norm before clipping, a float32 scalar tensor; the gradients are scaled by min(1, max_norm / (norm + 1e-6)),
+    as torch does."""
+    sparse = [p for p in params if p.grad is not None and p.grad.is_sparse]
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+    for p in sparse:
+        p.grad = p.grad.coalesce()
+    norms = [torch.linalg.vector_norm(p.grad.values()) for p in sparse]
+    if dense:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense]))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if dense:
+        torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in sparse:
+        p.grad.values().mul_(coef)
+    return total
 
 
 def optimizer_step(loss: torch.Tensor, opt, params, grad_clip: float, scaler=None) -> bool:
     """One optimiser update from a scalar loss; every training loop (Phases 2 and 3, the ablation) goes through it.
 
     zero_grad -> backward (scaled when a GradScaler is given) -> under `accelerate launch`, the gradients averaged
-    over the processes (World.average_gradients), so that every process takes the same step -> unscale -> clip the
-    global grad norm over `params` to `grad_clip` -> step. Returns True when the step was taken. When the gradient
-    norm is not finite, opt.step() is never reached: the gradients are dropped and False is returned, so the caller can
+    over the processes (World.average_gradients, sparse ones too), so that every process takes the same step ->
+    unscale -> clip the global grad norm over `params` to `grad_clip` (clip_grad_norm: sparse gradients too) -> step.
+    Returns True when the step was taken. When the gradient norm is not finite, opt.step() is never reached: the
+    gradients are dropped and False is returned, so the caller can
     name the cause. With an enabled fp16 GradScaler an overflow is the scaler's business (it skips the step and
     lowers its scale); that also returns False.
     """
@@ -128,7 +239,7 @@ def optimizer_step(loss: torch.Tensor, opt, params, grad_clip: float, scaler=Non
     else:
         loss.backward()
         world().average_gradients(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # the total norm before clipping
+    norm = clip_grad_norm(params, grad_clip)  # the total norm before clipping
     finite = bool(torch.isfinite(norm))
     if scaler is not None:
         scaler.step(opt)  # skips opt.step() by itself when unscale_ found inf/NaN
@@ -146,7 +257,7 @@ def _free_training_state(model: nn.Module, opt) -> None:
     model.zero_grad(set_to_none=True)
     opt.zero_grad(set_to_none=True)
     opt.state.clear()
-    _release_memory()
+    release_memory()
 
 
 def non_finite(tensors: dict, prefix: str = "") -> list[str]:
@@ -161,12 +272,3 @@ def _check_finite(model: nn.Module):
     if bad:
         raise NonFiniteLossError(f"refusing to save: non-finite weights in {bad[:3]}; resume from the last good "
                                  "checkpoint instead")
-
-
-def _release_memory() -> None:
-    """Collect what was just dropped and give its memory back to CUDA (the next arm is then built in it)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

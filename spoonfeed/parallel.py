@@ -137,7 +137,9 @@ class World:
         """After backward: every parameter's gradient becomes its mean over the processes (accelerate's reduce), in
         buckets of GRAD_BUCKET elements, so that one optimiser step on N processes with batch B each is one step on
         the mean gradient of the N * B rows. A parameter with no gradient here counts as zeros; one with no gradient on
-        any process keeps none (AdamW then leaves it alone, as one process does). Nothing in one process."""
+        any process keeps none (AdamW then leaves it alone, as one process does). A sparse gradient (a lazy
+        embedding's, EMBEDDING_UPDATE) stays sparse: the rows of every process are gathered (gather_object) and
+        summed, divided by N, so it holds the rows the whole batch touched. Nothing in one process."""
         if not self.parallel:
             return
         from accelerate.utils import reduce
@@ -145,18 +147,28 @@ class World:
         params = [p for p in params if p.requires_grad]
         if not params:
             return
-        had = reduce(torch.tensor([float(p.grad is not None) for p in params], device=params[0].device), "sum")
-        for p in params:
+        flags = reduce(torch.tensor([[p.grad is not None, p.grad is not None and p.grad.is_sparse] for p in params],
+                                    dtype=torch.float32, device=params[0].device), "sum")  # (P, 2): any, sparse
+        had, sparse = (flags[:, 0] > 0).tolist(), (flags[:, 1] > 0).tolist()
+        dense = [p for p, s in zip(params, sparse) if not s]
+        for p in dense:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        for bucket in _buckets(params):
+        for bucket in _buckets(dense):
             flat = reduce(torch.cat([p.grad.reshape(-1) for p in bucket]), "mean")
             i = 0
             for p in bucket:
                 p.grad.copy_(flat[i:i + p.numel()].view_as(p))
                 i += p.numel()
-        for p, n in zip(params, had.tolist()):
-            if not n:
+        for p in (p for p, s in zip(params, sparse) if s):
+            g = p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(
+                torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, *p.shape[1:]), p.shape).coalesce()
+            parts = self.gather([(g.indices().cpu(), g.values().cpu())])  # on the CPU: each process unpickles them
+            rows = torch.cat([i for i, _ in parts], dim=1)
+            values = torch.cat([v for _, v in parts]).to(p.dtype) / self.num_processes
+            p.grad = torch.sparse_coo_tensor(rows, values, p.shape).coalesce().to(p.device)
+        for p, any_grad in zip(params, had):
+            if not any_grad:
                 p.grad = None
 
 

@@ -8,6 +8,8 @@ is averaged over them, the gradients in optimizer_step, and the main process alo
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .checkpoints import _checkpoint_due, _checkpoint_every, _resume, load_checkpoint
@@ -20,14 +22,17 @@ from .precision import make_grad_scaler, precision_policy
 class Phase:
     """What a training loop needs around its research step, built in one place and in one order.
 
-    Builds AdamW over `params` (the embedding, when given, at lr * embed_lr_mult), a LambdaLR with linear warmup
+    Builds AdamW over `params` (the embedding, when given, at lr * embed_lr_mult; with cfg.embedding_update "lazy"
+    its nn.Embedding gives sparse gradients for the phase and LazyAdamW updates only the rows a batch touches), a
+    LambdaLR with linear warmup
     then cosine decay to cfg.min_lr_ratio over `steps`, a torch.Generator seeded with `seed` for the batches,
     the precision policy of the parameters' device (cfg.precision) and its GradScaler (fp16 only). With a
     checkpoint `key` ("phase2", "phase3") it resumes from the newest good checkpoint whose `signature` matches
     and that holds exactly the weights `names` (state_dict names; None = all): weights, optimiser, schedule,
     GradScaler and random state, so that a resumed run is bit for bit the uninterrupted one. `resumed`,
     `start` and `history` say what was found; without a checkpoint, `restart()` (when given) puts the weights
-    back at the phase's start. A fault guard (`_FaultGuard`) then watches every step.
+    back at the phase's start. A fault guard (`_FaultGuard`) then watches every step. compiled=True (the loop's
+    forward runs through torch.compile) times the first step, compile included, and prints it (first_step_s).
 
     Under `accelerate launch` (N processes, `world()`): cfg.batch_size is each process's batch B, and one step
     takes the N * B rows that one process with batch N * B would draw from the same generator, each process its own
@@ -44,10 +49,16 @@ class Phase:
                  seed: int, lr_fix: str, history: dict | None = None, key: str | None = None,
                  signature: dict | None = None, names: list[str] | None = None, embedding=None,
                  embed_lr_mult: float = 1.0, weight_decay: float = 0.0, fresh: bool = False, cache_path=None,
-                 restart=None):
+                 restart=None, compiled: bool = False):
         self.name, self.model, self.cfg, self.key = name, model, cfg, key
+        self.compiled, self.first_step_s, self._t0 = compiled, None, time.perf_counter()
         self.params, self.steps, self.signature, self.names = list(params), steps, signature, names
-        self.opt = _adamw(self.params, lr, weight_decay, embedding, embed_lr_mult)
+        lazy = embedding is not None and getattr(cfg, "embedding_update", "dense") == "lazy"
+        self.sparse = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is embedding
+                       ] if lazy else []  # made sparse for the phase: its backward gives the touched rows only
+        for m in self.sparse:
+            m.sparse = True
+        self.opt = _adamw(self.params, lr, weight_decay, embedding, embed_lr_mult, lazy=lazy)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_schedule(s, steps, warmup, cfg.min_lr_ratio))
         self.gen = torch.Generator().manual_seed(seed)
@@ -70,6 +81,7 @@ class Phase:
 
     def bar(self, desc: str, progress: bool = True):
         """The steps still to run, start..steps, as a progress bar."""
+        self.first_step_s, self._t0 = None, time.perf_counter()
         return progress_bar(range(self.start, self.steps), desc=desc, disable=not progress)
 
     def batch(self, num_blocks: int) -> torch.Tensor:
@@ -95,6 +107,10 @@ class Phase:
             stepped = optimizer_step(loss, self.opt, self.params, self.cfg.grad_clip, self.scaler)
         self.guard.after_step(step, shown, stepped, target)
         self.sched.step()
+        if self.compiled and self.first_step_s is None:  # torch.compile's time, apart from the steps' time
+            self.first_step_s = time.perf_counter() - self._t0
+            print(f"{self.name}: the first step took {self.first_step_s:.1f} s, compiling its forward and backward "
+                  "(COMPILE, once per shape); the others run compiled")
         return shown.item()
 
     def checkpoint(self, done: int) -> None:
@@ -107,5 +123,8 @@ class Phase:
                                       self.sched, self.gen, self.history, self.names, self.scaler)
 
     def close(self) -> None:
-        """End of the phase: drop gradients and AdamW's moments, and give their memory back."""
+        """End of the phase: drop gradients and AdamW's moments, and give their memory back; a sparse embedding
+        is dense again."""
+        for m in self.sparse:
+            m.sparse = False
         _free_training_state(self.model, self.opt)

@@ -27,8 +27,19 @@ def progress_bar(*args, **kwargs):
 def _figure(ncols=1, width=10, height=3.6):
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    # constrained layout gives each panel room for its own labels: no y label runs into the next panel's ticks
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False, layout="constrained")
     return fig, axes[0]
+
+
+def _plain_ticks(ax, axis: str = "y"):
+    """Plain numbers on a log axis (155, 200, 300), not matplotlib's 1.55x10^2, on major and minor ticks."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:.4g}")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(fmt)
+    target.set_minor_formatter(fmt)
 
 
 def _save(fig, path):
@@ -74,6 +85,7 @@ def plot_phase3(history: dict, teacher_ce: float | None = None, path=None):
     ax1.legend()
     ax2.plot(history["eval_step"], history["val_ppl"], "o-")
     ax2.set(title="held-out perplexity", xlabel="step", ylabel="perplexity", yscale="log")
+    _plain_ticks(ax2)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -104,17 +116,27 @@ def _ternary_bars(ax, stats):
 
 
 def plot_ablation(result: dict, path=None):
-    fig, (ax1, ax2) = _figure(2)
+    """The notebook's ablation as points on axes fitted to them, each labelled with its value, one marker per width,
+    so that 0.854 against 0.844 cosine reads as a difference; the references (mean-vector baseline, teacher CE),
+    far below or above, are named in the titles instead of stretching the axes. Legend outside the data."""
+    fig, (ax1, ax2) = _figure(2, width=11)
     names = ["ternary", "full precision", "direct CE"]
-    for j, w in enumerate(result["widths"]):
-        xs = np.arange(3) + j * 0.8 / len(result["widths"])
-        kw = dict(width=0.8 / len(result["widths"]), label=f"width {w}")
-        ax1.bar(xs[:2], [result["arms"][(n, w)]["cosine"] for n in names[:2]], **kw)
-        ax2.bar(xs, [result["arms"][(n, w)]["ce"] for n in names], **kw)
-    ax1.axhline(result["baseline_cosine"], color="gray", ls="--", label="mean-vector baseline")
-    ax1.set(title="held-out cosine", xticks=np.arange(2), xticklabels=names[:2])
-    ax2.axhline(result["teacher_ce"], color="gray", ls="--", label="teacher")
-    ax2.set(title="held-out CE (nats/token)", xticks=np.arange(3), xticklabels=names)
+    widths = result["widths"]
+    for j, w in enumerate(widths):
+        dx = (j - (len(widths) - 1) / 2) * 0.12
+        for ax, metric, arms in ((ax1, "cosine", names[:2]), (ax2, "ce", names)):
+            ys = [result["arms"][(n, w)][metric] for n in arms]
+            ax.plot(np.arange(len(arms)) + dx, ys, "os^D"[j % 4], color=f"C{j}", ms=8, ls="none", label=f"width {w}")
+            for x, y in zip(np.arange(len(arms)) + dx, ys):
+                ax.annotate(f"{y:.4f}" if metric == "cosine" else f"{y:.3f}", (x, y), textcoords="offset points",
+                            xytext=(8, -3), fontsize=8)
+    ax1.set(title=f"held-out cosine (higher is better; mean-vector baseline {result['baseline_cosine']:.4f})",
+            xticks=np.arange(2), xticklabels=names[:2], xlim=(-0.5, 1.7), ylabel="cosine")
+    ax2.set(title=f"held-out CE (lower is better; teacher {result['teacher_ce']:.3f})", xticks=np.arange(3),
+            xticklabels=names, xlim=(-0.5, 2.7), ylabel="nats/token")
     for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
+        ax.margins(y=0.25)  # fitted to the points, with room for their labels
+        ax.grid(alpha=0.3, axis="y")
+        ax.title.set_fontsize(9)
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside the data
     return _save(fig, path)

@@ -75,7 +75,7 @@ def precision_policy(device="auto", precision: str = "auto") -> Precision:
     "auto": fp16 with a GradScaler).
     """
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
+        raise ConfigError(f"PRECISION={precision!r} is not one of {PRECISIONS}: set PRECISION to one of them")
     dev = pick_device(device) if isinstance(device, str) else torch.device(device)
     if dev.type != "cuda":
         if precision == "fp32":
@@ -130,7 +130,17 @@ class _cuda_oom_hint:
 
     def __exit__(self, kind, err, tb):
         if kind is not None and issubclass(kind, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
+            release_memory()
             raise RuntimeError("CUDA ran out of memory: lower BATCH_SIZE, MAX_SEQ_LENGTH or the student size "
                                "(STUDENT_DIM, STUDENT_LAYERS), then rerun this cell") from err
         return False
+
+
+def release_memory() -> None:
+    """Collect what was just dropped (gc) and give its memory back to CUDA, so that what comes next (the next
+    phase, ablation arm or the student after the teacher) is built in it. On a CPU only the collection runs."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

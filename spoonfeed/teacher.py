@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-import torch
-
 from .config import BUNDLED_GGUF, BUNDLED_INSTALL, BUNDLED_PACKAGE, BUNDLED_TEACHER, check_teacher_name
 from .errors import TeacherUnavailableError
-from .precision import pick_device, precision_policy
+from .precision import pick_device, precision_policy, release_memory
 
 if TYPE_CHECKING:
     from .precision import Precision
@@ -109,16 +107,15 @@ def _load_cuda_teacher(path, kw, policy: Precision):
 def _device_map():
     """Where transformers puts the teacher on CUDA: "auto" (every visible GPU) in one process; under `accelerate
     launch`, whole on this process's own GPU (PartialState made it the current one), one copy a process."""
+    import torch
+
     from .parallel import world
 
     return {"": torch.cuda.current_device()} if world().parallel else "auto"
 
 
 def free_teacher(teacher):
-    """Drop the teacher and give its memory back (CUDA included)."""
-    import gc
-
+    """Drop this reference to the teacher and collect (CUDA's cache included). The memory comes back only once no
+    other reference holds the teacher or its tensors (Phase 1's own locals go when it returns)."""
     del teacher
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()

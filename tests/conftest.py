@@ -1,8 +1,6 @@
 """Shared fixtures: tiny configs, a tiny random Llama teacher with a word-level tokenizer, no network."""
-import inspect
 import os
 import random
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import spoonfeed_helpers as sf  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `pytest -n N`'s workers: one thread each, or N workers fight
+    torch.set_num_threads(1)             # over the cores with torch's own threads
 
 WORDS = ("the cat dog sat ran on a mat log big small red blue and then it was happy sad over under "
          "tree house sun moon day night saw jumped ate fish bird flew away home").split()
@@ -38,24 +39,35 @@ def seed():
     torch.manual_seed(0)
 
 
+def _looks_up(caller, module, name: str) -> bool:
+    """Whether function `caller` (or a lambda/def inside it) looks `name` up in `module`: as a global of the module
+    it was defined in, or as an attribute of a global alias of it (sf.name)."""
+    codes, names = [caller.__code__], set()
+    while codes:
+        code = codes.pop()
+        names |= set(code.co_names)
+        codes += [c for c in code.co_consts if hasattr(c, "co_names")]
+    if name not in names:
+        return False
+    return caller.__globals__ is vars(module) or any(caller.__globals__.get(a) is module for a in names)
+
+
 @pytest.fixture
 def patch(monkeypatch):
     """monkeypatch.setattr for a function that a test replaces, checked: patch(module, NAME, fn) patches NAME in
     the module whose code calls it (where the caller looks it up: spoonfeed.precision.cpu_bf16_instructions, not
     the re-export sf.cpu_bf16_instructions). The test then fails if fn was never called, so that no test passes
     while testing less. called=False is for a replacement that must not run (it fails the test when it does):
-    then the caller's source (caller=, default the module itself) must call NAME through that module, or the patch
-    could not catch anything."""
+    then caller= names the function under test that would call it, and that function must look NAME up in
+    `module`, or the patch could not catch anything."""
     patched = []
 
     def setattr(module, name, fn, called=True, caller=None):
         assert callable(getattr(module, name, None)), f"{module.__name__} has no function {name}"
-        if not called:  # caller (default: module) must look NAME up in module, as NAME( or alias.NAME(
-            caller = caller or module
-            aliases = [k for k, v in vars(caller).items() if v is module]
-            calls = [rf"\b{a}\.{name}\(" for a in aliases] + ([rf"(?<!def )\b{name}\("] if caller is module else [])
-            assert any(re.search(c, inspect.getsource(caller)) for c in calls), \
-                f"{caller.__name__} never calls {module.__name__}.{name}: patch it where its caller looks it up"
+        if not called:
+            assert caller is not None, "called=False needs caller=, the function that would call it"
+            assert _looks_up(caller, module, name), \
+                f"{caller.__qualname__} does not look {name} up in {module.__name__}: patch it where it does"
         calls = []
 
         def spy(*a, **k):

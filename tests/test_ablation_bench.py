@@ -161,7 +161,7 @@ def test_a_width_the_student_cannot_have_fails_before_any_arm(tiny_cache, tmp_pa
                                            (["--widths", "-8"], "--widths '-8'"), (["--widths", "6"], "odd"),
                                            (["--seeds", "0"], "--seeds 0"), (["--seeds", "-1"], "--seeds -1")])
 def test_bad_command_line_values_are_one_error_naming_the_option_before_any_work(argv, message, capsys, patch):
-    patch(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"), called=False, caller=ab)
+    patch(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"), called=False, caller=ab.main)
     with pytest.raises(SystemExit) as e:
         ab.main(["--smoke", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err

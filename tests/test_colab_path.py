@@ -8,7 +8,6 @@ import random
 import re
 
 import pytest
-
 from conftest import ROOT, WORDS, copy_code
 
 import spoonfeed_helpers as sf

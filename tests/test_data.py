@@ -1,13 +1,12 @@
 """Your own data: local files through the `datasets` library's packaged builders, every common format, the
 TEXT_FIELD rules, errors that name the file and the line, all before the teacher loads (issue 15; 14.3, 14.5)."""
 import json
-import os
 import random
+import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import WORDS, CountingLoader, make_tokenizer, tiny_run_config, write_corpus
+from conftest import WORDS, CountingLoader, make_teacher, make_tokenizer, tiny_run_config, write_corpus
 
 import spoonfeed_helpers as sf
 
@@ -177,7 +176,9 @@ def test_chat_lists_in_a_jsonl_file_are_rendered_with_the_chat_template(tmp_path
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     report = sf.DataReport(str(tmp_path / "chat.jsonl"))
     out = texts(tmp_path / "chat.jsonl", tokenizer=chat_tokenizer(), report=report)
-    assert out == ["<user> hello there\n<assistant> hi, friend\n"] * 2
+    assert out == ["<user> hello there\n<assistant> hi, friend\n"]
+    # the ShareGPT record renders to the same text, so it is dropped as a duplicate
+    assert report.skipped == {sf.DUPLICATE: [1, f"{tmp_path / 'chat.jsonl'} record index 1"]}
     assert report.chat_rendered == "the tokenizer's chat template"
 
 
@@ -328,14 +329,6 @@ def test_an_empty_file_in_a_folder_is_passed_over_and_a_folder_of_empty_files_is
         phase1(tmp_path, e, loader=CountingLoader())
 
 
-def test_a_single_source_file_that_cannot_fill_held_out_says_why(tmp_path):
-    """One .py file is one document: it can never give held-out blocks of its own, and the error says so."""
-    f = tmp_path / "one.py"
-    f.write_text("\n".join(f"def f{i}(x):\n    return x * {i} + {i}  # the line {i}" for i in range(400)))
-    with pytest.raises(sf.ConfigError, match=r"a \.py or \.md file is one document"):
-        phase1(tmp_path, f, loader=CountingLoader())
-
-
 # --- the data report -----------------------------------------------------------------------------------------------
 
 
@@ -399,3 +392,280 @@ def test_reading_writes_nothing_outside_the_cache_folder(tmp_path, monkeypatch):
     cache, _ = phase1(tmp_path, tmp_path / "data", num_samples=8, val_samples=2, batch_size=4)
     assert not home.exists() or not any(home.rglob("*"))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.path.name]  # no builder files left behind
+
+
+# --- issue 27: data as users really have it --------------------------------------------------------------------
+
+
+def _no_eos(case):
+    """A tokenizer without a usable EOS, in each way one can lack it."""
+    tok = make_tokenizer()
+    if case == "none":
+        tok.eos_token = None
+    elif case == "not in the vocab, with an unknown token":
+        tok.eos_token = "<|endoftext|>"  # maps to <unk>'s id
+    else:  # not in the vocab, and no unknown token to map it to
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="the"))
+        raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+        tok.eos_token = "<eos>"  # set after construction: not added to the vocabulary, so its id is None
+    return tok
+
+
+@pytest.mark.parametrize("case", ["none", "not in the vocab, with an unknown token", "not in the vocab, no unknown"])
+def test_a_tokenizer_without_an_eos_stops_phase_1_before_the_data_is_read_or_the_teacher_loads(tmp_path, case):
+    loader = CountingLoader()
+    loader.tokenizer = _no_eos(case)
+    with pytest.raises(sf.ConfigError, match=r"tokenizer of TEACHER_MODEL='tiny/teacher' (has no EOS token|names "
+                                             r"the EOS token .* not in its vocabulary).*joins documents with EOS.*"
+                                             r"eos_token"):
+        phase1(tmp_path, write_corpus(tmp_path / "corpus"), loader=loader)
+    assert loader.calls == 0
+    with pytest.raises(sf.ConfigError, match="EOS"):  # pack_blocks itself checks, before reading a document
+        sf.pack_blocks(iter(()), loader.tokenizer, 8, 2, 1)
+
+
+def test_a_local_teacher_folder_whose_tokenizer_has_no_eos_names_the_folder_and_the_fix(tmp_path):
+    tok = make_tokenizer()
+    tok.eos_token = None
+    folder = tmp_path / "my-teacher"
+    tok.save_pretrained(folder)
+    make_teacher().config.save_pretrained(folder)
+    cfg = tiny_run_config(tmp_path, teacher=str(folder))
+
+    def loader():
+        raise AssertionError("the teacher loaded")
+
+    with pytest.raises(sf.ConfigError, match=rf"{folder}'? has no EOS token.*\"eos_token\" in tokenizer_config.json"):
+        sf.cache_teacher_states(cfg, loader=loader, progress=False)
+
+
+# item 2: links in a data folder -------------------------------------------------------------------------------
+
+
+def _link_layout(tmp_path, layout):
+    """A data folder (with a.txt) and a folder beside it (other/x.txt), linked in one of the ways users link.
+    Returns (DATASET, the texts to be read once each, the reason a left-out path gives, or None)."""
+    data, other = tmp_path / "data", tmp_path / "other"
+    (data / "sub").mkdir(parents=True)
+    other.mkdir()
+    (data / "a.txt").write_text("the text of the real file a")
+    (data / "sub" / "b.txt").write_text("the text of the real file b")
+    (other / "x.txt").write_text("the text behind the link x")
+    want = ["the text of the real file a", "the text of the real file b", "the text behind the link x"]
+    source, why = data, None
+    if layout == "a linked folder":
+        (data / "linked").symlink_to("../other")
+    elif layout == "a linked file":
+        (data / "x.txt").symlink_to("../other/x.txt")
+    elif layout == "two links to one folder":
+        (data / "l1").symlink_to("../other")
+        (data / "l2").symlink_to(other)
+        why = "a link to .*l1, read once"
+    elif layout == "a loop to a folder above":
+        (data / "sub" / "up").symlink_to("../..")  # tmp_path: holds data/ itself
+        (data / "sub" / "same").symlink_to("..")  # data/
+        want, why = want[:2], "a link loop"
+    elif layout == "a broken link":
+        (data / "gone.txt").symlink_to("../nowhere.txt")
+        want, why = want[:2], "a broken link"
+    else:  # a glob whose ** runs round a link loop
+        (data / "sub" / "same").symlink_to("..")
+        source, want, why = data / "**" / "*.txt", want[:2], "the same file as"
+    return source, want, why
+
+
+@pytest.mark.parametrize("layout", ["a linked folder", "a linked file", "two links to one folder",
+                                    "a loop to a folder above", "a broken link", "a glob through a link loop"])
+def test_links_are_followed_each_file_is_read_once_and_what_is_left_out_is_reported(tmp_path, layout):
+    source, want, why = _link_layout(tmp_path, layout)
+    report = sf.DataReport(str(source))
+    assert sorted(texts(source, report=report)) == sorted(want)  # every file behind a link, none twice
+    said = sf.describe_data(report)
+    if why:
+        assert report.left_out and all(len(x) == 2 for x in report.left_out)
+        assert re.search(why, report.left_out[0][1]) and "left out" in said
+    if "link" in layout and why is None:
+        assert report.links and "followed 1 link(s)" in said
+    fp = sf.data_fingerprint(str(source))  # the cache key covers whatever is read
+    assert fp["files"] == len(want)
+    if "the text behind the link x" in want:
+        (tmp_path / "other" / "x.txt").write_text("the text behind the link, edited later")
+        assert sf.data_fingerprint(str(source))["digest"] != fp["digest"]
+
+
+# item 3: file names with glob characters -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, decoy", [("a[1].txt", "a1.txt"), ("b*.txt", "bb.txt"), ("c?.txt", "cc.txt"),
+                                         ("d]e.txt", "de.txt"), ("[x].jsonl", "x.jsonl"), ("f[!g].csv", "fh.csv")])
+def test_a_name_with_glob_characters_is_that_file_in_a_folder_or_named_alone(tmp_path, name, decoy):
+    """An existing path is literal, for our own listing and for `datasets`' data_files alike: neither the
+    decoy (a file the name would match as a pattern) is read in its place, nor is the file refused."""
+    folder = tmp_path / "my[data]*"
+    folder.mkdir()
+
+    def write(path, text):
+        if path.suffix == ".jsonl":
+            path.write_text(json.dumps({"text": text}) + "\n")
+        elif path.suffix == ".csv":
+            path.write_text(f"text\n{text}\n")
+        else:
+            path.write_text(text)
+
+    write(folder / name, "the text of the file with the odd name")
+    write(folder / decoy, "the text of the decoy file")
+    assert sorted(texts(folder)) == ["the text of the decoy file", "the text of the file with the odd name"]
+    assert texts(folder / name) == ["the text of the file with the odd name"]
+    cfg = tiny_run_config(tmp_path, dataset=str(folder / name))  # accepted, not "no file matches"
+    assert list(sf.data_fingerprint(cfg.dataset)["listing"]) == [str(folder / name)]
+
+
+# item 4: one huge text file, streamed --------------------------------------------------------------------------
+
+
+def test_a_txt_file_is_cut_into_documents_as_it_streams(tmp_path):
+    """The first document is ready once its own text is read: an endless stream of lines with no blank line
+    still gives documents, each at most max_chars, one at a time."""
+    import itertools
+
+    rng = random.Random(4)
+    endless = ((i, {"text": words(12, rng)}) for i in itertools.count())
+    docs = list(itertools.islice(sf._text_documents(endless, 200), 5))
+    assert len(docs) == 5 and all(len(d["text"]) <= 200 for _, d in docs)
+    assert [i for i, _ in docs] == sorted(i for i, _ in docs)  # in file order: consecutive regions
+
+
+@pytest.mark.parametrize("layout", ["no blank lines", "no line breaks at all", "windows line ends",
+                                    "blank lines of spaces", "paragraphs longer than a document"])
+def test_every_layout_of_a_big_txt_file_is_covered_once_in_order(tmp_path, layout):
+    rng = random.Random(5)
+    lines = [words(rng.randint(3, 30), rng) for _ in range(400)]
+    text = {"no blank lines": "\n".join(lines), "no line breaks at all": " ".join(lines),
+            "windows line ends": "\r\n\r\n".join(lines), "blank lines of spaces": "\n   \n".join(lines),
+            "paragraphs longer than a document": "\n\n".join("\n".join(lines[i:i + 40])
+                                                              for i in range(0, 400, 40))}[layout]
+    (tmp_path / "big.txt").write_bytes(text.encode())
+    docs = texts(tmp_path / "big.txt", max_chars=300)
+    assert len(docs) > 20 and all(len(d) <= 300 for d in docs)
+    assert " ".join(docs).split() == text.split()  # every word once, in order
+
+
+# item 5: text in another encoding ------------------------------------------------------------------------------
+
+
+LEGACY = "café, naïve façade: the cat sat on the mat"  # bytes 0xe9, 0xef, 0xe7 in cp1252, not valid UTF-8
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".md", ".py", ".csv", ".jsonl", ".json"])
+def test_a_file_in_a_legacy_encoding_is_never_read_silently_and_encoding_reads_it(tmp_path, suffix, capsys):
+    """Text formats are read with the bad bytes replaced, and the data report (and Phase 1) names the file, the
+    count and ENCODING; JSON and CSV stop with one error naming the byte and ENCODING. With ENCODING set to the
+    file's encoding, every format reads the text as written."""
+    d = tmp_path / "data"
+    d.mkdir()
+    body = {".csv": f'text\n"{LEGACY}"\n', ".jsonl": json.dumps({"text": LEGACY}, ensure_ascii=False) + "\n",
+            ".json": json.dumps([{"text": LEGACY}], ensure_ascii=False)}.get(suffix, LEGACY)
+    f = d / f"legacy{suffix}"
+    f.write_bytes(body.encode("cp1252"))
+    (d / "fine.txt").write_text("plain utf-8 text, nothing to replace")
+    report = sf.DataReport(str(d))
+    if suffix in (".csv", ".jsonl", ".json"):
+        with pytest.raises(sf.ConfigError, match=rf"legacy{suffix}: byte \d+ \(0x(e9|ef|e7)\) is not valid utf-8: set "
+                                                 r"ENCODING to the file's encoding"):
+            texts(d, report=report)
+    else:
+        out = texts(d, report=report)
+        assert "\ufffd" in out[1] and report.undecodable == {str(f): 3}  # the 3 accented letters, named
+        assert "1 file(s) held bytes that are not valid utf-8" in sf.describe_data(report)
+        assert "set ENCODING" in sf.describe_data(report) and "fine.txt" not in sf.describe_data(report)
+    if suffix == ".json":  # datasets parses a JSON array before the encoding applies: it says so, and the fix
+        with pytest.raises(sf.ConfigError, match="a JSON array file must be UTF-8.*or as JSON Lines"):
+            texts(d, encoding="cp1252")
+        return
+    good = texts(d, encoding="cp1252", report=sf.DataReport(str(d)))
+    assert LEGACY in good and not any("\ufffd" in t for t in good)
+    if suffix == ".txt":  # Phase 1 says so before the teacher loads, and the setting is part of the cache key
+        (d / "more.txt").write_text("\n\n".join(words(40, random.Random(i)) for i in range(80)))
+        cache, _ = phase1(tmp_path, d)
+        assert "Phase 1: note: 1 file(s) held bytes that are not valid utf-8" in capsys.readouterr().out
+        again, _ = phase1(tmp_path, d, encoding="cp1252")
+        assert again.path != cache.path and again.manifest["data"]["undecodable"] == {}
+
+
+# item 6: duplicate documents -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["twice in one file", "a copy of a file", "the same text, other whitespace",
+                                  "across formats"])
+def test_duplicates_are_dropped_before_the_split_so_held_out_shares_no_text_with_training(tmp_path, where):
+    rng = random.Random(6)
+    docs = [words(30, rng) + " ." for _ in range(40)]
+    d = tmp_path / "data"
+    d.mkdir()
+    if where == "twice in one file":
+        (d / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs for _ in range(2)))
+    elif where == "a copy of a file":
+        for i, t in enumerate(docs):
+            (d / f"{i:02d}.txt").write_text(t)
+            (d / f"{i:02d}-copy.txt").write_text(t)
+    elif where == "the same text, other whitespace":
+        (d / "a.jsonl").write_text("\n".join(json.dumps({"text": v}) for t in docs for v in (t, f"\n  {t}\n")))
+    else:
+        (d / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
+        pd = __import__("pandas")
+        pd.DataFrame({"text": docs}).to_csv(d / "b.csv", index=False)
+    report = sf.DataReport(str(d))
+    train, val, _ = sf.pack_blocks(sf.iter_texts(str(d), report=report), make_tokenizer(), seq_len=16,
+                                   num_train=200, num_val=8, report=report)  # more than there is: all is read
+    assert report.skipped[sf.DUPLICATE][0] == 40 and report.documents == 40
+    eos = make_tokenizer().eos_token_id
+    assert not sixgrams(train, eos) & sixgrams(val, eos)  # what "held-out documents disjoint" claims
+    assert "skipped 40 x the same text as an earlier document" in sf.describe_data(report)
+
+
+# item 7: one long document --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["one long .md", "one long .py", "three long .py files", "two long records"])
+def test_long_documents_give_as_many_blocks_as_their_length_allows_when_documents_run_out(tmp_path, layout):
+    rng = random.Random(7)
+
+    def long_text(n_lines=120):
+        return "\n".join(words(12, rng) for _ in range(n_lines))  # ~1,400 tokens: 90 blocks of 16
+
+    d = tmp_path / "data"
+    d.mkdir()
+    if layout == "one long .md":
+        source = d / "book.md"
+        source.write_text(long_text())
+    elif layout == "one long .py":
+        source = d / "module.py"
+        source.write_text(long_text())
+    elif layout == "three long .py files":
+        source = d
+        for i in range(3):
+            (d / f"m{i}.py").write_text(long_text(40))
+    else:
+        source = d / "a.jsonl"
+        source.write_text("\n".join(json.dumps({"text": long_text(60)}) for _ in range(2)))
+    cache, _ = phase1(tmp_path, source, num_samples=24, val_samples=6, seq_len=16)
+    assert (cache.num_train, cache.num_val) == (24, 6)  # the cap alone gave at most 4 blocks a document
+    eos = make_tokenizer().eos_token_id
+    assert not sixgrams(cache.train_tokens, eos) & sixgrams(cache.val_tokens, eos)
+    data = cache.manifest["data"]
+    assert data["pieces"] > 0 and "was cut into" in sf.describe_data(cache)
+
+
+def test_enough_documents_use_no_pieces_and_pack_as_before(tmp_path):
+    docs = [words(80, random.Random(i)) for i in range(60)]  # each longer than the 4-block cap
+    report = sf.DataReport("x")
+    train, val, val_docs = sf.pack_blocks(iter(docs), make_tokenizer(), seq_len=8, num_train=60, num_val=6,
+                                          report=report)
+    assert report.pieces == 0 and val_docs[0] == 9
+    tok = make_tokenizer()
+    first = tok(docs[0], add_special_tokens=False).input_ids[:32]
+    assert train.ravel().tolist()[:33] == first + [tok.eos_token_id]  # a document still gives at most 4 blocks

@@ -2,6 +2,7 @@
 the head bias folded or trained away, and the Hub upload's argument checks. No network."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -181,9 +182,9 @@ def test_head_bias_is_part_of_phase_3s_checkpoint_signature_only(tiny_cache):
 def test_head_bias_setting_is_checked():
     assert sf.make_config(head_bias=False).head_bias is False
     assert sf.RunConfig().head_bias is True  # today's behaviour by default
-    with pytest.raises(sf.ConfigError, match="head_bias"):
+    with pytest.raises(sf.ConfigError, match="HEAD_BIAS='no' must be True or False"):
         sf.make_config(head_bias="no")
-    with pytest.raises(sf.ConfigError, match="seed"):
+    with pytest.raises(sf.ConfigError, match="SEED=True must be a whole number"):
         sf.make_config(seed=True)  # bools are still refused where a number is wanted
 
 
@@ -290,6 +291,34 @@ def test_f16_gguf_of_a_small_student_with_bpe_tokenizer_metadata(tmp_path):
     assert np.array_equal(np.asarray(t.data).reshape(16, 64), (q * scale).detach().numpy().astype(np.float16))
 
 
+@pytest.mark.parametrize("token, how, expected", [
+    ("<tool>", "added", "USER_DEFINED"),  # an added token that is not special
+    ("hello world", "added", "USER_DEFINED"),  # an added token with a space in it
+    ("<|looks|>", "added", "CONTROL"),  # not marked special, but llama.cpp's converter calls it special
+    ("<ctrl>", "special", "CONTROL"),  # an added special token
+    ("<|im_start|>", "special", "CONTROL"),
+    ("</s>", "vocab", "CONTROL"),  # the EOS: a special token of the trained vocab
+    ("the", "vocab", "NORMAL"),  # an ordinary BPE token
+    ("[PAD71]", "padding", "UNUSED"),  # an id the tokenizer does not use
+])
+def test_gguf_types_tokens_as_llama_cpps_converter_does(tmp_path, token, how, expected):
+    """llama.cpp matches CONTROL, USER_DEFINED and UNKNOWN tokens whole in the text and BPE-splits the rest, so an
+    added token written NORMAL would reach the student as pieces it never saw. The types are read back with
+    gguf's reader: added special tokens CONTROL, other added tokens USER_DEFINED (CONTROL if they look special,
+    as convert_hf_to_gguf.py's does_token_look_special says), BPE tokens NORMAL, padding UNUSED."""
+    import gguf
+
+    tok = _bpe_tokenizer()
+    tok.add_tokens(["<tool>", "hello world", "<|looks|>"])
+    tok.add_special_tokens({"additional_special_tokens": ["<ctrl>", "<|im_start|>"]})
+    model = sf.BitNetStudent(tiny_student_config(vocab_size=72, head_mode="tied")).eval()
+    r = gguf.GGUFReader(sf.export_gguf(model, tok, tmp_path / "s.gguf", qtype="F16"))
+    tokens, types = _field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.token_type")
+    i = tokens.index(token)
+    assert i == (tok.convert_tokens_to_ids(token) if how != "padding" else 71)
+    assert types[i] == int(getattr(gguf.TokenType, expected)), (token, gguf.TokenType(types[i]).name)
+
+
 def test_gguf_refuses_a_tokenizer_it_cannot_describe(tmp_path):
     model = sf.BitNetStudent(tiny_student_config(head_bias=False))
     with pytest.raises(sf.ConfigError, match="BPE"):
@@ -347,8 +376,9 @@ def test_export_all_checks_the_hf_form_before_writing_anything_or_folding_the_bi
         def __len__(self):
             return model.cfg.vocab_size + 1
 
-    for module in (sf, spoonfeed.export):  # export_all, and the forms it calls
-        patch(module, "llama_head", lambda *a, **k: pytest.fail("the fold ran before the checks"), called=False)
+    for caller in (sf.export_all, spoonfeed.export.export_hf, spoonfeed.export.export_gguf):  # and the forms
+        patch(sys.modules[caller.__module__], "llama_head",
+              lambda *a, **k: pytest.fail("the fold ran before the checks"), called=False, caller=caller)
     with pytest.raises(sf.ConfigError, match="vocab"):
         sf.export_all(model, TooBig(), tmp_path / "exports", cache)
     assert not (tmp_path / "exports").exists()
@@ -389,7 +419,8 @@ def test_every_writer_refuses_a_destination_that_holds_something_else_before_any
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the destination was checked")
 
-    patch(spoonfeed.export, "llama_head", no_work, called=False)  # the head fold: the first costly step of the Llama forms
+    if writer in ("export_hf", "export_gguf"):  # the head fold: the first costly step of the Llama forms
+        patch(spoonfeed.export, "llama_head", no_work, called=False, caller=getattr(spoonfeed.export, writer))
     for place in places:
         with pytest.raises(sf.ConfigError, match=rf"{writer} .*{place.name}") as err:
             WRITERS[writer](_student(), place)

@@ -2,6 +2,7 @@
 follow every write (issue 16). The older generation checks (cached = full recompute, EOS stop, position guard)
 are in test_model.py."""
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -505,3 +506,48 @@ def test_left_pad_ends_every_row_at_the_last_column_with_its_mask():
     assert ids.tolist() == [[1, 5, 6], [7, 8, 9], [1, 1, 4]]
     assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
     assert torch.equal(ids, _left_pad([[5, 6], [7, 8, 9], [4]], fill=1)[0])
+
+
+# --- token ids the student does not know (issue 27, item 11) -------------------------------------------------
+
+
+def _vocab_of(tok, word):
+    return tok.convert_tokens_to_ids(word)
+
+
+@pytest.mark.parametrize("case", ["a prompt token", "the second prompt only", "an empty prompt's EOS",
+                                  "the padding fed after EOS", "a batch's left padding"])
+def test_ids_the_student_does_not_know_are_one_clear_error_before_any_forward(case):
+    """A tokenizer larger than the student's vocab: whichever way an unknown id would reach the embedding (a
+    prompt's token, the EOS an empty prompt starts from, the pad id fed back after EOS, a batch's left padding),
+    generate_text names it, and the fix, before any prompt runs; no IndexError half-way."""
+    tok = make_tokenizer()  # 39 tokens: <unk>, </s>, the words, ".", ","
+    vocab, prompts, where = 20, ["the cat"], None
+    if case == "a prompt token":
+        prompts, where = ["the fish"], "prompt 1 holds"
+    elif case == "the second prompt only":
+        prompts, where = ["the cat", "a bird flew", "the dog"], "prompt 2 holds"
+    elif case == "an empty prompt's EOS":
+        vocab, prompts, where = 1, [""], "eos_token_id holds 1 ('</s>')"
+    elif case == "the padding fed after EOS":
+        tok.pad_token = "bird"
+        where = "pad_token_id holds"
+    else:
+        tok.eos_token, tok.pad_token = "fish", "fish"  # left_pad fills with the EOS
+        prompts, where = ["the cat", "the"], "eos_token_id holds"
+    assert len(tok) > vocab
+    model = sf.BitNetStudent(tiny_student_config(vocab_size=vocab)).eval()
+    model.register_forward_pre_hook(lambda *a: pytest.fail("a forward ran"))
+    with pytest.raises(sf.ConfigError, match=rf"{re.escape(where)}.*vocab has {vocab} ids.*tokenizer of the teacher.*"
+                                             r"check_compatible.*Nothing was generated"):
+        sf.generate_text(model, tok, prompts, 3, temperature=0)
+
+
+@pytest.mark.parametrize("idx, named", [([[3, 64]], "the prompt ids holds 64"), ([[-1, 3]], "the prompt ids holds -1"),
+                                        ([[3, 4]], "eos_token_id holds 99")])
+def test_generate_checks_every_id_it_feeds_the_embedding(idx, named):
+    model = sf.BitNetStudent(tiny_student_config()).eval()  # vocab 64
+    eos = 99 if "99" in named else None
+    with pytest.raises(sf.ConfigError, match=named):
+        sf.generate(model, torch.tensor(idx), 3, temperature=0, eos_token_id=eos)
+    sf.generate(model, torch.tensor([[3, 63]]), 2, temperature=0, eos_token_id=1)  # the last id, 63, is known

@@ -166,6 +166,23 @@ def test_gradient_averaging_writes_every_bucket_back_and_leaves_unused_parameter
     assert c.grad is None and frozen.grad is None
 
 
+def test_a_sparse_embedding_gradient_is_averaged_over_the_rows_every_process_touched():
+    """EMBEDDING_UPDATE = "lazy": each process's gradient holds only the rows its batch touched. The average holds
+    the rows of the whole batch, each the sum over processes divided by N: here the other process touched rows 1
+    and 3 with the same values, so rows 1 and 3 keep their values and row 5 (this process's alone) is halved."""
+    class Other(parallel.World):
+        def gather(self, items):
+            (rows, values), = items
+            return items + [(torch.tensor([[1, 3]]), values[:2])]
+
+    emb = torch.nn.Embedding(6, 2, sparse=True)
+    emb(torch.tensor([1, 3, 5])).sum().backward()
+    Other(state(2, 0)).average_gradients([emb.weight])
+    g = emb.weight.grad
+    assert g.is_sparse and g.indices().tolist() == [[1, 3, 5]]
+    assert torch.equal(g.to_dense()[[1, 3]], torch.ones(2, 2)) and torch.equal(g.to_dense()[5], torch.full((2,), 0.5))
+
+
 def test_one_failure_inside_together_is_raised_on_every_process():
     class Gathered(parallel.World):
         def __init__(self, index, others):

@@ -47,7 +47,7 @@ def test_policy_on_cpu_is_float32_without_autocast_or_scaler(monkeypatch, patch)
     assert sf.make_grad_scaler(policy) is None
     with sf._autocast(policy):
         assert not torch.is_autocast_enabled("cpu")
-    with pytest.raises(sf.ConfigError, match="precision"):
+    with pytest.raises(sf.ConfigError, match="PRECISION='fp8'"):
         sf.precision_policy("cpu", "fp8")
 
 

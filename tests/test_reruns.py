@@ -80,11 +80,44 @@ def test_rerun_phase3_alone_after_changing_its_setting_reuses_phase2(small, tmp_
     new = _cfg(cfg, **change)
     steps = []
     real = sf.superposition_step
-    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False)
+    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False,
+          caller=sf.train_superposition)
     nb.cell6(new)
     assert steps == []
     monkeypatch.undo()
     assert_same_weights(nb.student, fresh_run(new, cache, tmp_path))
+
+
+@pytest.mark.parametrize("change", ["edit every file", "add a file", "remove a file"])
+def test_a_checkpoint_made_from_other_data_is_moved_aside_and_retrained(tmp_path, capsys, change):
+    """Phase 1 rebuilds the cache in the same folder when the data changes; Phases 2 and 3 then see other
+    content under the same folder name, so their checkpoints are moved aside with a line saying why, and the
+    run ends where a fresh run on the new data ends (issue 27, item 8)."""
+    from conftest import CountingLoader, tiny_run_config
+
+    cfg = _cfg(tiny_run_config(tmp_path), superposition_steps=8, lm_head_steps=6, ckpt_every=4, eval_every=4,
+               warmup_steps=2)
+    loader = CountingLoader()
+    old = sf.cache_teacher_states(cfg, loader=loader, progress=False)
+    Notebook(old).run_all(cfg)
+    docs = sorted(Path(cfg.dataset).glob("*.txt"))
+    if change == "edit every file":
+        for i, f in enumerate(docs):
+            f.write_text(" ".join(reversed(f.read_text().split())) + f" {i} .")
+    elif change == "add a file":
+        (Path(cfg.dataset) / "doc000a.txt").write_text("the big red dog ran home and then the sun was happy .")
+    else:
+        docs[0].unlink()
+    new = sf.cache_teacher_states(cfg, loader=loader, progress=False)
+    assert loader.calls == 2 and new.path == old.path and new.content_digest != old.content_digest
+    capsys.readouterr()
+    after = Notebook(new).run_all(cfg)
+    out = capsys.readouterr().out
+    assert "already done" not in out
+    why = "was made with other settings (the teacher cache it was trained on (Phase 1 rebuilt it"
+    assert out.count(why) == 4  # each phase's newest checkpoint and its .prev
+    assert "moved it to phase2.other-settings.pt" in out and "moved it to phase3.other-settings.pt" in out
+    assert_same_weights(after.student, fresh_run(cfg, new, tmp_path))
 
 
 def test_cells_in_order_in_a_fresh_kernel_reuse_both_phases(small, tmp_path, capsys):
@@ -323,7 +356,8 @@ def test_unwritable_run_dir_is_refused_before_phase2_trains(small, tmp_path, pat
     blocker.write_text("not a folder")
     steps = []
     real = sf.superposition_step
-    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False)
+    patch(sf, "superposition_step", lambda *a, **k: (steps.append(1), real(*a, **k))[1], called=False,
+          caller=sf.train_superposition)
     bad = _cfg(cfg, run_dir=str(blocker / "run"))
     with pytest.raises(sf.ConfigError, match="RUN_DIR"):
         sf.train_superposition(sf.build_student(bad, cache), cache, bad, progress=False)

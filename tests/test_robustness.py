@@ -142,21 +142,74 @@ def test_cuda_out_of_memory_names_the_sliders():
     (dict(dataset="no such dataset"), "Offline, use 'stdlib'"),
     (dict(student_dim=100, student_heads=12), "multiple of the heads"),
     (dict(student_dim=36, student_heads=12), "odd"),
-    (dict(seq_len=0), "seq_len must be positive"),
-    (dict(seq_len=-5), "seq_len must be positive"),
+    (dict(seq_len=0), "MAX_SEQ_LENGTH must be positive"),
+    (dict(seq_len=-5), "MAX_SEQ_LENGTH must be positive"),
     (dict(teacher="TinyLlama/TinyLlama-1.1B-Chat-v1.0", seq_len=4096), "lower MAX_SEQ_LENGTH"),
     (dict(batch_size=64, num_samples=10), "lower BATCH_SIZE"),
     (dict(loss="l1"), "one of"),
     (dict(head_mode="shared"), "one of"),
     (dict(head_init="zeros"), "one of"),
-    (dict(lr=0.0), "LEARNING_RATE and EMBED_LR_MULT above 0"),
-    (dict(embed_lr_mult=-1.0), "LEARNING_RATE and EMBED_LR_MULT above 0"),
-    (dict(batch_size=8.5), "must be of type int"),
+    (dict(lr=0.0), "LEARNING_RATE=0.0 must be above 0"),
+    (dict(embed_lr_mult=-1.0), "EMBED_LR_MULT=-1.0 must be above 0"),
+    (dict(batch_size=8.5), "BATCH_SIZE=8.5 must be a whole number"),
     (dict(btach_size=8), "did you mean 'batch_size'"),
+    (dict(encoding="no-such-codec"), "ENCODING='no-such-codec' is not a text encoding"),
+    (dict(encoding="base64"), "set ENCODING"),
 ])
 def test_bad_settings_are_refused_with_the_fix(kw, fix):
     with pytest.raises(sf.ConfigError, match=fix):
         sf.make_config(**kw)
+
+
+def _cell_2_form_names():
+    """{RunConfig field: form setting} as the notebook's cell 2 passes them to make_config (field=FORM_NAME)."""
+    import re
+
+    src = (Path(sf.__file__).parent / "spoon_feed.py").read_text()
+    call = src[src.index("cfg = sf.make_config("):]
+    call = call[:call.index("\n)\n")]
+    return dict(re.findall(r"\b([a-z_]+)=(?:sf\.\w+\()?([A-Z][A-Z_]*)\b", call))
+
+
+def test_the_form_names_are_the_ones_cell_2_passes():
+    assert sf.FORM_NAMES == _cell_2_form_names()
+
+
+# one bad value of each kind a form setting can get, as the form, `papermill -p` and a YAML file pass them
+_BAD = {"int": ["12.5", 12.5, "many", True, None], "float": ["1e-3", "fast", None, [1.0]], "str": [3, None],
+        "bool": ["no", "1", 2], "tuple": ["128", 128]}
+
+
+@pytest.mark.parametrize("field, form", sorted(sf.FORM_NAMES.items()))
+def test_every_error_names_the_form_setting_the_user_typed_not_the_field(field, form):
+    """Each setting the form feeds, given a value of the wrong type and (for numbers and choices) an impossible
+    value: the one error names the form setting (LEARNING_RATE) and never the internal field (lr=)."""
+    import dataclasses
+
+    kind = {f.name: f.type for f in dataclasses.fields(sf.RunConfig)}[field]
+    impossible = {"int": -3, "float": -1.0, "str": "???" if field not in ("cache_dir", "run_dir") else None}[kind] \
+        if kind in ("int", "float", "str") else None
+    values = _BAD[kind] + ([impossible] if impossible is not None else [])
+    refused = 0
+    for value in values:
+        try:
+            sf.make_config(**{field: value})
+        except sf.ConfigError as e:
+            refused += 1
+            assert form in str(e), (value, str(e))
+            assert f"{field}=" not in str(e).replace(f"{form}=", ""), (value, str(e))
+    assert refused >= len(_BAD[kind]) - (kind == "int" and field == "seed")  # every wrong type (a seed may be < 0)
+
+
+@pytest.mark.parametrize("value, hint", [("1e-3", "write 1.0e-3"), (1.0, None)])
+def test_a_number_written_as_text_says_how_to_write_it(value, hint):
+    if hint is None:
+        assert sf.make_config(lr=value).lr == 1.0
+        return
+    with pytest.raises(sf.ConfigError, match=rf"LEARNING_RATE='1e-3' must be a number \(it is the text.*{hint}"):
+        sf.make_config(lr=value)
+    with pytest.raises(sf.ConfigError, match=r"NUM_CACHE_SAMPLES=600.0 must be a whole number \(write 600"):
+        sf.make_config(num_samples=600.0)
 
 
 def test_unknown_preset_is_refused():

@@ -1,0 +1,543 @@
+"""Which recipe buys the best ternary student? Spoon Feed against what users would pick instead, each at its best
+learning rate, at equal optimiser steps and at equal wall-clock, on two held-out sets (issue 26).
+
+    python bench/recipes.py --measure      # seconds per step of every arm's phases: run it on an IDLE machine
+    nice -n 19 python bench/recipes.py     # the study: LR sweeps on seed 0, then seeds 1 and 2, both budgets
+    python bench/recipes.py --smoke        # the same code path at the smoke preset's sizes (run by the tests)
+
+Arms, on the `cpu` preset's Phase 1 cache (bundled teacher, stdlib corpus), the ternary student at width 256:
+  (a)  Spoon Feed as the notebook runs it: Phase 2 (cosine to the cached teacher states), then Phase 3 (the head);
+  (b)  Spoon Feed with logit KD in Phase 2 (KD_WEIGHT > 0);
+  (c)  plain logit KD: the student with its own head, from its random init, alpha CE + (1 - alpha) T^2 KL through
+       the cached teacher head (train_logit_kd), with a small sweep of alpha and T;
+  (d)  Spoon Feed, then logit KD: Phase 2 as in (a), Phase 3's closed-form head fit, then the whole student (body
+       and head) with logit KD + CE;
+  (e)  BitDistill-style: a SubLN student (RMSNorm on the inputs of o_proj and down_proj), logit KD at T = 5;
+  (f)  next-token CE alone, no teacher (the reference);
+  (fp256), (fp512)  Spoon Feed with full-precision linears at widths 256 and 512, each at its own best LR, so
+       that the ternary-against-full-precision verdict is made with every arm tuned.
+Each arm's LR is swept on seed 0 (three values, extended by a factor 2 while the best sits at an edge, twice at
+most); its variants (alpha and T for (c)) run at that LR; the best setting then runs seeds 1 and 2. Selection is
+on the project's own held-out CE, and the held-out sets are the ones reported: seeds 1 and 2 are fresh draws,
+but the seed-0 figure of the chosen setting is a selected one (docs/recipes.md says so).
+
+Budgets. "steps": every arm gets (a)'s optimiser steps (superposition_steps + lm_head_steps). "wallclock":
+every arm gets the seconds (a) takes, turned into step counts from seconds per step that --measure takes once
+(a short and a long run of each phase: seconds a step and the phase's fixed cost), so that the study itself may
+run beside other work without skewing the budget. Without a speed file the wall-clock budget is skipped, and
+the command to measure one is printed.
+
+Held-out sets: the cache's own held-out blocks (documents no training block shares), and a second domain,
+prose: the package descriptions (importlib.metadata) of the project's requirements, packed by Phase 1 into
+blocks of the same length. Both report the student's CE in nats/token.
+
+Statistics: paired by seed, each arm against (a): a 95% two-sided Student t interval of the per-seed
+differences (bench/ablation.py's t_interval), and a verdict that names a winner only where the interval
+excludes zero. Resumable run by run: each finished run goes into --out at once (JSON, atomic), a rerun skips it;
+inside a run, the phases checkpoint (ckpt_every), so a kill loses at most that many steps.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import spoonfeed_helpers as sf  # noqa: E402
+from bench.ablation import _json, _num, interval_verdict, t_interval  # noqa: E402
+from bench.run import machine_name  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    label: str
+    phases: tuple  # of ("p2" | "p3" | "kd" | "ce", share of the equal-steps budget's steps)
+    lr_field: str  # the RunConfig field the sweep sets
+    lrs: tuple  # the sweep's starting values
+    overrides: dict = dataclasses.field(default_factory=dict)  # RunConfig fields
+    student: dict = dataclasses.field(default_factory=dict)  # StudentConfig fields (subln, ternary), and width
+    variants: tuple = ({},)  # RunConfig overrides tried at the best LR; the first is the sweep's own
+
+
+def arms(cfg: sf.RunConfig) -> dict:
+    """The arms at this preset's budget: (a)'s Phase 2 and Phase 3 steps, every other arm the same total."""
+    s2, s3 = cfg.superposition_steps, cfg.lm_head_steps
+    total, lr = s2 + s3, cfg.lr
+    spoon = (("p2", s2), ("p3", s3))
+    around = (lr / 2, lr, lr * 2)
+    return {
+        "a": Arm("Spoon Feed (the notebook's)", spoon, "lr", around),
+        "c": Arm("plain logit KD", (("kd", total),), "logit_kd_lr", around, {"logit_kd_alpha": 0.5,
+                 "logit_kd_temperature": 1.0},
+                 variants=({}, {"logit_kd_alpha": 0.1}, {"logit_kd_temperature": 2.0}, {"embed_lr_mult": 10.0})),
+        "d": Arm("Spoon Feed, then logit KD", (("p2", s2), ("p3", 0), ("kd", s3)), "logit_kd_lr",
+                 (lr / 4, lr / 2, lr), {"logit_kd_alpha": 0.5, "logit_kd_temperature": 1.0}),
+        "e": Arm("BitDistill-style: SubLN + logit KD, T = 5", (("kd", total),), "logit_kd_lr", around,
+                 {"logit_kd_alpha": 0.5, "logit_kd_temperature": 5.0}, {"subln": True}),
+        "b": Arm("Spoon Feed + logit KD in Phase 2", spoon, "lr", around, {"kd_weight": 0.1}),
+        "f": Arm("next-token CE alone", (("ce", total),), "lr", around),
+        "fp256": Arm("full precision + Spoon Feed, width 256", spoon, "lr", (lr / 4, lr / 2, lr),
+                     student={"ternary": False, "dim": cfg.student_dim}),
+        "fp512": Arm("full precision + Spoon Feed, width 512", spoon, "lr", (lr / 4, lr / 2, lr),
+                     student={"ternary": False, "dim": 2 * cfg.student_dim}),
+    }
+
+
+PRESETS = {"full": dict(preset="cpu", seeds=3, sweep_seed=0),
+           "smoke": dict(preset="smoke", seeds=2, sweep_seed=0)}
+MAX_EXTENSIONS = 2  # the sweep goes on past an edge at most this many times
+SECOND_DOMAIN_PACKAGES = ("transformers", "datasets", "accelerate", "safetensors", "gguf", "tqdm", "matplotlib",
+                          "numpy", "torch", "huggingface_hub", "tokenizers", "scipy")
+
+
+# --- the second held-out domain ---------------------------------------------------------------------------
+
+def second_domain_corpus(folder, packages=SECOND_DOMAIN_PACKAGES) -> Path:
+    """Write the package descriptions (importlib.metadata, the README each package ships) of the installed
+    `packages` into folder/<name>.md, one document each, rewriting a file only when its text changed (so the
+    Phase 1 cache, keyed on the files' size and time, stays valid). Packages not installed are left out.
+    Raises ConfigError when none has a description."""
+    import importlib.metadata as md
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wrote = 0
+    for name in packages:
+        try:
+            meta = md.metadata(name)
+        except md.PackageNotFoundError:
+            continue
+        text = meta.get_payload() or meta.get("Description") or ""
+        if len(text.strip()) < 200:
+            continue
+        path = folder / f"{name}.md"
+        if not path.exists() or path.read_text() != text:
+            sf._atomic_write_text(path, text)
+        wrote += 1
+    if not wrote:
+        raise sf.ConfigError(f"none of {packages} is installed with a description: no second held-out domain")
+    return folder
+
+
+def second_domain_cache(cfg: sf.RunConfig, folder) -> "sf.TeacherCache":
+    """Phase 1 on the second domain: cfg.val_samples held-out blocks (and batch_size training blocks, which no
+    arm uses) of the package descriptions, with cfg's teacher and seq_len; the teacher's CE on them comes free."""
+    corpus = second_domain_corpus(Path(folder) / "corpus")
+    c2 = dataclasses.replace(cfg, dataset=str(corpus), num_samples=cfg.batch_size)
+    return sf.cache_teacher_states(c2, progress=False)
+
+
+# --- one run ----------------------------------------------------------------------------------------------
+
+def run_config(base: sf.RunConfig, arm: Arm, lr: float, variant: dict, seed: int, run_dir) -> sf.RunConfig:
+    fields = {**arm.overrides, **variant, arm.lr_field: lr}  # a variant wins over the arm's own settings
+    return dataclasses.replace(base, **fields, seed=seed, student_dim=arm.student.get("dim", base.student_dim),
+                               run_dir=str(run_dir)).validate()
+
+
+def train(cache, cfg: sf.RunConfig, arm: Arm, steps: dict, progress: bool = False):
+    """Train one arm's student with these phase step counts ({"p2": n, ...}); returns (student, seconds by phase)."""
+    kw = {k: v for k, v in arm.student.items() if k != "dim"}
+    ternary = kw.pop("ternary", True)
+    model = sf.build_student(cfg, cache, ternary=ternary, **kw)
+    seconds = {}
+    for phase, _ in arm.phases:
+        n, t0 = steps[phase], time.perf_counter()
+        if phase == "p2":
+            sf.train_superposition(model, cache, dataclasses.replace(cfg, superposition_steps=n), progress=progress)
+        elif phase == "p3":
+            c3 = dataclasses.replace(cfg, superposition_steps=steps["p2"], lm_head_steps=n)
+            sf.train_lm_head(model, cache, c3, progress=progress)
+        elif phase == "kd":
+            sf.train_logit_kd(model, cache, cfg, steps=n, progress=progress, checkpoint=True)
+        else:
+            sf.train_direct_ce(model, cache, dataclasses.replace(cfg, superposition_steps=n, lm_head_steps=0),
+                               progress=progress)
+        seconds[phase] = time.perf_counter() - t0
+    return model, seconds
+
+
+def run_one(cache, second, base, arm_name: str, arm: Arm, lr: float, variant: dict, seed: int, steps: dict, run_dir,
+            progress=False) -> dict:
+    """Train and evaluate one run: held-out CE on both sets, the cosine where a projector was trained, seconds."""
+    cfg = run_config(base, arm, lr, variant, seed, run_dir)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, seconds = train(cache, cfg, arm, steps, progress)
+    train_s = time.perf_counter() - t0
+    m = sf.evaluate(model, cache, precision=cfg.precision)["metrics"]
+    second_ce = sf.held_out_ce(model, second, precision=cfg.precision)
+    projector = any(p == "p2" for p, _ in arm.phases)
+    return {"arm": arm_name, "lr": lr, "variant": variant, "seed": seed, "steps": steps, "ce": m["student_ce"],
+            "second_ce": second_ce, "cosine_gain": m["cosine_gain"] if projector else float("nan"),
+            "teacher_ce": m["teacher_ce"], "second_teacher_ce": second.teacher_ce(),
+            "train_seconds": train_s, "phase_seconds": seconds, "cpu_seconds": time.process_time() - c0,
+            "loadavg": os.getloadavg()[0], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# --- budgets: equal steps, and equal wall-clock from measured seconds per step ------------------------------
+
+def equal_steps(arm: Arm) -> dict:
+    return {p: n for p, n in arm.phases}
+
+
+def wallclock_steps(arm: Arm, speeds: dict, reference: Arm, ref_name: str, name: str) -> dict:
+    """Step counts that make `arm` take the seconds `reference` takes at equal steps, from speeds[arm][phase] =
+    {"s_per_step", "overhead_s"}: budget B = sum over the reference's phases of overhead + steps x s/step; every
+    phase of `arm` is scaled by one factor k with sum(overhead) + k sum(steps x s/step) = B (a phase of 0 steps
+    stays 0, any other gets 1 at least). Raises ConfigError when an arm's speeds are missing."""
+    def cost(nm, a, k=1.0):
+        if nm not in speeds or any(p not in speeds[nm] for p, _ in a.phases):
+            raise sf.ConfigError(f"no measured speed for arm ({nm}): run `python bench/recipes.py --measure` first")
+        fixed = sum(speeds[nm][p]["overhead_s"] for p, _ in a.phases)
+        return fixed, sum(n * speeds[nm][p]["s_per_step"] for p, n in a.phases)
+
+    fixed_r, var_r = cost(ref_name, reference)
+    budget = fixed_r + var_r
+    fixed, var = cost(name, arm)
+    k = max(budget - fixed, 0.0) / var if var > 0 else 1.0
+    return {p: (0 if n == 0 else max(1, round(k * n))) for p, n in arm.phases}
+
+
+def measure(cache, base: sf.RunConfig, names, out: Path, short: int, long: int, progress=False) -> dict:
+    """Seconds per step and fixed seconds of every phase of every arm, from one run of `short` and one of `long`
+    steps per phase (s/step = the difference over long - short steps; overhead = the rest). Written to `out`
+    with the machine and the load average before and after, so that a loaded measurement can be told apart."""
+    table = arms(base)
+    data = {"machine": machine_name(), "short": short, "long": long, "loadavg_before": os.getloadavg(), "arms": {}}
+    for name in names:
+        arm = table[name]
+        times = {}
+        for n in (short, long):
+            steps = {p: (0 if m == 0 else n) for p, m in arm.phases}
+            run_dir = out.parent / f"{out.stem}-runs" / f"{name}-{n}"
+            cfg = run_config(base, arm, arm.lrs[1], {}, 0, run_dir)
+            _, seconds = train(cache, cfg, arm, steps, progress)
+            times[n] = seconds
+            shutil.rmtree(run_dir, ignore_errors=True)
+        data["arms"][name] = {}
+        for p, m in arm.phases:
+            per = (times[long][p] - times[short][p]) / (long - short) if m else 0.0
+            data["arms"][name][p] = {"s_per_step": max(per, 0.0), "overhead_s": max(times[short][p] - short * per, 0.0)
+                                     if m else times[short][p]}
+        print(f"  ({name}) " + ", ".join(f"{p}: {v['s_per_step']:.3f} s/step + {v['overhead_s']:.1f} s"
+                                        for p, v in data["arms"][name].items()), flush=True)
+    data["loadavg_after"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sf._atomic_write_text(out, _json(data))
+    return data
+
+
+# --- the study --------------------------------------------------------------------------------------------
+
+def key(budget, arm, lr, variant, seed) -> str:
+    v = ",".join(f"{k}={variant[k]}" for k in sorted(variant)) or "-"
+    return f"{budget}/{arm}/{v}/lr={lr:.6g}/s{seed}"
+
+
+def settings(base: sf.RunConfig, cache, second) -> dict:
+    skip = {"seed", "run_dir", "cache_dir", "device", "ckpt_every", "eval_every"}
+    s = {k: v for k, v in dataclasses.asdict(base).items() if k not in skip}
+    s.update(cache=cache.path.name, second_cache=second.path.name,
+             precision=sf.precision_policy(base.device, base.precision).name)
+    return json.loads(_json(s))  # as the file holds them (tuples as lists), so that a rerun compares equal
+
+
+def load_results(path: Path, expected: dict) -> dict:
+    if not path.exists():
+        return {"settings": expected, "results": {}}
+    data = json.loads(path.read_text())
+    if data.get("settings") != expected:
+        old = data.get("settings") or {}
+        diff = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
+        raise sf.ConfigError(f"{path} holds results from other settings ({', '.join(diff)} differ): pass another "
+                             "--out to keep both, or rerun with the settings that wrote it")
+    return data
+
+
+class _Stop(Exception):
+    """max_runs reached (what a kill does; tests)."""
+
+
+class Study:
+    """The study's state: the results file, and one method per stage. Every decision (the best LR, when to
+    extend a sweep) is computed from the results alone, so a rerun after a kill takes the same path."""
+
+    def __init__(self, cache, second, base, out: Path, names, seeds, budgets, speeds=None, progress=False,
+                 max_runs=None):
+        self.cache, self.second, self.base, self.out = cache, second, base, Path(out)
+        self.arms = {n: a for n, a in arms(base).items() if n in names}
+        self.seeds, self.budgets, self.speeds, self.progress = list(seeds), budgets, speeds, progress
+        self.max_runs, self.done = max_runs, 0
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.data = load_results(self.out, settings(base, cache, second))
+        self.data.setdefault("machine", machine_name())
+        if speeds is not None:
+            self.data["speeds"] = speeds
+
+    def steps(self, budget: str, name: str) -> dict:
+        arm = self.arms[name]
+        if budget == "steps":
+            return equal_steps(arm)
+        ref = arms(self.base)["a"]
+        return wallclock_steps(arm, self.speeds["arms"], ref, "a", name)
+
+    def result(self, budget, name, lr, variant, seed) -> dict:
+        k = key(budget, name, lr, variant, seed)
+        if k in self.data["results"]:
+            return self.data["results"][k]
+        steps = self.steps(budget, name)
+        twin = key("steps", name, lr, variant, seed)  # (a) at equal wall-clock is (a) at equal steps: not rerun
+        if budget != "steps" and steps == equal_steps(self.arms[name]) and twin in self.data["results"]:
+            self.data["results"][k] = {**self.data["results"][twin], "budget": budget, "same_run_as": twin}
+            sf._atomic_write_text(self.out, _json(self.data))
+            return self.data["results"][k]
+        if self.max_runs is not None and self.done >= self.max_runs:
+            raise _Stop
+        arm = self.arms[name]
+        run_dir = self.out.parent / f"{self.out.stem}-runs" / k.replace("/", "_").replace("=", "").replace(",", "_")
+        r = run_one(self.cache, self.second, self.base, name, arm, lr, variant, seed, steps, run_dir, self.progress)
+        r["budget"] = budget
+        self.data["results"][k] = r
+        sf._atomic_write_text(self.out, _json(self.data))
+        shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints: the result is safe in `out` now
+        self.done += 1
+        print(f"  [{budget}] ({name}) {dict(variant) or ''} lr {lr:.3g} seed {seed}: CE {r['ce']:.4f}, second "
+              f"domain {r['second_ce']:.4f}, {r['train_seconds']:.0f} s (load {r['loadavg']:.1f})", flush=True)
+        return r
+
+    def best(self, budget, name) -> tuple:
+        """(lr, variant) of the lowest own held-out CE on the sweep seed, after the sweep and the variants."""
+        arm, seed = self.arms[name], self.seeds[0]
+        tried = {}
+        lrs = list(arm.lrs)
+        for _ in range(MAX_EXTENSIONS + 1):
+            for lr in lrs:
+                tried[(lr, 0)] = _num(self.result(budget, name, lr, arm.variants[0], seed)["ce"])
+            ranked = sorted(lrs)
+            best_lr = min(ranked, key=lambda x: (_finite(tried[(x, 0)]), x))
+            if best_lr == ranked[0] and len(lrs) < len(arm.lrs) + MAX_EXTENSIONS:
+                lrs.append(ranked[0] / 2)
+            elif best_lr == ranked[-1] and len(lrs) < len(arm.lrs) + MAX_EXTENSIONS:
+                lrs.append(ranked[-1] * 2)
+            else:
+                break
+        for i, variant in enumerate(arm.variants[1:], 1):
+            tried[(best_lr, i)] = _num(self.result(budget, name, best_lr, variant, seed)["ce"])
+        lr, i = min(tried, key=lambda k: (_finite(tried[k]), k))
+        return lr, arm.variants[i]
+
+    def run(self):
+        """Stage by stage, budget by budget: every arm's sweep on seed 0, then the other seeds at the best setting."""
+        try:
+            for budget in self.budgets:
+                if budget == "wallclock" and self.speeds is None:
+                    print("wall-clock budget skipped: no speed file. Measure one on an idle machine with "
+                          "`python bench/recipes.py --measure`, then pass it with --speeds", flush=True)
+                    continue
+                chosen = {}
+                for name in self.arms:  # each arm's choice is written as soon as its sweep is done
+                    chosen[name] = lr, variant = self.best(budget, name)
+                    self.data.setdefault("chosen", {}).setdefault(budget, {})[name] = {"lr": lr, "variant": variant}
+                    sf._atomic_write_text(self.out, _json(self.data))
+                for seed in self.seeds[1:]:
+                    for name, (lr, variant) in chosen.items():
+                        self.result(budget, name, lr, variant, seed)
+        except _Stop:
+            pass
+        return self.data
+
+
+def _finite(x: float) -> float:
+    return x if x == x and math.isfinite(x) else float("inf")
+
+
+# --- the analysis -----------------------------------------------------------------------------------------
+
+def chosen_runs(data: dict, budget: str, name: str) -> dict:
+    """seed -> result of the arm's chosen setting at this budget."""
+    pick = data.get("chosen", {}).get(budget, {}).get(name)
+    if pick is None:
+        return {}
+    return {r["seed"]: r for r in data["results"].values() if r.get("budget") == budget and r["arm"] == name
+            and r["lr"] == pick["lr"] and r["variant"] == pick["variant"]}
+
+
+METRICS = (("ce", "own held-out CE"), ("second_ce", "second-domain CE"))
+
+
+def summarise(data: dict, names=None) -> dict:
+    """Per budget: each arm's chosen setting with mean and sd over seeds, its paired difference from (a) on both
+    held-out sets with a 95% t interval and a verdict, the fair ternary-against-full-precision comparison, and the
+    arm with the lowest mean own CE."""
+    out = {}
+    labels = {n: a.label for n, a in arms(sf.make_config("cpu")).items()}
+    for budget, chosen in data.get("chosen", {}).items():
+        rows, diffs = [], []
+        ref = chosen_runs(data, budget, "a")
+        for name in names or chosen:
+            runs = chosen_runs(data, budget, name)
+            if not runs:
+                continue
+            row = {"arm": name, "label": labels.get(name, name), **chosen[name], "seeds": sorted(runs),
+                   "steps": next(iter(runs.values()))["steps"],
+                   "train_seconds": float(np.mean([r["train_seconds"] for r in runs.values()]))}
+            for m, _ in METRICS:
+                ci = t_interval([_num(r[m]) for r in runs.values()])
+                row[m] = {"mean": ci["mean"], "sd": ci["sd"]}
+            rows.append(row)
+            if name == "a":
+                continue
+            for m, what in METRICS:
+                seeds = sorted(s for s in set(runs) & set(ref))
+                d = t_interval([_num(runs[s][m]) - _num(ref[s][m]) for s in seeds])
+                v = interval_verdict(d, (f"({name}) {row['label']}", "(a) Spoon Feed"), f"nats {what}",
+                                     data["settings"]["student_dim"], higher_is_better=False)
+                diffs.append({"arm": name, "metric": m, **d, "seeds": seeds, "verdict": v})
+        best = min(rows, key=lambda r: _finite(r["ce"]["mean"]), default=None)
+        out[budget] = {"rows": rows, "differences": diffs, "best": best and best["arm"]}
+    return out
+
+
+def format_report(data: dict, summary: dict) -> str:
+    s = data["settings"]
+    lines = [f"Machine: {data.get('machine', '?')}",
+             f"Student {s['student_dim']} x {s['student_layers']} layers x {s['student_heads']} heads, batch "
+             f"{s['batch_size']}, teacher {s['teacher']}, data {s['dataset']}, precision {s['precision']}; "
+             f"(a)'s budget {s['superposition_steps']} + {s['lm_head_steps']} steps"]
+    for budget, sm in summary.items():
+        lines += ["", f"## Budget: {'equal optimiser steps' if budget == 'steps' else 'equal wall-clock'}", "",
+                  "| arm | chosen LR | variant | steps | seeds | own CE (mean ± sd) | second-domain CE (mean ± sd) "
+                  "| train s |", "|---|---|---|---|---|---|---|---|"]
+        for r in sm["rows"]:
+            steps = " + ".join(str(n) for n in r["steps"].values())
+            variant = ", ".join(f"{k}={v}" for k, v in r["variant"].items()) or "–"
+            lines.append(f"| ({r['arm']}) {r['label']} | {r['lr']:.3g} | {variant} | {steps} | {len(r['seeds'])} | "
+                         f"{_pm(r['ce'])} | {_pm(r['second_ce'])} | {r['train_seconds']:.0f} |")
+        lines += ["", "Paired by seed against (a), 95% two-sided Student t interval:", "",
+                  "| arm | held-out set | seeds | difference (arm - (a)) | verdict |", "|---|---|---|---|---|"]
+        for d in sm["differences"]:
+            half = "" if d["half_width"] != d["half_width"] else f" ± {d['half_width']:.4f}"
+            lines.append(f"| ({d['arm']}) | {dict(METRICS)[d['metric']]} | {d['n']} | {d['mean']:+.4f}{half} | "
+                         f"{d['verdict']} |")
+        if sm["best"]:
+            lines += ["", f"Lowest mean own held-out CE at this budget: ({sm['best']})"]
+    lines += ["", "## Every run (the sweeps on seed 0, then the seeds)", "",
+              "| budget | arm | LR | variant | seed | steps | own CE | second-domain CE | cosine gain | train s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(data["results"].values(), key=lambda r: (r["budget"], r["arm"], r["seed"], sorted(r["variant"]),
+                                                               r["lr"])):
+        variant = ", ".join(f"{k}={v}" for k, v in r["variant"].items()) or "–"
+        gain = _num(r["cosine_gain"])
+        lines.append(f"| {r['budget']} | ({r['arm']}) | {r['lr']:.3g} | {variant} | {r['seed']} | "
+                     f"{' + '.join(str(n) for n in r['steps'].values())} | {_num(r['ce']):.4f} | "
+                     f"{_num(r['second_ce']):.4f} | {'–' if gain != gain else f'{gain:.4f}'} | "
+                     f"{r['train_seconds']:.0f} | {r['loadavg']:.1f} |")
+    return "\n".join(lines)
+
+
+def _pm(x: dict) -> str:
+    m, sd = x["mean"], x["sd"]
+    return "–" if m != m else f"{m:.4f}" + ("" if sd != sd else f" ± {sd:.4f}")
+
+
+def plot(data: dict, summary: dict, path=None):
+    """Each arm's chosen setting as a point with its 95% t interval over seeds (a line where one seed gives
+    none), on an axis fitted to the points, for both held-out sets, one marker per budget; (a)'s mean dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, (m, what) in zip(axes, METRICS):
+        for j, (budget, sm) in enumerate(summary.items()):
+            names = [r["arm"] for r in sm["rows"]]
+            for i, r in enumerate(sm["rows"]):
+                runs = chosen_runs(data, budget, r["arm"])
+                ci = t_interval([_num(x[m]) for x in runs.values()])
+                half = ci["half_width"] if ci["half_width"] == ci["half_width"] else 0.0
+                ax.errorbar(i + 0.15 * (j - 0.5 * (len(summary) - 1)), ci["mean"], yerr=half, capsize=3,
+                            marker="os"[j % 2], color=f"C{j}", label=budget if i == 0 else None)
+                ax.plot(np.full(len(runs), i + 0.15 * (j - 0.5 * (len(summary) - 1))), [_num(x[m]) for x in runs.values()],
+                        ".", color=f"C{j}", alpha=0.4)
+            ref = next((r for r in sm["rows"] if r["arm"] == "a"), None)
+            if ref:
+                ax.axhline(ref[m]["mean"], color=f"C{j}", ls="--", lw=0.8)
+            ax.set_xticks(range(len(names)), [f"({n})" for n in names])
+        ax.set(title=what, ylabel="nats/token", xlabel="arm (points: seeds; bars: 95% t interval)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return fig
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="the smoke preset's sizes, 2 seeds")
+    ap.add_argument("--arms", help="comma-separated arms (default: all, a,c,d,e,b,f,fp256,fp512)")
+    ap.add_argument("--seeds", type=int, help="seeds 0..n-1 (default 3; seed 0 is the sweep's)")
+    ap.add_argument("--budgets", default="steps,wallclock", help="steps, wallclock or both (default both)")
+    ap.add_argument("--measure", action="store_true", help="measure seconds per step of every arm and exit")
+    ap.add_argument("--speeds", help="the speed JSON from --measure (the wall-clock budget needs it)")
+    ap.add_argument("--out", help="results JSON (default runs/recipes[-smoke]/recipes.json); the report (.md) and "
+                    "the plot (.png) go next to it")
+    ap.add_argument("--cache-dir", default=str(ROOT / "spoonfeed_cache"), help="Phase 1 cache folder")
+    ap.add_argument("--precision", default="auto", choices=sf.PRECISIONS, help="PRECISION for every arm")
+    ap.add_argument("--max-runs", type=int, help=argparse.SUPPRESS)  # stop after this many runs (tests)
+    args = ap.parse_args(argv)
+    p = PRESETS["smoke" if args.smoke else "full"]
+    cfg = sf.make_config(p["preset"], cache_dir=args.cache_dir, precision=args.precision)
+    base = dataclasses.replace(cfg, eval_every=10**6, kd_weight=0.0)  # one evaluation a phase, at its end
+    table = arms(base)
+    names = [n.strip() for n in args.arms.split(",")] if args.arms else list(table)
+    if not names or set(names) - set(table):
+        ap.error(f"--arms takes names from {','.join(table)}")
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if not budgets or set(budgets) - {"steps", "wallclock"}:
+        ap.error(f"--budgets {args.budgets!r}: give steps, wallclock or steps,wallclock")
+    if args.seeds is not None and args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: run at least 1 seed (3 or more give an interval)")
+    speeds = None
+    if args.speeds:
+        try:
+            speeds = json.loads(Path(args.speeds).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--speeds {args.speeds}: not a speed file from --measure ({e})")
+    folder = Path(args.out).parent if args.out else ROOT / "runs" / ("recipes-smoke" if args.smoke else "recipes")
+    out = Path(args.out) if args.out else folder / "recipes.json"
+    cache = sf.cache_teacher_states(cfg, progress=not args.smoke)
+    if args.measure:
+        short, long = (2, 4) if args.smoke else (10, 30)
+        target = Path(args.out) if args.out else folder / "speeds.json"
+        return measure(cache, base, names, target, short, long)
+    second = second_domain_cache(cfg, Path(args.cache_dir) / "second-domain")
+    seeds = range(args.seeds if args.seeds is not None else p["seeds"])
+    study = Study(cache, second, base, out, names, seeds, budgets, speeds, progress=not args.smoke,
+                  max_runs=args.max_runs)
+    data = study.run()
+    summary = summarise(data, names)
+    data["summary"] = summary
+    sf._atomic_write_text(out, _json(data))
+    report = format_report(data, summary)
+    out.with_suffix(".md").write_text(report + "\n")
+    plot(data, summary, out.with_suffix(".png"))
+    print("\n" + report)
+    return data
+
+
+if __name__ == "__main__":
+    main()
