@@ -496,14 +496,6 @@ class BitNetStudent(nn.Module):
                 "total": total}
 
 
-def build_student(cfg: RunConfig, cache: "TeacherCache", **kw) -> BitNetStudent:
-    """A fresh student for this run and cache, seeded, on the run's device. The decompressor's output bias
-    starts at the cache's mean teacher vector, so training starts at the constant baseline and spends its
-    steps on what is token-specific."""
-    return _initial_student(cfg.student_config(cache.vocab_size, cache.teacher_dim, **kw), cfg.seed,
-                            cache).to(pick_device(cfg.device))
-
-
 def _initial_student(scfg: StudentConfig, seed: int, cache: "TeacherCache") -> BitNetStudent:
     """The student as build_student starts it, on the CPU: the same seed gives the same weights, bit for bit."""
     torch.manual_seed(seed)
@@ -511,6 +503,14 @@ def _initial_student(scfg: StudentConfig, seed: int, cache: "TeacherCache") -> B
     with torch.no_grad():
         model.projector.net[-1].bias.copy_(torch.from_numpy(np.asarray(cache.train_mean, dtype=np.float32)))
     return model
+
+
+def build_student(cfg: RunConfig, cache: "TeacherCache", **kw) -> BitNetStudent:
+    """A fresh student for this run and cache, seeded, on the run's device. The decompressor's output bias
+    starts at the cache's mean teacher vector, so training starts at the constant baseline and spends its
+    steps on what is token-specific."""
+    return _initial_student(cfg.student_config(cache.vocab_size, cache.teacher_dim, **kw), cfg.seed,
+                            cache).to(pick_device(cfg.device))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -782,6 +782,16 @@ def _forward(fn, cfg: RunConfig):
     return _COMPILED[fn] if cfg.compile else fn
 
 
+def _frozen_digest(model: BitNetStudent, skip=("head.", "teacher_head.")) -> str:
+    """sha256 of every weight whose name does not start with `skip` (default: the body Phase 3 keeps frozen)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if not name.startswith(skip):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teacher_head=None, gen=None,
                        policy: Precision | None = None, scaler=None):
     """One Phase 2 step on a batch: tokens (B, T), target (B, T, D). Returns (loss, stepped): a non-finite
@@ -899,16 +909,6 @@ def fit_head_to_teacher(cache: TeacherCache, features: torch.Tensor, ridge: floa
     logits = features[idx, :-1] @ weight.T + bias
     scale = fit_logit_scale(logits.flatten(0, 1), cache.tokens("train", idx)[:, 1:].flatten().to(device))
     return scale * weight, scale * bias
-
-
-def _frozen_digest(model: BitNetStudent, skip=("head.", "teacher_head.")) -> str:
-    """sha256 of every weight whose name does not start with `skip` (default: the body Phase 3 keeps frozen)."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if not name.startswith(skip):
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _ensure_phase2(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig) -> str:
@@ -1423,6 +1423,10 @@ def format_ablation(result: dict) -> str:
     return "\n".join(lines)
 
 
+MULTI_SEED_PAGE = "docs/ablation.md"  # the page and section ablation_verdict points to
+MULTI_SEED_SECTION = "Ablation across seeds and widths"
+
+
 def ablation_verdict(result: dict) -> str:
     """One line computed from the figures, at the main (first) width. It rests on one seed, and says so: it
     points to the multi-seed table in docs/ablation.md (bench/ablation.py), which gives intervals across seeds."""
@@ -1444,7 +1448,3 @@ def ablation_verdict(result: dict) -> str:
                   f"training ({'distillation helps' if dce < 0 else 'distillation does not help'} at this budget)")
     return (f"{first}; {second}. This rests on one seed per arm: the multi-seed table ({MULTI_SEED_PAGE}, "
             f"'{MULTI_SEED_SECTION}', from bench/ablation.py) says whether it holds across seeds and widths")
-
-
-MULTI_SEED_PAGE = "docs/ablation.md"  # the page and section ablation_verdict points to
-MULTI_SEED_SECTION = "Ablation across seeds and widths"

@@ -86,14 +86,19 @@ def forced_t4(device: torch.device):
             yield
         finally:
             torch.cuda.get_device_capability = real
-    else:
+    else:  # every module that looks precision_policy up: the helper and the package's phases, metrics, generation
+        callers = [m for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith("spoonfeed")
+                   and getattr(m, "precision_policy", None) is sf.precision_policy and m.__name__ != "spoonfeed.precision"]
         real = sf.precision_policy
-        sf.precision_policy = lambda device="auto", precision="auto": sf.Precision(
+        forced = lambda device="auto", precision="auto": sf.Precision(  # noqa: E731
             "cpu", torch.float16, True, torch.float32, "T4 policy forced on CPU (smoke)")
+        for m in callers:
+            m.precision_policy = forced
         try:
             yield
         finally:
-            sf.precision_policy = real
+            for m in callers:
+                m.precision_policy = real
 
 
 class Stopwatch:

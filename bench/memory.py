@@ -56,7 +56,7 @@ T4_GIB = 15.0  # the free Colab GPU's memory (nvidia-smi shows 15360 MiB)
 class HashTokenizer:
     """Whitespace words hashed into the vocab: enough for pack_blocks, no tokenizer files needed."""
 
-    eos_token_id = 0
+    eos_token_id, eos_token, unk_token_id, unk_token = 0, "<eos>", None, None  # what check_eos reads
 
     def __init__(self, vocab: int):
         self.vocab = vocab

@@ -255,8 +255,11 @@ def load_results(path: Path, expected: dict) -> dict:
     if not path.exists():
         return {"settings": expected, "results": {}}
     data = json.loads(path.read_text())
-    if data.get("settings") != expected:
-        old = data.get("settings") or {}
+    old = data.get("settings") or {}
+    # a setting added to RunConfig since the file was written, at its default, is the behaviour the file's runs had
+    defaults = json.loads(_json(dataclasses.asdict(sf.RunConfig())))
+    added = {k for k in set(expected) - set(old) if k in defaults and expected[k] == defaults[k]}
+    if {k: v for k, v in expected.items() if k not in added} != old:
         diff = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
         raise sf.ConfigError(f"{path} holds results from other settings ({', '.join(diff)} differ): pass another "
                              "--out to keep both, or rerun with the settings that wrote it")

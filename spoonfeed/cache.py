@@ -42,19 +42,20 @@ class TeacherCache:
         self._fds = {}
         self._finalizer = weakref.finalize(self, _close_all, self._fds)  # closes them once: close() or collection
         try:
-            self._raw = {n: _read(n, folder) for n in ("manifest.json", "train_tokens.npy", "val_tokens.npy",
-                                                       "train_mean.npy")}
-            for name in ("train_states.npy", "val_states.npy", "teacher_head.safetensors"):
-                self._fds[name] = os.open(name, os.O_RDONLY, dir_fd=folder)
+            raw = {f: _read(f, folder) for f in ("manifest.json", "train_tokens.npy", "val_tokens.npy",
+                                                 "train_mean.npy")}
+            for f in ("train_states.npy", "val_states.npy", "teacher_head.safetensors"):
+                self._fds[f] = os.open(f, os.O_RDONLY, dir_fd=folder)
         except BaseException:
             self.close()
             raise
         finally:
             os.close(folder)
-        self.manifest = json.loads(self._raw["manifest.json"])
-        self.train_tokens = np.load(io.BytesIO(self._raw["train_tokens.npy"]))  # (N, T) int32, small
-        self.val_tokens = np.load(io.BytesIO(self._raw["val_tokens.npy"]))  # (M, T) int32
-        self.train_mean = np.load(io.BytesIO(self._raw["train_mean.npy"]))  # (D,) float32: the constant baseline
+        self._small = {f: (len(b), _digest(b)) for f, b in raw.items()}  # what matches() checks, read once
+        self.manifest = json.loads(raw["manifest.json"])
+        self.train_tokens = np.load(io.BytesIO(raw["train_tokens.npy"]))  # (N, T) int32, small
+        self.val_tokens = np.load(io.BytesIO(raw["val_tokens.npy"]))  # (M, T) int32
+        self.train_mean = np.load(io.BytesIO(raw["train_mean.npy"]))  # (D,) float32: the constant baseline
         self.num_train, self.seq_len = self.train_tokens.shape
         self.num_val = len(self.val_tokens)
         self.teacher_dim = self.manifest["teacher_dim"]
@@ -81,16 +82,15 @@ class TeacherCache:
             if self.manifest.get("request") != request or set(self.manifest["files"]) != set(CACHE_FILES):
                 return False
             for name, meta in self.manifest["files"].items():
-                data = self._raw.get(name)
-                h = hashlib.blake2b(digest_size=16)
-                if data is not None:
-                    size = len(data)
-                    h.update(data)
+                if name in self._small:
+                    size, digest = self._small[name]
                 else:
                     size = os.fstat(self._fds[name]).st_size
+                    h = hashlib.blake2b(digest_size=16)
                     for at in range(0, size, 1 << 22):
-                        h.update(os.pread(self._fds[name], 1 << 22, at))
-                if size != meta["bytes"] or h.hexdigest() != meta["blake2b"]:
+                        h.update(_pread(self._fds[name], min(1 << 22, size - at), at))
+                    digest = h.hexdigest()
+                if size != meta["bytes"] or digest != meta["blake2b"]:
                     return False
             return True
         except (OSError, KeyError, TypeError):
@@ -115,7 +115,7 @@ class TeacherCache:
         from safetensors.torch import load
 
         fd = self._fds["teacher_head.safetensors"]
-        return load(os.pread(fd, os.fstat(fd).st_size, 0))["weight"].float()  # (V, D)
+        return load(_pread(fd, os.fstat(fd).st_size, 0))["weight"].float()  # (V, D)
 
     def teacher_ce(self, device="cpu", batch_size: int = 16) -> float:
         """The teacher's held-out next-token CE, nats/token: its head over its cached (float16) states, float32.
@@ -204,6 +204,22 @@ def open_shared_cache(folder, request: dict, ranks) -> TeacherCache | None:
         raise RuntimeError(f"the cache in {folder} changed while this run's processes opened it (another run "
                            "published a new one there): rerun")
     return cache
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()  # as files._file_digest computes it for the manifest
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """size bytes at offset (os.pread may return less, e.g. past 2 GiB on Linux)."""
+    parts = []
+    while size > 0:
+        part = os.pread(fd, size, offset)
+        if not part:
+            raise OSError(f"the cache file ends {size} bytes early")
+        parts.append(part)
+        size, offset = size - len(part), offset + len(part)
+    return b"".join(parts)
 
 
 def _read(name: str, folder_fd: int) -> bytes:

@@ -24,8 +24,8 @@ class Phase:
 
     Builds AdamW over `params` (the embedding, when given, at lr * embed_lr_mult; with cfg.embedding_update "lazy"
     its nn.Embedding gives sparse gradients for the phase and LazyAdamW updates only the rows a batch touches), a
-    LambdaLR with linear warmup
-    then cosine decay to cfg.min_lr_ratio over `steps`, a torch.Generator seeded with `seed` for the batches,
+    LambdaLR with linear warmup then cosine decay to cfg.min_lr_ratio over `steps`, a torch.Generator seeded with
+    `seed` for the batches,
     the precision policy of the parameters' device (cfg.precision) and its GradScaler (fp16 only). With a
     checkpoint `key` ("phase2", "phase3") it resumes from the newest good checkpoint whose `signature` matches
     and that holds exactly the weights `names` (state_dict names; None = all): weights, optimiser, schedule,

@@ -108,6 +108,23 @@ def test_results_from_other_settings_are_refused_not_mixed(tiny_cache, tmp_path,
     assert out.read_bytes() == before
 
 
+def test_a_setting_added_later_at_its_default_does_not_orphan_the_results(tiny_cache, tmp_path, patch):
+    cfg, cache, _ = tiny_cache
+    patch(rc, "run_one", _fake({"a": cfg.lr}, []))
+    out = tmp_path / "r.json"
+    rc.Study(cache, cache, cfg, out, ["a"], range(1), ["steps"], max_runs=1).run()
+    data = json.loads(out.read_text())
+    del data["settings"]["text_field"]  # stands in for a field the file predates (RunConfig's default: "auto")
+    data["settings"].pop("head_bias")  # a RunConfig field, default True, as the tiny config has it
+    out.write_text(json.dumps(data))
+    study = rc.Study(cache, cache, cfg, out, ["a"], range(1), ["steps"])  # accepted: same behaviour
+    assert len(study.data["results"]) == 1
+    data["settings"]["seq_len"] = 999  # a real difference is still refused
+    out.write_text(json.dumps(data))
+    with pytest.raises(sf.ConfigError, match="seq_len"):
+        rc.Study(cache, cache, cfg, out, ["a"], range(1), ["steps"])
+
+
 def test_equal_wall_clock_reuses_a_run_whose_steps_are_the_equal_steps_ones(tiny_cache, tmp_path, patch):
     cfg, cache, _ = tiny_cache
     calls = []
@@ -168,7 +185,7 @@ def test_the_second_domain_is_the_requirements_package_descriptions_written_once
 @pytest.mark.parametrize("argv, message", [(["--arms", "a,z"], "--arms"), (["--budgets", "minutes"], "--budgets"),
                                            (["--seeds", "0"], "--seeds 0"), (["--speeds", "/no/such.json"], "--speeds")])
 def test_bad_command_line_values_are_one_error_naming_the_option_before_any_work(argv, message, capsys, patch):
-    patch(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"), called=False, caller=rc)
+    patch(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("work started"), called=False, caller=rc.main)
     with pytest.raises(SystemExit) as e:
         rc.main(["--smoke", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
