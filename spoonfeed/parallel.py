@@ -162,11 +162,12 @@ class World:
                 i += p.numel()
         for p in (p for p, s in zip(params, sparse) if s):
             g = p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(
-                torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, *p.shape[1:]), p.shape).coalesce()
+                torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, *p.shape[1:]), p.shape, check_invariants=True
+            ).coalesce()
             parts = self.gather([(g.indices().cpu(), g.values().cpu())])  # on the CPU: each process unpickles them
             rows = torch.cat([i for i, _ in parts], dim=1)
             values = torch.cat([v for _, v in parts]).to(p.dtype) / self.num_processes
-            p.grad = torch.sparse_coo_tensor(rows, values, p.shape).coalesce().to(p.device)
+            p.grad = torch.sparse_coo_tensor(rows, values, p.shape, check_invariants=True).coalesce().to(p.device)
         for p, any_grad in zip(params, had):
             if not any_grad:
                 p.grad = None
