@@ -60,12 +60,14 @@ from spoonfeed.data import CHARS_PER_TOKEN, DataReport, iter_texts, MAX_DOC_BLOC
 from spoonfeed.sources import data_fingerprint
 from spoonfeed.packing import check_eos, pack_blocks
 from spoonfeed.cache import (
-    begin_build, CACHE_FILES, cache_folder, cache_request, data_change, open_cache, publish, TeacherCache,
+    begin_build, CACHE_FILES, cache_folder, cache_request, data_change, open_cache, open_shared_cache, publish,
+    TeacherCache,
 )
 from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss, mse_loss
 from spoonfeed.optim import _check_finite, optimizer_step
 from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint
 from spoonfeed.phase import Phase
+from spoonfeed.parallel import world
 from spoonfeed.compile import Compiled
 from spoonfeed.metrics import baseline_cosine, evaluate, held_out_ce, held_out_cosine, log_unigram, student_features
 from spoonfeed.heads import fit_logit_scale, fold_head_bias, ridge_solve
@@ -555,14 +557,19 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
     it is finished (publish): a finished cache is never rewritten in place, so a run reading it (another
     process sharing CACHE_DIR) keeps reading consistent files, and a failed or interrupted build leaves the
     folder as it was.
+    Under `accelerate launch` every process reads and packs the same data and loads the teacher, runs it on its own
+    contiguous share of the batches and writes those rows of the build's states files; the main process checks the
+    cache for reuse, makes the build and its files, and writes the rest, the manifest last once every share is
+    written, then publishes it. The cache is byte for byte the one process's (docs/multi-gpu.md).
     """
+    ranks = world()  # one process, or those of `accelerate launch`
     fingerprint = data_fingerprint(cfg.dataset)  # unsupported or empty local files are refused here
     precision = precision or cfg.precision
     policy = precision_policy(cfg.device, precision)
     request = cache_request(cfg.teacher, cfg.dataset, cfg.num_samples, cfg.val_samples, cfg.seq_len, cfg.seed,
                             cfg.text_field, fingerprint, policy.teacher, cfg.encoding)
     folder = cache_folder(cfg.cache_dir, request)
-    cache = None if rebuild else open_cache(folder, request)  # opened once: what is checked is what is read
+    cache = None if rebuild else open_shared_cache(folder, request, ranks)  # opened once: what is checked is read
     if cache is not None:
         print(f"Phase 1: reusing the cache in {folder}")
         return cache
@@ -601,40 +608,62 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
                                     "that are not finite in float16 (the cache's dtype): its weights are broken or "
                                     "out of float16's range; check TEACHER_MODEL or pick another teacher. Nothing "
                                     "was cached")
-    final, folder = folder, begin_build(folder)  # written beside the cache's folder, and renamed into place whole
+    final = folder
+    folder = ranks.on_main(lambda: begin_build(final))  # written beside the cache's folder, renamed into place whole
     check_free_space(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2, "the cache needs",
                      "lower NUM_CACHE_SAMPLES or MAX_SEQ_LENGTH, or point CACHE_DIR at a bigger disk")
-    np.save(folder / "train_tokens.npy", train)
-    np.save(folder / "val_tokens.npy", val)
+    if ranks.is_main_process:
+        np.save(folder / "train_tokens.npy", train)
+        np.save(folder / "val_tokens.npy", val)
     decoder = teacher.get_decoder()  # the body with its final norm, and no LM head: no logits computed
     device = next(teacher.parameters()).device
-    total = torch.zeros(D, dtype=torch.float64)
-    bar = progress_bar(total=len(train) + len(val), desc="Phase 1: teacher states", unit="block",
-                       disable=not progress)
-    offsets = {}
-    for split, blocks in (("train", train), ("val", val)):
-        out = np.lib.format.open_memmap(folder / f"{split}_states.npy", mode="w+", dtype=np.float16,
-                                        shape=(*blocks.shape, D))
+    splits, bs = {"train": train, "val": val}, cfg.cache_batch_size
+    mine = {s: ranks.share(range(0, len(b), bs)) for s, b in splits.items()}  # this process's batches: all, in one
+    bar = progress_bar(total=sum(len(splits[s][i:i + bs]) for s in mine for i in mine[s]), unit="block",
+                       desc="Phase 1: teacher states", disable=not progress)
+    offsets, sums = {}, []
+    for split, blocks in splits.items():
+        out = ranks.main_first(lambda main: np.lib.format.open_memmap(  # the main process creates the file
+            folder / f"{split}_states.npy", mode="w+" if main else "r+", dtype=np.float16, shape=(*blocks.shape, D)))
         offsets[split] = out.offset
-        for i in range(0, len(blocks), cfg.cache_batch_size):
-            x = torch.from_numpy(blocks[i:i + cfg.cache_batch_size].astype(np.int64)).to(device)
-            with torch.inference_mode(), _cuda_oom_hint():
-                h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
-            h16 = h.to("cpu", torch.float16)
-            try:
-                _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", final)
-            except NonFiniteTeacherError:
-                del out
+        try:
+            with ranks.together():  # a failure on one process stops all of them here, once none is writing
+                for i in mine[split]:
+                    x = torch.from_numpy(blocks[i:i + bs].astype(np.int64)).to(device)
+                    with torch.inference_mode(), _cuda_oom_hint():
+                        h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
+                    h16 = h.to("cpu", torch.float16)
+                    _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", final)
+                    out[i:i + len(x)] = h16.numpy()
+                    if split == "train":
+                        sums.append(h.double().sum(dim=(0, 1)).cpu())  # (D,) float64, one a batch
+                    bar.update(len(x))
+                out.flush()
+        except NonFiniteTeacherError:
+            del out
+            if ranks.is_main_process:
                 _remove(folder)  # the build: incomplete, nothing to keep
-                free_teacher(teacher)
-                raise
-            out[i:i + len(x)] = h16.numpy()
-            if split == "train":
-                total += h.double().sum(dim=(0, 1)).cpu()
-            bar.update(len(x))
-        out.flush()
+            free_teacher(teacher)
+            raise
         del out
     bar.close()
+    total = torch.zeros(D, dtype=torch.float64)
+    for batch_sum in ranks.gather(sums):  # every batch's sum, added in the order one process adds them
+        total += batch_sum
+    free_teacher(teacher)
+    with ranks.together():  # the main process writes the rest, the manifest last, after every share is complete
+        if ranks.is_main_process:
+            _finish_cache(folder, request, train, val, val_docs, total, head16, offsets, report, fingerprint)
+            cache = publish(folder, final)
+    cache = cache if ranks.is_main_process else TeacherCache(final)
+    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {final}")
+    return cache
+
+
+def _finish_cache(folder, request, train, val, val_docs, total, head16, offsets, report, fingerprint) -> None:
+    """Phase 1's last writes, once every teacher state is on disk: the mean state, the teacher's head, and the
+    manifest (digests of every file), last, atomically."""
+    D = len(total)
     np.save(folder / "train_mean.npy", (total / train.size).float().numpy())
     from safetensors.torch import save_file
 
@@ -646,14 +675,10 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
         files[name] = {"bytes": p.stat().st_size, "blake2b": _file_digest(p)}
     for split in ("train", "val"):
         files[f"{split}_states.npy"]["data_offset"] = offsets[split]
-    manifest = {"request": request, "teacher_dim": D, "vocab_size": head.shape[0], "files": files,
+    manifest = {"request": request, "teacher_dim": D, "vocab_size": head16.shape[0], "files": files,
                 "num_train": len(train), "num_val": len(val), "val_docs": val_docs, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "data": asdict(report), "data_listing": fingerprint["listing"] if fingerprint else {}}
     _atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
-    free_teacher(teacher)
-    cache = publish(folder, final)
-    print(f"Phase 1: cached {len(train)} + {len(val)} held-out blocks of {cfg.seq_len} tokens in {final}")
-    return cache
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -669,9 +694,11 @@ def _phase_weights(model: BitNetStudent, phase: str) -> list[str]:
             "teacher": []}[model.cfg.head_mode]
 
 
-def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, policy: Precision | None = None):
+def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, policy: Precision | None = None,
+                 kd_share: float = 1.0):
     """Cosine and/or MSE over real tokens, plus logit KD through the teacher head on kd_positions
-    (flat indices into B*T; None = every real token), fused with the head (head_loss) in the policy's dtype."""
+    (flat indices into B*T; None = every real token), fused with the head (head_loss) in the policy's dtype, and
+    weighted by kd_share (World.positions: this process's share of the batch's KD positions; none: no KD term)."""
     loss = 0.0
     if cfg.loss in ("cosine", "cosine+mse"):
         loss = loss + cosine_loss(pred, target, mask)
@@ -682,9 +709,10 @@ def _phase2_loss(cfg, pred, target, teacher_head, mask=None, kd_positions=None, 
         if kd_positions is not None:
             p, t = p[kd_positions], t[kd_positions]
         # the teacher's own logits, recomputed from its cached state; the student's through the same frozen head
-        loss = loss + cfg.kd_weight * head_loss(p, teacher_head.weight, None, policy or precision_policy(p.device),
-                                                teacher_logits=_teacher_logits(teacher_head, t),
-                                                temperature=cfg.kd_temperature)
+        if len(p):  # under several processes, this one may hold none of the batch's KD positions
+            loss = loss + cfg.kd_weight * kd_share * head_loss(
+                p, teacher_head.weight, None, policy or precision_policy(p.device),
+                teacher_logits=_teacher_logits(teacher_head, t), temperature=cfg.kd_temperature)
     return loss
 
 
@@ -703,6 +731,7 @@ def _signature(cfg: RunConfig, phase: str, model: BitNetStudent, cache: TeacherC
     student = {k: v for k, v in asdict(model.cfg).items() if k not in head_keys and not (k == "subln" and not v)}
     sig = {"cache": cache.content_digest, "student": student,  # no subln key unless on: older checkpoints stay valid
            **{k: getattr(cfg, k) for k in keys}}
+    sig["batch_size"] = cfg.batch_size * world().num_processes  # the global batch: a resume may change the processes
     if phase == "phase3":
         sig["phase2_student"] = phase2_student
     computes = precision_policy(model.tok_embeddings.weight.device, cfg.precision).name
@@ -769,19 +798,25 @@ def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teach
     loss is returned before any weight changes, and stepped is False when no update was made (non-finite loss,
     a non-finite gradient that optimizer_step refused, or an fp16 overflow the GradScaler skipped).
     policy: precision_policy of the device (default: looked up); scaler: its GradScaler (fp16), or None.
-    cfg.compile runs the forward (student and projector) through torch.compile (spoonfeed/compile.py)."""
+    cfg.compile runs the forward (student and projector) through torch.compile (spoonfeed/compile.py).
+    Under N processes (Phase.batch: this process's B rows of the N * B): the KD positions are drawn over the whole
+    batch, as one process draws them, and the loss returned (and judged) is the mean over the processes."""
     device = tokens.device
     policy = policy or precision_policy(device)
-    kd_positions = None
-    if cfg.kd_weight > 0 and 0 < cfg.kd_tokens < tokens.numel():
-        kd_positions = torch.randperm(tokens.numel(), generator=gen)[:cfg.kd_tokens].to(device)
+    ranks = world()
+    kd_positions, kd_share, numel = None, 1.0, tokens.numel() * ranks.num_processes  # the whole batch's positions
+    if cfg.kd_weight > 0 and 0 < cfg.kd_tokens < numel:
+        kd_positions, kd_share = ranks.positions(torch.randperm(numel, generator=gen)[:cfg.kd_tokens], tokens.numel())
+        kd_positions = kd_positions.to(device)
     with _cuda_oom_hint(), _autocast(policy):
         pred = _forward(_projected, cfg)(model, tokens).float()  # (B, T, D)
-        loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions, policy=policy)
-    if not torch.isfinite(loss):
-        return loss.detach(), False
+        loss = _phase2_loss(cfg, pred, target, teacher_head, kd_positions=kd_positions, policy=policy,
+                            kd_share=kd_share)
+    mean = ranks.mean(loss.detach())  # every process decides on the same figure
+    if not torch.isfinite(mean):
+        return mean, False
     stepped = optimizer_step(loss, opt, params, cfg.grad_clip, scaler)  # every trainable parameter, projector included
-    return loss.detach(), stepped
+    return mean, stepped
 
 
 def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, progress: bool = True,
@@ -799,7 +834,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
     RUN_DIR cannot be written or lacks room for a checkpoint, and NonFiniteLossError (NonFiniteTargetError,
     NonFiniteGradientError) naming the cause when a step goes non-finite (see _FaultGuard).
     """
-    check_batch_size(cfg.batch_size, cache.num_train, f"the {cache.num_train} cached blocks")
+    check_batch_size(cfg.batch_size * world().num_processes, cache.num_train, f"the {cache.num_train} cached blocks")
     _check_student(model, cfg, cache)
     check_writable(cfg.run_dir, "RUN_DIR")
     device = model.tok_embeddings.weight.device
@@ -939,7 +974,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     (the head; the embedding in tied mode) and is valid only for the exact student it decodes: one made for
     another Phase 2 result is moved aside with a line that says why, and Phase 3 is redone.
     """
-    check_batch_size(cfg.batch_size, cache.num_train, f"the {cache.num_train} cached blocks")
+    check_batch_size(cfg.batch_size * world().num_processes, cache.num_train, f"the {cache.num_train} cached blocks")
     check_writable(cfg.run_dir, "RUN_DIR")
     device = model.tok_embeddings.weight.device
     body = _ensure_phase2(model, cache, cfg) if need_phase2 else _frozen_digest(model)
@@ -1007,17 +1042,20 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
             # position t predicts token t+1: CE over the (B * (T-1), V) logits, fused with the head
             loss = head_loss(h[:, :-1].flatten(0, 1), weight, bias, policy, targets=tokens[:, 1:].flatten())
             if teacher_head is not None:  # KD from the teacher's logits on kd_tokens positions of the batch
-                pos = torch.randperm(tokens.numel(), generator=run.gen)[:cfg.kd_tokens or tokens.numel()].to(device)
+                numel = tokens.numel() * run.world.num_processes  # the whole batch's, every process's rows
+                pos, share = run.world.positions(torch.randperm(numel, generator=run.gen)[:cfg.kd_tokens or numel],
+                                                 tokens.numel())
+                pos = pos.to(device)
                 t_states = cache.states("train", idx).to(device).flatten(0, 1)[pos]
-                loss = loss + cfg.head_kd_weight * head_loss(h.flatten(0, 1)[pos], weight, bias, policy,
-                                                             teacher_logits=_teacher_logits(teacher_head, t_states),
-                                                             temperature=cfg.kd_temperature)
-        run.update(step, loss, t_states)
+                if len(pos):  # under several processes, this one may hold none of the batch's KD positions
+                    loss = loss + cfg.head_kd_weight * share * head_loss(
+                        h.flatten(0, 1)[pos], weight, bias, policy,
+                        teacher_logits=_teacher_logits(teacher_head, t_states), temperature=cfg.kd_temperature)
+        history["loss"].append(run.update(step, loss, t_states))  # the mean over the processes
         history["step"].append(step)
-        history["loss"].append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             record(step + 1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
         run.checkpoint(step + 1)
         if stop_after is not None and step + 1 >= stop_after:
             break
@@ -1040,7 +1078,7 @@ def _logit_kd_signature(cfg: RunConfig, model: BitNetStudent, cache: TeacherCach
             "min_lr_ratio", "weight_decay", "grad_clip", "seed")
     return {"cache": cache.path.name, "student": asdict(model.cfg), "steps": steps, "start": start,
             "precision": precision_policy(model.tok_embeddings.weight.device, cfg.precision).name,
-            **{k: getattr(cfg, k) for k in keys}}
+            **{k: getattr(cfg, k) for k in keys}, "batch_size": cfg.batch_size * world().num_processes}
 
 
 def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, steps: int | None = None,
@@ -1067,7 +1105,7 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     if model.cfg.head_mode != "new" or model.head is None:
         raise ConfigError(f"logit KD trains the student's own head: head_mode={model.cfg.head_mode!r} has none; "
                           "set HEAD_MODE = 'new'")
-    check_batch_size(cfg.batch_size, cache.num_train, f"the {cache.num_train} cached blocks")
+    check_batch_size(cfg.batch_size * world().num_processes, cache.num_train, f"the {cache.num_train} cached blocks")
     if checkpoint:
         check_writable(cfg.run_dir, "RUN_DIR")
     device = model.tok_embeddings.weight.device
@@ -1107,11 +1145,10 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
             loss = head_loss(h, *model.head_weights(), policy, targets=tokens[:, 1:].flatten(),
                              teacher_logits=_teacher_logits(teacher_head, t_states), temperature=temperature,
                              ce_weight=alpha)
-        run.update(step, loss, t_states)
+        history["loss"].append(run.update(step, loss, t_states))  # the mean over the processes
         history["step"].append(step)
-        history["loss"].append(loss.item())
         history["lr"].append(lr_now)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
         run.checkpoint(step + 1)
     run.close()
     model.eval()
@@ -1340,8 +1377,7 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
         with _cuda_oom_hint(), _autocast(run.policy):
             h = _forward(_states, cfg)(model, tokens)[:, :-1].flatten(0, 1)  # (B * (T-1), dim): t predicts t+1
             loss = head_loss(h, *model.head_weights(), run.policy, targets=tokens[:, 1:].flatten())
-        run.update(step, loss)
-        losses.append(loss.item())
+        losses.append(run.update(step, loss))
     run.close()
     model.eval()
     return {"loss": losses}

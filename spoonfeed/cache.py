@@ -188,6 +188,24 @@ def open_cache(folder, request: dict) -> TeacherCache | None:
     return None
 
 
+def open_shared_cache(folder, request: dict, ranks) -> TeacherCache | None:
+    """open_cache for the processes of one run (ranks, a spoonfeed.parallel.World): the main process checks every
+    file, and the others open the cache it found without reading it all again; each gets its own TeacherCache, or
+    every one None. One process: open_cache. Raises RuntimeError when the folder changed in between (another run
+    published a cache there meanwhile): rerun."""
+    if not ranks.parallel:
+        return open_cache(folder, request)
+    cache = open_cache(folder, request) if ranks.is_main_process else None
+    digest = ranks.on_main(lambda: None if cache is None else cache.content_digest)
+    if digest is None or ranks.is_main_process:
+        return cache
+    cache = TeacherCache(folder)
+    if cache.content_digest != digest:
+        raise RuntimeError(f"the cache in {folder} changed while this run's processes opened it (another run "
+                           "published a new one there): rerun")
+    return cache
+
+
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()  # as files._file_digest computes it for the manifest
 

@@ -152,10 +152,15 @@ def _resume(state, model, opt, sched, gen, names=None, scaler=None) -> bool:
     return True
 
 
+def _checkpoint_due(cfg, done: int, steps: int) -> bool:
+    """Whether a phase saves after `done` of its `steps` steps: every cfg.ckpt_every steps and at the last (0: never)."""
+    return bool(cfg.ckpt_every) and (done % cfg.ckpt_every == 0 or done == steps)
+
+
 def _checkpoint_every(cfg, phase, done, steps, signature, model, opt, sched, gen, history, names=None, scaler=None):
     """Save the training state every cfg.ckpt_every steps and at the end: the weights this phase trains
     (names), never the frozen ones, with the optimiser, schedule, GradScaler (fp16) and random state."""
-    if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == steps):
+    if _checkpoint_due(cfg, done, steps):
         weights = {k: v for k, v in model.state_dict().items() if names is None or k in names}
         save_checkpoint(cfg.run_dir, phase, {
             "signature": signature, "step": done, "model": weights, "history": history,

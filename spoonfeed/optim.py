@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .errors import NonFiniteGradientError, NonFiniteLossError, NonFiniteTargetError
+from .parallel import world
 from .precision import release_memory
 
 
@@ -70,8 +71,10 @@ class _FaultGuard:
                               f"not, {self.run} steps in a row (steps {self.skipped[-self.run:]})", target, grad=True)
 
     def _error(self, step, what, target, grad=False) -> NonFiniteLossError:
-        if target is not None and not torch.isfinite(target).all():
-            n = int((~torch.isfinite(target)).sum())
+        # every process comes here at the same step (its loss and its verdict are the processes' own, averaged), so
+        # the count is summed over them all: each names the same cause, whichever process drew the bad targets
+        n = int(world().sum(0 if target is None else int((~torch.isfinite(target)).sum())))
+        if target is not None and n:
             return NonFiniteTargetError(
                 f"{what}, because the teacher targets of this batch hold {n} non-finite values: the cache (or the "
                 f"teacher that wrote it) is at fault, not the learning rate. Rebuild the cache (delete "
@@ -220,18 +223,22 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
 def optimizer_step(loss: torch.Tensor, opt, params, grad_clip: float, scaler=None) -> bool:
     """One optimiser update from a scalar loss; every training loop (Phases 2 and 3, the ablation) goes through it.
 
-    zero_grad -> backward (scaled when a GradScaler is given) -> unscale -> clip the global grad norm over
-    `params` to `grad_clip` (clip_grad_norm: sparse gradients too) -> step. Returns True when the step was taken.
-    When the gradient norm is not finite, opt.step() is never reached: the gradients are dropped and False is returned, so the caller can
+    zero_grad -> backward (scaled when a GradScaler is given) -> under `accelerate launch`, the gradients averaged
+    over the processes (World.average_gradients, sparse ones too), so that every process takes the same step ->
+    unscale -> clip the global grad norm over `params` to `grad_clip` (clip_grad_norm: sparse gradients too) -> step.
+    Returns True when the step was taken. When the gradient norm is not finite, opt.step() is never reached: the
+    gradients are dropped and False is returned, so the caller can
     name the cause. With an enabled fp16 GradScaler an overflow is the scaler's business (it skips the step and
     lowers its scale); that also returns False.
     """
     opt.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
+        world().average_gradients(params)
         scaler.unscale_(opt)
     else:
         loss.backward()
+        world().average_gradients(params)
     norm = clip_grad_norm(params, grad_clip)  # the total norm before clipping
     finite = bool(torch.isfinite(norm))
     if scaler is not None:

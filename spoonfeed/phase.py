@@ -1,7 +1,9 @@
 """The phase scaffold that every training loop shares (Phases 2 and 3, the ablation's direct-CE arm).
 
 It builds, in one order: AdamW, the LR schedule, the batch generator, the precision policy and its GradScaler,
-resume from the last good checkpoint, the fault guard; then checkpoints and teardown.
+resume from the last good checkpoint, the fault guard; then checkpoints and teardown. Under `accelerate launch`
+it is also where the processes are kept in step (docs/multi-gpu.md): each draws its rows of one batch, the loss
+is averaged over them, the gradients in optimizer_step, and the main process alone writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import time
 
 import torch
 
-from .checkpoints import _checkpoint_every, _resume, load_checkpoint
+from .checkpoints import _checkpoint_due, _checkpoint_every, _resume, load_checkpoint
 from .optim import _adamw, _FaultGuard, _free_training_state, lr_schedule, optimizer_step
+from .parallel import world
 from .plots import progress_bar
 from .precision import make_grad_scaler, precision_policy
 
@@ -30,6 +33,14 @@ class Phase:
     `start` and `history` say what was found; without a checkpoint, `restart()` (when given) puts the weights
     back at the phase's start. A fault guard (`_FaultGuard`) then watches every step. compiled=True (the loop's
     forward runs through torch.compile) times the first step, compile included, and prints it (first_step_s).
+
+    Under `accelerate launch` (N processes, `world()`): cfg.batch_size is each process's batch B, and one step
+    takes the N * B rows that one process with batch N * B would draw from the same generator, each process its own
+    B of them (`batch`); the loss is averaged over the processes (`update`) and the gradients too (optimizer_step),
+    so every process holds the same weights and reaches the same verdict (skip a step, stop). The main process
+    resumes first (it may move a checkpoint aside), then the others read what it left; it alone writes checkpoints,
+    and a failed write stops every process. A checkpoint does not depend on N: the signature's batch_size is the
+    global N * B, so a run resumes with any process count whose N * B is the same.
 
     Raises what load_checkpoint and the guard raise; see train_superposition for the whole list.
     """
@@ -51,12 +62,14 @@ class Phase:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_schedule(s, steps, warmup, cfg.min_lr_ratio))
         self.gen = torch.Generator().manual_seed(seed)
+        self.world = world()
         self.policy = precision_policy(self.params[0].device, cfg.precision)
         self.scaler = make_grad_scaler(self.policy)
         self.history, self.start, self.resumed = history, 0, False
         if key is not None:
             weights = {k: tuple(v.shape) for k, v in model.state_dict().items() if names is None or k in names}
-            state = None if fresh else load_checkpoint(cfg.run_dir, key, signature, weights)
+            state = None if fresh else self.world.main_first(  # only the main process moves a checkpoint aside
+                lambda main: load_checkpoint(cfg.run_dir, key, signature, weights, set_aside=main))
             if _resume(state, model, self.opt, self.sched, self.gen, names, self.scaler):
                 self.history, self.start, self.resumed = state["history"], state["step"], True
                 print(f"{name}: resuming at step {self.start} of {steps}" if self.start < steps else
@@ -72,35 +85,42 @@ class Phase:
         return progress_bar(range(self.start, self.steps), desc=desc, disable=not progress)
 
     def batch(self, num_blocks: int) -> torch.Tensor:
-        """cfg.batch_size block indices drawn from the phase's generator: (B,) int64."""
-        return torch.randint(num_blocks, (self.cfg.batch_size,), generator=self.gen)
+        """cfg.batch_size block indices drawn from the phase's generator: (B,) int64. Under N processes, N * B are
+        drawn, as one process with batch N * B draws them, and this process takes its own B (World.share)."""
+        idx = torch.randint(num_blocks, (self.cfg.batch_size * self.world.num_processes,), generator=self.gen)
+        return self.world.share(idx)
 
     @property
     def lr(self) -> float:
         """The LR the current step uses (the first parameter group's)."""
         return self.opt.param_groups[0]["lr"]
 
-    def update(self, step: int, loss: torch.Tensor, target=None, stepped: bool | None = None) -> bool:
-        """One step's bookkeeping: a non-finite loss raises, naming its cause (target: the batch's teacher states,
+    def update(self, step: int, loss: torch.Tensor, target=None, stepped: bool | None = None) -> float:
+        """One step's bookkeeping: the loss averaged over the processes (the step's loss, as one process with the
+        whole batch computes it); a non-finite one raises, naming its cause (target: this process's teacher states,
         checked first); then optimizer_step (clipped to cfg.grad_clip) unless the caller has stepped already
-        (`stepped` given); a skipped step is named and counted; then the schedule moves on. Returns stepped."""
-        self.guard.check_loss(step, loss, target)
+        (`stepped` given, and `loss` then the averaged loss, as superposition_step returns it); a skipped step is
+        named and counted; then the schedule moves on. Returns the averaged loss (nats/token for CE), a float."""
+        shown = loss.detach() if stepped is not None else self.world.mean(loss.detach())
+        self.guard.check_loss(step, shown, target)
         if stepped is None:
             stepped = optimizer_step(loss, self.opt, self.params, self.cfg.grad_clip, self.scaler)
-        self.guard.after_step(step, loss, stepped, target)
+        self.guard.after_step(step, shown, stepped, target)
         self.sched.step()
         if self.compiled and self.first_step_s is None:  # torch.compile's time, apart from the steps' time
             self.first_step_s = time.perf_counter() - self._t0
             print(f"{self.name}: the first step took {self.first_step_s:.1f} s, compiling its forward and backward "
                   "(COMPILE, once per shape); the others run compiled")
-        return stepped
+        return shown.item()
 
     def checkpoint(self, done: int) -> None:
         """Every cfg.ckpt_every steps and at the last one: save the weights `names`, optimiser, schedule, GradScaler
         and random state (atomic; refused when non-finite)."""
-        if self.key is not None:
-            _checkpoint_every(self.cfg, self.key, done, self.steps, self.signature, self.model, self.opt, self.sched,
-                              self.gen, self.history, self.names, self.scaler)
+        if self.key is not None and _checkpoint_due(self.cfg, done, self.steps):
+            with self.world.together():  # the main process writes; a failed write stops every process
+                if self.world.is_main_process:
+                    _checkpoint_every(self.cfg, self.key, done, self.steps, self.signature, self.model, self.opt,
+                                      self.sched, self.gen, self.history, self.names, self.scaler)
 
     def close(self) -> None:
         """End of the phase: drop gradients and AdamW's moments, and give their memory back; a sparse embedding

@@ -90,7 +90,7 @@ def _load_cuda_teacher(path, kw, policy: Precision):
 
             bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
             model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=dtype,
-                                                         device_map="auto", **kw)
+                                                         device_map=_device_map(), **kw)
             print(f"teacher: 4-bit NF4, computing in {dtype} ({policy.reason})")
             return model
         except (ImportError, RuntimeError) as e:  # bitsandbytes missing or unsupported on this card
@@ -101,7 +101,17 @@ def _load_cuda_teacher(path, kw, policy: Precision):
 
     if importlib.util.find_spec("accelerate") is None:  # transformers needs it for device_map: load, then move
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to("cuda")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", **kw)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=_device_map(), **kw)
+
+
+def _device_map():
+    """Where transformers puts the teacher on CUDA: "auto" (every visible GPU) in one process; under `accelerate
+    launch`, whole on this process's own GPU (PartialState made it the current one), one copy a process."""
+    import torch
+
+    from .parallel import world
+
+    return {"": torch.cuda.current_device()} if world().parallel else "auto"
 
 
 def free_teacher(teacher):

@@ -1,0 +1,147 @@
+"""Headless runs of the notebook's path on one process or several: Phase 1, Phases 2 and 3, evaluation, export.
+
+    python -m spoonfeed_run --preset smoke                                        # one process
+    accelerate launch --num_processes 4 -m spoonfeed_run --preset cpu --set device=cuda   # 4 GPUs of one machine
+    accelerate launch --multi_gpu --num_processes 2 -m spoonfeed_run --preset smoke   # 2 CPU processes (gloo)
+
+It makes the same helper calls as the notebook's cells 2 to 8, with the same presets and settings
+(spoonfeed.config.make_config): the checks made before work, cache_teacher_states (each process runs the teacher
+on its share of the blocks), build_student, train_superposition and train_lm_head (data-parallel: BATCH_SIZE is
+each process's batch, the gradients are averaged), evaluate, the plots and export_all (the main process). It then
+writes RUN_DIR/run.json: the settings, the process count, both loss histories and the held-out figures. The
+notebook itself stays one process. Generation and the ablation are the notebook's (cells 9 to 11).
+See docs/multi-gpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import os
+import sys
+
+import spoonfeed_helpers as sf
+from spoonfeed.errors import ConfigError
+from spoonfeed.files import _atomic_write_text
+from spoonfeed.parallel import world
+
+
+def parse_settings(pairs) -> dict:
+    """`--set NAME=VALUE` pairs -> {NAME: value}: the value as a Python literal (4, 2e-3, False, "128,256" stays a
+    string, (128, 256) a tuple), else as the text itself (smollm2, stdlib). NAME is a RunConfig field, checked by
+    make_config. Raises ConfigError for a pair without '='."""
+    settings = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set {pair!r} must be NAME=VALUE with NAME a setting of RunConfig, e.g. --set "
+                              "batch_size=4 or --set teacher=smollm2")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        settings[name.strip()] = value
+    return settings
+
+
+def check_launch(env=os.environ) -> None:
+    """Refuse, before any work, a launch that asked for several CPU processes and started one:
+    `accelerate launch --cpu --num_processes N` runs its simple launcher, which starts one process unless an MPI
+    hostfile is given (huggingface/accelerate#2741); it sets MASTER_ADDR for N > 1 but no WORLD_SIZE. Raises
+    ConfigError naming the command that starts N processes."""
+    if (env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and env.get("MASTER_ADDR")
+            and int(env.get("WORLD_SIZE", "1")) == 1 and not env.get("LOCAL_RANK")):
+        raise ConfigError("`accelerate launch --cpu --num_processes N` starts one process, not N (accelerate's "
+                          "simple launcher runs several CPU processes only through mpirun). For N CPU processes "
+                          "run `accelerate launch --multi_gpu --num_processes N -m spoonfeed_run ...` (torchrun, "
+                          "gloo: this script picks the CPU for a run whose device is cpu), or drop --num_processes "
+                          "for one process")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spoonfeed_run", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Settings are RunConfig's fields (spoonfeed/config.py); BATCH_SIZE is "
+                                       "batch_size, each process's batch. See docs/multi-gpu.md.")
+    p.add_argument("--preset", default=None, help="cpu, smoke or none (the form's defaults); default: "
+                                                  "SPOONFEED_PRESET from the environment")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                   help="a setting, e.g. --set batch_size=4 --set run_dir=runs/two (repeatable)")
+    p.add_argument("--retrain", action="store_true", help="train Phases 2 and 3 afresh (the notebook's RETRAIN)")
+    p.add_argument("--gguf-qtype", default="TQ2_0", help="the GGUF's weight type (GGUF_QTYPE): TQ2_0, TQ1_0, F16")
+    return p
+
+
+def main(argv=None) -> dict:
+    """The run, on this process; returns what run.json holds. Raises ConfigError before any work for a bad setting
+    or launch (see check_launch), and whatever the phases raise (every process the same, see World.together)."""
+    args = _parser().parse_args(argv)
+    check_launch()
+    preset = sf.resolve_preset(args.preset)
+    cfg = sf.make_config(preset, **parse_settings(args.settings))
+    sf.check_export_settings(args.gguf_qtype)
+    os.environ.setdefault("MPLBACKEND", "Agg")  # plots go to files
+    from accelerate import PartialState
+
+    # CPU processes talk through gloo: PartialState picks it only when told the run is on the CPU
+    state = PartialState(cpu=sf.pick_device(cfg.device).type == "cpu")
+    ranks = world()
+    try:
+        with contextlib.ExitStack() as stack:
+            if not ranks.is_main_process:  # one process prints
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return _run(cfg, preset, args, ranks, state)
+    except Exception as e:  # under several processes, one line each says which stopped, and why
+        if ranks.parallel:
+            print(f"spoonfeed_run: process {ranks.process_index} of {ranks.num_processes} stopped: "
+                  f"{type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if ranks.parallel:
+            state.destroy_process_group()
+
+
+def _run(cfg, preset, args, ranks, state) -> dict:
+    n, main = ranks.num_processes, ranks.is_main_process
+    sf.check_batch_size(cfg.batch_size * n, cfg.num_samples, f"num_samples={cfg.num_samples} ({n} processes of "
+                        f"batch_size={cfg.batch_size} draw {cfg.batch_size * n} blocks a step)")
+    print(sf.describe(cfg, preset))
+    print(f"processes: {n}" + (f" ({state.distributed_type.value}, {state.backend})" if n > 1 else "")
+          + f"; batch_size {cfg.batch_size} a process, {cfg.batch_size * n} blocks a step")
+    sf.check_runtime(cfg, preset)
+    print(sf.check_folders(cfg, ablation=False))
+    print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device, cfg.precision).reason)
+
+    cache = sf.cache_teacher_states(cfg, progress=main)  # cell 3
+    tokenizer = sf.load_tokenizer(cfg.teacher)
+    student = sf.build_student(cfg, cache)  # cell 4
+    history2 = sf.train_superposition(student, cache, cfg, progress=main, fresh=args.retrain)  # cell 5
+    history3 = sf.train_lm_head(student, cache, cfg, progress=main, fresh=args.retrain)  # cell 6
+    report = sf.evaluate(student, cache, precision=cfg.precision)  # cell 7
+    print(sf.format_report(report))
+    result = {"preset": preset, "processes": n, "batch_size": cfg.batch_size, "global_batch_size": cfg.batch_size * n,
+              "config": {k: v for k, v in vars(cfg).items()}, "cache": str(cache.path),
+              "phase2": history2, "phase3": history3, "metrics": report["metrics"]}
+    with ranks.together():  # the main process writes the plots, the exports and run.json; a failure stops all
+        if main:
+            plots = os.path.join(cfg.run_dir, "plots")
+            sf.plot_cache(cache, f"{plots}/1_cache.png")
+            sf.plot_phase2(history2, f"{plots}/2_superposition.png")
+            sf.plot_phase3(history3, path=f"{plots}/3_lm_head.png")
+            sf.plot_evaluation(report, f"{plots}/4_evaluation.png")
+            exported = sf.export_all(student, tokenizer, cfg.run_dir, cache, cfg, report, args.gguf_qtype)  # cell 8
+            result["exported"] = {k: str(v) for k, v in exported.items()}
+            path = os.path.join(cfg.run_dir, "run.json")
+            _atomic_write_text(path, json.dumps(result, indent=1, default=str))
+            print(f"done: {path}, {plots}/, " + ", ".join(result["exported"].values()))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:  # a bad setting or launch: one line, no traceback
+        print(f"spoonfeed_run: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
