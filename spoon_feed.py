@@ -140,7 +140,7 @@ cache = sf.cache_teacher_states(cfg)
 tokenizer = sf.load_tokenizer(cfg.teacher)
 print(sf.describe_data(cache, tokenizer))
 print(f"{cache.num_train} train + {cache.num_val} held-out blocks of {cache.seq_len} tokens, teacher width {cache.teacher_dim}, vocab {cache.vocab_size}")
-sf.plot_cache(cache, f"{cfg.run_dir}/plots/1_cache.png")
+sf.plot_cache(cache, sf.run_path(cfg.run_dir, "plots/1_cache.png"))
 plt.show()
 
 # %% cellView="form"
@@ -153,14 +153,14 @@ print({k: f"{v / 1e6:.2f}M" for k, v in student.num_params().items()})
 # @title 5. Phase 2: superposition
 # @markdown Student + decompressor against the cached states. Checkpoints go to `RUN_DIR`; rerunning the cell resumes, and a finished phase is kept unless `RETRAIN`.
 history2 = sf.train_superposition(student, cache, cfg, fresh=RETRAIN)
-sf.plot_phase2(history2, f"{cfg.run_dir}/plots/2_superposition.png")
+sf.plot_phase2(history2, sf.run_path(cfg.run_dir, "plots/2_superposition.png"))
 plt.show()
 
 # %% cellView="form"
 # @title 6. Phase 3: speech therapy (LM head)
 # @markdown Body, embedding and projector stay frozen; the student's states are computed once. `HEAD_MODE`: `new` (untied head), `tied` (the original's, drifts the embedding), `teacher` (the teacher's head over the projector). `HEAD_INIT`: a new head starts as the teacher's head over a least-squares map from student to teacher states (`teacher`), or at the unigram predictor (`unigram`). `HEAD_BIAS=False` trains a bias-free head, which the Llama and GGUF exports hold exactly.
 history3 = sf.train_lm_head(student, cache, cfg, fresh=RETRAIN)
-sf.plot_phase3(history3, path=f"{cfg.run_dir}/plots/3_lm_head.png")
+sf.plot_phase3(history3, path=sf.run_path(cfg.run_dir, "plots/3_lm_head.png"))
 plt.show()
 
 # %% cellView="form"
@@ -168,7 +168,7 @@ plt.show()
 # @markdown The mean teacher vector is the constant baseline every student must beat; the unigram distribution is the constant predictor for CE.
 report = sf.evaluate(student, cache, precision=cfg.precision)
 print(sf.format_report(report))
-sf.plot_evaluation(report, f"{cfg.run_dir}/plots/4_evaluation.png")
+sf.plot_evaluation(report, sf.run_path(cfg.run_dir, "plots/4_evaluation.png"))
 plt.show()
 
 # %% cellView="form"
@@ -217,5 +217,5 @@ else:
 if RUN_ABLATION:
     ablation = sf.run_ablation(cache, cfg)
     print(sf.format_ablation(ablation))
-    sf.plot_ablation(ablation, f"{cfg.run_dir}/plots/5_ablation.png")
+    sf.plot_ablation(ablation, sf.run_path(cfg.run_dir, "plots/5_ablation.png"))
     plt.show()

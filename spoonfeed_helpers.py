@@ -48,7 +48,7 @@ except ModuleNotFoundError as e:  # the helper copied without its package
                               "folder together with the file, or clone the whole repository") from e
 
 # isort: off
-from spoonfeed.errors import ConfigError, NonFiniteTeacherError, PhaseOrderError
+from spoonfeed.errors import ConfigError, NonFiniteTeacherError, PhaseOrderError, headless, in_notebook  # noqa: F401
 from spoonfeed.config import check_batch_size, HEAD_MODES, RunConfig, StudentConfig
 from spoonfeed.precision import _autocast, _cuda_oom_hint, pick_device, Precision, precision_policy, release_memory
 from spoonfeed.files import (
@@ -86,7 +86,7 @@ from spoonfeed.config import (  # noqa: F401
     make_config, ORIGINAL_PROMPTS, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
 )
 from spoonfeed.precision import cpu_bf16_instructions, make_grad_scaler  # noqa: F401
-from spoonfeed.files import HF_FORMAT  # noqa: F401
+from spoonfeed.files import HF_FORMAT, RUN_DIR_LAYOUT, run_path  # noqa: F401
 from spoonfeed.teacher import _load_cuda_teacher, bundled_teacher_dir  # noqa: F401
 from spoonfeed.data import (  # noqa: F401
     _text_documents, _texts_from_records, describe_data, DUPLICATE, MIN_TEXT_CHARS, record_text,
@@ -523,8 +523,9 @@ def _check_teacher_states(h: torch.Tensor, h16: torch.Tensor, teacher_dtype, whe
         dtype = str(teacher_dtype).replace("torch.", "")
         if teacher_dtype in (torch.float16, torch.bfloat16):
             fix = (f"a {dtype} overflow in the teacher is the likely cause (Qwen2 models are known to overflow "
-                   "in float16). Load the teacher in float32: in cell 3 call "
-                   "sf.cache_teacher_states(cfg, precision=\"fp32\"), then rerun")
+                   "in float16). Load the teacher in float32: " + in_notebook(
+                       "in cell 3 call sf.cache_teacher_states(cfg, precision=\"fp32\"), then rerun",
+                       "rerun with --set precision=fp32 (every phase then runs in float32)"))
         else:
             fix = "the teacher's weights are likely broken: check TEACHER_MODEL or pick another teacher"
         raise NonFiniteTeacherError(f"Phase 1 stopped: the teacher's hidden states hold {bad} non-finite values "
@@ -749,8 +750,9 @@ def _check_student(model: BitNetStudent, cfg: RunConfig, cache: TeacherCache):
     diff = [f"{k} {have[k]} -> {want[k]}" for k in ("vocab_size", "teacher_dim", "dim", "n_layers", "n_heads",
                                                       "max_seq_len") if have[k] != want[k]]
     if diff:
-        raise PhaseOrderError(f"the student in memory was built for other settings ({', '.join(diff)}): rerun cell 4 "
-                              "(Build the student), then this cell")
+        raise PhaseOrderError(f"the student in memory was built for other settings ({', '.join(diff)}): " + in_notebook(
+            "rerun cell 4 (Build the student), then this cell",
+            "build it again with build_student(cfg, cache), then call this phase"))
 
 
 def _init_phase2(model: BitNetStudent, cfg: RunConfig, cache: TeacherCache):
@@ -938,7 +940,8 @@ def _ensure_phase2(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig) ->
         found = ("no Phase 2 checkpoint for these settings" if state is None else
                  f"Phase 2 stopped at step {state['step']} of {cfg.superposition_steps}")
         raise PhaseOrderError(f"Phase 3 decodes the finished Phase 2 student, but {why} and {path.parent} holds "
-                              f"{found}: run cell 5 (Phase 2) first, then this cell")
+                              f"{found}: " + in_notebook("run cell 5 (Phase 2) first, then this cell",
+                                                          "run train_superposition first, then train_lm_head"))
     current = model.state_dict()
     with torch.no_grad():
         for k in names:

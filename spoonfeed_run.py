@@ -46,18 +46,45 @@ def parse_settings(pairs) -> dict:
     return settings
 
 
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # as PartialState reads
+
+
 def check_launch(env=os.environ) -> None:
-    """Refuse, before any work, a launch that asked for several CPU processes and started one:
-    `accelerate launch --cpu --num_processes N` runs its simple launcher, which starts one process unless an MPI
-    hostfile is given (huggingface/accelerate#2741); it sets MASTER_ADDR for N > 1 but no WORLD_SIZE. Raises
-    ConfigError naming the command that starts N processes."""
-    if (env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and env.get("MASTER_ADDR")
-            and int(env.get("WORLD_SIZE", "1")) == 1 and not env.get("LOCAL_RANK")):
-        raise ConfigError("`accelerate launch --cpu --num_processes N` starts one process, not N (accelerate's "
-                          "simple launcher runs several CPU processes only through mpirun). For N CPU processes "
-                          "run `accelerate launch --multi_gpu --num_processes N -m spoonfeed_run ...` (torchrun, "
-                          "gloo: this script picks the CPU for a run whose device is cpu), or drop --num_processes "
-                          "for one process")
+    """Refuse, before any work, a launch that asked for several processes and started this one alone.
+
+    `accelerate launch --num_processes N` (N > 1) runs accelerate's simple launcher with --cpu, and also without
+    --cpu whenever fewer than 2 GPUs are visible and --multi_gpu is not given (it turns --multi_gpu on by itself only
+    when it sees 2 GPUs or more). That launcher starts one process unless an MPI hostfile is given
+    (huggingface/accelerate#2741), and would train at 1/N of the global batch. It exports no process count: it sets
+    ACCELERATE_USE_CPU (True or False) in every launch, and MASTER_ADDR only when asked for more than one process or
+    machine (accelerate 1.16, utils/launch.py: prepare_simple_launcher_cmd_env). torchrun (`--multi_gpu`, or
+    `torchrun` itself) sets WORLD_SIZE and no ACCELERATE_USE_CPU; mpirun sets its own world size
+    (PMI_SIZE, OMPI_COMM_WORLD_SIZE). So: the simple launcher's variables with MASTER_ADDR, and no world of more than
+    one process (WORLD_SIZE_VARS), is a launch of N that started 1. Raises ConfigError naming the commands that
+    start N processes; nothing for `python -m spoonfeed_run`, a plain `accelerate launch` and every launch that did
+    start its processes."""
+    world_size = next((int(env[k]) for k in WORLD_SIZE_VARS if env.get(k)), 1)
+    if "ACCELERATE_USE_CPU" in env and env.get("MASTER_ADDR") and world_size == 1:
+        raise ConfigError(
+            "this `accelerate launch --num_processes N` started one process, not N: without --multi_gpu, accelerate "
+            "runs its simple launcher (always with --cpu, and with fewer than 2 visible GPUs), which starts one. "
+            "For N processes add --multi_gpu: `accelerate launch --multi_gpu --num_processes N -m spoonfeed_run ...` "
+            "(torchrun; for a run whose device is cpu, such as the cpu and smoke presets, the processes are CPU "
+            "processes that talk through gloo), or `torchrun --nproc_per_node N -m spoonfeed_run ...`. For one "
+            "process, drop --num_processes or run `python -m spoonfeed_run ...`")
+
+
+def check_launch_devices(cfg, env=os.environ) -> None:
+    """Refuse, before any work, a CUDA run with more processes on this machine than GPUs: each process takes the GPU
+    of its local rank (LOCAL_RANK), so one past the last would fail inside accelerate. Raises ConfigError naming the
+    fix. Nothing for one process or a CPU run."""
+    import torch
+
+    local = int(env.get("LOCAL_WORLD_SIZE") or 1)
+    if local > 1 and sf.pick_device(cfg.device).type == "cuda" and local > torch.cuda.device_count():
+        raise ConfigError(f"{local} processes on this machine but {torch.cuda.device_count()} CUDA GPUs: each process "
+                          "needs its own GPU. Lower --num_processes (or --nproc_per_node) to the GPU count, or set "
+                          "device=cpu for CPU processes")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,12 +103,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     """The run, on this process; returns what run.json holds. Raises ConfigError before any work for a bad setting
-    or launch (see check_launch), and whatever the phases raise (every process the same, see World.together)."""
+    or launch (check_launch, check_launch_devices; make_config checks the device), and whatever the phases raise
+    (every process the same, see World.together)."""
     args = _parser().parse_args(argv)
+    with sf.headless():  # a fix that names a notebook cell names the command instead (spoonfeed.errors.in_notebook)
+        return _main(args)
+
+
+def _main(args) -> dict:
     check_launch()
     preset = sf.resolve_preset(args.preset)
     cfg = sf.make_config(preset, **parse_settings(args.settings))
     sf.check_export_settings(args.gguf_qtype)
+    check_launch_devices(cfg)
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots go to files
     from accelerate import PartialState
 
@@ -126,14 +160,14 @@ def _run(cfg, preset, args, ranks, state) -> dict:
               "phase2": history2, "phase3": history3, "metrics": report["metrics"]}
     with ranks.together():  # the main process writes the plots, the exports and run.json; a failure stops all
         if main:
-            plots = os.path.join(cfg.run_dir, "plots")
-            sf.plot_cache(cache, f"{plots}/1_cache.png")
-            sf.plot_phase2(history2, f"{plots}/2_superposition.png")
-            sf.plot_phase3(history3, path=f"{plots}/3_lm_head.png")
-            sf.plot_evaluation(report, f"{plots}/4_evaluation.png")
+            plots = sf.run_path(cfg.run_dir, "plots")
+            sf.plot_cache(cache, sf.run_path(cfg.run_dir, "plots/1_cache.png"))
+            sf.plot_phase2(history2, sf.run_path(cfg.run_dir, "plots/2_superposition.png"))
+            sf.plot_phase3(history3, path=sf.run_path(cfg.run_dir, "plots/3_lm_head.png"))
+            sf.plot_evaluation(report, sf.run_path(cfg.run_dir, "plots/4_evaluation.png"))
             exported = sf.export_all(student, tokenizer, cfg.run_dir, cache, cfg, report, args.gguf_qtype)  # cell 8
             result["exported"] = {k: str(v) for k, v in exported.items()}
-            path = os.path.join(cfg.run_dir, "run.json")
+            path = sf.run_path(cfg.run_dir, "run.json")
             _atomic_write_text(path, json.dumps(result, indent=1, default=str))
             print(f"done: {path}, {plots}/, " + ", ".join(result["exported"].values()))
     return result

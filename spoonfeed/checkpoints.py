@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import NonFiniteLossError
-from .files import _replacing, check_free_space
+from .errors import NonFiniteLossError, in_notebook
+from .files import _replacing, check_free_space, run_path
 from .optim import non_finite
 
 
 def _ckpt_paths(run_dir, phase: str):
-    d = Path(run_dir) / "checkpoints"
-    return d / f"{phase}.pt", d / f"{phase}.prev.pt"
+    """(<run_dir>/checkpoints/<phase>.pt, its .prev.pt), as listed in RUN_DIR_LAYOUT (KeyError for an unlisted
+    phase: add it to CHECKPOINT_PHASES)."""
+    return run_path(run_dir, f"checkpoints/{phase}.pt"), run_path(run_dir, f"checkpoints/{phase}.prev.pt")
 
 
 def _non_finite(state: dict) -> list[str]:
@@ -51,8 +52,9 @@ def save_checkpoint(run_dir, phase: str, state: dict):
                                  f"{' and more' if len(bad) > 3 else ''}; the last good checkpoint {path} is kept")
     path.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(path.parent, _tensor_bytes(state) + 2**20, f"the {phase} checkpoint needs",
-                     "free some space or point RUN_DIR at a bigger disk, then rerun the cell (it resumes from the "
-                     "last good checkpoint)", unit="MiB")
+                     "free some space or point RUN_DIR at a bigger disk, then " + in_notebook(
+                         "rerun the cell", "rerun the command") + " (it resumes from the last good checkpoint)",
+                     unit="MiB")
     with _replacing(path, keep=prev) as tmp:
         torch.save(state, tmp)
         with open(tmp, "rb") as f:

@@ -10,8 +10,15 @@ from typing import TYPE_CHECKING
 
 from .cache import cache_folder, cache_request
 from .config import BUNDLED_TEACHER, _teacher_shape
-from .errors import ConfigError
-from .files import check_export_destinations, space_problem, writable_problem
+from .errors import ConfigError, in_notebook
+from .files import (
+    RUN_DIR_EXPORTS,
+    RUN_DIR_LAYOUT,
+    check_export_destinations,
+    layout_problems,
+    space_problem,
+    writable_problem,
+)
 from .precision import pick_device, precision_policy
 from .sources import data_fingerprint
 
@@ -30,9 +37,10 @@ def check_runtime(cfg: RunConfig, preset: str | None = None) -> None:
         return
     raise ConfigError(
         f"this runtime has no GPU, and the teacher {cfg.teacher!r} with a {cfg.student_dim}x{cfg.student_layers} "
-        "student needs one (on CPU, Phase 2 alone takes about 9 hours). In Colab: Runtime \u2192 Change runtime "
-        "type \u2192 T4 GPU, then Run all. Or set PRESET = \"cpu\" in cell 1 (the bundled teacher and the stdlib "
-        "corpus, about 10 minutes on 2 CPU cores)")
+        "student needs one (on CPU, Phase 2 alone takes about 9 hours). " + in_notebook(
+            "In Colab: Runtime \u2192 Change runtime type \u2192 T4 GPU, then Run all. Or set PRESET = \"cpu\" in cell 1",
+            "Run it on a machine with a CUDA GPU, or pass --preset cpu")
+        + " (the bundled teacher and the stdlib corpus, about 10 minutes on 2 CPU cores)")
 
 
 def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool) -> dict:
@@ -58,6 +66,14 @@ def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool)
     return out
 
 
+def _run_dir_outputs(cfg: RunConfig, ablation: bool) -> list[str]:
+    """The paths of RUN_DIR_LAYOUT whose kind check_folders checks with layout_problems: all of them but the
+    ablation's folder when there is no ablation, and but the exports (RUN_DIR_EXPORTS), which
+    check_export_destinations checks, their kind and what they hold."""
+    skip = set(RUN_DIR_EXPORTS.values()) | ({"ablation"} if not ablation else set())
+    return [name for name in RUN_DIR_LAYOUT if name not in skip]
+
+
 def _cached_request(folder: Path) -> dict | None:
     """The request of the finished cache in folder (its manifest's), or None."""
     try:
@@ -71,7 +87,9 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
     (checkpoints, plots, the saved student and its packed export; the ablation's checkpoints when ablation).
     A cache that would be rebuilt needs its full size even where an older one sits: the new one is written
     beside it and replaces it only when finished.
-    The save cell's destinations in RUN_DIR must be free or hold earlier exports (check_export_destinations).
+    Every path the run writes in RUN_DIR (RUN_DIR_LAYOUT: checkpoints/, plots/, the exports, run.json, ...) must be
+    missing or of the kind the run writes there (a folder where it makes a folder, a file where it writes a file),
+    and the save cell's destinations must be free or hold earlier exports (check_export_destinations).
 
     Each must be writable (it is created if missing) and have room for what the run writes there: the cache
     (unless a finished cache for this request is already there; the size is known for the listed teachers and
@@ -84,6 +102,8 @@ def check_folders(cfg: RunConfig, ablation: bool = True) -> str:
     folders = (("CACHE_DIR", cfg.cache_dir), ("RUN_DIR", cfg.run_dir))
     problems = [p for p in (writable_problem(folder, setting) for setting, folder in folders) if p]
     if not problems:
+        # every other path the run writes in RUN_DIR, of the kind it writes (else it fails there, after the training)
+        problems += layout_problems(cfg.run_dir, _run_dir_outputs(cfg, ablation))
         try:  # the save cell's files in RUN_DIR: refused there, after the training, if something else is in the way
             check_export_destinations(cfg.run_dir, cfg.head_mode)
         except ConfigError as e:

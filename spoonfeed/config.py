@@ -149,6 +149,7 @@ class RunConfig:
             raise ConfigError(f"{_show('text_field', self.text_field)} must be a field name without spaces around "
                               "it, or 'auto'")
         check_encoding(self.encoding)
+        check_device(self.device)
         context = TEACHERS.get(self.teacher, (10**9,))[0]
         if self.seq_len > context:
             raise ConfigError(f"{_show('seq_len', self.seq_len)} is beyond the context of {self.teacher} "
@@ -232,6 +233,46 @@ def check_encoding(encoding) -> None:
     if not ok:
         raise ConfigError(f"{_show('encoding', encoding)} is not a text encoding Python knows: set ENCODING to the "
                           "encoding of your data files, such as 'utf-8', 'cp1252' or 'latin-1'")
+
+
+def check_device(device: str) -> None:
+    """The device setting names a device torch can use on this machine: "auto" (CUDA if there is a GPU, else the
+    CPU), "cpu", or an accelerator torch has here, with an index below its count ("cuda", "cuda:1", "mps"). Raises
+    ConfigError, before any work, for text torch does not read as a device, for a device type this torch cannot use
+    here (CUDA on a torch built without it or with no GPU visible, MPS off Apple silicon, "meta") and for an index
+    past the last device; the message says what this machine has and names the fix. Source: torch.device,
+    torch.cuda.is_available / device_count, torch.backends.mps.is_available."""
+    if device == "auto":
+        return
+    import torch
+
+    fix = f"set {setting('device')} to 'auto' (a GPU if torch sees one, else the CPU) or 'cpu'"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{_show('device', device)} is not a device torch knows: {fix}, or 'cuda' or 'cuda:0' "
+                          "on a GPU machine") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        why = (f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda is None else
+               "torch sees no CUDA GPU here (CUDA_VISIBLE_DEVICES="
+               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})")
+    elif dev.type == "mps":
+        count = 1 if torch.backends.mps.is_available() else 0
+        why = "MPS needs Apple silicon and a torch built with it"
+    else:  # another accelerator torch knows by name (xpu, ...), if this torch has it here
+        module = getattr(torch, dev.type, None)
+        available = getattr(module, "is_available", None)
+        count = (module.device_count() if hasattr(module, "device_count") else 1) \
+            if callable(available) and available() else 0
+        why = f"torch has no usable {dev.type} device here"
+    if not count:
+        raise ConfigError(f"{_show('device', device)} cannot be used on this machine: {why}. S{fix[1:]}")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"{_show('device', device)} names {dev.type} device {dev.index}, but this machine has "
+                          f"{count} ({dev.type}:0 to {dev.type}:{count - 1}): {fix}, or {dev.type}:0")
 
 
 def check_batch_size(batch_size: int, blocks: int, what: str) -> None:

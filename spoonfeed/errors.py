@@ -1,6 +1,29 @@
-"""The exception classes: each message names the fix."""
+"""The exception classes: each message names the fix, in the notebook's words or, headless, in spoonfeed_run's."""
 
 from __future__ import annotations
+
+import contextlib
+
+_HEADLESS = []  # non-empty inside headless(): the run is a command (spoonfeed_run), not the notebook's cells
+
+
+@contextlib.contextmanager
+def headless():
+    """Within the block, fixes worded with in_notebook give their headless wording: the run is driven by a command
+    (`python -m spoonfeed_run`, `accelerate launch ... -m spoonfeed_run`), which has no cells to rerun. spoonfeed_run
+    wraps its run in it; a papermill run is the notebook's cells, and keeps their wording."""
+    _HEADLESS.append(True)
+    try:
+        yield
+    finally:
+        _HEADLESS.pop()
+
+
+def in_notebook(notebook: str, headless: str) -> str:
+    """A fix that names a notebook cell ("rerun cell 3"): the notebook's wording, or inside headless() the one for
+    a command ("rerun the same spoonfeed_run command"). Every message that names a cell goes through here
+    (tests/test_robustness.py checks the sources)."""
+    return headless if _HEADLESS else notebook
 
 
 class ConfigError(ValueError):

@@ -198,6 +198,51 @@ RUN_DIR_EXPORTS = {"safetensors": "student", "ternary": "student-ternary", "hf":
                    "gguf": "student.gguf"}  # what the save cell (export_all) writes in RUN_DIR
 
 
+CHECKPOINT_PHASES = ("phase2", "phase3", "logit_kd")  # the phases that write <phase>.pt and <phase>.prev.pt
+
+
+PLOTS = ("1_cache.png", "2_superposition.png", "3_lm_head.png", "4_evaluation.png", "5_ablation.png")
+
+
+# every path a run writes under RUN_DIR, relative to it, and whether it is a "file" or a "folder". The writers take
+# their paths from here (run_path, RUN_DIR_EXPORTS, checkpoints' _ckpt_paths), so an output that is not listed fails
+# on its first use, and check_folders refuses, before any work, a listed path that exists as the other kind
+RUN_DIR_LAYOUT = {
+    "checkpoints": "folder",
+    **{f"checkpoints/{phase}{end}": "file" for phase in CHECKPOINT_PHASES for end in (".pt", ".prev.pt")},
+    "plots": "folder", **{f"plots/{name}": "file" for name in PLOTS},
+    **{name: "file" if kind == "gguf" else "folder" for kind, name in RUN_DIR_EXPORTS.items()},
+    "ablation": "folder",  # run_ablation's arms, each a RUN_DIR of its own (their checkpoints)
+    "run.json": "file",  # spoonfeed_run's summary
+}
+
+
+def run_path(run_dir, name: str) -> Path:
+    """run_dir / name for a path listed in RUN_DIR_LAYOUT (e.g. "plots/1_cache.png", "run.json"). Raises KeyError
+    for a name that is not listed: list a new output there, so that check_folders checks it before any work."""
+    if name not in RUN_DIR_LAYOUT:
+        raise KeyError(f"{name!r} is not listed in spoonfeed.files.RUN_DIR_LAYOUT: list every path a run writes "
+                       "under RUN_DIR there")
+    return Path(run_dir) / name
+
+
+def layout_problems(run_dir, names=RUN_DIR_LAYOUT) -> list[str]:
+    """The paths of RUN_DIR_LAYOUT (those in names) that exist under run_dir as the wrong kind: a file where the run
+    makes a folder, a folder (or a broken link) where it writes a file. A path inside one already named is not
+    named again. Returns one message per path, each naming the fix; [] when nothing is in the way."""
+    problems, named = [], []
+    for name in sorted(names, key=lambda n: n.count("/")):
+        path = Path(run_dir) / name
+        if any(name.startswith(f"{above}/") for above in named) or not os.path.lexists(path):
+            continue
+        want = RUN_DIR_LAYOUT[name]
+        if (want == "folder") != path.is_dir():
+            named.append(name)
+            problems.append(f"RUN_DIR holds {str(path)!r} as a {'folder' if path.is_dir() else 'file'}, where the run "
+                            f"writes a {want}: move it away, or set RUN_DIR to another folder")
+    return problems
+
+
 def check_export_destinations(run_dir, head_mode: str = "new") -> dict:
     """The paths the save cell (export_all) writes in RUN_DIR (RUN_DIR_EXPORTS; no Llama forms for head_mode
     'teacher'), each checked by _check_destination before any work: cell 2 (check_folders) and export_all call

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import NonFiniteGradientError, NonFiniteLossError, NonFiniteTargetError
+from .errors import NonFiniteGradientError, NonFiniteLossError, NonFiniteTargetError, in_notebook
 from .parallel import world
 from .precision import release_memory
 
@@ -47,8 +47,8 @@ class _FaultGuard:
 
     def __init__(self, phase: str, params, lr_fix: str, run_dir, cache_path=None, skipped=None, scaler=None):
         self.phase, self.params, self.lr_fix, self.cache_path = phase, list(params), lr_fix, cache_path
-        self.kept = f"The last good checkpoint in {Path(run_dir) / 'checkpoints'} is kept, and rerunning the cell " \
-                    "resumes from it"
+        self.kept = f"The last good checkpoint in {Path(run_dir) / 'checkpoints'} is kept, and " + in_notebook(
+            "rerunning the cell resumes from it", "rerunning the same spoonfeed_run command resumes from it")
         self.skipped = skipped if skipped is not None else []
         self.scaler, self.run, self.start = scaler, 0, _largest(self.params)
 
@@ -78,8 +78,8 @@ class _FaultGuard:
             return NonFiniteTargetError(
                 f"{what}, because the teacher targets of this batch hold {n} non-finite values: the cache (or the "
                 f"teacher that wrote it) is at fault, not the learning rate. Rebuild the cache (delete "
-                f"{self.cache_path} and rerun cell 3); if the teacher gives NaN again, pick another TEACHER_MODEL. "
-                f"{self.kept}")
+                f"{self.cache_path} and " + in_notebook("rerun cell 3", "rerun the command: Phase 1 rebuilds it")
+                + f"); if the teacher gives NaN again, pick another TEACHER_MODEL. {self.kept}")
         now = _largest(self.params)
         grown = f"the largest |weight| went from {self.start:.3g} at the start of the phase to {now:.3g}"
         if not math.isfinite(now) or now >= LR_BLOWUP * max(self.start, 1e-12):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PRECISIONS
-from .errors import ConfigError
+from .errors import ConfigError, in_notebook
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -132,7 +132,8 @@ class _cuda_oom_hint:
         if kind is not None and issubclass(kind, torch.cuda.OutOfMemoryError):
             release_memory()
             raise RuntimeError("CUDA ran out of memory: lower BATCH_SIZE, MAX_SEQ_LENGTH or the student size "
-                               "(STUDENT_DIM, STUDENT_LAYERS), then rerun this cell") from err
+                               "(STUDENT_DIM, STUDENT_LAYERS), then " + in_notebook(
+                                   "rerun this cell", "rerun the command (it resumes from the last checkpoint)")) from err
         return False
 
 

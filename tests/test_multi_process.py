@@ -133,11 +133,19 @@ def test_non_finite_targets_drawn_by_one_process_stop_both_with_the_same_error(r
     assert not (runs / "bad" / "checkpoints" / "phase2.pt").exists()
 
 
-def test_accelerate_s_cpu_launcher_that_starts_one_process_is_refused_naming_the_command(tmp_path):
-    r = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes=2", f"--main_process_port={free_port()}",
-                        "-m", "spoonfeed_run", "--preset", "smoke", "--set", f"run_dir={tmp_path / 'run'}",
-                        "--set", f"cache_dir={tmp_path / 'cache'}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode != 0
-    assert "starts one process, not N" in r.stderr and "--multi_gpu --num_processes N" in r.stderr
-    assert not (tmp_path / "cache").exists()  # refused before any work
+@pytest.mark.parametrize("flags", [[], ["--cpu"]], ids=["no GPU visible", "--cpu"])
+def test_accelerate_launch_num_processes_2_that_starts_one_process_is_refused_before_any_work(tmp_path, flags):
+    """`accelerate launch --num_processes 2` without --multi_gpu on a machine with fewer than 2 visible GPUs, or
+    with --cpu, runs accelerate's simple launcher, which starts one process. That process refuses to run (one line
+    naming --multi_gpu and torchrun, exit 2) and writes nothing, instead of training at half the global batch."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    r = subprocess.run(["accelerate", "launch", *flags, "--num_processes", "2", f"--main_process_port={free_port()}",
+                        "-m", "spoonfeed_run", "--preset", "smoke", "--set", "batch_size=2", "--set",
+                        f"run_dir={run}", "--set", f"cache_dir={cache}"], cwd=ROOT,
+                       env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode != 0, r.stdout[-3000:]
+    said = [line for line in r.stderr.splitlines() if line.startswith("spoonfeed_run: ConfigError: ")]
+    assert len(said) == 1 and "this `accelerate launch --num_processes N` started one process, not N" in said[0]
+    assert "accelerate launch --multi_gpu --num_processes N" in said[0], r.stderr[-3000:]
+    assert "effective configuration" not in r.stdout and not run.exists() and not cache.exists()

@@ -261,13 +261,79 @@ def test_settings_on_the_command_line_are_python_literals_or_text():
         spoonfeed_run.main(["--set", "batchsize=2"])
 
 
-def test_a_cpu_launch_that_starts_one_process_instead_of_several_is_refused_naming_the_command():
-    simple = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    with pytest.raises(ConfigError, match="--multi_gpu --num_processes N"):
-        spoonfeed_run.check_launch(simple)  # `accelerate launch --cpu --num_processes 2`
-    spoonfeed_run.check_launch({"ACCELERATE_USE_CPU": "True"})  # `accelerate launch --cpu`: one process, as asked
-    spoonfeed_run.check_launch({**simple, "WORLD_SIZE": "2", "LOCAL_RANK": "0"})  # torchrun started them
-    spoonfeed_run.check_launch({})  # `python -m spoonfeed_run`
+# What each launcher path puts in the environment of the processes it starts, as recorded from accelerate 1.16 and
+# torch 2.13 (a script that printed its environment), less the variables no check reads. accelerate's simple launcher
+# exports no process count: only MASTER_ADDR/MASTER_PORT, when asked for more than one process
+_SIMPLE = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
+_ASKED = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+def _torchrun(rank, n, **extra):
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": str(rank), "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "GROUP_WORLD_SIZE": "1",
+            "TORCHELASTIC_RUN_ID": "none", **extra}
+
+
+LAUNCHES = {  # the command -> (the environment of one process it starts, whether that process must refuse to run)
+    "python -m spoonfeed_run": ({}, False),
+    "accelerate launch": ({**_SIMPLE, "ACCELERATE_USE_CPU": "False"}, False),
+    "accelerate launch --cpu": ({**_SIMPLE, "ACCELERATE_USE_CPU": "True"}, False),
+    "accelerate launch --num_processes 1": ({**_SIMPLE, "ACCELERATE_USE_CPU": "False"}, False),
+    # asked for 2, started 1: with fewer than 2 visible GPUs accelerate does not turn --multi_gpu on
+    "accelerate launch --num_processes 2 (fewer than 2 GPUs)": ({**_SIMPLE, "ACCELERATE_USE_CPU": "False", **_ASKED},
+                                                                True),
+    "accelerate launch --cpu --num_processes 2": ({**_SIMPLE, "ACCELERATE_USE_CPU": "True", **_ASKED}, True),
+    "accelerate launch --num_machines 2 --num_processes 2": ({**_SIMPLE, "ACCELERATE_USE_CPU": "False", **_ASKED,
+                                                              "MASTER_ADDR": "10.0.0.1"}, True),
+    # torchrun: accelerate's multi-GPU launcher (--multi_gpu, or 2 GPUs or more seen), or torchrun itself
+    "accelerate launch --multi_gpu --num_processes 2, rank 0": ({**_SIMPLE, **_torchrun(0, 2)}, False),
+    "accelerate launch --multi_gpu --num_processes 2, rank 1": ({**_SIMPLE, **_torchrun(1, 2)}, False),
+    "torchrun --nproc_per_node 2": (_torchrun(1, 2, MASTER_ADDR="localhost"), False),
+    "torchrun --nproc_per_node 1": (_torchrun(0, 1, MASTER_ADDR="localhost"), False),
+    # the simple launcher's one way to several CPU processes: mpirun, which sets its own world size
+    "accelerate launch --cpu --mpirun_hostfile h --num_processes 2 (Open MPI)": (
+        {**_SIMPLE, "ACCELERATE_USE_CPU": "True", **_ASKED, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"},
+        False),
+    "accelerate launch --cpu --mpirun_hostfile h --num_processes 2 (MPICH)": (
+        {**_SIMPLE, "ACCELERATE_USE_CPU": "True", **_ASKED, "PMI_SIZE": "2", "PMI_RANK": "0"}, False),
+}
+
+
+@pytest.mark.parametrize("command", LAUNCHES)
+def test_a_launch_that_asked_for_several_processes_and_started_one_is_refused_naming_the_command(command):
+    env, refused = LAUNCHES[command]
+    if not refused:
+        spoonfeed_run.check_launch(env)
+        return
+    with pytest.raises(ConfigError, match="started one process, not N") as err:
+        spoonfeed_run.check_launch(env)
+    for fix in ("accelerate launch --multi_gpu --num_processes N -m spoonfeed_run", "torchrun --nproc_per_node N",
+                "drop --num_processes"):
+        assert fix in str(err.value), fix
+
+
+def test_the_launch_is_refused_before_any_work(tmp_path, monkeypatch):
+    """main checks the launch first: before the settings are read, the PartialState is made or a folder written."""
+    import accelerate
+
+    for k, v in LAUNCHES["accelerate launch --num_processes 2 (fewer than 2 GPUs)"][0].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(accelerate, "PartialState", lambda *a, **k: pytest.fail("PartialState made"))
+    with pytest.raises(ConfigError, match="started one process"):
+        spoonfeed_run.main(["--preset", "smoke", "--set", f"run_dir={tmp_path / 'run'}",
+                            "--set", f"cache_dir={tmp_path / 'cache'}"])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_cuda_run_with_more_processes_on_this_machine_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cuda, cpu = sf.RunConfig(device="cuda"), sf.RunConfig(device="cpu")
+    with pytest.raises(ConfigError, match="2 processes on this machine but 1 CUDA GPUs"):
+        spoonfeed_run.check_launch_devices(cuda, _torchrun(1, 2))
+    spoonfeed_run.check_launch_devices(cpu, _torchrun(1, 2))  # CPU processes (gloo)
+    spoonfeed_run.check_launch_devices(cuda, {})  # one process
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    spoonfeed_run.check_launch_devices(cuda, _torchrun(1, 2))
 
 
 @pytest.mark.slow  # Phase 1 on the tiny teacher, the plots and the exports: about 30 s

@@ -245,3 +245,141 @@ def test_preset_fills_the_settings_left_at_their_defaults_and_changed_ones_win(m
     monkeypatch.delenv("SPOONFEED_PRESET")
     assert sf.resolve_preset("none") is None and sf.preset_from_env() is None
     assert sf.make_config(None, **form).teacher == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+
+
+# --- a device torch cannot use here -----------------------------------------------------------------------
+
+def _gpus(monkeypatch, n: int, mps: bool = False):
+    """Simulate a machine with n CUDA GPUs (0: a torch without a usable GPU) and with or without MPS."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+BAD_DEVICES = {  # device -> (GPUs, MPS, what the message says)
+    "cuda": (0, False, "cannot be used on this machine"),
+    "cuda:0": (0, False, "cannot be used on this machine"),
+    "cuda:3": (2, False, "names cuda device 3, but this machine has 2"),
+    "mps": (0, False, "MPS needs Apple silicon"),
+    "meta": (0, False, "no usable meta device"),
+    "garbage": (0, False, "is not a device torch knows"),
+    "cuda:-1": (1, False, "is not a device torch knows"),
+    "": (0, False, "is not a device torch knows"),
+}
+
+
+@pytest.mark.parametrize("device", BAD_DEVICES)
+def test_a_device_torch_cannot_use_here_is_one_config_error_before_any_work(tmp_path, monkeypatch, device):
+    """make_config (cell 2, spoonfeed_run) refuses it, naming the setting and the fix, instead of an AssertionError
+    from torch (CUDA on a CPU build) or a RuntimeError from accelerate much later."""
+    import spoonfeed_run
+
+    gpus, mps, said = BAD_DEVICES[device]
+    _gpus(monkeypatch, gpus, mps)
+    with pytest.raises(sf.ConfigError, match=f"device={device!r}") as err:
+        sf.make_config("smoke", device=device, run_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    assert said in str(err.value) and "'auto'" in str(err.value) and "'cpu'" in str(err.value)
+    with pytest.raises(sf.ConfigError, match=f"device={device!r}"):  # headless: before the PartialState is made
+        spoonfeed_run.main(["--preset", "smoke", "--set", f"device={device!r}", "--set", f"run_dir={tmp_path / 'run'}",
+                            "--set", f"cache_dir={tmp_path / 'cache'}"])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("device, gpus, mps", [("auto", 0, False), ("cpu", 0, False), ("cuda", 1, False),
+                                               ("cuda:1", 2, False), ("mps", 0, True), ("auto", 2, False)])
+def test_a_device_this_machine_has_is_accepted(monkeypatch, device, gpus, mps):
+    _gpus(monkeypatch, gpus, mps)
+    assert sf.make_config("smoke", device=device).device == (device if device != "auto" else "cpu")
+
+
+# --- every path the run writes in RUN_DIR, checked before any work -----------------------------------------
+
+def _wrong_kind(path: Path, kind: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
+        path.write_text("a file where the run makes a folder")
+    else:
+        (path / "inside").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("name", sf.RUN_DIR_LAYOUT)
+def test_a_path_the_run_writes_that_exists_as_the_wrong_kind_is_refused_before_any_work(tmp_path, name):
+    """For every path of RUN_DIR_LAYOUT, the list the writers take their paths from (run_path, RUN_DIR_EXPORTS, the
+    checkpoints), a file where the run makes a folder or a folder where it writes a file is one ConfigError from
+    check_folders (cell 2, spoonfeed_run) naming it, not a FileExistsError after the training."""
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path)
+    sf.check_folders(cfg)  # an empty RUN_DIR is fine
+    _wrong_kind(Path(cfg.run_dir) / name, sf.RUN_DIR_LAYOUT[name])
+    with pytest.raises(sf.ConfigError, match="RUN_DIR") as err:
+        sf.check_folders(cfg)
+    assert str(Path(cfg.run_dir) / name) in str(err.value)
+
+
+def test_every_path_a_writer_asks_for_is_listed():
+    assert sf.run_path("r", "plots/1_cache.png") == Path("r/plots/1_cache.png")
+    with pytest.raises(KeyError, match="RUN_DIR_LAYOUT"):
+        sf.run_path("r", "plots/6_new.png")  # a new output is listed first, and so checked by check_folders
+    assert {f"checkpoints/{p}.pt" for p in ("phase2", "phase3", "logit_kd")} <= set(sf.RUN_DIR_LAYOUT)
+    assert set(sf.RUN_DIR_EXPORTS.values()) <= set(sf.RUN_DIR_LAYOUT)
+
+
+def test_the_plots_folder_as_a_file_stops_a_headless_run_before_phase1(tmp_path, patch):
+    import spoonfeed_run
+
+    patch(sf, "cache_teacher_states", lambda *a, **k: pytest.fail("Phase 1 ran"), called=False,
+          caller=spoonfeed_run._run)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plots").write_text("not a folder")
+    with pytest.raises(sf.ConfigError, match="plots"):
+        spoonfeed_run.main(["--preset", "smoke", "--set", f"run_dir={tmp_path / 'run'}",
+                            "--set", f"cache_dir={tmp_path / 'cache'}"])
+
+
+# --- fixes that name a notebook cell, headless -------------------------------------------------------------
+
+def _cell_strings():
+    """Every string constant of the package and the helper (docstrings aside) that names a cell, with whether it
+    sits in an in_notebook call, and in which of its two wordings."""
+    import ast
+    import re
+
+    root = Path(sf.__file__).parent
+    for path in sorted((root / "spoonfeed").glob("*.py")) + [root / "spoonfeed_helpers.py"]:
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        wording = {}
+        for call in ast.walk(tree):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", "")) == "in_notebook":
+                for i, arg in enumerate(call.args):
+                    for n in ast.walk(arg):
+                        wording[id(n)] = ("notebook", "headless")[i]
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and \
+                    re.search(r"\b(cells?|run all)\b", n.value, re.I):
+                yield f"{path.name}:{n.lineno}", n.value, wording.get(id(n))
+
+
+def test_every_fix_that_names_a_notebook_cell_has_a_headless_wording():
+    found = list(_cell_strings())
+    assert len(found) >= 8  # the cells named by fixes today: the checks, the faults, OOM, the phase order
+    for where, text, wording in found:
+        assert wording == "notebook", f"{where}: {text!r} names a cell outside in_notebook(notebook, headless)"
+
+
+def test_under_spoonfeed_run_non_finite_targets_name_the_command_not_cell_3(tmp_path):
+    from spoonfeed.optim import _FaultGuard
+
+    param = torch.nn.Parameter(torch.ones(2))
+    target = torch.tensor([0.0, float("nan")])
+    guard = _FaultGuard("Phase 2", [param], "lower LEARNING_RATE", tmp_path, cache_path=tmp_path / "cache")
+    assert "rerun cell 3" in str(guard._error(0, "Phase 2 loss is nan", target))
+    with sf.headless():
+        guard = _FaultGuard("Phase 2", [param], "lower LEARNING_RATE", tmp_path, cache_path=tmp_path / "cache")
+        message = str(guard._error(0, "Phase 2 loss is nan", target))
+    assert isinstance(guard._error(0, "x", target), sf.NonFiniteTargetError)
+    assert "cell" not in message and "rerun the command: Phase 1 rebuilds it" in message
+    assert "rerunning the same spoonfeed_run command resumes" in message
