@@ -1,7 +1,7 @@
 """Headless runs of the notebook's path on one process or several: Phase 1, Phases 2 and 3, evaluation, export.
 
     python -m spoonfeed_run --preset smoke                                        # one process
-    accelerate launch --num_processes 4 -m spoonfeed_run --preset cpu --set device=cuda   # 4 GPUs of one machine
+    accelerate launch --multi_gpu --num_processes 4 -m spoonfeed_run --preset cpu --set device=cuda   # 4 GPUs
     accelerate launch --multi_gpu --num_processes 2 -m spoonfeed_run --preset smoke   # 2 CPU processes (gloo)
 
 It makes the same helper calls as the notebook's cells 2 to 8, with the same presets and settings
