@@ -359,7 +359,7 @@ def _cell_strings():
                         wording[id(n)] = ("notebook", "headless")[i]
         for n in ast.walk(tree):
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and \
-                    re.search(r"\b(cells?|run all)\b", n.value, re.I):
+                    re.search(r"\b(cells?|run all)\b", n.value, re.IGNORECASE):
                 yield f"{path.name}:{n.lineno}", n.value, wording.get(id(n))
 
 
