@@ -524,6 +524,50 @@ def test_a_name_with_glob_characters_is_that_file_in_a_folder_or_named_alone(tmp
     assert list(sf.data_fingerprint(cfg.dataset)["listing"]) == [str(folder / name)]
 
 
+@pytest.mark.parametrize("name", ["p::q", "zip::x", "a::b", "file::x", "simplecache::a", "file:x", "~t", "a#b"])
+@pytest.mark.parametrize("suffix", [".txt", ".md", ".jsonl", ".json", ".csv", ".parquet"])
+def test_a_name_fsspec_would_read_as_a_url_is_that_file_alone_in_a_folder_and_in_a_folder_so_named(tmp_path, name,
+                                                                                                  suffix):
+    """`datasets` hands paths to fsspec, which reads `::` as URL chaining and `name:` as a protocol: an existing
+    path is still literal, for every format, named alone (absolute or relative), inside a folder, and as a folder
+    whose own name holds them."""
+    import pandas as pd
+
+    text = "the text of the file with the url-like name"
+    folder = tmp_path / f"corpus{name}v2"
+    folder.mkdir()
+    path = folder / f"{name}{suffix}"
+    if suffix in (".txt", ".md"):
+        path.write_text(text)
+    elif suffix == ".jsonl":
+        path.write_text(json.dumps({"text": text}) + "\n")
+    elif suffix == ".json":
+        path.write_text(json.dumps([{"text": text}]))
+    elif suffix == ".csv":
+        pd.DataFrame({"text": [text]}).to_csv(path, index=False)
+    else:
+        pd.DataFrame({"text": [text]}).to_parquet(path)
+    assert texts(path) == [text]
+    assert texts(folder) == [text]
+    import os
+
+    here = os.getcwd()
+    try:
+        os.chdir(folder)
+        assert texts(path.name) == [text]  # relative: "file:x.txt" is no protocol either
+    finally:
+        os.chdir(here)
+    tiny_run_config(tmp_path, dataset=str(path))  # accepted
+
+
+def test_a_saved_dataset_in_a_folder_whose_name_holds_double_colons_is_read(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["the text of the saved dataset"]}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "saved").rename(tmp_path / "saved::v2")  # save_to_disk itself hands the name to fsspec
+    assert texts(tmp_path / "saved::v2") == ["the text of the saved dataset"]
+
+
 # item 4: one huge text file, streamed --------------------------------------------------------------------------
 
 
@@ -624,7 +668,48 @@ def test_duplicates_are_dropped_before_the_split_so_held_out_shares_no_text_with
     assert report.skipped[sf.DUPLICATE][0] == 40 and report.documents == 40
     eos = make_tokenizer().eos_token_id
     assert not sixgrams(train, eos) & sixgrams(val, eos)  # what "held-out documents disjoint" claims
-    assert "skipped 40 x the same text as an earlier document" in sf.describe_data(report)
+    assert "skipped 40 x the same text as an earlier record" in sf.describe_data(report)
+
+
+@pytest.mark.parametrize("where", ["a .txt paragraph among others", "a .txt paragraph in two files",
+                                  "a .txt paragraph that is also a .jsonl record", "a long .txt paragraph, twice"])
+def test_a_repeated_record_is_dropped_before_records_are_grouped_into_documents(tmp_path, where):
+    """The record is what the reader reads one at a time: a .txt file's paragraph (grouped into documents only
+    after the check), a row, a file. A paragraph repeated among other paragraphs is dropped, however the
+    paragraphs around it fall into documents, so it cannot land in both training and held-out."""
+    rng = random.Random(6)
+    paras = [words(10, rng) + " ." for _ in range(120)]
+    dup = "the repeated boilerplate paragraph sat on the mat and then it was happy ."
+    if where.startswith("a long"):
+        other = random.Random(66)
+        dup = "\n".join(words(12, other) for _ in range(12))  # longer than a document: cut in pieces
+    body = []
+    for i, p in enumerate(paras):
+        body.append(p)
+        if i % 6 == 0:
+            body.append(dup)
+    d = tmp_path / "data"
+    d.mkdir()
+    if where == "a .txt paragraph in two files":
+        (d / "a.txt").write_text("\n\n".join(body[:70]))
+        (d / "b.txt").write_text("\n\n".join(body[70:]))
+    elif where == "a .txt paragraph that is also a .jsonl record":
+        (d / "a.jsonl").write_text(json.dumps({"text": dup}) + "\n")
+        (d / "b.txt").write_text("\n\n".join(body))
+    else:
+        (d / "a.txt").write_text("\n\n".join(body))
+    tok = make_tokenizer()
+    report = sf.DataReport(str(d))
+    train, val, _ = sf.pack_blocks(sf.iter_texts(str(d), report=report, max_chars=4 * 16 * 3), tok, seq_len=16,
+                                   num_train=400, num_val=40, report=report)  # more than there is: all is read
+    repeats = body.count(dup) - (where != "a .txt paragraph that is also a .jsonl record")
+    pieces = len(list(sf._text_documents(enumerate({"text": line} for line in dup.split("\n")), 4 * 16 * 3)))
+    assert report.skipped[sf.DUPLICATE][0] == repeats * pieces  # each piece of each repeat
+    eos = tok.eos_token_id
+    assert not sixgrams(train, eos) & sixgrams(val, eos)
+    said = sf.describe_data(report)
+    assert f"skipped {report.skipped[sf.DUPLICATE][0]} x the same text as an earlier record" in said
+    assert "near-duplicates are not detected" in said and "disjoint" not in said  # the claim, no stronger
 
 
 # item 7: one long document --------------------------------------------------------------------------------------
