@@ -164,19 +164,19 @@ def local_data_files(source: str) -> LocalFiles:
 def data_fingerprint(source: str) -> dict | None:
     """What the local files of a dataset hold, for the Phase 1 cache key: {"files": n, "bytes": total size,
     "digest": hash of every file's path, size and modification time (ns)}, with "listing" {path: [size,
-    mtime_ns]} for saying what changed. A file read through a link is stat'ed at its target, and the target is
-    listed too ([size, mtime_ns, target]), so the key covers whatever is read. Editing, adding or removing a
-    file (or a link) changes the digest. None for a Hub dataset. Raises ConfigError as local_data_files does."""
+    mtime_ns]} for saying what changed. A file read through a link, its own or a folder's on its path (DATASET
+    itself a link, data/current -> v1), is stat'ed at its target, and the resolved target is listed too ([size,
+    mtime_ns, real path]), so the key covers whatever is read: re-pointing a link to a folder of files with the
+    same names, sizes and times changes it. Editing, adding or removing a file (or a link) changes the digest. None for a Hub dataset. Raises ConfigError as local_data_files does."""
     if not is_local_dataset(source):
         return None
     found = local_data_files(source)
     files = found.files
     if len(files) == 1 and os.path.isdir(files[0]):  # save_to_disk folder: every file in it
         files = sorted(str(p) for p in Path(files[0]).rglob("*") if p.is_file())
-    targets = dict(map(tuple, found.links))
     listing = {}
     for f in files:
-        st = os.stat(f)
-        listing[f] = [st.st_size, st.st_mtime_ns] + ([targets[f]] if f in targets else [])
+        st, real = os.stat(f), os.path.realpath(f)
+        listing[f] = [st.st_size, st.st_mtime_ns] + ([real] if real != os.path.abspath(f) else [])
     digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
     return {"files": len(listing), "bytes": sum(v[0] for v in listing.values()), "digest": digest, "listing": listing}

@@ -497,6 +497,41 @@ def test_links_are_followed_each_file_is_read_once_and_what_is_left_out_is_repor
         assert sf.data_fingerprint(str(source))["digest"] != fp["digest"]
 
 
+@pytest.mark.parametrize("how", ["DATASET is the link", "a link inside the data folder", "a link above DATASET",
+                                 "a linked file"])
+def test_re_pointing_a_link_changes_the_cache_key_even_when_names_sizes_and_times_match(tmp_path, how):
+    """v1 and v2 hold files of the same names, sizes and modification times but other text; `current` leads to
+    v1, then to v2. Whatever link the reading goes through (to a folder or a file, as DATASET, inside it or on
+    the path above it), the key follows the resolved target."""
+    import os
+
+    for v, word in (("v1", "alpha"), ("v2", "omega")):
+        (tmp_path / v / "sub").mkdir(parents=True)
+        (tmp_path / v / "sub" / "a.txt").write_text(f"the text of version {word} here")
+        os.utime(tmp_path / v / "sub" / "a.txt", ns=(10**18, 10**18))
+    data = tmp_path / "data"
+    data.mkdir()
+    link, source = {"DATASET is the link": (tmp_path / "current", tmp_path / "current"),
+                    "a link inside the data folder": (data / "current", data),
+                    "a link above DATASET": (tmp_path / "current", tmp_path / "current" / "sub"),
+                    "a linked file": (data / "a.txt", data)}[how]
+    target = "{}/sub/a.txt" if how == "a linked file" else "{}"
+
+    def point(v):
+        if os.path.lexists(link):
+            link.unlink()
+        link.symlink_to(tmp_path / target.format(v))
+
+    point("v1")
+    before = sf.data_fingerprint(str(source))
+    assert texts(source) == ["the text of version alpha here"]
+    point("v2")
+    after = sf.data_fingerprint(str(source))
+    assert texts(source) == ["the text of version omega here"]
+    assert (after["files"], after["bytes"]) == (before["files"], before["bytes"])
+    assert after["digest"] != before["digest"]
+
+
 # item 3: file names with glob characters -----------------------------------------------------------------------
 
 
@@ -638,6 +673,15 @@ def test_a_file_in_a_legacy_encoding_is_never_read_silently_and_encoding_reads_i
         assert "Phase 1: note: 1 file(s) held bytes that are not valid utf-8" in capsys.readouterr().out
         again, _ = phase1(tmp_path, d, encoding="cp1252")
         assert again.path != cache.path and again.manifest["data"]["undecodable"] == {}
+
+
+def test_every_name_of_one_codec_gives_one_cache_key():
+    def key(encoding):
+        return sf.cache_request("t", "d", 8, 2, 16, encoding=encoding)
+
+    assert key("UTF-8") == key("utf8") == key("utf_8") == key("U8") == key("utf-8")
+    assert "encoding" not in key("UTF8")  # the default's key is as before ENCODING existed
+    assert key("latin-1") == key("ISO-8859-1") == key("latin1") == key("L1") != key("cp1252") == key("CP1252")
 
 
 # item 6: duplicate documents -----------------------------------------------------------------------------------
