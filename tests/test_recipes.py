@@ -181,13 +181,14 @@ def test_logit_kd_rerun_with_checkpoints_finds_it_done_and_a_settings_change_tra
     assert other["loss"] != first["loss"]
 
 
-@pytest.mark.parametrize("field,value,setting", [("logit_kd_alpha", 1.5, "LOGIT_KD_ALPHA"),
-                                                  ("logit_kd_temperature", 0.0, "LOGIT_KD_TEMPERATURE"),
-                                                  ("logit_kd_lr", -1e-3, "LOGIT_KD_LR"),
-                                                  ("logit_kd_steps", -1, "logit_kd_steps")])
-def test_logit_kd_settings_are_checked_before_any_work(field, value, setting):
-    with pytest.raises(sf.ConfigError, match=setting):
+@pytest.mark.parametrize("field,value", [("logit_kd_alpha", 1.5), ("logit_kd_temperature", 0.0),
+                                         ("logit_kd_lr", -1e-3), ("logit_kd_steps", -1)])
+def test_logit_kd_settings_are_checked_before_any_work(field, value):
+    """The form has no logit KD settings: the error names the keyword that was given (make_config's, spoonfeed_run's
+    --set), never a form name that does not exist."""
+    with pytest.raises(sf.ConfigError, match=rf"^{field}={value}") as e:
         sf.make_config("smoke", **{field: value})
+    assert field.upper() not in str(e.value)
 
 
 def test_the_defaults_run_no_logit_kd_phase():
