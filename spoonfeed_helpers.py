@@ -1073,10 +1073,12 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
 # logit KD of the whole student: plain KD from scratch (Hinton et al.), or after Phase 2, or BitDistill's stage
 
 def _logit_kd_signature(cfg: RunConfig, model: BitNetStudent, cache: TeacherCache, steps: int, start: str) -> dict:
-    """What a logit-KD run is made from: its settings and `start`, the digest of every weight it starts from."""
+    """What a logit-KD run is made from: the cache's content (TeacherCache.content_digest, not its folder: a cache
+    rebuilt in its folder from other data is another run), its settings and `start`, the digest of every weight it
+    starts from."""
     keys = ("batch_size", "logit_kd_lr", "logit_kd_alpha", "logit_kd_temperature", "embed_lr_mult", "warmup_steps",
             "min_lr_ratio", "weight_decay", "grad_clip", "seed")
-    return {"cache": cache.path.name, "student": asdict(model.cfg), "steps": steps, "start": start,
+    return {"cache": cache.content_digest, "student": asdict(model.cfg), "steps": steps, "start": start,
             "precision": precision_policy(model.tok_embeddings.weight.device, cfg.precision).name,
             **{k: getattr(cfg, k) for k in keys}, "batch_size": cfg.batch_size * world().num_processes}
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tokenizer, tiny_student_config
+from conftest import rebuilt_in_place, make_tokenizer, tiny_student_config
 
 import spoonfeed_helpers as sf
 
@@ -176,6 +176,8 @@ def test_logit_kd_rerun_with_checkpoints_finds_it_done_and_a_settings_change_tra
     assert "logit KD: already done" in capsys.readouterr().out
     assert again["loss"] == first["loss"]
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    sf.train_logit_kd(model, rebuilt_in_place(cache), cfg, steps=6, progress=False, checkpoint=True)
+    assert "already done" not in capsys.readouterr().out  # a cache rebuilt in its folder from other data: again
     other = sf.train_logit_kd(model, cache, dataclasses.replace(cfg, logit_kd_alpha=0.9), steps=6, progress=False,
                               checkpoint=True)
     assert other["loss"] != first["loss"]
