@@ -204,14 +204,14 @@ FORM_NAMES = {"teacher": "TEACHER_MODEL", "dataset": "DATASET", "text_field": "T
 FORM_FIELDS = {v: k for k, v in FORM_NAMES.items()}  # form setting -> RunConfig field
 
 
-_TYPED = contextvars.ContextVar("spoonfeed_typed_names", default={})  # field -> the name the user typed for it
+_TYPED = contextvars.ContextVar("spoonfeed_typed_names", default=None)  # field -> the name the user typed for it
 
 
 @contextlib.contextmanager
 def named_as(typed: dict):
     """Within the block, errors name each RunConfig field in `typed` ({field: name}) by the name the user typed
     for it (`--set lr=...` gives "lr", `--set LEARNING_RATE=...` "LEARNING_RATE"): see setting."""
-    token = _TYPED.set({**_TYPED.get(), **typed})
+    token = _TYPED.set({**(_TYPED.get() or {}), **typed})
     try:
         yield
     finally:
@@ -222,13 +222,13 @@ def setting(field: str) -> str:
     """The name a user typed for a RunConfig field: the one given to named_as (spoonfeed_run's --set takes both
     kinds of name), else its form setting (FORM_NAMES: the form, `papermill -p` and a YAML parameters file),
     else the field itself (a make_config keyword that has no form setting, such as val_samples or head_lr)."""
-    return _TYPED.get().get(field) or FORM_NAMES.get(field, field)
+    return (_TYPED.get() or {}).get(field) or FORM_NAMES.get(field, field)
 
 
 def set_it(field: str, to: str) -> str:
     """How to change a field, as an error's fix says it: "set LEARNING_RATE to {to}" for a form setting or a name
     the user typed; for a field the notebook's form lacks (head_lr, logit_kd_alpha), also where it is set."""
-    if field in _TYPED.get() or field in FORM_NAMES:
+    if field in (_TYPED.get() or {}) or field in FORM_NAMES:
         return f"set {setting(field)} to {to}"
     return (f"set {field} to {to} (the notebook's form has no such setting: pass {field}=... to make_config in "
             f"cell 2, or --set {field}=... to spoonfeed_run)")

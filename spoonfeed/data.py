@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import glob as globlib
 import hashlib
 import json
 import os
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import STDLIB_CORPUS
 from .errors import ConfigError
-from .sources import data_fingerprint, is_local_dataset, LOCAL_FORMATS, local_data_files  # noqa: F401
+from .sources import _plain_alias, _plain_work_dir, data_fingerprint, is_local_dataset, LOCAL_FORMATS, \
+    local_data_files  # noqa: F401
 
 TEXT_FIELDS = ("text", "instruction", "messages", "conversations")  # what TEXT_FIELD="auto" looks for, in order
 
@@ -399,33 +398,6 @@ def _replace_and_count(err: UnicodeError):
 
 
 codecs.register_error("spoonfeed.replace", _replace_and_count)
-
-
-_PLAIN = re.compile(r"[A-Za-z0-9_.\-/ ]+")  # a path fsspec reads as it is: no ::, no protocol: prefix, no ~
-
-
-def _plain_alias(path: str, work_dir: str) -> str:
-    """A name for an existing local file or folder that `datasets` reads as the path it is. `datasets` hands
-    data_files and load_from_disk paths to fsspec, which interprets parts of a local name: `::` chains URLs
-    (p::q.txt, zip::x.txt, a folder corpus::v2/), a leading `name:` is a protocol (file:x.txt), and [, ], *, ?
-    glob. So the path is never handed over: a link to it, with a plain name (hex digits and its suffix), is made
-    in work_dir (a folder with a plain name, see _plain_work_dir) and that is read; errors still name the path.
-    Where no link can be made (a file system without them), the glob-escaped path is the fallback."""
-    real = os.path.abspath(path)
-    alias = os.path.join(work_dir, "data-" + hashlib.blake2b(real.encode("utf-8", "surrogatepass"), digest_size=8)
-                         .hexdigest() + Path(path).suffix.lower())
-    if not os.path.lexists(alias):
-        try:
-            os.symlink(real, alias, target_is_directory=os.path.isdir(real))
-        except OSError:
-            return globlib.escape(path)
-    return alias
-
-
-def _plain_work_dir(work_dir: str | None) -> str | None:
-    """work_dir (CACHE_DIR, where the builders' lock files go) when fsspec reads its path as it is (_PLAIN),
-    else None: the system's temporary folder."""
-    return work_dir if work_dir and _PLAIN.fullmatch(os.path.abspath(work_dir)) else None
 
 
 def _file_records(path: str, work_dir: str, encoding: str = "utf-8"):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rebuilt_in_place, make_tokenizer, tiny_student_config
+from conftest import make_tokenizer, rebuilt_in_place, tiny_student_config
 
 import spoonfeed_helpers as sf
 
