@@ -466,10 +466,10 @@ def iter_texts(source: str, seed: int = 0, text_field: str = "auto", tokenizer=N
       (ENCODING; the stdlib is UTF-8): a text file's undecodable bytes are replaced (U+FFFD) and counted in
       report.undecodable; a JSON or CSV file that is not valid in it is a ConfigError naming ENCODING.
     - Anything else: a Hub dataset, streamed.
-    Records become text by record_text's rules (text_field, the tokenizer's chat template). A text whose
-    content was already given is dropped (counted in the report as DUPLICATE). `report` (a DataReport) is
-    filled as reading goes. work_dir holds the builders' lock files while reading (a temporary folder inside
-    it, removed after); None: the system's temporary folder.
+    Records become text by record_text's rules (text_field, the tokenizer's chat template). A record (a .txt
+    paragraph, before grouping; a row; a file) whose text was already given is dropped (DUPLICATE in the report).
+    `report` is filled as reading goes. work_dir holds the builders' lock files and the links files are read
+    through while reading (a temporary folder inside it, removed after); None: the system's temporary folder.
     Raises ConfigError (naming the file and line, or the record index) for an unsupported or empty file, a
     malformed record, a record that is not an object, and a source where no record has the wanted field.
     """
