@@ -83,7 +83,7 @@ from spoonfeed.errors import (  # noqa: F401
 )
 from spoonfeed.config import (  # noqa: F401
     BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, FORM_NAMES,
-    make_config, ORIGINAL_PROMPTS, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
+    make_config, named_as, ORIGINAL_PROMPTS, setting, settings_by_field, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
 )
 from spoonfeed.precision import cpu_bf16_instructions, make_grad_scaler  # noqa: F401
 from spoonfeed.files import HF_FORMAT, RUN_DIR_LAYOUT, run_path  # noqa: F401
@@ -846,7 +846,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
                "baseline_cosine": baseline_cosine(cache)}
     signature = _signature(cfg, "phase2", model, cache)
     run = Phase("Phase 2", model, params, cfg, lr=cfg.lr, steps=steps, warmup=cfg.warmup_steps, seed=cfg.seed,
-                lr_fix=f"Lower LEARNING_RATE (now {cfg.lr}) or EMBED_LR_MULT (now {cfg.embed_lr_mult})",
+                lr_fix=f"Lower {setting('lr')} (now {cfg.lr}) or {setting('embed_lr_mult')} (now {cfg.embed_lr_mult})",
                 history=history, key="phase2", signature=signature, names=_phase_weights(model, "phase2"),
                 embedding=model.tok_embeddings.weight, embed_lr_mult=cfg.embed_lr_mult,
                 weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path, compiled=cfg.compile,
@@ -1025,7 +1025,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         p.requires_grad_(True)
     steps = cfg.lm_head_steps
     run = Phase("Phase 3", model, trainable, cfg, lr=cfg.head_lr, steps=steps, warmup=min(cfg.warmup_steps, steps // 10),
-                seed=cfg.seed + 1, lr_fix=f"Lower the head's learning rate (head_lr, now {cfg.head_lr})",
+                seed=cfg.seed + 1, lr_fix=f"Lower the head's learning rate ({setting('head_lr')}, now {cfg.head_lr})",
                 history=history, key="phase3", signature=_signature(cfg, "phase3", model, cache, body), names=names,
                 fresh=fresh, cache_path=cache.path)
     history, policy = run.history, run.policy
@@ -1076,10 +1076,12 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
 # logit KD of the whole student: plain KD from scratch (Hinton et al.), or after Phase 2, or BitDistill's stage
 
 def _logit_kd_signature(cfg: RunConfig, model: BitNetStudent, cache: TeacherCache, steps: int, start: str) -> dict:
-    """What a logit-KD run is made from: its settings and `start`, the digest of every weight it starts from."""
+    """What a logit-KD run is made from: the cache's content (TeacherCache.content_digest, not its folder: a cache
+    rebuilt in its folder from other data is another run), its settings and `start`, the digest of every weight it
+    starts from."""
     keys = ("batch_size", "logit_kd_lr", "logit_kd_alpha", "logit_kd_temperature", "embed_lr_mult", "warmup_steps",
             "min_lr_ratio", "weight_decay", "grad_clip", "seed")
-    return {"cache": cache.path.name, "student": asdict(model.cfg), "steps": steps, "start": start,
+    return {"cache": cache.content_digest, "student": asdict(model.cfg), "steps": steps, "start": start,
             "precision": precision_policy(model.tok_embeddings.weight.device, cfg.precision).name,
             **{k: getattr(cfg, k) for k in keys}, "batch_size": cfg.batch_size * world().num_processes}
 
@@ -1130,7 +1132,7 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
         return mark["history"]
     lr = cfg.logit_kd_lr
     run = Phase("logit KD", model, params, cfg, lr=lr, steps=steps, warmup=min(cfg.warmup_steps, steps // 10),
-                seed=cfg.seed + 2, lr_fix=f"Lower LOGIT_KD_LR (now {lr})", history=history, key=key,
+                seed=cfg.seed + 2, lr_fix=f"Lower {setting('logit_kd_lr')} (now {lr})", history=history, key=key,
                 signature=signature, names=names, embedding=model.tok_embeddings.weight,
                 embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path)
     history, policy = run.history, run.policy
@@ -1370,7 +1372,7 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
     device = model.tok_embeddings.weight.device
     steps = cfg.superposition_steps + cfg.lm_head_steps  # the same number of optimiser steps as (a) and (b)
     run = Phase("ablation (direct CE)", model, model.parameters(), cfg, lr=cfg.lr, steps=steps,
-                warmup=cfg.warmup_steps, seed=cfg.seed, lr_fix=f"Lower LEARNING_RATE (now {cfg.lr})",
+                warmup=cfg.warmup_steps, seed=cfg.seed, lr_fix=f"Lower {setting('lr')} (now {cfg.lr})",
                 embedding=model.tok_embeddings.weight, embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay,
                 compiled=cfg.compile)
     losses = []

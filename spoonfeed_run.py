@@ -30,14 +30,15 @@ from spoonfeed.parallel import world
 
 def parse_settings(pairs) -> dict:
     """`--set NAME=VALUE` pairs -> {NAME: value}: the value as a Python literal (4, 2e-3, False, "128,256" stays a
-    string, (128, 256) a tuple), else as the text itself (smollm2, stdlib). NAME is a RunConfig field, checked by
-    make_config. Raises ConfigError for a pair without '='."""
+    string, (128, 256) a tuple), else as the text itself (smollm2, stdlib). NAME is a RunConfig field (lr) or its
+    form setting (LEARNING_RATE), as the notebook and the docs show it: settings_by_field resolves and checks it.
+    Raises ConfigError for a pair without '='."""
     settings = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         if not sep or not name.strip():
-            raise ConfigError(f"--set {pair!r} must be NAME=VALUE with NAME a setting of RunConfig, e.g. --set "
-                              "batch_size=4 or --set teacher=smollm2")
+            raise ConfigError(f"--set {pair!r} must be NAME=VALUE with NAME a setting, e.g. --set batch_size=4, "
+                              "--set BATCH_SIZE=4 or --set teacher=smollm2")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -90,12 +91,13 @@ def check_launch_devices(cfg, env=os.environ) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spoonfeed_run", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Settings are RunConfig's fields (spoonfeed/config.py); BATCH_SIZE is "
-                                       "batch_size, each process's batch. See docs/multi-gpu.md.")
+                                epilog="Settings are RunConfig's fields (spoonfeed/config.py) or the notebook's form "
+                                       "names (LEARNING_RATE or lr); errors name them as typed. BATCH_SIZE "
+                                       "is each process's batch. See docs/multi-gpu.md.")
     p.add_argument("--preset", default=None, help="cpu, smoke or none (the form's defaults); default: "
                                                   "SPOONFEED_PRESET from the environment")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
-                   help="a setting, e.g. --set batch_size=4 --set run_dir=runs/two (repeatable)")
+                   help="a setting, e.g. --set batch_size=4 --set LEARNING_RATE=1e-3 (repeatable)")
     p.add_argument("--retrain", action="store_true", help="train Phases 2 and 3 afresh (the notebook's RETRAIN)")
     p.add_argument("--gguf-qtype", default="TQ2_0", help="the GGUF's weight type (GGUF_QTYPE): TQ2_0, TQ1_0, F16")
     return p
@@ -107,13 +109,15 @@ def main(argv=None) -> dict:
     (every process the same, see World.together)."""
     args = _parser().parse_args(argv)
     with sf.headless():  # a fix that names a notebook cell names the command instead (spoonfeed.errors.in_notebook)
-        return _main(args)
+        check_launch()
+        preset = sf.resolve_preset(args.preset)
+        settings, typed = sf.settings_by_field(parse_settings(args.settings))
+        with sf.named_as(typed):  # every error of the run names a setting as --set typed it
+            return _main(args, preset, settings)
 
 
-def _main(args) -> dict:
-    check_launch()
-    preset = sf.resolve_preset(args.preset)
-    cfg = sf.make_config(preset, **parse_settings(args.settings))
+def _main(args, preset, settings) -> dict:
+    cfg = sf.make_config(preset, **settings)
     sf.check_export_settings(args.gguf_qtype)
     check_launch_devices(cfg)
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots go to files
@@ -139,8 +143,9 @@ def _main(args) -> dict:
 
 def _run(cfg, preset, args, ranks, state) -> dict:
     n, main = ranks.num_processes, ranks.is_main_process
-    sf.check_batch_size(cfg.batch_size * n, cfg.num_samples, f"num_samples={cfg.num_samples} ({n} processes of "
-                        f"batch_size={cfg.batch_size} draw {cfg.batch_size * n} blocks a step)")
+    sf.check_batch_size(cfg.batch_size * n, cfg.num_samples, f"{sf.setting('num_samples')}={cfg.num_samples} ({n} "
+                        f"processes of {sf.setting('batch_size')}={cfg.batch_size} draw {cfg.batch_size * n} blocks a "
+                        "step)")
     print(sf.describe(cfg, preset))
     print(f"processes: {n}" + (f" ({state.distributed_type.value}, {state.backend})" if n > 1 else "")
           + f"; batch_size {cfg.batch_size} a process, {cfg.batch_size * n} blocks a step")

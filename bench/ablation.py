@@ -184,15 +184,54 @@ def settings(base: sf.RunConfig, cache) -> dict:
     """What every result in one JSON must share; a rerun with other settings is refused, not mixed in."""
     skip = {"seed", "student_dim", "run_dir", "cache_dir", "ablation_widths", "device", "ckpt_every"}
     s = {k: v for k, v in dataclasses.asdict(base).items() if k not in skip}
-    s["cache"] = cache.path.name
+    s["cache_content"] = cache.content_digest  # what the results come from: a cache rebuilt in its folder differs
     s["precision"] = sf.precision_policy(base.device, base.precision).name  # what "auto" chose on this machine
     return s
 
 
-def load_results(path: Path, expected: dict) -> dict:
+def legacy_cache_key(path: Path, old: dict, expected: dict, results: dict, folders: dict, figures: dict) -> bool:
+    """Whether a results file written before results were keyed on the cache's content is this cache's: its
+    settings name the cache FOLDER ({"cache": name}, folders: {key: this cache's folder name}) and no content
+    digest, but agree otherwise. The folder name is the request's hash, not the content (a rebuild in the same
+    folder keeps it), so the content is checked through figures that depend on the cache alone: each result's
+    (figures: {field: this cache's value}, e.g. teacher_ce, the teacher's held-out CE) must agree to 1e-4, and
+    at least one must be there to check. True: take it (its settings are then rewritten with the digest).
+    False: not the legacy form. Raises ConfigError when it is, but the content differs or cannot be checked."""
+    content = {k for k in expected if k.endswith("cache_content")}
+    if not content or content & set(old) or set(folders) - set(old):
+        return False
+    if {k: v for k, v in old.items() if k not in folders} != {k: v for k, v in expected.items() if k not in content}:
+        return False
+    if any(old[k] != v for k, v in folders.items()):
+        return False
+    checked = 0
+    for r in results.values():
+        for field, now in figures.items():
+            was = r.get(field)
+            if isinstance(was, (int, float)) and math.isfinite(was):
+                if abs(was - now) > 1e-4 * max(1.0, abs(now)):
+                    raise sf.ConfigError(f"{path} holds results from the cache folder {old.get('cache')} as it was "
+                                         f"before a rebuild ({field} {was:.6g} then, {now:.6g} now): pass another "
+                                         "--out for results from this cache's content")
+                checked += 1
+    if results and not checked:
+        raise sf.ConfigError(f"{path} names its cache by folder, not content, and none of its results holds a figure "
+                             "that shows which content it was: pass another --out")
+    print(f"{path}: results keyed by cache folder, before content digests; {checked} figure(s) of this cache's "
+          "content agree, so they are kept and keyed by content from now on", flush=True)
+    return True
+
+
+def load_results(path: Path, expected: dict, cache=None) -> dict:
+    """The results file at path, or a new one. Its settings must be `expected`; a file from before results were
+    keyed on the cache's content is taken when its figures show this cache's content (legacy_cache_key: cache is
+    the TeacherCache). Raises ConfigError for results from other settings or another cache content."""
     if not path.exists():
         return {"settings": expected, "results": {}}
     data = json.loads(path.read_text())
+    if cache is not None and legacy_cache_key(path, data.get("settings") or {}, expected, data.get("results", {}),
+                                              {"cache": cache.path.name}, {"teacher_ce": cache.teacher_ce()}):
+        data["settings"] = expected
     if data.get("settings") != expected:
         old = data.get("settings") or {}
         diff = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
@@ -233,7 +272,7 @@ def run(cfg: sf.RunConfig, cache, widths, seeds, out: Path, arms="abcd", equal_m
     jobs = plan(base, widths, seeds, arms, equal_memory)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    data = load_results(out, settings(base, cache))
+    data = load_results(out, settings(base, cache), cache)
     old_plan = [tuple(j) for j in data.get("plan", [])]  # a rerun on a subset keeps the plan of what is there
     data.update(machine=data.get("machine", machine_name()), plan=[list(j) for j in dict.fromkeys(old_plan + jobs)])
     if equal_memory:

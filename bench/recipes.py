@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spoonfeed_helpers as sf  # noqa: E402
-from bench.ablation import _json, _num, interval_verdict, t_interval  # noqa: E402
+from bench.ablation import _json, _num, interval_verdict, legacy_cache_key, t_interval  # noqa: E402
 from bench.run import machine_name  # noqa: E402
 
 
@@ -246,16 +246,27 @@ def key(budget, arm, lr, variant, seed) -> str:
 def settings(base: sf.RunConfig, cache, second) -> dict:
     skip = {"seed", "run_dir", "cache_dir", "device", "ckpt_every", "eval_every"}
     s = {k: v for k, v in dataclasses.asdict(base).items() if k not in skip}
-    s.update(cache=cache.path.name, second_cache=second.path.name,
+    # the caches' content (a rebuild in the same folder differs), not their folder names
+    s.update(cache_content=cache.content_digest, second_cache_content=second.content_digest,
              precision=sf.precision_policy(base.device, base.precision).name)
     return json.loads(_json(s))  # as the file holds them (tuples as lists), so that a rerun compares equal
 
 
-def load_results(path: Path, expected: dict) -> dict:
+def load_results(path: Path, expected: dict, cache=None, second=None) -> dict:
+    """The results file at path, or a new one; see the comparison below. A file keyed by the caches' folder names
+    (before content digests) is taken when its teacher CEs show these caches' content (legacy_cache_key)."""
     if not path.exists():
         return {"settings": expected, "results": {}}
     data = json.loads(path.read_text())
     old = data.get("settings") or {}
+    if cache is not None and second is not None:
+        folders = {"cache": cache.path.name, "second_cache": second.path.name}
+        defaults = json.loads(_json(dataclasses.asdict(sf.RunConfig())))
+        added = {k for k in set(expected) - set(old) if k in defaults and expected[k] == defaults[k]}
+        if legacy_cache_key(path, old, {k: v for k, v in expected.items() if k not in added}, data.get("results", {}),
+                            folders, {"teacher_ce": cache.teacher_ce(), "second_teacher_ce": second.teacher_ce()}):
+            old = data["settings"] = {**{k: v for k, v in old.items() if k not in folders},
+                                      **{k: v for k, v in expected.items() if k.endswith("cache_content")}}
     # a setting added to RunConfig since the file was written, at its default, is the behaviour the file's runs had
     defaults = json.loads(_json(dataclasses.asdict(sf.RunConfig())))
     added = {k for k in set(expected) - set(old) if k in defaults and expected[k] == defaults[k]}
@@ -281,7 +292,7 @@ class Study:
         self.seeds, self.budgets, self.speeds, self.progress = list(seeds), budgets, speeds, progress
         self.max_runs, self.done = max_runs, 0
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.data = load_results(self.out, settings(base, cache, second))
+        self.data = load_results(self.out, settings(base, cache, second), cache, second)
         self.data.setdefault("machine", machine_name())
         if speeds is not None:
             self.data["speeds"] = speeds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -136,14 +137,16 @@ def cache_request(teacher: str, dataset: str, num_samples: int, val_samples: int
     left out), so editing a local file makes a different request; None for a Hub dataset. teacher_dtype: what
     the teacher computes in (precision_policy's teacher dtype); a teacher run in bf16 or fp16 gives a different
     cache from the float32 one (whose key is as it was before the setting existed, so those caches stay valid).
-    encoding: ENCODING, the local files' text encoding; like the dtype, only a value other than the default
-    enters the key."""
+    encoding: ENCODING, the local files' text encoding, by its codec's own name (codecs.lookup(...).name: the same
+    data under 'UTF-8', 'utf8' or 'utf_8' is one cache, 'latin-1' and 'ISO-8859-1' another); like the dtype,
+    only a codec other than UTF-8 enters the key."""
     request = {"version": CACHE_VERSION, "teacher": teacher, "dataset": dataset, "num_samples": num_samples,
                "val_samples": val_samples, "seq_len": seq_len, "seed": seed, "layers": "last (final-normed)",
                "dtype": "float16", "text_field": text_field,
                "data_files": {k: v for k, v in data_files.items() if k != "listing"} if data_files else None}
     if teacher_dtype != torch.float32:
         request["teacher_dtype"] = str(teacher_dtype).replace("torch.", "")
+    encoding = codecs.lookup(encoding).name  # one name per codec: 'UTF-8', 'utf8' and 'utf_8' are 'utf-8'
     if encoding != "utf-8":
         request["encoding"] = encoding
     return request

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import glob as globlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,22 +130,33 @@ class RunConfig:
             want = {"int": int, "float": (int, float), "str": str, "tuple": tuple, "bool": bool}[f.type]
             if (isinstance(v, bool) and f.type != "bool") or not isinstance(v, want):
                 raise ConfigError(f"{_show(f.name, v)} must be {_KINDS[f.type]}{_type_hint(v, f.type)}")
+        for f in dataclasses.fields(self):  # every real-valued setting, a field added later included
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise ConfigError(f"{_show(f.name, getattr(self, f.name))} must be a finite number: "
+                                  f"{set_it(f.name, f'a number such as {getattr(RunConfig, f.name)!r}')}")
         positive = ("num_samples", "val_samples", "seq_len", "student_dim", "student_layers", "student_heads",
                     "superposition_steps", "batch_size", "cache_batch_size", "eval_every")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{setting(name)} must be positive, got {getattr(self, name)}: set it to 1 or more")
+                raise ConfigError(f"{setting(name)} must be positive, got {getattr(self, name)}: "
+                                  f"{set_it(name, '1 or more')}")
         for name in ("lm_head_steps", "warmup_steps", "ckpt_every", "ablation_steps", "ablation_head_steps",
                      "kd_tokens", "logit_kd_steps"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{setting(name)} must be 0 or more, got {getattr(self, name)}")
-        for name in ("lr", "embed_lr_mult", "head_lr", "kd_temperature"):
+                raise ConfigError(f"{_show(name, getattr(self, name))} must be 0 or more: {set_it(name, '0 or more')}")
+        for name in ("lr", "embed_lr_mult", "head_lr", "kd_temperature", "grad_clip", "logit_kd_lr",
+                     "logit_kd_temperature"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"{_show(name, getattr(self, name))} must be above 0: set {setting(name)} to a "
-                                  "positive number")
-        for name in ("kd_weight", "head_kd_weight"):
+                raise ConfigError(f"{_show(name, getattr(self, name))} must be above 0: "
+                                  f"{set_it(name, 'a positive number')}")
+        for name in ("kd_weight", "head_kd_weight", "weight_decay"):
             if not getattr(self, name) >= 0:
-                raise ConfigError(f"{_show(name, getattr(self, name))} must be 0 or more (0 turns it off)")
+                raise ConfigError(f"{_show(name, getattr(self, name))} must be 0 or more (0 turns it off): "
+                                  f"{set_it(name, '0 or more')}")
+        for name in ("min_lr_ratio", "logit_kd_alpha"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{_show(name, getattr(self, name))} must be in [0, 1]: "
+                                  f"{set_it(name, 'a number from 0 to 1')}")
         check_teacher_name(self.teacher)
         check_dataset_name(self.dataset)
         if not self.text_field.strip() or self.text_field != self.text_field.strip():
@@ -165,10 +179,6 @@ class RunConfig:
         except ConfigError as e:
             raise ConfigError(f"{_show('student_dim', self.student_dim)} with "
                               f"{_show('student_heads', self.student_heads)}: {e}") from None
-        if not (0 <= self.logit_kd_alpha <= 1 and self.logit_kd_temperature > 0 and self.logit_kd_lr > 0):
-            raise ConfigError(f"logit KD needs logit_kd_alpha in [0, 1] (now {self.logit_kd_alpha}), "
-                              f"logit_kd_temperature > 0 (now {self.logit_kd_temperature}) and logit_kd_lr > 0 "
-                              f"(now {self.logit_kd_lr}): set LOGIT_KD_ALPHA, LOGIT_KD_TEMPERATURE and LOGIT_KD_LR")
         for w in self.ablation_widths:
             try:
                 self.student_config(vocab_size=2, teacher_dim=2, dim=w)
@@ -192,10 +202,56 @@ FORM_NAMES = {"teacher": "TEACHER_MODEL", "dataset": "DATASET", "text_field": "T
               "embedding_update": "EMBEDDING_UPDATE", "compile": "COMPILE"}
 
 
+FORM_FIELDS = {v: k for k, v in FORM_NAMES.items()}  # form setting -> RunConfig field
+
+
+_TYPED = contextvars.ContextVar("spoonfeed_typed_names", default=None)  # field -> the name the user typed for it
+
+
+@contextlib.contextmanager
+def named_as(typed: dict):
+    """Within the block, errors name each RunConfig field in `typed` ({field: name}) by the name the user typed
+    for it (`--set lr=...` gives "lr", `--set LEARNING_RATE=...` "LEARNING_RATE"): see setting."""
+    token = _TYPED.set({**(_TYPED.get() or {}), **typed})
+    try:
+        yield
+    finally:
+        _TYPED.reset(token)
+
+
 def setting(field: str) -> str:
-    """The name a user typed for a RunConfig field: its form setting (FORM_NAMES), else the field itself (a
-    make_config keyword that has no form setting, such as val_samples or head_lr)."""
-    return FORM_NAMES.get(field, field)
+    """The name a user typed for a RunConfig field: the one given to named_as (spoonfeed_run's --set takes both
+    kinds of name), else its form setting (FORM_NAMES: the form, `papermill -p` and a YAML parameters file),
+    else the field itself (a make_config keyword that has no form setting, such as val_samples or head_lr)."""
+    return (_TYPED.get() or {}).get(field) or FORM_NAMES.get(field, field)
+
+
+def set_it(field: str, to: str) -> str:
+    """How to change a field, as an error's fix says it: "set LEARNING_RATE to {to}" for a form setting or a name
+    the user typed; for a field the notebook's form lacks (head_lr, logit_kd_alpha), also where it is set."""
+    if field in (_TYPED.get() or {}) or field in FORM_NAMES:
+        return f"set {setting(field)} to {to}"
+    return (f"set {field} to {to} (the notebook's form has no such setting: pass {field}=... to make_config in "
+            f"cell 2, or --set {field}=... to spoonfeed_run)")
+
+
+def settings_by_field(settings: dict) -> tuple[dict, dict]:
+    """Settings named by a user, each by its RunConfig field (lr) or its form setting (LEARNING_RATE), as
+    ({field: value}, {field: the name typed}). Raises ConfigError for an unknown name (with the nearest of both
+    kinds, case ignored) and for one setting given under both names."""
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    out, typed = {}, {}
+    for name, value in settings.items():
+        field = name if name in fields else FORM_FIELDS.get(name)
+        if field is None:
+            known = {n.lower(): n for n in sorted(fields | set(FORM_FIELDS))}
+            near = difflib.get_close_matches(name.lower(), list(known), n=1)
+            raise ConfigError(f"unknown setting {name!r}" + (f": did you mean {known[near[0]]!r}?" if near else
+                                                               ": use a RunConfig field or a form setting"))
+        if field in typed:
+            raise ConfigError(f"{typed[field]} and {name} are one setting, given twice: keep one")
+        out[field], typed[field] = value, name
+    return out, typed
 
 
 def _show(field: str, value) -> str:
@@ -207,15 +263,27 @@ _KINDS = {"int": "a whole number", "float": "a number", "str": "text", "tuple": 
 
 
 def _type_hint(value, kind: str) -> str:
-    """Why a value of the wrong type came to be, where that is known: text that reads as a number (a YAML
-    parameters file reads 1e-3 as text: YAML 1.1 wants 1.0e-3), or a float where a whole number belongs."""
+    """Why a value of the wrong type came to be, and how to write it, for the setting's type: text that reads as a
+    number (quoted; or, for a real number, an exponent YAML 1.1 reads as text: 1e-3, which it reads as a number
+    written 1.0e-3), or a number with a fraction where a whole number belongs."""
     if isinstance(value, str) and kind in ("int", "float"):
         try:
-            float(value)
+            number = float(value)
         except ValueError:
             return ""
-        return (f" (it is the text {value!r}: write it as a number; a YAML parameters file reads 1e-3 as text, "
-                "so write 1.0e-3 there)")
+        text = value.strip()
+        if not math.isfinite(number):
+            return f" (it is the text {value!r}: write a finite number)"
+        if kind == "float":
+            mantissa, e, exponent = text.lower().partition("e")
+            if e and "." not in mantissa:  # YAML 1.1 reads 1e-3 as text
+                fixed = f"{mantissa}.0e{exponent}"
+                return (f" (it is the text {value!r}: write it as a number; a YAML parameters file reads {text} as "
+                        f"text, so write {fixed} there)")
+            return f" (it is the text {value!r}: write it as a number, {text}, without quotes)"
+        if number.is_integer():
+            return f" (it is the text {value!r}: write it as a whole number, {int(number)}, without quotes)"
+        return f" (it is the text {value!r}: write a whole number, such as {int(number)}, without quotes)"
     if kind == "int" and isinstance(value, float) and value.is_integer():
         return f" (write {int(value)}, without a decimal point)"
     return ""
@@ -286,12 +354,10 @@ def check_batch_size(batch_size: int, blocks: int, what: str) -> None:
 def make_config(preset: str | None = None, **form) -> RunConfig:
     """RunConfig from form values and a preset. The preset fills in every setting left at its form default
     (RunConfig's default); a value the user changed (a slider moved, `papermill -p NAME value`) wins over it.
-    Unknown keys, wrong types and impossible values raise ConfigError before any work starts."""
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    for k in form:
-        if k not in names:
-            near = difflib.get_close_matches(k, names, n=1)
-            raise ConfigError(f"unknown setting {k!r}" + (f": did you mean {near[0]!r}?" if near else ""))
+    A key is a RunConfig field or its form setting (make_config(lr=...) or make_config(LEARNING_RATE=...)).
+    Unknown keys, wrong types and impossible values raise ConfigError before any work starts, naming the setting
+    by its form name (LEARNING_RATE: cell 2 passes the form's values by field), or by the name named_as gives."""
+    form = settings_by_field(form)[0]
     if preset and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: PRESET (or SPOONFEED_PRESET) must be one of "
                           f"{sorted(PRESETS)} or 'none'")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import glob as globlib
 import hashlib
 import json
 import os
@@ -14,7 +13,8 @@ from pathlib import Path
 
 from .config import STDLIB_CORPUS
 from .errors import ConfigError
-from .sources import data_fingerprint, is_local_dataset, LOCAL_FORMATS, local_data_files  # noqa: F401
+from .sources import _plain_alias, _plain_work_dir, data_fingerprint, is_local_dataset, LOCAL_FORMATS, \
+    local_data_files  # noqa: F401
 
 TEXT_FIELDS = ("text", "instruction", "messages", "conversations")  # what TEXT_FIELD="auto" looks for, in order
 
@@ -157,13 +157,29 @@ def record_text(item: dict, text_field: str = "auto", tokenizer=None) -> str | N
     return _record_text(item, text_field, tokenizer)[0]
 
 
-DUPLICATE = "the same text as an earlier document"  # the data report's reason for a dropped duplicate
+DUPLICATE = "the same text as an earlier record"  # the data report's reason for a dropped duplicate
 
 
-def _texts_from_records(records, where, report: DataReport, text_field: str, tokenizer, given: set | None = None):
+# what the split guarantees, as the data report says it: held-out and training take different documents (or
+# disjoint pieces of one), and a record (a .txt paragraph, a row, a file) whose exact text (stripped) was read
+# before is dropped before the split. Near-duplicates (one word changed) are not detected.
+RECORD_CLAIM = "a record repeated with the same text is read once (near-duplicates are not detected)"
+
+
+SPLIT_CLAIM = f"held-out from other documents than training, and {RECORD_CLAIM}"
+
+
+def _digest(text: str) -> bytes:
+    """What two texts share when they are duplicates: their content, stripped."""
+    return hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _texts_from_records(records, where, report: DataReport, text_field: str, tokenizer, given: set | None = None,
+                        dedup: bool = True):
     """Texts from (index, record) pairs; where(index) names a record in errors and in the report. A text whose
     content (stripped) was already given is dropped and counted as skipped (DUPLICATE), so that no text lands in
     both training and held-out; `given` holds the digests of the texts given so far (shared across files).
+    dedup=False: the records are already de-duplicated (a .txt file's documents, whose paragraphs were).
     Raises ConfigError for a record that is not an object, and when FIELD_CHECK_RECORDS records hold no
     usable field (the message lists the fields they do have)."""
     given = set() if given is None else given
@@ -178,9 +194,8 @@ def _texts_from_records(records, where, report: DataReport, text_field: str, tok
         if any(not _missing(item.get(k)) for k in wanted):
             report.has_field += 1
         text, why = _record_text(item, text_field, tokenizer)
-        digest = None if text is None else hashlib.blake2b(text.strip().encode("utf-8", "surrogatepass"),
-                                                           digest_size=16).digest()
-        if digest in given:
+        digest = None if text is None or not dedup else _digest(text)
+        if digest is not None and digest in given:
             text, why = None, DUPLICATE
         if text is None:
             report.skip(why, where(i))
@@ -224,20 +239,27 @@ def _split_text(text: str, max_chars: int):
         yield text[start:]
 
 
-def _text_documents(lines, max_chars: int):
+def _text_documents(lines, max_chars: int, repeated=None):
     """(line index, {"text": document}) pairs from the (line index, {"text": line}) pairs of one .txt file, as
     they stream: paragraphs (lines between blank lines) joined by a blank line into documents of at most
     max_chars characters. A longer paragraph is cut at line ends, a longer line at a space. The documents are
     consecutive, disjoint regions of the file, and the first is ready once its text is read: the work is linear
-    in the file's length, blank lines or none."""
+    in the file's length, blank lines or none.
+    repeated(text, line index) -> bool: called on each paragraph (each piece of a paragraph longer than a
+    document) before it joins a document; True drops it. A paragraph is the record of a .txt file, so duplicates
+    are dropped paragraph by paragraph (iter_texts), before grouping and so before the split."""
     doc, doc_len, doc_first = [], 0, 0  # whole paragraphs of the document being built
     para, para_len, para_first = [], -1, 0  # lines of the paragraph being read (para_len counts the "\n"s)
+    repeated = repeated or (lambda text, i: False)
 
     def end_paragraph():  # -> the document it completes, or None
         nonlocal doc, doc_len, doc_first, para, para_len
         done = None
         if para:
             text = "\n".join(para)
+            if repeated(text, para_first):
+                para, para_len = [], -1
+                return None
             if doc and doc_len + 2 + len(text) > max_chars:
                 done, doc = (doc_first, {"text": "\n\n".join(doc)}), []
             if not doc:
@@ -259,7 +281,9 @@ def _text_documents(lines, max_chars: int):
                 if doc:
                     yield doc_first, {"text": "\n\n".join(doc)}
                     doc = []
-                yield para_first, {"text": "\n".join(para)}
+                text = "\n".join(para)
+                if not repeated(text, para_first):
+                    yield para_first, {"text": text}
                 para, para_len = [], -1
             if not para:
                 para_first = i
@@ -378,8 +402,9 @@ codecs.register_error("spoonfeed.replace", _replace_and_count)
 
 def _file_records(path: str, work_dir: str, encoding: str = "utf-8"):
     """(index, record) pairs of one local file, read lazily by the `datasets` packaged builder for its suffix
-    (streaming: no Arrow copy of the data is written; the builder's lock files go to work_dir). The path is
-    escaped (glob.escape): `datasets` globs its data_files, and a name with [, ], * or ? would match others.
+    (streaming: no Arrow copy of the data is written; the builder's lock files go to work_dir). The file is read
+    through a plain-named link (_plain_alias): `datasets` hands paths to fsspec, which reads ::, a protocol:
+    prefix and glob characters in a name as URL syntax and patterns, so an existing path is kept literal.
     Text files are decoded with `encoding`, undecodable bytes replaced and counted (_UNDECODABLE); JSON and CSV
     files with `encoding`, strictly."""
     from datasets import load_dataset
@@ -389,7 +414,7 @@ def _file_records(path: str, work_dir: str, encoding: str = "utf-8"):
         kw = {**kw, "encoding": encoding, **({"encoding_errors": "spoonfeed.replace"} if builder == "text" else {})}
     try:
         with _quiet_datasets():
-            ds = load_dataset(builder, data_files=[globlib.escape(path)], split="train", streaming=True,
+            ds = load_dataset(builder, data_files=[_plain_alias(path, work_dir)], split="train", streaming=True,
                               cache_dir=work_dir, **kw)
             checked = builder != "json"
             for i, item in enumerate(ds):
@@ -405,10 +430,21 @@ def _file_records(path: str, work_dir: str, encoding: str = "utf-8"):
         raise _data_error(path, builder, e, encoding) from e
 
 
-def _saved_records(path: str, report: DataReport):
+def _repeated(text: str, where: str, seen: set, report: DataReport) -> bool:
+    """Whether a .txt paragraph repeats a record already given (seen: their digests); a repeat is counted as
+    skipped (DUPLICATE, where it was), a new one joins seen."""
+    digest = _digest(text)
+    if digest in seen:
+        report.skip(DUPLICATE, where)
+        return True
+    seen.add(digest)
+    return False
+
+
+def _saved_records(path: str, report: DataReport, work_dir: str):
     from datasets import DatasetDict, load_from_disk
 
-    ds = load_from_disk(path)  # memory-mapped Arrow: nothing is copied
+    ds = load_from_disk(_plain_alias(path, work_dir))  # memory-mapped Arrow: nothing is copied
     if isinstance(ds, DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))
         report.reader += f", split {split!r}"
@@ -430,10 +466,10 @@ def iter_texts(source: str, seed: int = 0, text_field: str = "auto", tokenizer=N
       (ENCODING; the stdlib is UTF-8): a text file's undecodable bytes are replaced (U+FFFD) and counted in
       report.undecodable; a JSON or CSV file that is not valid in it is a ConfigError naming ENCODING.
     - Anything else: a Hub dataset, streamed.
-    Records become text by record_text's rules (text_field, the tokenizer's chat template). A text whose
-    content was already given is dropped (counted in the report as DUPLICATE). `report` (a DataReport) is
-    filled as reading goes. work_dir holds the builders' lock files while reading (a temporary folder inside
-    it, removed after); None: the system's temporary folder.
+    Records become text by record_text's rules (text_field, the tokenizer's chat template). A record (a .txt
+    paragraph, before grouping; a row; a file) whose text was already given is dropped (DUPLICATE in the report).
+    `report` is filled as reading goes. work_dir holds the builders' lock files and the links files are read
+    through while reading (a temporary folder inside it, removed after); None: the system's temporary folder.
     Raises ConfigError (naming the file and line, or the record index) for an unsupported or empty file, a
     malformed record, a record that is not an object, and a source where no record has the wanted field.
     """
@@ -457,20 +493,21 @@ def iter_texts(source: str, seed: int = 0, text_field: str = "auto", tokenizer=N
         report.reader = f"{len(files)} local file{'s' * (len(files) != 1)} via datasets {', '.join(builders)}"
     if work_dir:
         os.makedirs(work_dir, exist_ok=True)
-    tmp = tempfile.TemporaryDirectory(prefix="spoonfeed-datasets-", dir=work_dir)
+    tmp = tempfile.TemporaryDirectory(prefix="spoonfeed-datasets-", dir=_plain_work_dir(work_dir))
     seen = set()  # digests of the texts given so far: a duplicate is dropped, whichever file it is in
     try:
         for path in files:
             report.files_read += 1
             fmt, before = None if os.path.isdir(path) else LOCAL_FORMATS[Path(path).suffix.lower()], _UNDECODABLE[0]
-            records = _saved_records(path, report) if fmt is None else _file_records(path, tmp.name, encoding)
+            records = _saved_records(path, report, tmp.name) if fmt is None else _file_records(path, tmp.name, encoding)
             try:
                 if fmt and fmt[0] == "text":  # a text file's documents are its text, whatever TEXT_FIELD says
                     lines = fmt[1]["sample_by"] == "line"
-                    if lines:
-                        records = _text_documents(records, max_chars)
                     where = (lambda i, p=path: f"{p} line {i + 1}") if lines else (lambda i, p=path: p)
-                    yield from _texts_from_records(records, where, report, "text", tokenizer, seen)
+                    if lines:  # the record is the paragraph: duplicates go before paragraphs become documents
+                        records = _text_documents(records, max_chars, lambda text, i, w=where: _repeated(
+                            text, w(i), seen, report))
+                    yield from _texts_from_records(records, where, report, "text", tokenizer, seen, dedup=not lines)
                 else:
                     yield from _texts_from_records(records, lambda i, p=path: f"{p} record index {i}", report,
                                                    text_field, tokenizer, seen)
@@ -550,10 +587,10 @@ def describe_data(cache_or_report, tokenizer=None) -> str:
         lines.append(f"  {note}")
     if d["chat_rendered"]:
         lines.append(f"  chat lists rendered with {d['chat_rendered']}")
-    split = "held-out documents disjoint from training"
+    split = SPLIT_CLAIM
     if d.get("pieces"):
         split = (f"the documents ran out, so the rest of {d['long_documents']} long one(s) was cut into "
-                 f"{d['pieces']} pieces; held-out documents and pieces share no text with training")
+                 f"{d['pieces']} pieces; held-out from other documents and pieces than training, and {RECORD_CLAIM}")
     lines.append(f"  {d['tokens']:,} tokens -> {d['train_blocks']} training + {d['val_blocks']} held-out blocks of "
                  f"{d['seq_len']} tokens (documents joined by EOS; {split})")
     if first is not None and tokenizer is not None:

@@ -1,4 +1,6 @@
-"""Finding local data: a file, a folder (links followed, loops guarded) or a glob, and the cache key's fingerprint."""
+"""Finding local data: a file, a folder (links followed, loops guarded) or a glob, and the cache key's fingerprint.
+
+Also the plain-named links through which `datasets` reads an existing path as it is (_plain_alias)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -164,19 +167,46 @@ def local_data_files(source: str) -> LocalFiles:
 def data_fingerprint(source: str) -> dict | None:
     """What the local files of a dataset hold, for the Phase 1 cache key: {"files": n, "bytes": total size,
     "digest": hash of every file's path, size and modification time (ns)}, with "listing" {path: [size,
-    mtime_ns]} for saying what changed. A file read through a link is stat'ed at its target, and the target is
-    listed too ([size, mtime_ns, target]), so the key covers whatever is read. Editing, adding or removing a
-    file (or a link) changes the digest. None for a Hub dataset. Raises ConfigError as local_data_files does."""
+    mtime_ns]} for saying what changed. A file read through a link, its own or a folder's on its path (DATASET
+    itself a link, data/current -> v1), is stat'ed at its target, and the resolved target is listed too ([size,
+    mtime_ns, real path]), so the key covers whatever is read: re-pointing a link to a folder of files with the
+    same names, sizes and times changes it. Editing, adding or removing a file (or a link) changes the digest. None for a Hub dataset. Raises ConfigError as local_data_files does."""
     if not is_local_dataset(source):
         return None
     found = local_data_files(source)
     files = found.files
     if len(files) == 1 and os.path.isdir(files[0]):  # save_to_disk folder: every file in it
         files = sorted(str(p) for p in Path(files[0]).rglob("*") if p.is_file())
-    targets = dict(map(tuple, found.links))
     listing = {}
     for f in files:
-        st = os.stat(f)
-        listing[f] = [st.st_size, st.st_mtime_ns] + ([targets[f]] if f in targets else [])
+        st, real = os.stat(f), os.path.realpath(f)
+        listing[f] = [st.st_size, st.st_mtime_ns] + ([real] if real != os.path.abspath(f) else [])
     digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
     return {"files": len(listing), "bytes": sum(v[0] for v in listing.values()), "digest": digest, "listing": listing}
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-/ ]+")  # a path fsspec reads as it is: no ::, no protocol: prefix, no ~
+
+
+def _plain_alias(path: str, work_dir: str) -> str:
+    """A name for an existing local file or folder that `datasets` reads as the path it is. `datasets` hands
+    data_files and load_from_disk paths to fsspec, which interprets parts of a local name: `::` chains URLs
+    (p::q.txt, zip::x.txt, a folder corpus::v2/), a leading `name:` is a protocol (file:x.txt), and [, ], *, ?
+    glob. So the path is never handed over: a link to it, with a plain name (hex digits and its suffix), is made
+    in work_dir (a folder with a plain name, see _plain_work_dir) and that is read; errors still name the path.
+    Where no link can be made (a file system without them), the glob-escaped path is the fallback."""
+    real = os.path.abspath(path)
+    alias = os.path.join(work_dir, "data-" + hashlib.blake2b(real.encode("utf-8", "surrogatepass"), digest_size=8)
+                         .hexdigest() + Path(path).suffix.lower())
+    if not os.path.lexists(alias):
+        try:
+            os.symlink(real, alias, target_is_directory=os.path.isdir(real))
+        except OSError:
+            return globlib.escape(path)
+    return alias
+
+
+def _plain_work_dir(work_dir: str | None) -> str | None:
+    """work_dir (CACHE_DIR, where the builders' lock files go) when fsspec reads its path as it is (_PLAIN),
+    else None: the system's temporary folder."""
+    return work_dir if work_dir and _PLAIN.fullmatch(os.path.abspath(work_dir)) else None

@@ -158,3 +158,19 @@ def tiny_cache(tmp_path, tiny_cache_template):
     loader = CountingLoader()
     loader.calls = 1  # the load that built it
     return cfg, sf.TeacherCache(Path(cfg.cache_dir) / key), loader
+
+
+def rebuilt_in_place(cache, teacher_ce_shift: float = 0.5):
+    """The cache as a rebuild in its own folder from other data leaves it, for code that keys on it: the same
+    path (and folder name), other content (a file digest changed, so content_digest differs) and another
+    teacher CE. It shares the cache's open files; reading them gives the old blocks, which is all the keying
+    code needs."""
+    import copy
+
+    other = copy.copy(cache)
+    files = {k: dict(v) for k, v in cache.manifest["files"].items()}
+    files["train_tokens.npy"]["blake2b"] = "0" * 32
+    other.manifest = {**cache.manifest, "files": files}
+    other._teacher_ce = cache.teacher_ce() + teacher_ce_shift
+    assert other.path.name == cache.path.name and other.content_digest != cache.content_digest
+    return other

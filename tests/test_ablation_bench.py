@@ -6,7 +6,7 @@ import math
 import re
 
 import pytest
-from conftest import ROOT, tiny_student_config
+from conftest import ROOT, rebuilt_in_place, tiny_student_config
 
 import spoonfeed_helpers as sf
 from bench import ablation as ab
@@ -146,6 +146,35 @@ def test_results_from_other_settings_are_refused_not_mixed(tiny_cache, tmp_path)
     with pytest.raises(sf.ConfigError, match="other settings.*superposition_steps.*--out"):
         ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, steps=cfg.ablation_steps + 1, progress=False)
     assert out.read_bytes() == before
+
+
+def test_results_are_tied_to_the_caches_content_not_its_folder(tiny_cache, tmp_path):
+    """A cache rebuilt in its own folder from other data (same folder name) does not get the old results."""
+    cfg, cache, _ = tiny_cache
+    out = tmp_path / "ablation.json"
+    ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, progress=False, max_arms=1)
+    before = out.read_bytes()
+    with pytest.raises(sf.ConfigError, match="other settings.*cache_content.*--out"):
+        ab.run(cfg, rebuilt_in_place(cache), widths=(16,), seeds=range(1), out=out, progress=False)
+    assert out.read_bytes() == before
+
+
+def test_a_file_keyed_by_cache_folder_is_kept_when_its_figures_show_this_caches_content(tiny_cache, tmp_path,
+                                                                                        capsys):
+    """Files written before content digests name the cache folder: taken (and re-keyed) when each result's
+    teacher CE is this cache's, refused when a rebuild in the folder changed it."""
+    cfg, cache, _ = tiny_cache
+    out = tmp_path / "ablation.json"
+    ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, progress=False, max_arms=1)
+    data = json.loads(out.read_text())
+    data["settings"]["cache"] = cache.path.name
+    del data["settings"]["cache_content"]
+    out.write_text(json.dumps(data))
+    with pytest.raises(sf.ConfigError, match="before a rebuild.*teacher_ce"):
+        ab.run(cfg, rebuilt_in_place(cache), widths=(16,), seeds=range(1), out=out, progress=False, max_arms=0)
+    again = ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, progress=False, max_arms=0)
+    assert again["results"] == data["results"] and "keyed by content from now on" in capsys.readouterr().out
+    assert again["settings"]["cache_content"] == cache.content_digest and "cache" not in again["settings"]
 
 
 def test_a_width_the_student_cannot_have_fails_before_any_arm(tiny_cache, tmp_path, monkeypatch):

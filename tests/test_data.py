@@ -497,6 +497,41 @@ def test_links_are_followed_each_file_is_read_once_and_what_is_left_out_is_repor
         assert sf.data_fingerprint(str(source))["digest"] != fp["digest"]
 
 
+@pytest.mark.parametrize("how", ["DATASET is the link", "a link inside the data folder", "a link above DATASET",
+                                 "a linked file"])
+def test_re_pointing_a_link_changes_the_cache_key_even_when_names_sizes_and_times_match(tmp_path, how):
+    """v1 and v2 hold files of the same names, sizes and modification times but other text; `current` leads to
+    v1, then to v2. Whatever link the reading goes through (to a folder or a file, as DATASET, inside it or on
+    the path above it), the key follows the resolved target."""
+    import os
+
+    for v, word in (("v1", "alpha"), ("v2", "omega")):
+        (tmp_path / v / "sub").mkdir(parents=True)
+        (tmp_path / v / "sub" / "a.txt").write_text(f"the text of version {word} here")
+        os.utime(tmp_path / v / "sub" / "a.txt", ns=(10**18, 10**18))
+    data = tmp_path / "data"
+    data.mkdir()
+    link, source = {"DATASET is the link": (tmp_path / "current", tmp_path / "current"),
+                    "a link inside the data folder": (data / "current", data),
+                    "a link above DATASET": (tmp_path / "current", tmp_path / "current" / "sub"),
+                    "a linked file": (data / "a.txt", data)}[how]
+    target = "{}/sub/a.txt" if how == "a linked file" else "{}"
+
+    def point(v):
+        if os.path.lexists(link):
+            link.unlink()
+        link.symlink_to(tmp_path / target.format(v))
+
+    point("v1")
+    before = sf.data_fingerprint(str(source))
+    assert texts(source) == ["the text of version alpha here"]
+    point("v2")
+    after = sf.data_fingerprint(str(source))
+    assert texts(source) == ["the text of version omega here"]
+    assert (after["files"], after["bytes"]) == (before["files"], before["bytes"])
+    assert after["digest"] != before["digest"]
+
+
 # item 3: file names with glob characters -----------------------------------------------------------------------
 
 
@@ -522,6 +557,50 @@ def test_a_name_with_glob_characters_is_that_file_in_a_folder_or_named_alone(tmp
     assert texts(folder / name) == ["the text of the file with the odd name"]
     cfg = tiny_run_config(tmp_path, dataset=str(folder / name))  # accepted, not "no file matches"
     assert list(sf.data_fingerprint(cfg.dataset)["listing"]) == [str(folder / name)]
+
+
+@pytest.mark.parametrize("name", ["p::q", "zip::x", "a::b", "file::x", "simplecache::a", "file:x", "~t", "a#b"])
+@pytest.mark.parametrize("suffix", [".txt", ".md", ".jsonl", ".json", ".csv", ".parquet"])
+def test_a_name_fsspec_would_read_as_a_url_is_that_file_alone_in_a_folder_and_in_a_folder_so_named(tmp_path, name,
+                                                                                                  suffix):
+    """`datasets` hands paths to fsspec, which reads `::` as URL chaining and `name:` as a protocol: an existing
+    path is still literal, for every format, named alone (absolute or relative), inside a folder, and as a folder
+    whose own name holds them."""
+    import pandas as pd
+
+    text = "the text of the file with the url-like name"
+    folder = tmp_path / f"corpus{name}v2"
+    folder.mkdir()
+    path = folder / f"{name}{suffix}"
+    if suffix in (".txt", ".md"):
+        path.write_text(text)
+    elif suffix == ".jsonl":
+        path.write_text(json.dumps({"text": text}) + "\n")
+    elif suffix == ".json":
+        path.write_text(json.dumps([{"text": text}]))
+    elif suffix == ".csv":
+        pd.DataFrame({"text": [text]}).to_csv(path, index=False)
+    else:
+        pd.DataFrame({"text": [text]}).to_parquet(path)
+    assert texts(path) == [text]
+    assert texts(folder) == [text]
+    import os
+
+    here = os.getcwd()
+    try:
+        os.chdir(folder)
+        assert texts(path.name) == [text]  # relative: "file:x.txt" is no protocol either
+    finally:
+        os.chdir(here)
+    tiny_run_config(tmp_path, dataset=str(path))  # accepted
+
+
+def test_a_saved_dataset_in_a_folder_whose_name_holds_double_colons_is_read(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["the text of the saved dataset"]}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "saved").rename(tmp_path / "saved::v2")  # save_to_disk itself hands the name to fsspec
+    assert texts(tmp_path / "saved::v2") == ["the text of the saved dataset"]
 
 
 # item 4: one huge text file, streamed --------------------------------------------------------------------------
@@ -596,6 +675,15 @@ def test_a_file_in_a_legacy_encoding_is_never_read_silently_and_encoding_reads_i
         assert again.path != cache.path and again.manifest["data"]["undecodable"] == {}
 
 
+def test_every_name_of_one_codec_gives_one_cache_key():
+    def key(encoding):
+        return sf.cache_request("t", "d", 8, 2, 16, encoding=encoding)
+
+    assert key("UTF-8") == key("utf8") == key("utf_8") == key("U8") == key("utf-8")
+    assert "encoding" not in key("UTF8")  # the default's key is as before ENCODING existed
+    assert key("latin-1") == key("ISO-8859-1") == key("latin1") == key("L1") != key("cp1252") == key("CP1252")
+
+
 # item 6: duplicate documents -----------------------------------------------------------------------------------
 
 
@@ -624,7 +712,48 @@ def test_duplicates_are_dropped_before_the_split_so_held_out_shares_no_text_with
     assert report.skipped[sf.DUPLICATE][0] == 40 and report.documents == 40
     eos = make_tokenizer().eos_token_id
     assert not sixgrams(train, eos) & sixgrams(val, eos)  # what "held-out documents disjoint" claims
-    assert "skipped 40 x the same text as an earlier document" in sf.describe_data(report)
+    assert "skipped 40 x the same text as an earlier record" in sf.describe_data(report)
+
+
+@pytest.mark.parametrize("where", ["a .txt paragraph among others", "a .txt paragraph in two files",
+                                  "a .txt paragraph that is also a .jsonl record", "a long .txt paragraph, twice"])
+def test_a_repeated_record_is_dropped_before_records_are_grouped_into_documents(tmp_path, where):
+    """The record is what the reader reads one at a time: a .txt file's paragraph (grouped into documents only
+    after the check), a row, a file. A paragraph repeated among other paragraphs is dropped, however the
+    paragraphs around it fall into documents, so it cannot land in both training and held-out."""
+    rng = random.Random(6)
+    paras = [words(10, rng) + " ." for _ in range(120)]
+    dup = "the repeated boilerplate paragraph sat on the mat and then it was happy ."
+    if where.startswith("a long"):
+        other = random.Random(66)
+        dup = "\n".join(words(12, other) for _ in range(12))  # longer than a document: cut in pieces
+    body = []
+    for i, p in enumerate(paras):
+        body.append(p)
+        if i % 6 == 0:
+            body.append(dup)
+    d = tmp_path / "data"
+    d.mkdir()
+    if where == "a .txt paragraph in two files":
+        (d / "a.txt").write_text("\n\n".join(body[:70]))
+        (d / "b.txt").write_text("\n\n".join(body[70:]))
+    elif where == "a .txt paragraph that is also a .jsonl record":
+        (d / "a.jsonl").write_text(json.dumps({"text": dup}) + "\n")
+        (d / "b.txt").write_text("\n\n".join(body))
+    else:
+        (d / "a.txt").write_text("\n\n".join(body))
+    tok = make_tokenizer()
+    report = sf.DataReport(str(d))
+    train, val, _ = sf.pack_blocks(sf.iter_texts(str(d), report=report, max_chars=4 * 16 * 3), tok, seq_len=16,
+                                   num_train=400, num_val=40, report=report)  # more than there is: all is read
+    repeats = body.count(dup) - (where != "a .txt paragraph that is also a .jsonl record")
+    pieces = len(list(sf._text_documents(enumerate({"text": line} for line in dup.split("\n")), 4 * 16 * 3)))
+    assert report.skipped[sf.DUPLICATE][0] == repeats * pieces  # each piece of each repeat
+    eos = tok.eos_token_id
+    assert not sixgrams(train, eos) & sixgrams(val, eos)
+    said = sf.describe_data(report)
+    assert f"skipped {report.skipped[sf.DUPLICATE][0]} x the same text as an earlier record" in said
+    assert "near-duplicates are not detected" in said and "disjoint" not in said  # the claim, no stronger
 
 
 # item 7: one long document --------------------------------------------------------------------------------------

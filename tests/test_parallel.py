@@ -261,6 +261,46 @@ def test_settings_on_the_command_line_are_python_literals_or_text():
         spoonfeed_run.main(["--set", "batchsize=2"])
 
 
+_WRONG_TYPE = {"int": "abc", "float": "abc", "str": "3", "bool": "maybe", "tuple": "abc"}
+
+
+@pytest.mark.parametrize("field", [f.name for f in __import__("dataclasses").fields(sf.RunConfig)])
+def test_set_takes_a_field_or_its_form_name_and_every_error_names_the_name_typed(field):
+    """`--set` takes each setting by its RunConfig field (lr) and by the form name the notebook and the docs show
+    (LEARNING_RATE); given a value of the wrong type, the one error names what was typed, not the other name."""
+    import dataclasses
+
+    kind = {f.name: f.type for f in dataclasses.fields(sf.RunConfig)}[field]
+    names = [field] + ([sf.FORM_NAMES[field]] if field in sf.FORM_NAMES else [])
+    for name in names:
+        with pytest.raises(ConfigError) as e:
+            spoonfeed_run.main(["--preset", "smoke", "--set", f"{name}={_WRONG_TYPE[kind]}"])
+        said = str(e.value)
+        assert said.startswith(f"{name}="), said
+        assert not any(other in said for other in names if other != name and other not in name), said
+        value = getattr(sf.make_config("smoke"), field)
+        assert sf.settings_by_field({name: value}) == ({field: value}, {field: name})  # accepted by either name
+    assert sf.make_config("smoke", **sf.settings_by_field({names[-1]: getattr(sf.RunConfig, field)})[0])
+
+
+def test_set_with_a_misspelt_or_doubled_name_is_refused_with_the_nearest_of_both_kinds():
+    with pytest.raises(ConfigError, match="did you mean 'LEARNING_RATE'"):
+        spoonfeed_run.main(["--set", "LEARNIG_RATE=1e-3"])
+    with pytest.raises(ConfigError, match="did you mean 'student_dim'"):
+        spoonfeed_run.main(["--set", "studnt_dim=64"])
+    with pytest.raises(ConfigError, match="lr and LEARNING_RATE are one setting"):
+        spoonfeed_run.main(["--set", "lr=1e-3", "--set", "LEARNING_RATE=2e-3"])
+
+
+def test_a_run_check_after_the_settings_names_them_as_typed(monkeypatch):
+    """The checks spoonfeed_run makes after make_config (the global batch against the cache) name the settings as
+    --set typed them too."""
+    monkeypatch.setattr(spoonfeed_run, "world", lambda: type("W", (), {"num_processes": 4, "is_main_process": True,
+                                                                       "parallel": False})())
+    with pytest.raises(ConfigError, match=r"num_samples=16 \(4 processes of BATCH_SIZE=8"):
+        spoonfeed_run.main(["--preset", "smoke", "--set", "BATCH_SIZE=8", "--set", "num_samples=16"])
+
+
 # What each launcher path puts in the environment of the processes it starts, as recorded from accelerate 1.16 and
 # torch 2.13 (a script that printed its environment), less the variables no check reads. accelerate's simple launcher
 # exports no process count: only MASTER_ADDR/MASTER_PORT, when asked for more than one process

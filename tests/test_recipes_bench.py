@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from conftest import rebuilt_in_place
 
 import spoonfeed_helpers as sf
 from bench import recipes as rc
@@ -134,6 +135,34 @@ def test_results_from_other_settings_are_refused_not_mixed(tiny_cache, tmp_path,
     with pytest.raises(sf.ConfigError, match="other settings.*batch_size.*--out"):
         rc.Study(cache, cache, other, out, ["a"], range(1), ["steps"])
     assert out.read_bytes() == before
+
+
+def test_results_are_tied_to_the_caches_content_and_an_old_folder_keyed_file_is_kept_when_it_matches(
+        tiny_cache, tmp_path, patch, capsys):
+    """Both caches are keyed by content: a rebuild in the same folder is refused, not mixed in. A file from
+    before (settings naming the cache folders, as a study already running writes it) is kept when every result's
+    teacher CEs are these caches', and re-keyed; a rebuilt cache is refused."""
+    cfg, cache, _ = tiny_cache
+    patch(rc, "run_one", _fake({"a": cfg.lr}, []))
+    out = tmp_path / "r.json"
+    rc.Study(cache, cache, cfg, out, ["a"], range(1), ["steps"], max_runs=1).run()
+    before = out.read_bytes()
+    for first, second in ((rebuilt_in_place(cache), cache), (cache, rebuilt_in_place(cache))):
+        with pytest.raises(sf.ConfigError, match="other settings.*cache_content.*--out"):
+            rc.Study(first, second, cfg, out, ["a"], range(1), ["steps"])
+        assert out.read_bytes() == before
+    data = json.loads(out.read_text())
+    for key in ("cache", "second_cache"):
+        data["settings"][key] = cache.path.name
+        del data["settings"][f"{key}_content"]
+    for r in data["results"].values():
+        r["teacher_ce"] = r["second_teacher_ce"] = cache.teacher_ce()
+    out.write_text(json.dumps(data))
+    with pytest.raises(sf.ConfigError, match="before a rebuild"):
+        rc.Study(cache, rebuilt_in_place(cache), cfg, out, ["a"], range(1), ["steps"])
+    study = rc.Study(cache, cache, cfg, out, ["a"], range(1), ["steps"])
+    assert study.data["results"] == data["results"] and "keyed by content from now on" in capsys.readouterr().out
+    assert study.data["settings"]["second_cache_content"] == cache.content_digest
 
 
 def test_a_setting_added_later_at_its_default_does_not_orphan_the_results(tiny_cache, tmp_path, patch):

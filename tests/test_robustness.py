@@ -175,6 +175,20 @@ def test_the_form_names_are_the_ones_cell_2_passes():
     assert sf.FORM_NAMES == _cell_2_form_names()
 
 
+def test_the_docs_name_every_field_that_has_no_form_setting():
+    """robustness.md says which RunConfig fields FORM_NAMES leaves out: every one of them, and no other."""
+    import dataclasses
+    import re
+
+    text = (Path(sf.__file__).parent / "docs" / "robustness.md").read_text()
+    listed = text[text.index("The\nother fields") if "The\nother fields" in text else text.index("other fields"):]
+    listed = listed[:listed.index("have no form setting")]
+    named = set(re.findall(r"`([a-z_*]+)`", listed))
+    missing = [f.name for f in dataclasses.fields(sf.RunConfig) if f.name not in sf.FORM_NAMES
+               and f.name not in named and not (f.name.startswith("logit_kd_") and "logit_kd_*" in named)]
+    assert not missing and not {n for n in named if n != "logit_kd_*"} & set(sf.FORM_NAMES)
+
+
 # one bad value of each kind a form setting can get, as the form, `papermill -p` and a YAML file pass them
 _BAD = {"int": ["12.5", 12.5, "many", True, None], "float": ["1e-3", "fast", None, [1.0]], "str": [3, None],
         "bool": ["no", "1", 2], "tuple": ["128", 128]}
@@ -199,6 +213,53 @@ def test_every_error_names_the_form_setting_the_user_typed_not_the_field(field, 
             assert form in str(e), (value, str(e))
             assert f"{field}=" not in str(e).replace(f"{form}=", ""), (value, str(e))
     assert refused >= len(_BAD[kind]) - (kind == "int" and field == "seed")  # every wrong type (a seed may be < 0)
+
+
+_FLOAT_FIELDS = [f.name for f in __import__("dataclasses").fields(sf.RunConfig) if f.type == "float"]
+
+
+@pytest.mark.parametrize("field", _FLOAT_FIELDS)
+def test_every_real_valued_setting_must_be_finite_and_is_checked_before_any_work(field):
+    """Every float field of RunConfig, one added later included: inf, -inf and nan are refused by validate(),
+    naming the setting as the user types it; its default passes."""
+    import dataclasses
+
+    assert len(_FLOAT_FIELDS) >= 12
+    for value in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(sf.ConfigError, match=rf"^{sf.setting(field)}={value}"):
+            sf.make_config("smoke", **{field: value})
+        with pytest.raises(sf.ConfigError, match=sf.setting(field)):
+            dataclasses.replace(sf.make_config("smoke"), **{field: value}).validate()
+    sf.make_config("smoke", **{field: getattr(sf.RunConfig, field)})
+
+
+@pytest.mark.parametrize("field, value", [("grad_clip", 0.0), ("min_lr_ratio", 1.5), ("min_lr_ratio", -0.1),
+                                          ("weight_decay", -0.01), ("logit_kd_alpha", -0.5)])
+def test_real_valued_settings_out_of_their_range_are_refused(field, value):
+    with pytest.raises(sf.ConfigError, match=rf"^{field}={value} must .*: set {field} to"):
+        sf.make_config("smoke", **{field: value})
+
+
+def test_a_setting_the_form_lacks_says_where_it_can_be_set():
+    with pytest.raises(sf.ConfigError) as e:
+        sf.make_config("smoke", logit_kd_alpha=2.0)
+    assert "LOGIT_KD_ALPHA" not in str(e.value)
+    assert "notebook's form has no such setting" in str(e.value) and "--set logit_kd_alpha=" in str(e.value)
+
+
+@pytest.mark.parametrize("field, value, hint", [
+    ("lr", "1e-3", "a YAML parameters file reads 1e-3 as text, so write 1.0e-3 there"),
+    ("lr", "0.001", "write it as a number, 0.001, without quotes"),
+    ("num_samples", "16", "write it as a whole number, 16, without quotes"),
+    ("seq_len", "1e3", "write it as a whole number, 1000, without quotes"),
+    ("num_samples", "12.5", "write a whole number, such as 12"),
+    ("lr", "inf", "write a finite number"),
+])
+def test_the_hint_for_a_number_written_as_text_fits_the_settings_type(field, value, hint):
+    with pytest.raises(sf.ConfigError) as e:
+        sf.make_config(**{field: value})
+    assert hint in str(e.value)
+    assert "YAML" not in str(e.value) or field == "lr" and "e" in value  # the YAML hint only where it applies
 
 
 @pytest.mark.parametrize("value, hint", [("1e-3", "write 1.0e-3"), (1.0, None)])
