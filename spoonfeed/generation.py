@@ -190,8 +190,8 @@ def _logits(model: nn.Module, h, weight, bias):
     """h (B, dim) -> logits (B, V) float32, through (weight, bias) from _head_weights or through model.logits.
 
     Compiled, one row: a multiply-sum over the weight in its own dtype, accumulated and returned in float32, which
-    inductor fuses into one pass over the weight (twice as fast as the bf16 matmul at one row on the machine of
-    docs/benchmarks.md, and float32 logits where the bf16 matmul rounds them to bf16). Eager, or several rows:
+    inductor fuses into one pass over the weight (faster than the bf16 matmul at one row in side-by-side runs on
+    this project's CPU, and float32 logits where the bf16 matmul rounds them to bf16). Eager, or several rows:
     F.linear in the weight's dtype (the bf16 matmul's logits are bf16, read back as float32)."""
     if weight is None:
         return model.logits(h).float()
@@ -232,16 +232,18 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
     A row that has produced eos_token_id is filled with pad_token_id (default: eos_token_id) after it, and
     decoding stops when every row is done. Past the student's max_seq_len it stops with a warning. `streamer`
     follows transformers' convention: put(prompt ids (B, T0)), put(new ids (B,)) per step, then end().
-    The ternary weights are quantized once per call (quantize_once). Decoding reads every weight once a token
-    for one row of activations; where precision_policy chooses bf16 for `precision`, the LM head (49152 x dim,
-    most of what is read) is read in bf16 (decode_head), and the body stays float32: at one row a matmul is
-    bound by the overhead, and this CPU's bf16 path is slower there (docs/benchmarks.md). The logits are
-    sampled in float32.
+    The ternary weights are quantized once per call (quantize_once), on a CPU into int8 (quantize_once(int8=True):
+    exact integer sums, the float path's values to float rounding, a quarter of its bytes). Decoding reads every
+    weight once a token for one row of activations; where precision_policy chooses bf16 for `precision`, the LM
+    head (49152 x dim, most of what is read) is read in bf16 (decode_head), and the body's activations stay
+    float32 around the int8 matmuls: at one row this CPU's bf16 matmul is slower (docs/benchmarks.md). The
+    logits are sampled in float32.
     compile=True (the COMPILE setting) decodes each token through _decode_step compiled by torch.compile, with a
     StaticKVCache of the student's max_seq_len slots: the step is compiled once for a batch size (the first call
-    pays for it, reported apart) and the prompt runs eager. It gives the eager path's results to float rounding
-    (tests: the static cache's logits within 1e-5 of the growing cache's, the same greedy tokens compiled); a
-    compile that fails runs eager (Compiled).
+    pays for it, reported apart) and the prompt runs eager. Greedy decoding with no logits processor takes the
+    argmax inside the step (_decode_greedy), and one row's head is a fused pass with float32 sums (_logits). It
+    gives the eager path's results to float rounding (tests: the static cache's logits within 1e-5 of the growing
+    cache's, the same greedy tokens compiled); a compile that fails runs eager (Compiled).
     Raises ConfigError for a setting out of range and for a token id the student does not know (in idx, padding
     included, or eos_token_id / pad_token_id, which are fed back to it: check_token_ids), PromptTooLongError (a
     ValueError) when T0 >= max_seq_len, ValueError for an empty idx; all before any forward.
