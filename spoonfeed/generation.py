@@ -166,26 +166,38 @@ def _sample_next(logits, input_ids, processors, do_sample: bool, generator=None)
 
 def decode_head(model: nn.Module, dtype: torch.dtype | None = None):
     """The head as decoding uses it: h (B, dim) -> logits (B, vocab) float32. With dtype (bf16), the new or tied
-    head's weight is cast once, here, and each token reads half the bytes; None (or the teacher head over the
-    projector) is model.logits in float32. Not for training: the copy does not follow later weight writes."""
+    head's weight is cast once, here, and each token reads half the bytes; with None it is read in float32 as it
+    is (the new or tied head's F.linear, the teacher head over the projector through model.logits). Not for
+    training: a cast copy does not follow later weight writes."""
     weight, bias = _head_weights(model, dtype)
     return lambda h: _logits(model, h, weight, bias)
 
 
 def _head_weights(model: nn.Module, dtype: torch.dtype | None):
-    """(weight (V, dim), bias (V,) or None) cast to dtype once, for decode_head; (None, None): model.logits."""
+    """(weight (V, dim), bias (V,) or None) cast to dtype once (None: as they are), for decode_head; (None, None)
+    for the teacher head, which runs as model.logits."""
     mode = model.cfg.head_mode
-    if dtype is None or mode == "teacher":
+    if mode == "teacher":
         return None, None
-    weight = (model.head.weight if mode == "new" else model.tok_embeddings.weight).detach().to(dtype)
-    bias = model.head.bias.detach().to(dtype) if mode == "new" and model.head.bias is not None else None
-    return weight, bias
+    weight = (model.head.weight if mode == "new" else model.tok_embeddings.weight).detach()
+    bias = model.head.bias.detach() if mode == "new" and model.head.bias is not None else None
+    if dtype is None:
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _logits(model: nn.Module, h, weight, bias):
-    """h (B, dim) -> logits (B, V) float32, through (weight, bias) from _head_weights or through model.logits."""
+    """h (B, dim) -> logits (B, V) float32, through (weight, bias) from _head_weights or through model.logits.
+
+    Compiled, one row: a multiply-sum over the weight in its own dtype, accumulated and returned in float32, which
+    inductor fuses into one pass over the weight (faster than the bf16 matmul at one row in side-by-side runs on
+    this project's CPU, and float32 logits where the bf16 matmul rounds them to bf16). Eager, or several rows:
+    F.linear in the weight's dtype (the bf16 matmul's logits are bf16, read back as float32)."""
     if weight is None:
         return model.logits(h).float()
+    if torch.compiler.is_compiling() and h.size(0) == 1:  # several rows would read the weight once each
+        out = (h.float()[:, None, :] * weight.float()).sum(-1)  # (1, V)
+        return out if bias is None else out + bias.float()
     return F.linear(h.to(weight.dtype), weight, bias).float()
 
 
@@ -195,7 +207,14 @@ def _decode_step(model: nn.Module, ids, cache, weight, bias):
     return _logits(model, model(ids, cache)[:, -1], weight, bias)
 
 
+def _decode_greedy(model: nn.Module, ids, cache, weight, bias):
+    """_decode_step's argmax: ids (B, 1) -> next ids (B,), greedy decoding with no logits processor (then the
+    argmax of the logits is the token, as _sample_next picks it), inside the compiled step."""
+    return _decode_step(model, ids, cache, weight, bias).argmax(dim=-1)
+
+
 _DECODE = Compiled(_decode_step, "the decode step")
+_DECODE_GREEDY = Compiled(_decode_greedy, "the greedy decode step")
 
 
 @torch.no_grad()
@@ -213,16 +232,18 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
     A row that has produced eos_token_id is filled with pad_token_id (default: eos_token_id) after it, and
     decoding stops when every row is done. Past the student's max_seq_len it stops with a warning. `streamer`
     follows transformers' convention: put(prompt ids (B, T0)), put(new ids (B,)) per step, then end().
-    The ternary weights are quantized once per call (quantize_once). Decoding reads every weight once a token
-    for one row of activations; where precision_policy chooses bf16 for `precision`, the LM head (49152 x dim,
-    most of what is read) is read in bf16 (decode_head), and the body stays float32: at one row a matmul is
-    bound by the overhead, and this CPU's bf16 path is slower there (docs/benchmarks.md). The logits are
-    sampled in float32.
+    The ternary weights are quantized once per call (quantize_once), on a CPU into int8 (quantize_once(int8=True):
+    exact integer sums, the float path's values to float rounding, a quarter of its bytes). Decoding reads every
+    weight once a token for one row of activations; where precision_policy chooses bf16 for `precision`, the LM
+    head (49152 x dim, most of what is read) is read in bf16 (decode_head), and the body's activations stay
+    float32 around the int8 matmuls: at one row this CPU's bf16 matmul is slower (docs/benchmarks.md). The
+    logits are sampled in float32.
     compile=True (the COMPILE setting) decodes each token through _decode_step compiled by torch.compile, with a
     StaticKVCache of the student's max_seq_len slots: the step is compiled once for a batch size (the first call
-    pays for it, reported apart) and the prompt runs eager. It gives the eager path's results to float rounding
-    (tests: the static cache's logits within 1e-5 of the growing cache's, the same greedy tokens compiled); a
-    compile that fails runs eager (Compiled).
+    pays for it, reported apart) and the prompt runs eager. Greedy decoding with no logits processor takes the
+    argmax inside the step (_decode_greedy), and one row's head is a fused pass with float32 sums (_logits). It
+    gives the eager path's results to float rounding (tests: the static cache's logits within 1e-5 of the growing
+    cache's, the same greedy tokens compiled); a compile that fails runs eager (Compiled).
     Raises ConfigError for a setting out of range and for a token id the student does not know (in idx, padding
     included, or eos_token_id / pad_token_id, which are fed back to it: check_token_ids), PromptTooLongError (a
     ValueError) when T0 >= max_seq_len, ValueError for an empty idx; all before any forward.
@@ -266,11 +287,14 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
         cache = StaticKVCache(model.cfg, B, idx.device, dtype, limit, left)
     else:
         cache = KVCache(model.cfg, B, idx.device, dtype, T0 + max_new_tokens, left)
-    step_fn = _DECODE if compile else _decode_step
-    with model.quantize_once():
-        logits = _logits(model, model(idx, cache)[:, -1], weight, bias)  # (B, V) float32: the prompt's last position
+    greedy = temperature == 0 and len(processors) == 0  # the step itself returns the argmax
+    step_fn = {(False, False): _decode_step, (False, True): _decode_greedy, (True, False): _DECODE,
+               (True, True): _DECODE_GREEDY}[compile, greedy]
+    with model.quantize_once(int8=idx.device.type == "cpu"):
+        out = _logits(model, model(idx, cache)[:, -1], weight, bias)  # (B, V) float32: the prompt's last position
         for step in range(max_new_tokens):
-            nxt = _sample_next(logits, ids[:, :t], processors, temperature > 0, generator)  # (B,)
+            # (B,): out is the logits (B, V), or after the prompt the greedy step's ids (B,)
+            nxt = out if out.dim() == 1 else _sample_next(out, ids[:, :t], processors, temperature > 0, generator)
             if eos_token_id is not None:
                 nxt = nxt.masked_fill(done, pad)  # finished rows get padding, as in transformers
                 done |= nxt == eos_token_id
@@ -280,7 +304,7 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
                 streamer.put(nxt.cpu())
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            logits = step_fn(model, nxt[:, None], cache, weight, bias)  # (B, V) float32
+            out = step_fn(model, nxt[:, None], cache, weight, bias)  # (B, V) float32, or (B,) ids
     if streamer is not None:
         streamer.end()
     ids[:, :T0] = idx

@@ -3,9 +3,11 @@ giving eager's results (bit for bit through the graph capture; within a stated t
 kernels), and eager when compiling fails."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import spoonfeed.compile
 import spoonfeed_helpers as sf
+from spoonfeed import generation
 from conftest import tiny_student_config
 
 
@@ -122,6 +124,34 @@ def test_compiled_decoding_gives_eagers_tokens_and_compiles_once_per_batch_size(
         assert torch.equal(sf.generate(model, ids, 12, compile=True, **kw), sf.generate(model, ids, 12, **kw))
     assert len(graphs) == 2
     assert len(spoonfeed.compile.COMPILE_TIMES) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_one_row_head_gives_float32_logits_of_the_weights_it_reads(backend, dtype):
+    """Compiled, one row: a multiply-sum over the head in its dtype, accumulated in float32 (inductor fuses it into
+    one pass). A bf16 matmul would round the logits to bf16 (about 1e-3 relative), far outside 1e-5."""
+    backend()
+    torch.manual_seed(0)
+    model = sf.BitNetStudent(tiny_student_config(vocab_size=512, dim=64)).eval()
+    with torch.no_grad():
+        model.head.bias.normal_()
+    weight, bias = generation._head_weights(model, None if dtype == torch.float32 else dtype)
+    h = torch.randn(1, 64)
+    ref = F.linear(h.double(), weight.double(), bias.double())
+    out = torch.compile(generation._logits, backend=spoonfeed.compile.BACKEND, dynamic=False)(model, h, weight, bias)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("penalty,step", [(1.0, "the greedy decode step"), (1.3, "the decode step")])
+def test_greedy_decoding_takes_the_argmax_inside_the_compiled_step_unless_a_processor_runs(backend, penalty, step):
+    graphs = backend()
+    torch.manual_seed(0)
+    model = sf.BitNetStudent(tiny_student_config()).eval()
+    ids = torch.tensor([[3, 5, 7, 9]])
+    kw = dict(temperature=0, repetition_penalty=penalty, precision="fp32")
+    assert torch.equal(sf.generate(model, ids, 12, compile=True, **kw), sf.generate(model, ids, 12, **kw))
+    assert [k[0] for k in spoonfeed.compile.COMPILE_TIMES] == [step] and len(graphs) == 1
 
 
 @pytest.mark.slow

@@ -410,7 +410,16 @@ def test_generate_quantizes_each_bitlinear_once_per_call(patch):
     patch(sf, "quantize_weight", lambda w: calls.append(1) or real(w))  # BitLinear quantizes through it
     sf.generate(model, torch.randint(0, 64, (1, 3)), 10, temperature=0)
     assert len(calls) == len(model.bitlinears())  # 14, not 14 a token
-    assert all(m._w_cache is None for _, m in model.bitlinears())  # nothing kept after the call
+    assert all(m._w_cache is None and m._int8 is None for _, m in model.bitlinears())  # nothing kept after
+
+
+def test_generate_on_a_cpu_multiplies_the_ternary_layers_in_int8_for_the_prompt_and_every_token(patch):
+    model = sf.BitNetStudent(tiny_student_config()).eval()
+    calls = []
+    real = sf.ternary_linear_int8
+    patch(sf, "ternary_linear_int8", lambda *a: calls.append(1) or real(*a))
+    sf.generate(model, torch.randint(0, 64, (1, 3)), 5, temperature=0)
+    assert len(calls) == 5 * len(model.bitlinears())  # the prompt and 4 decode steps, every ternary layer
 
 
 def test_a_single_string_is_one_prompt_and_a_prompt_that_is_not_text_is_refused_before_any_work():

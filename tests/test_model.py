@@ -75,6 +75,63 @@ def test_eval_mode_quantizes_once_and_matches_train_mode():
     assert torch.equal(layer(x), -y_eval)
 
 
+@pytest.mark.parametrize("shape,dtype", [((5, 48), torch.float32), ((2, 3, 20), torch.float32),
+                                         ((1, 48), torch.bfloat16), ((4, 7), torch.float32)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_int8_ternary_matmul_is_the_float_path_to_float_rounding(shape, dtype, compiled):
+    """Eager through torch._int_mm, compiled as the multiply-sum inductor fuses (captured here, run as captured);
+    an all-zero row stays finite, and the output keeps x's shape and dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape).to(dtype)
+    x[0].zero_()
+    q, scale = sf.quantize_weight(torch.randn(24, shape[-1]))
+    fn = sf.ternary_linear_int8
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend=lambda gm, _: gm.forward, dynamic=False)
+    y = fn(x, q.to(torch.int8), scale)
+    ref = F.linear(sf.fake_quantize_activation(x.float()).double(), (q * scale).double())
+    assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert torch.equal(y[0], torch.zeros_like(y[0]))
+
+
+def test_a_layers_int8_form_is_its_eval_weight_exactly_a_pinned_export_and_a_zero_weight_included():
+    layer = sf.BitLinear(16, 8).eval()
+    for prepare in (lambda: None, lambda: layer.pin_ternary(*sf.quantize_weight(torch.randn(8, 16))),
+                    lambda: layer.weight.data.zero_()):
+        prepare()
+        q, scale = layer.ternary_int8()
+        assert q.dtype == torch.int8 and set(q.unique().tolist()) <= {-1, 0, 1} and scale.dtype == torch.float32
+        assert torch.equal(q.float() * scale, layer.quantized_weight())
+
+
+def test_quantize_once_int8_decodes_as_the_float_path_and_keeps_nothing_after_the_block():
+    torch.manual_seed(0)
+    model = sf.BitNetStudent(tiny_student_config()).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad(), sf.quantize_once(model):
+        ref = model(ids)
+    with torch.no_grad(), sf.quantize_once(model, int8=True):
+        assert all(m._int8 is not None and m._w_cache is None for _, m in model.bitlinears())
+        out = model(ids)
+        with sf.quantize_once(model):  # a nested float block, then the int8 forms are back
+            assert all(m._int8 is None for _, m in model.bitlinears())
+        assert all(m._int8 is not None for _, m in model.bitlinears())
+    assert all(m._int8 is None and m._w_cache is None for _, m in model.bitlinears())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with sf.quantize_once(model, int8=True):
+        x = torch.randn(3, 16, requires_grad=True)
+        model.layers[0].feed_forward.w1(x).sum().backward()  # with autograd on: the float path and its STE
+        assert x.grad.abs().sum() > 0
+        model.train()  # training mode drops the int8 forms
+        assert all(m._int8 is None for _, m in model.bitlinears())
+    control = sf.BitNetStudent(tiny_student_config(ternary=False)).eval()
+    with sf.quantize_once(control, int8=True):  # full-precision layers have no ternary form
+        assert all(m._int8 is None for _, m in control.bitlinears())
+
+
 def test_full_precision_bitlinear_is_a_plain_linear():
     layer = sf.BitLinear(8, 4, quantize=False)
     x = torch.randn(2, 8)
