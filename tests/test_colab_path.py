@@ -54,6 +54,7 @@ def test_notebook_runs_the_colab_path_with_a_hugging_face_qwen2_teacher(tmp_path
     data = write_stories(tmp_path / "tinystories.jsonl")  # ~1300 tokens: 16 training blocks, ~20 held out
     monkeypatch.delenv("SPOONFEED_PRESET", raising=False)  # the form values alone, as in Colab
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SPOONFEED_PROGRESS", raising=False)  # the bars a Jupyter front end shows, not text bars
     params = dict(TEACHER_MODEL=str(teacher), DATASET=str(data), NUM_CACHE_SAMPLES=16, MAX_SEQ_LENGTH=32,
                   STUDENT_DIM=32, STUDENT_LAYERS=2, STUDENT_HEADS=2, SUPERPOSITION_STEPS=6, LM_HEAD_STEPS=4,
                   BATCH_SIZE=4, CACHE_DIR=str(tmp_path / "cache"), RUN_DIR=str(tmp_path / "run"),
@@ -63,8 +64,15 @@ def test_notebook_runs_the_colab_path_with_a_hugging_face_qwen2_teacher(tmp_path
     monkeypatch.delenv("PYTHONPATH", raising=False)  # the kernel finds the code beside the notebook, nowhere else
     papermill.execute_notebook(str(ROOT / "spoon_feed.ipynb"), str(out), parameters=params, cwd=str(colab),
                                kernel_name="python3", progress_bar=False)
+    cells = json.loads(out.read_text())["cells"]
     text = "".join(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"])
-                   for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
+                   for c in cells for o in c.get("outputs", []))
+    # what Jupyter, VS Code and Colab see: tqdm.auto draws ipywidgets bars, with no `IProgress not found`
+    saved = {"".join(c["source"]).splitlines()[0]: c.get("outputs", []) for c in cells if c["cell_type"] == "code"}
+    assert "IProgress" not in json.dumps(saved)
+    bars = [o for o in saved["# @title 5. Phase 2: superposition"]
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert bars and "Phase 2: superposition" in "".join(bars[0]["data"]["text/plain"])
     manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
     assert manifest["vocab_size"] == QWEN_VOCAB and manifest["teacher_dim"] == 32
     assert manifest["request"]["teacher"] == str(teacher)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer, tiny_student_config
+from conftest import BUNDLED, WORDS, make_tokenizer, tiny_student_config
 
 import spoonfeed.export
 import spoonfeed_helpers as sf
@@ -218,12 +218,24 @@ def _field(reader, key):
     return reader.fields[key].contents()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
-def test_gguf_holds_llama_metadata_the_bundled_tokenizer_and_the_exact_ternary_weights(tmp_path, qtype):
+@pytest.fixture(scope="module")
+def bundled_gguf_tokenizer_fields(bundled_tokenizer):
+    """{key: contents} of every tokenizer.* field of the bundled teacher's GGUF, read once (49152 tokens and their
+    merges take seconds to parse)."""
     import gguf
 
-    tok = sf.load_tokenizer(sf.BUNDLED_TEACHER)
+    teacher = gguf.GGUFReader(os.path.join(sf.bundled_teacher_dir(), sf.BUNDLED_GGUF))
+    return {k: _field(teacher, k) for k in teacher.fields if k.startswith("tokenizer.")}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(BUNDLED)
+@pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
+def test_gguf_holds_llama_metadata_the_bundled_tokenizer_and_the_exact_ternary_weights(
+        tmp_path, qtype, bundled_tokenizer, bundled_gguf_tokenizer_fields):
+    import gguf
+
+    tok = bundled_tokenizer
     cfg = tiny_student_config(vocab_size=len(tok), dim=256, n_heads=4, n_layers=1, head_bias=False, max_seq_len=64)
     model = sf.BitNetStudent(cfg).eval()
     path = sf.export_gguf(model, tok, tmp_path / "s.gguf", qtype=qtype)
@@ -236,11 +248,10 @@ def test_gguf_holds_llama_metadata_the_bundled_tokenizer_and_the_exact_ternary_w
     assert {k: _field(r, k) for k in expected} == expected
     assert _field(r, "llama.rope.freq_base") == pytest.approx(cfg.rope_theta)
     assert _field(r, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps)
-    teacher = gguf.GGUFReader(os.path.join(sf.bundled_teacher_dir(), sf.BUNDLED_GGUF))
-    tok_keys = [k for k in teacher.fields if k.startswith("tokenizer.")]
-    assert "tokenizer.ggml.tokens" in tok_keys and "tokenizer.ggml.merges" in tok_keys
-    for k in tok_keys:  # the teacher GGUF's tokenizer, copied key by key
-        assert _field(r, k) == _field(teacher, k), k
+    teacher = bundled_gguf_tokenizer_fields
+    assert "tokenizer.ggml.tokens" in teacher and "tokenizer.ggml.merges" in teacher
+    for k in teacher:  # the teacher GGUF's tokenizer, copied key by key
+        assert _field(r, k) == teacher[k], k
 
     tensors = {t.name: t for t in r.tensors}
     assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16

