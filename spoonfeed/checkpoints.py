@@ -71,6 +71,11 @@ def _set_aside(path: Path, phase: str, tag: str) -> Path:
     return aside
 
 
+# Settings a phase's signature leaves out at their default, so that checkpoints written before the setting
+# existed still resume: float32 (PRECISION) and the dense embedding update (EMBEDDING_UPDATE).
+SIGNATURE_DEFAULTS = {"precision": "fp32", "embedding_update": "dense"}
+
+
 def _signature_changes(old, new) -> str:
     """What differs between two signatures, as 'name old -> new' items."""
     if not isinstance(old, dict):
@@ -78,9 +83,10 @@ def _signature_changes(old, new) -> str:
     names = {"phase2_student": "the Phase 2 student it decodes",
              "cache": "the teacher cache it was trained on (Phase 1 rebuilt it: other data or settings)"}
     old, new = dict(old), dict(new)
-    if "precision" in old or "precision" in new:  # float32 signatures leave it out (see _signature)
-        old.setdefault("precision", "fp32")
-        new.setdefault("precision", "fp32")
+    for k, default in SIGNATURE_DEFAULTS.items():  # a signature leaves these out at their default (_signature)
+        if k in old or k in new:
+            old.setdefault(k, default)
+            new.setdefault(k, default)
     out = []
     for k in sorted(set(old) | set(new)):
         if old.get(k) != new.get(k):

@@ -3,6 +3,7 @@
 float32. The CPU's instructions are simulated by monkeypatching cpu_bf16_instructions; bf16 autocast itself runs
 on any x86 CPU (emulated where it is not native), so every test here runs on any machine."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -225,11 +226,28 @@ def test_one_token_decoding_without_a_mask_equals_full_recomputation():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_the_moved_aside_line_names_fp32_not_none_for_a_float32_checkpoint():
-    old = {"lr": 1.0}  # a float32 signature: no precision key, as before the setting existed
-    new = {"lr": 1.0, "precision": "bf16"}
-    assert sf._signature_changes(old, new) == "precision 'fp32' -> 'bf16'"
-    assert sf._signature_changes(new, old) == "precision 'bf16' -> 'fp32'"
+@pytest.mark.parametrize("key,default,other", [("precision", "fp32", "bf16"), ("embedding_update", "dense", "lazy")])
+def test_the_moved_aside_line_names_a_left_out_setting_by_its_default_not_none(key, default, other):
+    """A signature leaves some settings out at their default (older checkpoints stay valid); the line that says
+    why a checkpoint was moved aside names that default, never None, both ways. Every such setting is listed."""
+    from spoonfeed.checkpoints import SIGNATURE_DEFAULTS
+
+    assert SIGNATURE_DEFAULTS[key] == default
+    old = {"lr": 1.0}  # a signature at the default: no key, as before the setting existed
+    new = {"lr": 1.0, key: other}
+    assert sf._signature_changes(old, new) == f"{key} {default!r} -> {other!r}"
+    assert sf._signature_changes(new, old) == f"{key} {other!r} -> {default!r}"
+
+
+def test_every_setting_a_signature_leaves_out_has_its_default_listed():
+    """The settings _signature adds only away from their default are exactly SIGNATURE_DEFAULTS' keys."""
+    import inspect
+
+    from spoonfeed.checkpoints import SIGNATURE_DEFAULTS
+
+    source = inspect.getsource(sf._signature)
+    conditional = set(re.findall(r'sig\["(\w+)"\] = (?!cfg\.batch_size)', source)) - {"batch_size", "phase2_student"}
+    assert conditional == set(SIGNATURE_DEFAULTS)
 
 
 def test_a_device_that_is_not_a_cpu_is_not_described_as_one():
