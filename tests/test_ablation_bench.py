@@ -138,24 +138,18 @@ def test_a_stopped_run_continues_where_it_stopped_and_redoes_no_finished_arm(tin
                                                                      nan_ok=True), k
 
 
-def test_results_from_other_settings_are_refused_not_mixed(tiny_cache, tmp_path):
+@pytest.mark.parametrize("change,named", [("steps", "superposition_steps"), ("cache rebuilt in place", "cache_content")])
+def test_results_from_other_settings_are_refused_not_mixed(tiny_cache, tmp_path, change, named):
+    """Other settings, or a cache rebuilt in its own folder from other data (same folder name), do not get the
+    old results: one error naming what changed, and the file is left as it was."""
     cfg, cache, _ = tiny_cache
     out = tmp_path / "ablation.json"
     ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, progress=False, max_arms=1)
     before = out.read_bytes()
-    with pytest.raises(sf.ConfigError, match="other settings.*superposition_steps.*--out"):
-        ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, steps=cfg.ablation_steps + 1, progress=False)
-    assert out.read_bytes() == before
-
-
-def test_results_are_tied_to_the_caches_content_not_its_folder(tiny_cache, tmp_path):
-    """A cache rebuilt in its own folder from other data (same folder name) does not get the old results."""
-    cfg, cache, _ = tiny_cache
-    out = tmp_path / "ablation.json"
-    ab.run(cfg, cache, widths=(16,), seeds=range(1), out=out, progress=False, max_arms=1)
-    before = out.read_bytes()
-    with pytest.raises(sf.ConfigError, match="other settings.*cache_content.*--out"):
-        ab.run(cfg, rebuilt_in_place(cache), widths=(16,), seeds=range(1), out=out, progress=False)
+    steps = cfg.ablation_steps + 1 if change == "steps" else None
+    other = rebuilt_in_place(cache) if change != "steps" else cache
+    with pytest.raises(sf.ConfigError, match=f"other settings.*{named}.*--out"):
+        ab.run(cfg, other, widths=(16,), seeds=range(1), out=out, steps=steps, progress=False)
     assert out.read_bytes() == before
 
 
