@@ -259,18 +259,18 @@ def load_results(path: Path, expected: dict, cache=None, second=None) -> dict:
         return {"settings": expected, "results": {}}
     data = json.loads(path.read_text())
     old = data.get("settings") or {}
-    if cache is not None and second is not None:
-        folders = {"cache": cache.path.name, "second_cache": second.path.name}
-        defaults = json.loads(_json(dataclasses.asdict(sf.RunConfig())))
-        added = {k for k in set(expected) - set(old) if k in defaults and expected[k] == defaults[k]}
-        if legacy_cache_key(path, old, {k: v for k, v in expected.items() if k not in added}, data.get("results", {}),
-                            folders, {"teacher_ce": cache.teacher_ce(), "second_teacher_ce": second.teacher_ce()}):
-            old = data["settings"] = {**{k: v for k, v in old.items() if k not in folders},
-                                      **{k: v for k, v in expected.items() if k.endswith("cache_content")}}
     # a setting added to RunConfig since the file was written, at its default, is the behaviour the file's runs had
+    # (the content digests are no RunConfig fields, so re-keying a legacy file below leaves this set as it is)
     defaults = json.loads(_json(dataclasses.asdict(sf.RunConfig())))
     added = {k for k in set(expected) - set(old) if k in defaults and expected[k] == defaults[k]}
-    if {k: v for k, v in expected.items() if k not in added} != old:
+    wanted = {k: v for k, v in expected.items() if k not in added}
+    if cache is not None and second is not None:
+        folders = {"cache": cache.path.name, "second_cache": second.path.name}
+        if legacy_cache_key(path, old, wanted, data.get("results", {}), folders,
+                            {"teacher_ce": cache.teacher_ce(), "second_teacher_ce": second.teacher_ce()}):
+            old = data["settings"] = {**{k: v for k, v in old.items() if k not in folders},
+                                      **{k: v for k, v in expected.items() if k.endswith("cache_content")}}
+    if wanted != old:
         diff = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
         raise sf.ConfigError(f"{path} holds results from other settings ({', '.join(diff)} differ): pass another "
                              "--out to keep both, or rerun with the settings that wrote it")
