@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .config import STDLIB_CORPUS
 from .errors import ConfigError
-from .sources import _plain_alias, _plain_work_dir, data_fingerprint, is_local_dataset, LOCAL_FORMATS, \
-    local_data_files  # noqa: F401
+from .sources import _local_builder, _plain_alias, _plain_work_dir, data_fingerprint, is_local_dataset, \
+    LOCAL_FORMATS, local_data_files  # noqa: F401
 
 TEXT_FIELDS = ("text", "instruction", "messages", "conversations")  # what TEXT_FIELD="auto" looks for, in order
 
@@ -296,20 +296,6 @@ def _text_documents(lines, max_chars: int, repeated=None):
         yield doc_first, {"text": "\n\n".join(doc)}
 
 
-class _quiet_datasets:
-    """The datasets builders log an error line before raising; we raise one clear ConfigError instead."""
-
-    def __enter__(self):
-        import logging
-
-        self.logger = logging.getLogger("datasets")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.CRITICAL)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
-
-
 def _describe_json_value(value) -> str:
     return f"{type(value).__name__ if value is not None else 'null'} {json.dumps(value)[:40]}"
 
@@ -413,7 +399,7 @@ def _file_records(path: str, work_dir: str, encoding: str = "utf-8"):
     if builder in ("text", "json", "csv"):
         kw = {**kw, "encoding": encoding, **({"encoding_errors": "spoonfeed.replace"} if builder == "text" else {})}
     try:
-        with _quiet_datasets():
+        with _local_builder():
             ds = load_dataset(builder, data_files=[_plain_alias(path, work_dir)], split="train", streaming=True,
                               cache_dir=work_dir, **kw)
             checked = builder != "json"
