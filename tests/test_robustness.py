@@ -129,6 +129,31 @@ def test_nan_weights_are_never_saved_as_a_result(tmp_path):
     assert not (tmp_path / "s" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_finite_check_finds_every_nan_and_inf_and_passes_every_finite_tensor(dtype):
+    """non_finite decides by one sum: it must agree with isfinite().all() on every kind of tensor, including
+    finite ones whose sum overflows and non-finite ones whose infinities cancel."""
+    from spoonfeed.optim import non_finite
+
+    big = torch.finfo(dtype).max
+    cases = {"empty": torch.zeros(0, dtype=dtype), "normal": torch.randn(64, 33).to(dtype),
+             "sum overflows": torch.full((8, 8), big, dtype=dtype), "both signs at the limit": torch.tensor(
+                 [big, -big, big], dtype=dtype)}
+    for name, value in (("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf"))):
+        for where in (0, 1000, -1):
+            t = torch.randn(40, 33).to(dtype)
+            t.view(-1)[where] = value
+            cases[f"{name} at {where}"] = t
+    t = torch.randn(40, 33).to(dtype)
+    t[0, 0], t[-1, -1] = float("inf"), float("-inf")  # the sum is NaN, not a cancellation
+    cases["inf and -inf"] = t
+    cases["nan beside huge values"] = torch.tensor([big, big, float("nan")], dtype=dtype)
+    bad = set(non_finite(cases))
+    assert bad == {k for k, t in cases.items() if not torch.isfinite(t).all()}
+    assert {"nan at 0", "inf at -1", "inf and -inf", "nan beside huge values"} <= bad
+    assert not {"empty", "normal", "sum overflows", "both signs at the limit"} & bad
+
+
 def test_cuda_out_of_memory_names_the_sliders():
     with pytest.raises(RuntimeError, match="BATCH_SIZE, MAX_SEQ_LENGTH"):
         with sf._cuda_oom_hint():
