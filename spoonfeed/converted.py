@@ -74,7 +74,7 @@ def copy_key(gguf_path, part: str) -> dict:
 
     real = os.path.realpath(gguf_path)
     stat = os.stat(real)
-    return {"format": CONVERTED_FORMAT, "part": part, "gguf": real, "bytes": stat.st_size,
+    return {"format": CONVERTED_FORMAT, "part": part, "file": real, "bytes": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
             **{dist: _version(dist) for dist in (BUNDLED_PACKAGE.replace("_", "-"), "transformers", "tokenizers",
                                                  "gguf")}}
