@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, make_teacher, make_tokenizer
+from conftest import ROOT, TINY_TEACHER, make_teacher, make_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import spoonfeed.converted as converted
@@ -308,17 +308,25 @@ def test_a_copy_published_meanwhile_by_another_process_wins(root, gguf):
 
 
 CONVERTER = f"""
-import hashlib, sys
-sys.path.insert(0, {str(ROOT / "tests")!r})
+import hashlib, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from test_converted import FromGguf
-loader = FromGguf("float32", delay=2.0)  # both processes parse "the GGUF" at the same time
-model = loader.load(sys.argv[1])
-data = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
-print("digest", hashlib.sha256(data).hexdigest(), loader.gguf_loads)
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from spoonfeed.converted import load_via_copy, same_model, save_model
+
+def load(path, kw):  # as FromGguf("float32", delay=2.0): both processes parse "the GGUF" at the same time
+    if not kw:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    time.sleep(2.0)
+    torch.manual_seed(123)
+    return LlamaForCausalLM(LlamaConfig(**{TINY_TEACHER!r})).eval()
+
+model = load_via_copy("float32", sys.argv[1], load, save_model, same_model)
+print("digest", hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest())
 """
 
 
+@pytest.mark.slow  # two real processes: ~15 s of imports on a loaded 2-core machine
 def test_two_processes_converting_at_once_both_get_the_teacher_and_leave_one_whole_copy(root, gguf):
     env = {**os.environ, CACHE_ENV: str(root), "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", CONVERTER, str(gguf)], cwd=ROOT, env=env,
