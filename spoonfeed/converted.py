@@ -152,8 +152,8 @@ def load_via_copy(part: str, gguf_path, load, save, same, need=None):
             return load(str(folder), {})
         except Exception as e:  # any fault of the copy: the GGUF is still there to load from
             unreadable = True
-            print(f"the bundled teacher's converted {what} in {folder} did not load ({type(e).__name__}: {_first_line(e)}): "
-                  "converting it again")
+            print(f"the bundled teacher's converted {what} in {folder} did not load ({type(e).__name__}: "
+                  f"{_first_line(e)}): converting it again")
     obj = load(gguf_dir, {"gguf_file": gguf_file})
     if not unreadable and intact(folder, key):
         return obj  # another process converted it while this one loaded the GGUF

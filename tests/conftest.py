@@ -98,8 +98,8 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
 
 
-TINY_TEACHER = dict(vocab_size=64, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=2, max_position_embeddings=64)  # the tiny teacher's LlamaConfig
+TINY_TEACHER = {"vocab_size": 64, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}  # its LlamaConfig
 
 
 def make_teacher(vocab_size=64):

