@@ -186,6 +186,8 @@ def _first_line(e: Exception) -> str:
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
+    """tokenizer.save_pretrained(folder): tokenizer.json, tokenizer_config.json and the chat template. Raises OSError
+    when the folder cannot be written."""
     tokenizer.save_pretrained(folder)
 
 
@@ -218,7 +220,8 @@ def save_model(model, folder: Path) -> None:
 
 def same_model(model, folder: Path) -> bool:
     """Whether the model saved in folder, loaded on the CPU in model's dtype, holds model's tensors: the same names,
-    dtypes and values, bit for bit."""
+    dtypes and values, bit for bit (the model may sit on any device). Raises what from_pretrained raises for a
+    folder it cannot read."""
     import torch
     from transformers import AutoModelForCausalLM
 

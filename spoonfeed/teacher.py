@@ -42,6 +42,7 @@ def _pretrained_args(name: str) -> tuple[str, dict]:
 
 
 def _bundled_gguf() -> str:
+    """The bundled GGUF file's path. Raises TeacherUnavailableError when it is not installed."""
     return os.path.join(bundled_teacher_dir(), BUNDLED_GGUF)
 
 
