@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .config import BUNDLED_GGUF, BUNDLED_INSTALL, BUNDLED_PACKAGE, BUNDLED_TEACHER, check_teacher_name
+from .converted import load_via_copy, same_model, same_tokenizer, save_model, save_tokenizer
 from .errors import TeacherUnavailableError
 from .precision import pick_device, precision_policy, release_memory
 
@@ -40,13 +41,24 @@ def _pretrained_args(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def _bundled_gguf() -> str:
+    """The bundled GGUF file's path. Raises TeacherUnavailableError when it is not installed."""
+    return os.path.join(bundled_teacher_dir(), BUNDLED_GGUF)
+
+
 def load_tokenizer(name: str):
-    """The teacher's tokenizer, with a pad token (EOS) where it lacks one."""
+    """The teacher's tokenizer, with a pad token (EOS) where it lacks one. The bundled teacher's is read from its
+    converted copy in the user cache (spoonfeed.converted), made from its GGUF file on the first load.
+    Raises TeacherUnavailableError naming the bundled teacher when the Hub or the folder fails."""
     from transformers import AutoTokenizer
 
     path, kw = _pretrained_args(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
+        if name == BUNDLED_TEACHER:
+            tok = load_via_copy("tokenizer", _bundled_gguf(), lambda p, k: AutoTokenizer.from_pretrained(p, **k),
+                                save_tokenizer, same_tokenizer)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise _hub_error(name, e) from e
     if tok.pad_token is None:
@@ -61,30 +73,43 @@ def load_teacher(name: str, device: str = "auto", tokenizer=None, precision: str
     whole model in that dtype without bitsandbytes or for a GGUF file. CPU: bf16 where the CPU has native bf16
     matmul (PRECISION auto or bf16), else float32; never fp16. (For the bundled GGUF teacher in bf16,
     transformers warns that packed GGUF weights are fastest in float32; the file is dequantized on load into
-    plain bf16 layers, and bf16 ran 2.36x the original's float32 tokens/s in bench/run.py.)
-    A tokenizer already loaded (load_tokenizer) is passed through instead of loading it again."""
+    plain bf16 layers, and bf16 ran 2.36x the original's float32 tokens/s in bench/run.py.) The bundled teacher
+    is read from its converted copy in the user cache, one per dtype, made from the GGUF file on the first load
+    in that dtype: the same tensors bit for bit (spoonfeed.converted).
+    A tokenizer already loaded (load_tokenizer) is passed through instead of loading it again.
+    Raises TeacherUnavailableError naming the bundled teacher when the Hub or the folder fails."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
     policy = precision_policy(dev, precision)
     path, kw = _pretrained_args(name)
     tok = tokenizer if tokenizer is not None else load_tokenizer(name)
-    try:
+    bundled = name == BUNDLED_TEACHER
+
+    def load(path, kw):
         if dev.type == "cuda":
-            model = _load_cuda_teacher(path, kw, policy)
+            return _load_cuda_teacher(path, kw, policy, nf4=not bundled)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=policy.teacher, **kw).to(dev)
+
+    try:
+        if bundled:
+            model = load_via_copy(str(policy.teacher).removeprefix("torch."), _bundled_gguf(), load, save_model,
+                                  same_model, need=lambda model: model.get_memory_footprint())
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=policy.teacher, **kw).to(dev)
+            model = load(path, kw)
     except (OSError, ValueError) as e:
         raise _hub_error(name, e) from e
     model.eval().requires_grad_(False)
     return model, tok
 
 
-def _load_cuda_teacher(path, kw, policy: Precision):
+def _load_cuda_teacher(path, kw, policy: Precision, nf4: bool | None = None):
+    """The teacher on CUDA: 4-bit NF4 where nf4 (default: unless kw names a GGUF file) and bitsandbytes works,
+    else the whole model in the policy's teacher dtype, placed by _device_map."""
     from transformers import AutoModelForCausalLM
 
     dtype = policy.teacher
-    if "gguf_file" not in kw:
+    if nf4 if nf4 is not None else "gguf_file" not in kw:
         try:
             from transformers import BitsAndBytesConfig
 
@@ -96,7 +121,7 @@ def _load_cuda_teacher(path, kw, policy: Precision):
         except (ImportError, RuntimeError) as e:  # bitsandbytes missing or unsupported on this card
             print(f"4-bit NF4 unavailable ({type(e).__name__}: {e}); loading the teacher in {dtype}")
     else:
-        print(f"the bundled GGUF teacher is dequantized on load; running it in {dtype} ({policy.reason})")
+        print(f"the bundled GGUF teacher runs dequantized, in {dtype} ({policy.reason})")
     import importlib.util
 
     if importlib.util.find_spec("accelerate") is None:  # transformers needs it for device_map: load, then move

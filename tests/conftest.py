@@ -98,13 +98,15 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
 
 
+TINY_TEACHER = {"vocab_size": 64, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}  # its LlamaConfig
+
+
 def make_teacher(vocab_size=64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(123)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_TEACHER, "vocab_size": vocab_size})).eval()
 
 
 def write_corpus(folder: Path, n_docs=60, seed=0):

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 
@@ -74,3 +75,19 @@ def test_text_split_smoke_runs_and_gives_the_ratio():
     assert after["reader"] == "after (this code)" and after["documents"][1] > after["documents"][0] > 0
     assert after["documents"] == before["documents"]  # the two readers cut the same file into as many documents
     assert all(r["ratio_4x"] > 0 and r["first_s"][0] > 0 for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_teacher_load_bench_times_the_gguf_and_the_converted_copy(tmp_path, monkeypatch):
+    """bench/teacher_load.py on the tokenizer alone (the model's loads are the same code, and take longer); it
+    converts into a folder of its own and gives SPOONFEED_TEACHER_CACHE back as it found it."""
+    from bench import teacher_load
+
+    monkeypatch.setenv("SPOONFEED_TEACHER_CACHE", str(tmp_path / "never-written"))
+    rows = teacher_load.main(["--parts", "tokenizer", "--repeats", "1", "--out", str(tmp_path / "load.json")])
+    (row,) = rows
+    assert row["part"] == "tokenizer" and row["ratio"] == row["gguf_s"] / row["copy_s"]
+    assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("gguf_s", "copy_s", "first_load_with_conversion_s"))
+    assert json.loads((tmp_path / "load.json").read_text())["rows"] == rows
+    assert os.environ["SPOONFEED_TEACHER_CACHE"] == str(tmp_path / "never-written")
+    assert not (tmp_path / "never-written").exists()
