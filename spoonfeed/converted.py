@@ -4,7 +4,8 @@ transformers parses the bundled GGUF file on every load (its 49152-token arrays,
 tokenizer's conversion): seconds for the tokenizer, more for the model. The first load does that as before, then
 writes what it loaded as a transformers folder (`save_pretrained`), checks that the folder loads back the same
 (the tokenizer's vocabulary, special tokens, chat template and tokenization of probe texts; the model's every
-tensor, bit for bit) and renames it into place. Later loads read the folder with `from_pretrained`.
+tensor, bit for bit) and renames it into place. Later loads read the folder with `from_pretrained`. The tokenizer's
+folder also keeps the GGUF's tokenizer.* keys (JSON), which export_gguf copies into the student's GGUF.
 
 Where: SPOONFEED_TEACHER_CACHE, else $XDG_CACHE_HOME/spoonfeed/teacher, else ~/.cache/spoonfeed/teacher, shared by
 every run and CACHE_DIR as the Hub's download cache is; SPOONFEED_TEACHER_CACHE=0 turns it off. Each copy sits in
@@ -28,7 +29,7 @@ from .files import _remove, space_problem
 CACHE_ENV = "SPOONFEED_TEACHER_CACHE"  # a folder, or 0 / off / false / no: no converted copies
 
 
-CONVERTED_FORMAT = "spoonfeed-converted-teacher-v1"
+CONVERTED_FORMAT = "spoonfeed-converted-teacher-v2"  # v2: the tokenizer keeps its GGUF tokenizer.* keys
 
 
 MANIFEST = "spoonfeed-converted.json"  # written last into each copy: its key and every file's size
@@ -186,9 +187,19 @@ def _first_line(e: Exception) -> str:
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
-    """tokenizer.save_pretrained(folder): tokenizer.json, tokenizer_config.json and the chat template. Raises OSError
-    when the folder cannot be written."""
+    """tokenizer.save_pretrained(folder): tokenizer.json, tokenizer_config.json and the chat template; and, for a
+    tokenizer read from a GGUF file, that file's tokenizer.* keys (export.save_tokenizer_fields), which export_gguf
+    copies into the student's GGUF. Raises OSError when the folder cannot be written, ValueError when the keys do
+    not read back as they were."""
+    from .export import _gguf_tokenizer_source, gguf_tokenizer_fields, load_tokenizer_fields, save_tokenizer_fields
+
     tokenizer.save_pretrained(folder)
+    source = _gguf_tokenizer_source(tokenizer)
+    if source is not None:
+        fields = gguf_tokenizer_fields(source)
+        save_tokenizer_fields(fields, folder)
+        if load_tokenizer_fields(folder) != fields:
+            raise ValueError(f"the GGUF tokenizer keys saved in {folder} do not read back as {source} holds them")
 
 
 def same_tokenizer(tokenizer, folder: Path) -> bool:

@@ -283,6 +283,39 @@ def _gguf_tokenizer_source(tokenizer, tokenizer_gguf=None) -> str | None:
     return None
 
 
+GGUF_TOKENIZER_FIELDS = "gguf_tokenizer_fields.json"  # beside a tokenizer converted from a GGUF: its tokenizer.* keys
+
+
+def gguf_tokenizer_fields(path) -> list[tuple]:
+    """(key, value, type, sub_type) of every tokenizer.* key of the GGUF file at path, as gguf's GGUFReader reads
+    them (value: str, int, float, bool or a list of them; type and sub_type: gguf.GGUFValueType, sub_type None but
+    for arrays). Seconds for a 49,152-token vocabulary: the reader parses every array element by element."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return [(k, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+            for k, f in reader.fields.items() if k.startswith("tokenizer.")]
+
+
+def save_tokenizer_fields(fields: list[tuple], folder) -> None:
+    """fields (gguf_tokenizer_fields) as JSON in folder/GGUF_TOKENIZER_FIELDS, read back by load_tokenizer_fields:
+    a tokenizer converted from a GGUF (spoonfeed.converted) exports the GGUF's own keys in milliseconds."""
+    rows = [[k, v, int(t), None if st is None else int(st)] for k, v, t, st in fields]
+    Path(folder, GGUF_TOKENIZER_FIELDS).write_text(json.dumps(rows, ensure_ascii=False))
+
+
+def load_tokenizer_fields(folder) -> list[tuple] | None:
+    """The GGUF tokenizer fields saved in folder by save_tokenizer_fields, as gguf_tokenizer_fields gives them, or
+    None when folder holds none."""
+    import gguf
+
+    path = Path(folder or ".", GGUF_TOKENIZER_FIELDS)
+    if not path.is_file():
+        return None
+    T = gguf.GGUFValueType
+    return [(k, v, T(t), None if st is None else T(st)) for k, v, t, st in json.loads(path.read_text())]
+
+
 def _looks_special(token: str) -> bool:
     """llama.cpp convert_hf_to_gguf.py's does_token_look_special: added tokens that some models leave unmarked
     but that are control tokens all the same (<|im_start|>, deepseek's <｜...｜>, gemma's <unused0>, <pad>, <mask>)."""
@@ -304,11 +337,11 @@ def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> l
     import gguf
 
     source = _gguf_tokenizer_source(tokenizer, tokenizer_gguf)
-    if source is not None:
-        reader = gguf.GGUFReader(source)
-        fields = [(k, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-                  for k, f in reader.fields.items() if k.startswith("tokenizer.")]
-        n = len(reader.fields["tokenizer.ggml.tokens"].contents()) if "tokenizer.ggml.tokens" in reader.fields else 0
+    saved = None if source else load_tokenizer_fields(getattr(tokenizer, "name_or_path", ""))
+    if source is not None or saved is not None:
+        fields = saved or gguf_tokenizer_fields(source)
+        source = source or getattr(tokenizer, "name_or_path", "")
+        n = next((len(v) for k, v, *_ in fields if k == "tokenizer.ggml.tokens"), 0)
         if n != vocab_size:
             raise ConfigError(f"{source} holds {n} tokens but the student's vocab is {vocab_size}: use the "
                               "tokenizer of the teacher the student was distilled from")

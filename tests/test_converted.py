@@ -407,6 +407,10 @@ def test_the_converted_bundled_teacher_is_the_gguf_teacher(root, monkeypatch, ca
     assert tok2.get_vocab() == tok.get_vocab() and len(tok2) == len(tok) == 49152
     chat = [{"role": "user", "content": "Write a loop."}]
     assert tok2.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    # the student's GGUF gets the same tokenizer keys (the GGUF's own) whichever way the tokenizer was loaded
+    from spoonfeed.export import _gguf_tokenizer_fields
+
+    assert _gguf_tokenizer_fields(tok2, 49152) == _gguf_tokenizer_fields(tok, 49152)
 
     assert teacher2.dtype == teacher.dtype == sf.precision_policy("cpu").teacher
     mine, theirs = teacher.state_dict(), teacher2.state_dict()
