@@ -164,10 +164,15 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     pass, the way fused linear cross-entropy kernels do it (Liger Kernel, Hsu et al., 2024; Cut Cross-Entropy,
     Wijmans et al., 2025). At most chunk_rows x V logits exist at once (the cpu preset's 1016 rows are one
     chunk), and nothing is copied to float32 but the (V, D) weight gradient and the summed loss: no autograd
-    log-softmax backward, no float32 copy of the logits. Figures against autograd on the cpu preset's shapes
-    are in docs/benchmarks.md. Same value and gradient as F.cross_entropy / kd_loss on the full logits in
-    float32 (to 1e-6); in bf16 up to its rounding of the log-probabilities (2^-8 relative, so about 1/16 nat at
-    -10 nats). That matters for KD when student and teacher are close: the gradient T (p_s - p_t) is then a
+    log-softmax backward, no float32 copy of the logits. The elementwise work runs over the chunk's logits in
+    place: CE is a log-softmax written over them, then exp and minus one at the targets (two passes); KD adds
+    the teacher's log-softmax (a new tensor: the caller's logits are never written over) and one scratch tensor
+    for p_t (log p_t - log p_s), summed row by row, with no float64 pass over (c, V); the mixed loss at T = 1
+    shares one softmax between its two terms. Figures against autograd on the cpu preset's shapes are in
+    docs/benchmarks.md; against the loss code before, bench/head_loss.py. Same value and gradient as
+    F.cross_entropy / kd_loss on the full logits in float32 (to 1e-6); in bf16 up to its rounding of the
+    log-probabilities (2^-8 relative, so about 1/16 nat at -10 nats); the KD value's products are rounded to
+    bf16 like F.kl_div's, each row's sum once more (2^-9 relative), and the rows are summed in float64. That matters for KD when student and teacher are close: the gradient T (p_s - p_t) is then a
     difference of nearly equal bf16 values, and a reviewer measured relative gradient errors of 0.19 to 5 for
     teacher logits within 1 to 0.05 of the student's (docs/precision.md, 'Is bf16 within noise?'; end to end, the cpu
     preset's held-out figures stay within the issue's noise targets of float32's). No ignore_index: every row
