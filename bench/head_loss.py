@@ -3,6 +3,7 @@ one process, at the `cpu` preset's shapes (not CI):
 
     nice -n 5 python bench/head_loss.py           # about two minutes on 2 cores
     python bench/head_loss.py --smoke             # toy sizes (run by the tests)
+    nice -n 5 python bench/head_loss.py --compile # + the chunk's loss through torch.compile (inductor), a minute more
 
 Each row is one forward + backward of sf.head_loss (the head product, the loss, the gradients for the head's
 weight) at 1016 rows (8 x 127, Phase 3's CE, the direct-CE arm and logit KD) or 256 rows (Phase 3's KD positions),
@@ -12,6 +13,12 @@ _FusedHeadLoss. The runs alternate, before then after, --repeat times; the figur
 (before / after: above 1 is faster), with the largest difference in value and weight gradient between the two.
 The machine, its load average and the date are printed with the table: on a loaded machine the ratio holds but
 the seconds are not speed figures.
+
+--compile adds the question of issue 28's item 2: would torch.compile'd per-chunk loss code (inductor fuses the
+log-softmaxes, exps, subtraction and reduction into a few row-wise kernels) beat the eager code? It times the
+chunk's loss and gradient alone (no head product), eager (head_loss's _ce and _kd) against compiled pure
+versions computed in float32 inside the kernels, side by side, with the compile time apart and the difference in
+value and gradient. head_loss stays eager unless these ratios pay clearly (docs/benchmarks.md).
 """
 
 import argparse
@@ -96,6 +103,52 @@ def case(rows, loss, t, dtype, shrink, seed=0):
     return before, after
 
 
+def _kd_pure(z, zt, t: float):
+    """The KD chunk loss and gradient as one function of the logits, for torch.compile."""
+    s_logp = torch.log_softmax(z.float() / t, -1)
+    t_logp = torch.log_softmax(zt.float() / t, -1)
+    p_t = t_logp.exp()
+    loss = (p_t * (t_logp - s_logp)).sum(-1).double().sum() * (t * t)
+    return loss, ((s_logp.exp() - p_t) * t).to(z.dtype)
+
+
+def _ce_pure(z, y):
+    """The CE chunk loss and gradient as one function of the logits, for torch.compile."""
+    logp = torch.log_softmax(z.float(), -1)
+    onehot = torch.arange(z.size(1), device=z.device)[None, :] == y
+    return -logp.gather(1, y).double().sum(), (logp.exp() - onehot.float()).to(z.dtype)
+
+
+def compile_rows(shrink, repeat):
+    """Eager against torch.compile for the chunk's loss alone: rows of (what, dtype, compile s, ratio, diffs)."""
+    out = []
+    rows, vocab = 1016, VOCAB // shrink
+    for dtype in (torch.bfloat16, torch.float32):
+        g = torch.Generator().manual_seed(0)
+        z0, zt0 = ((torch.randn(rows, vocab, generator=g) * 3).to(dtype) for _ in range(2))
+        y = torch.randint(vocab, (rows, 1), generator=g)
+        eager = {"KD, T 1": lambda z: losses._kd(z, losses._teacher_logp(zt0, dtype, 1.0), 1.0),
+                 "CE": lambda z: losses._ce(z, y)}
+        pure = {"KD, T 1": torch.compile(lambda z: _kd_pure(z, zt0, 1.0), dynamic=False),
+                "CE": torch.compile(lambda z: _ce_pure(z, y), dynamic=False)}
+        for what in eager:
+            first = timed(lambda: pure[what](z0.clone())) - timed(lambda: z0.clone())  # the compile, mostly
+            (le, ge), (lc, gc) = eager[what](z0.clone()), pure[what](z0.clone())
+            te, tc = [], []
+            for _ in range(repeat):
+                z = z0.clone()
+                te.append(timed(lambda: eager[what](z)))
+                z = z0.clone()
+                tc.append(timed(lambda: pure[what](z)))
+            ratio = statistics.median(te) / statistics.median(tc)
+            dv = abs(lc.item() - le.item()) / max(abs(le.item()), 1e-12)
+            dg = ((gc.float() - ge.float()).abs().max() / ge.float().abs().max()).item()
+            out.append((what, str(dtype).split(".")[1], first, ratio, dv, dg))
+            print(f"| {what}, {rows} rows | {out[-1][1]} | {first:.1f} | {ratio:.2f}x | {dv:.1e} | {dg:.1e} |",
+                  flush=True)
+    return out
+
+
 def timed(fn):
     start = time.perf_counter()
     fn()
@@ -106,6 +159,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also eager against torch.compile for the chunk's loss")
     args = ap.parse_args(argv)
     shrink = 64 if args.smoke else 1
     repeat = 2 if args.smoke else args.repeat
@@ -127,6 +181,11 @@ def main(argv=None):
             rows.append(dict(what=what, dtype=str(dtype).split(".")[1], ratio=ratio, value_diff=dv, grad_diff=dg,
                              before_s=times["before"], after_s=times["after"]))
             print(f"| {what} | {rows[-1]['dtype']} | {ratio:.2f}x | {dv:.1e} | {dg:.1e} |", flush=True)
+    if args.compile:
+        print("\n| chunk loss alone | dtype | compile s | eager / compiled | value diff | grad diff (max rel) |\n"
+              "|---|---|---|---|---|---|")
+        rows += [dict(zip(("what", "dtype", "compile_s", "ratio", "value_diff", "grad_diff"), r))
+                 for r in compile_rows(shrink, repeat)]
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return rows
 
