@@ -18,7 +18,8 @@ the seconds are not speed figures.
 log-softmaxes, exps, subtraction and reduction into a few row-wise kernels) beat the eager code? It times the
 chunk's loss and gradient alone (no head product), eager (head_loss's _ce and _kd) against compiled pure
 versions computed in float32 inside the kernels, side by side, with the compile time apart and the difference in
-value and gradient. head_loss stays eager unless these ratios pay clearly (docs/benchmarks.md).
+value and gradient. head_loss stays eager: at the cpu preset's shapes it did not pay clearly
+(bench/results/head_loss-cpu-2026-12-07.md).
 """
 
 import argparse
