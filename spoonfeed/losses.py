@@ -66,10 +66,10 @@ def mean_ce(states, tokens: torch.Tensor, logits_fn, batch_size: int = 16) -> fl
 
 
 def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dim of a contiguous x, written over x (torch.log_softmax with out=x): one pass,
-    no new tensor. The kernels read each row before they write it; tests/test_training.py checks the result
-    against the out-of-place one, in float32 and bf16."""
-    return torch.log_softmax(x, -1, out=x)
+    """log_softmax over the last dim of x, written over x on a CPU (torch.log_softmax with out=x: no new tensor;
+    the CPU kernels read each row before they write it, and tests/test_training.py checks the result against the
+    out-of-place one, in float32 and bf16). On other devices, where no test checks that aliasing, a new tensor."""
+    return torch.log_softmax(x, -1, out=x) if x.device.type == "cpu" else torch.log_softmax(x, -1)
 
 
 def _ce(z, y):
@@ -165,19 +165,21 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     Wijmans et al., 2025). At most chunk_rows x V logits exist at once (the cpu preset's 1016 rows are one
     chunk), and nothing is copied to float32 but the (V, D) weight gradient and the summed loss: no autograd
     log-softmax backward, no float32 copy of the logits. The elementwise work runs over the chunk's logits in
-    place: CE is a log-softmax written over them, then exp and minus one at the targets (two passes); KD adds
-    the teacher's log-softmax (a new tensor: the caller's logits are never written over) and one scratch tensor
-    for p_t (log p_t - log p_s), summed row by row, with no float64 pass over (c, V); the mixed loss at T = 1
-    shares one softmax between its two terms. Figures against autograd on the cpu preset's shapes are in
-    docs/benchmarks.md; against the loss code before, bench/head_loss.py. Same value and gradient as
-    F.cross_entropy / kd_loss on the full logits in float32 (to 1e-6); in bf16 up to its rounding of the
-    log-probabilities (2^-8 relative, so about 1/16 nat at -10 nats); the KD value's products are rounded to
-    bf16 like F.kl_div's, each row's sum once more (2^-9 relative), and the rows are summed in float64. That matters for KD when student and teacher are close: the gradient T (p_s - p_t) is then a
-    difference of nearly equal bf16 values, and a reviewer measured relative gradient errors of 0.19 to 5 for
-    teacher logits within 1 to 0.05 of the student's (docs/precision.md, 'Is bf16 within noise?'; end to end, the cpu
-    preset's held-out figures stay within the issue's noise targets of float32's). No ignore_index: every row
-    has a target. The teacher's logits get no gradient, and create_graph (double backward) is not supported:
-    the gradients are computed in the forward pass, and not at all under torch.no_grad().
+    place: CE is a log-softmax written over them (on a CPU; a new tensor on other devices), then exp and minus
+    one at the targets (two passes); KD adds the teacher's log-softmax (a new tensor: the caller's logits are
+    never written over) and one scratch tensor for p_t (log p_t - log p_s), summed row by row, with no float64
+    pass over (c, V); the mixed loss at T = 1 shares one softmax between its two terms. Figures against autograd
+    on the cpu preset's shapes are in docs/benchmarks.md; against the loss code before, bench/head_loss.py.
+    Same value and gradient as F.cross_entropy / kd_loss on the full logits in float32 (to 1e-6); in bf16 up to
+    its rounding of the log-probabilities (2^-8 relative, so about 1/16 nat at -10 nats). That matters for KD
+    when student and teacher are close: the gradient T (p_s - p_t) is then a difference of nearly equal bf16
+    values, and a reviewer measured relative gradient errors of 0.19 to 5 for teacher logits within 1 to 0.05
+    of the student's (docs/precision.md, 'Is bf16 within noise?'; end to end, the cpu preset's held-out figures
+    stay within the issue's noise targets of float32's). The KD value's products are rounded to bf16 like
+    F.kl_div's, each row's float32 sum once more (2^-9 relative), and the rows are summed in float64. No
+    ignore_index: every row has a target. The teacher's logits get no gradient, and create_graph (double
+    backward) is not supported: the gradients are computed in the forward pass, and not at all under
+    torch.no_grad().
     Both targets and teacher_logits, with ce_weight = alpha in [0, 1], give the mixed loss of plain logit KD,
     alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) (Hinton et al., 2015; DistillKit's default), from one
     head product a chunk: the gradient is alpha (softmax(z) - one-hot) + (1 - alpha) T (softmax(z/T) - p_teacher).
