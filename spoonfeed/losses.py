@@ -65,6 +65,52 @@ def mean_ce(states, tokens: torch.Tensor, logits_fn, batch_size: int = 16) -> fl
     return total / (len(tokens) * (tokens.size(1) - 1))
 
 
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim of x, written over x on a CPU (torch.log_softmax with out=x: no new tensor;
+    the CPU kernels read each row before they write it, and tests/test_training.py checks the result against the
+    out-of-place one, in float32 and bf16). On other devices, where no test checks that aliasing, a new tensor."""
+    return torch.log_softmax(x, -1, out=x) if x.device.type == "cpu" else torch.log_softmax(x, -1)
+
+
+def _ce(z, y):
+    """head_loss's CE on a chunk: z (c, V) logits, overwritten; y (c, 1) targets. Returns the summed loss
+    -log p_y (float64 scalar) and its gradient p - onehot(y) in z's memory."""
+    logp = _log_softmax_(z)
+    loss = -logp.gather(1, y).sum(dtype=torch.float64)
+    g = logp.exp_()
+    g[torch.arange(len(g), device=g.device), y[:, 0]] -= 1
+    return loss, g
+
+
+def _teacher_logp(zt, dtype, t: float):
+    """The teacher's log-probabilities at temperature t, (c, V) in dtype, from its logits zt (c, V): always a new
+    tensor, never written over zt (the caller's, which may be a view of logits it keeps)."""
+    if zt.dtype != dtype:
+        zt = zt.to(dtype)  # a copy: ours to write over
+        return _log_softmax_(zt.div_(t) if t != 1 else zt)
+    return _log_softmax_(zt / t) if t != 1 else torch.log_softmax(zt, -1)
+
+
+def _kl_sum(s_logp, t_logp):
+    """Sum over a chunk of KL(p_t || p_s) = sum p_t (log p_t - log p_s), from (c, V) log-probabilities; turns
+    t_logp into p_t in place and leaves s_logp. The products are rounded to the dtype, as F.kl_div's; each row is
+    summed by torch in float32 (rounded to the dtype once: 2^-9 relative in bf16) and the rows in float64.
+    Returns (loss, p_t)."""
+    d = torch.sub(t_logp, s_logp)  # the one scratch tensor
+    p_t = t_logp.exp_()
+    return d.mul_(p_t).sum(-1).sum(dtype=torch.float64), p_t
+
+
+def _kd(s, t_logp, t: float):
+    """head_loss's KD on a chunk: s (c, V) the student's logits divided by t, overwritten; t_logp the teacher's
+    log-probabilities at t, overwritten. Returns T^2 KL summed (float64) and the gradient T (p_s - p_t) in s's
+    memory."""
+    s_logp = _log_softmax_(s)
+    loss, p_t = _kl_sum(s_logp, t_logp)
+    g = s_logp.exp_().sub_(p_t)
+    return loss * t * t, g.mul_(t) if t != 1 else g
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """The LM head and its loss in one pass over row chunks, gradients computed on the way (see head_loss)."""
 
@@ -118,15 +164,22 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     pass, the way fused linear cross-entropy kernels do it (Liger Kernel, Hsu et al., 2024; Cut Cross-Entropy,
     Wijmans et al., 2025). At most chunk_rows x V logits exist at once (the cpu preset's 1016 rows are one
     chunk), and nothing is copied to float32 but the (V, D) weight gradient and the summed loss: no autograd
-    log-softmax backward, no float32 copy of the logits. Figures against autograd on the cpu preset's shapes
-    are in docs/benchmarks.md. Same value and gradient as F.cross_entropy / kd_loss on the full logits in
-    float32 (to 1e-6); in bf16 up to its rounding of the log-probabilities (2^-8 relative, so about 1/16 nat at
-    -10 nats). That matters for KD when student and teacher are close: the gradient T (p_s - p_t) is then a
-    difference of nearly equal bf16 values, and a reviewer measured relative gradient errors of 0.19 to 5 for
-    teacher logits within 1 to 0.05 of the student's (docs/precision.md, 'Is bf16 within noise?'; end to end, the cpu
-    preset's held-out figures stay within the issue's noise targets of float32's). No ignore_index: every row
-    has a target. The teacher's logits get no gradient, and create_graph (double backward) is not supported:
-    the gradients are computed in the forward pass, and not at all under torch.no_grad().
+    log-softmax backward, no float32 copy of the logits. The elementwise work runs over the chunk's logits in
+    place: CE is a log-softmax written over them (on a CPU; a new tensor on other devices), then exp and minus
+    one at the targets (two passes); KD adds the teacher's log-softmax (a new tensor: the caller's logits are
+    never written over) and one scratch tensor for p_t (log p_t - log p_s), summed row by row, with no float64
+    pass over (c, V); the mixed loss at T = 1 shares one softmax between its two terms. Figures against autograd
+    on the cpu preset's shapes are in docs/benchmarks.md; against the loss code before, bench/head_loss.py.
+    Same value and gradient as F.cross_entropy / kd_loss on the full logits in float32 (to 1e-6); in bf16 up to
+    its rounding of the log-probabilities (2^-8 relative, so about 1/16 nat at -10 nats). That matters for KD
+    when student and teacher are close: the gradient T (p_s - p_t) is then a difference of nearly equal bf16
+    values, and a reviewer measured relative gradient errors of 0.19 to 5 for teacher logits within 1 to 0.05
+    of the student's (docs/precision.md, 'Is bf16 within noise?'; end to end, the cpu preset's held-out figures
+    stay within the issue's noise targets of float32's). The KD value's products are rounded to bf16 like
+    F.kl_div's, each row's float32 sum once more (2^-9 relative), and the rows are summed in float64. No
+    ignore_index: every row has a target. The teacher's logits get no gradient, and create_graph (double
+    backward) is not supported: the gradients are computed in the forward pass, and not at all under
+    torch.no_grad().
     Both targets and teacher_logits, with ce_weight = alpha in [0, 1], give the mixed loss of plain logit KD,
     alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) (Hinton et al., 2015; DistillKit's default), from one
     head product a chunk: the gradient is alpha (softmax(z) - one-hot) + (1 - alpha) T (softmax(z/T) - p_teacher).
@@ -151,24 +204,25 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     chunk_rows = chunk_rows or max(1, 2**26 // weight.size(0))
     t = float(temperature)
 
-    def ce_grad(z, i):  # CE: loss -log p_y; gradient p - onehot(y)
-        y = targets[i:i + len(z), None]
-        logp = torch.log_softmax(z, dim=-1)
-        loss = -logp.gather(1, y).sum(dtype=torch.float64)
-        g = logp.exp_()
-        g[torch.arange(len(g), device=g.device), y[:, 0]] -= 1
-        return loss, g
+    def ce_grad(z, i):  # CE: loss -log p_y; gradient p - onehot(y), over z
+        return _ce(z, targets[i:i + len(z), None])
 
-    def kd_grad(z, i):  # KD: loss T^2 KL(p_t || p_s); gradient T (p_s - p_t), p at temperature T
-        t_logp = torch.log_softmax(teacher_logits(i, len(z)).to(z.dtype) / t, dim=-1)
-        s_logp = torch.log_softmax(z / t if t != 1 else z, dim=-1)
-        loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(dtype=torch.float64) * t * t
-        return loss, s_logp.exp_().sub_(t_logp.exp_()).mul_(t)
+    def kd_grad(z, i):  # KD: loss T^2 KL(p_t || p_s); gradient T (p_s - p_t), p at temperature T, over z
+        return _kd(z.div_(t) if t != 1 else z, _teacher_logp(teacher_logits(i, len(z)), z.dtype, t), t)
 
     def mixed_grad(z, i):  # alpha CE + (1 - alpha) T^2 KL, from the same logits z
-        a = float(ce_weight)
-        (l_ce, g_ce), (l_kd, g_kd) = ce_grad(z, i), kd_grad(z, i)
-        return a * l_ce + (1 - a) * l_kd, g_ce.mul_(a).add_(g_kd, alpha=1 - a)
+        a, y = float(ce_weight), targets[i:i + len(z), None]
+        t_logp = _teacher_logp(teacher_logits(i, len(z)), z.dtype, t)
+        if t != 1:  # two softmaxes: KD's at T over a scaled copy, then CE's over z
+            l_kd, g_kd = _kd(z / t, t_logp, t)
+            l_ce, g = _ce(z, y)
+            return a * l_ce + (1 - a) * l_kd, g.mul_(a).add_(g_kd, alpha=1 - a)
+        logp = _log_softmax_(z)  # at T = 1 both terms share one softmax: one log-softmax, one exp
+        l_ce = -logp.gather(1, y).sum(dtype=torch.float64)
+        l_kd, p_t = _kl_sum(logp, t_logp)
+        g = logp.exp_().sub_(p_t, alpha=1 - a)  # alpha (p - onehot) + (1 - alpha) (p - p_t)
+        g[torch.arange(len(g), device=g.device), y[:, 0]] -= a
+        return a * l_ce + (1 - a) * l_kd, g
 
     loss_grad = mixed_grad if both else ce_grad if targets is not None else kd_grad
     return _FusedHeadLoss.apply(h, weight, bias, loss_grad, dtype, chunk_rows)

@@ -91,3 +91,25 @@ def test_teacher_load_bench_times_the_gguf_and_the_converted_copy(tmp_path, monk
     assert json.loads((tmp_path / "load.json").read_text())["rows"] == rows
     assert os.environ["SPOONFEED_TEACHER_CACHE"] == str(tmp_path / "never-written")
     assert not (tmp_path / "never-written").exists()
+
+
+def test_head_loss_bench_smoke_runs_every_case_and_before_and_after_agree():
+    from bench import head_loss
+
+    rows = head_loss.main(["--smoke"])
+    assert len(rows) == 2 * len(head_loss.CASES)  # each case in bf16 and float32
+    assert all(r["ratio"] > 0 and min(r["before_s"] + r["after_s"]) > 0 for r in rows)
+    for r in rows:  # the same loss before and after: float32 to its rounding, bf16 to its per-row sum's
+        assert r["value_diff"] < (1e-3 if r["dtype"] == "bfloat16" else 1e-6), r
+        assert r["grad_diff"] < (1e-2 if r["dtype"] == "bfloat16" else 1e-6), r
+
+
+@pytest.mark.slow
+def test_head_loss_bench_compile_rows_time_inductor_against_eager_within_tolerance():
+    from bench import head_loss
+
+    rows = head_loss.compile_rows(shrink=64, repeat=1)
+    assert [(r[0], r[1]) for r in rows] == [(w, d) for d in ("bfloat16", "float32") for w in ("KD, T 1", "CE")]
+    for what, dtype, first, ratio, dv, dg in rows:
+        assert first > 0 and ratio > 0
+        assert dv < (1e-3 if dtype == "bfloat16" else 1e-6) and dg < (1e-2 if dtype == "bfloat16" else 1e-6)

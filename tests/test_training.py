@@ -154,6 +154,44 @@ def test_head_loss_kd_value_is_summed_in_float64_not_rounded_to_bf16():
     assert value == pytest.approx(ref, rel=0.02)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 7, 300, 4099])  # below, across and off the kernels' vector widths
+def test_log_softmax_written_over_its_input_is_the_out_of_place_log_softmax(dtype, vocab):
+    from spoonfeed.losses import _log_softmax_
+
+    z = (torch.randn(37, vocab, generator=torch.Generator().manual_seed(0)) * 5).to(dtype)
+    want = torch.log_softmax(z, -1)
+    got = _log_softmax_(z)
+    assert got.data_ptr() == z.data_ptr() and torch.equal(got, want)  # in place, and bit for bit
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["fp32", "bf16"])
+@pytest.mark.parametrize("ce_weight", [None, 0.5])
+def test_head_loss_never_writes_over_the_teacher_logits_it_is_given(temperature, teacher_dtype, policy, ce_weight):
+    h, w, b, g = _head_case()
+    teacher = (torch.randn(37, 300, generator=g) * 3).to(teacher_dtype)
+    kept = teacher.clone()
+    y = torch.randint(300, (37,), generator=g) if ce_weight is not None else None
+    loss = sf.head_loss(h, w, b, sf.precision_policy("cpu", policy), targets=y, ce_weight=ce_weight,
+                        teacher_logits=lambda i, c: teacher[i:i + c], temperature=temperature, chunk_rows=10)
+    loss.backward()
+    assert torch.equal(teacher, kept)  # the views head_loss was handed are untouched (it works on its own copies)
+
+
+def test_head_loss_kd_in_bf16_is_the_float32_loss_within_bf16_rounding_of_the_log_probabilities():
+    h, w, b, g = _head_case(n=64, dim=32, vocab=2000)
+    teacher = torch.randn(64, 2000, generator=g) * 3
+    bf16 = sf.precision_policy("cpu", "bf16")
+    for t in (1.0, 2.0):
+        kw = dict(teacher_logits=lambda i, c: teacher[i:i + c], temperature=t)
+        lo, lb = sf.head_loss(h, w, b, FP32, **kw), sf.head_loss(h, w, b, bf16, **kw)
+        assert lb.item() == pytest.approx(lo.item(), rel=0.02)
+        (go,), (gb,) = _grads(lo, w), _grads(lb, w)
+        assert torch.nn.functional.cosine_similarity(go.flatten(), gb.flatten(), 0) > 0.999
+
+
 def test_teacher_ce_is_the_teacher_heads_ce_on_the_cached_states_computed_once_per_cache(tiny_cache, patch):
     cfg, cache, _ = tiny_cache
     head = cache.teacher_head()
