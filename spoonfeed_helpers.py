@@ -1431,13 +1431,13 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
             model = build_student(acfg, cache, ternary=ternary)
             train_superposition(model, cache, acfg, progress=progress)  # own checkpoints: resumable too
             train_lm_head(model, cache, acfg, progress=progress)
-            m = evaluate(model, cache, precision=cfg.precision)["metrics"]
+            m = evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
             arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
             del model  # before the next arm is built: one arm in memory at a time
             release_memory()
         model = build_student(wcfg, cache)
         train_direct_ce(model, cache, wcfg, progress=progress)
-        m = evaluate(model, cache, precision=cfg.precision)["metrics"]
+        m = evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
         arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
         del model
         release_memory()

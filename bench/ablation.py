@@ -251,7 +251,7 @@ def run_arm(cache, base: sf.RunConfig, arm: str, width: int, seed: int, run_dir:
         sf.train_lm_head(model, cache, cfg, progress=progress)
     else:
         sf.train_direct_ce(model, cache, cfg, progress=progress)
-    m = sf.evaluate(model, cache, precision=cfg.precision)["metrics"]
+    m = sf.evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     spoonfeed = method == "spoonfeed"  # a direct-CE arm never trains its projector: no cosine to report
     return {"arm": arm, "width": width, "seed": seed, "ternary": ternary, "method": method,

@@ -173,7 +173,7 @@ def run_one(cache, second, base, arm_name: str, arm: Arm, lr: float, variant: di
     t0, c0 = time.perf_counter(), time.process_time()
     model, seconds = train(cache, cfg, arm, steps, progress)
     train_s = time.perf_counter() - t0
-    m = sf.evaluate(model, cache, precision=cfg.precision)["metrics"]
+    m = sf.evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
     second_ce = sf.held_out_ce(model, second, precision=cfg.precision)
     projector = any(p == "p2" for p, _ in arm.phases)
     return {"arm": arm_name, "lr": lr, "variant": variant, "seed": seed, "steps": steps, "ce": m["student_ce"],

@@ -54,14 +54,17 @@ def next_token_ce(logits, tokens, mask=None, reduction="mean"):
 
 @torch.no_grad()
 def mean_ce(states, tokens: torch.Tensor, logits_fn, batch_size: int = 16) -> float:
-    """Next-token CE in nats/token over whole blocks, batch by batch: tokens (N, T); states (N, T, d), or a function
-    (i, j) -> states of blocks i..j (read lazily, e.g. from the cache); logits_fn maps (b, T, d) states to (b, T, V)
-    logits. Each block gives T - 1 predictions; the CE is computed in float32 (next_token_ce)."""
+    """Next-token CE in nats/token over whole blocks, batch by batch: tokens (N, T); states (N, T, ...), or a function
+    (i, j) -> states of blocks i..j (read lazily, e.g. from the cache); logits_fn maps (b, T - 1, ...) states to
+    (b, T - 1, V) logits, position by position or causally (a head, a projector and a head, a causal LM over token
+    ids). Each block gives T - 1 predictions: logits_fn sees the first T - 1 positions only (the last predicts
+    nothing), so no (b, T, V) logits are made and sliced into a copy. The CE is computed in float32."""
     total = 0.0
     for i in range(0, len(tokens), batch_size):
         j = min(i + batch_size, len(tokens))
         x = states(i, j) if callable(states) else states[i:j]
-        total += next_token_ce(logits_fn(x), tokens[i:j], reduction="none").sum().item()
+        logits = logits_fn(x[:, :-1])  # (b, T - 1, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), tokens[i:j, 1:].flatten(), reduction="sum").item()
     return total / (len(tokens) * (tokens.size(1) - 1))
 
 

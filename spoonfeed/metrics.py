@@ -97,11 +97,14 @@ def ternary_stats(model: nn.Module) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cache: TeacherCache, batch_size: int = 16, precision: str = "auto") -> dict:
+def evaluate(model: nn.Module, cache: TeacherCache, batch_size: int = 16, precision: str = "auto",
+             via_teacher_head: bool = True) -> dict:
     """Held-out figures: cosine vs the mean-vector baseline, CE/perplexity (nats/token) vs the teacher and the
     unigram predictor, the student decoded through the teacher head, and ternary weight statistics.
     The student's body and projector run under precision_policy's autocast for `precision` (cfg.precision in
-    the notebook), as in training; every head, softmax and cosine is float32."""
+    the notebook), as in training; every head, softmax and cosine is float32. via_teacher_head=False leaves the
+    CE through the teacher's head out (NaN): a (N * T, D) x (D, V) float32 product that comparisons of students
+    by their own head do not read (the ablation, the recipes study)."""
     device = model.tok_embeddings.weight.device
     model.eval()
     policy = precision_policy(device, precision)
@@ -117,7 +120,8 @@ def evaluate(model: nn.Module, cache: TeacherCache, batch_size: int = 16, precis
         "baseline_cosine": base_cos,
         "cosine_gain": student_cos - base_cos,
         "student_ce": held_out_ce(model, cache, feats, batch_size) if _has_head(model) else float("nan"),
-        "student_ce_via_teacher_head": mean_ce(feats, tokens, lambda f: head(_project(model, f, policy)), batch_size),
+        "student_ce_via_teacher_head": mean_ce(feats, tokens, lambda f: head(_project(model, f, policy)), batch_size)
+        if via_teacher_head else float("nan"),
         "teacher_ce": cache.teacher_ce(device, batch_size),
         "unigram_ce": unigram_ce,
     }

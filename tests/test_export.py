@@ -90,6 +90,25 @@ def test_ablation_runs_three_arms_with_finite_figures(tiny_cache):
     assert not any(m.quantize for _, m in fp_layers.bitlinears())
 
 
+def test_the_ablation_leaves_out_only_the_figure_it_does_not_read(tiny_cache, monkeypatch):
+    """evaluate(via_teacher_head=False) gives every other figure unchanged; run_ablation asks for no CE through the
+    teacher's head (a float32 (N * T, D) x (D, V) product an arm's figures never use)."""
+    import spoonfeed.metrics
+
+    cfg, cache, _ = tiny_cache
+    model = sf.build_student(cfg, cache)
+    full = sf.evaluate(model, cache)["metrics"]
+    light = sf.evaluate(model, cache, via_teacher_head=False)["metrics"]
+    assert math.isfinite(full["student_ce_via_teacher_head"]) and math.isnan(light["student_ce_via_teacher_head"])
+    assert {k: v for k, v in light.items() if "via_teacher_head" not in k} == \
+        {k: v for k, v in full.items() if "via_teacher_head" not in k}
+    asked = []
+    real = spoonfeed.metrics.evaluate
+    monkeypatch.setattr(sf, "evaluate", lambda *a, **kw: asked.append(kw.get("via_teacher_head", True)) or real(*a, **kw))
+    sf.run_ablation(cache, cfg, progress=False)
+    assert asked == [False, False, False]
+
+
 def test_verdict_is_computed_from_the_figures():
     def result(t_cos, fp_cos, t_ce, d_ce):
         return {"widths": (64,), "baseline_cosine": 0.5, "teacher_ce": 2.0,

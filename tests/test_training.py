@@ -50,6 +50,28 @@ def test_next_token_ce_ignores_padded_targets():
     assert torch.allclose(ce, expected)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_mean_ce_is_the_mean_next_token_ce_of_every_prediction_and_makes_no_logits_for_the_last_position(batch_size,
+                                                                                                         lazy):
+    from spoonfeed.losses import mean_ce
+
+    torch.manual_seed(0)
+    states, tokens, head = torch.randn(7, 9, 6), torch.randint(0, 30, (7, 9)), torch.nn.Linear(6, 30)
+    seen = []
+
+    def logits(x):
+        seen.append(tuple(x.shape))
+        return head(x)
+
+    with torch.no_grad():
+        full = head(states)  # (7, 9, 30): position 8 of each block has no target
+        want = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, 30).double(), tokens[:, 1:].reshape(-1))
+    got = mean_ce((lambda i, j: states[i:j]) if lazy else states, tokens, logits, batch_size)
+    assert abs(got - want.item()) < 1e-5
+    assert all(shape[1] == 8 for shape in seen) and sum(shape[0] for shape in seen) == 7
+
+
 def test_kd_is_zero_for_equal_logits_and_finite_on_random_input():
     logits = torch.randn(3, 4, 50)
     assert sf.kd_loss(logits, logits.clone(), 2.0).abs().item() < 1e-6
