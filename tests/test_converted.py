@@ -184,9 +184,27 @@ def _missing_file(folder):
     (folder / "config.json").unlink()
 
 
+def _same_size_edit(folder):
+    """One byte of the config changed for another, the file's size and its JSON validity kept."""
+    path = folder / "config.json"
+    text = path.read_text()
+    i = next(i for i, c in enumerate(text) if c.isdigit() and c != "9")
+    path.write_text(text[:i] + str(int(text[i]) + 1) + text[i + 1:])
+
+
+def _flip_inside(folder):
+    """A few bytes deep inside the weights flipped: the file's size and header kept, so it still loads."""
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 64, len(data) - 32):
+        data[i] ^= 0x55
+    weights.write_bytes(bytes(data))
+
+
 DAMAGES = {"truncated weights": _truncate, "scrambled weights of the right size": _scramble,
            "no manifest (half-written)": _no_manifest, "a manifest of another key": _other_key,
-           "a file missing": _missing_file}
+           "a file missing": _missing_file, "a config edited, its size kept": _same_size_edit,
+           "weights edited inside, their size kept": _flip_inside}
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -199,7 +217,7 @@ def test_a_damaged_or_half_written_copy_is_not_used_and_is_replaced(root, gguf, 
     model = loader.load(gguf)
     assert loader.gguf_loads == 2 and same_result(model, reference, "float32")
     out = capsys.readouterr().out
-    assert "converted once" in out and ("did not load" in out) == (damage == "scrambled weights of the right size")
+    assert "converted once" in out and "did not load" not in out  # found by the manifest, before any load
     assert copies(root) == [name] and intact(root / name, converted.copy_key(gguf, "float32"))
     assert leftovers(root) == []
     loader.refuse = True
@@ -304,6 +322,13 @@ def test_where_the_copies_go(tmp_path, monkeypatch):
     assert converted.cache_root() == tmp_path / "xdg" / "spoonfeed" / "teacher"
     monkeypatch.setenv(CACHE_ENV, "~/elsewhere")
     assert converted.cache_root() == tmp_path / "home" / "elsewhere"
+    # relative settings: the cache folder does not depend on the folder a run starts in
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(CACHE_ENV, "rel")
+    assert converted.cache_root() == tmp_path / "rel"  # made absolute once, where it was set
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/xdg")  # the XDG spec: a relative value is ignored
+    assert converted.cache_root() == tmp_path / "home" / ".cache" / "spoonfeed" / "teacher"
 
 
 def test_a_copy_published_meanwhile_by_another_process_wins(root, gguf):
