@@ -146,7 +146,7 @@ BUNDLED = "bundled"  # xdist_group of the tests that read the bundled teacher's 
 
 @pytest.fixture(scope="session")
 def bundled_tokenizer():
-    """The bundled teacher's tokenizer (sf.load_tokenizer: its converted copy in the user cache), loaded once a session for the tests
+    """The bundled teacher's tokenizer (sf.load_tokenizer: its converted copy), loaded once a session for the tests
     that only read it; they carry xdist_group(BUNDLED), so that one worker loads it. Skips where it is not
     installed."""
     import importlib.util
