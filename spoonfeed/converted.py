@@ -24,12 +24,12 @@ import uuid
 from pathlib import Path
 
 from .cache import begin_build
-from .files import _file_digest, _remove, space_problem
+from .files import _remove, space_problem
 
 CACHE_ENV = "SPOONFEED_TEACHER_CACHE"  # a folder, or 0 / off / false / no: no converted copies
 
 
-CONVERTED_FORMAT = "spoonfeed-converted-teacher-v3"  # v2: GGUF tokenizer.* keys kept; v3: digests in the manifest
+CONVERTED_FORMAT = "spoonfeed-converted-teacher-v3"  # v2: GGUF tokenizer.* keys kept; v3: file times in the manifest
 
 
 MANIFEST = "spoonfeed-converted.json"  # written last into each copy: its key and every file's size
@@ -93,20 +93,21 @@ def copy_folder(root: Path, key: dict) -> Path:
 
 def intact(folder: Path, key: dict) -> bool:
     """Whether folder holds a finished copy for key: its manifest (written last) names this key, and every file
-    it lists is there with the size and the content digest (blake2b) it lists. A half-written, truncated, edited
-    or foreign folder is not intact. Reading the digests costs a pass over the files (about 0.3 s for the bf16
-    model's 257 MiB here), against seconds to tens of seconds for a GGUF parse."""
+    it lists is there with the size and the modification time (ns) it lists. A half-written, truncated, edited
+    (even to the same size) or foreign folder is not intact. Sizes and times, not digests: checking costs no
+    pass over the 257 to 514 MiB of weights at every load; a copy written over with its old times restored on
+    purpose is not detected."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         return manifest["key"] == key and all(
-            (folder / name).stat().st_size == size and _file_digest(folder / name) == digest
-            for name, (size, digest) in manifest["files"].items())
+            [(st := (folder / name).stat()).st_size, st.st_mtime_ns] == listed
+            for name, listed in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
 def _write_manifest(build: Path, key: dict) -> None:
-    files = {p.name: [p.stat().st_size, _file_digest(p)] for p in sorted(build.iterdir()) if p.is_file()}
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(build.iterdir()) if p.is_file()}
     (build / MANIFEST).write_text(json.dumps({"key": key, "files": files}, indent=1, sort_keys=True))
 
 
