@@ -107,7 +107,7 @@ def intact(folder: Path, key: dict) -> bool:
 
 
 def _write_manifest(build: Path, key: dict) -> None:
-    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(build.iterdir()) if p.is_file()}
+    files = {p.name: [(st := p.stat()).st_size, st.st_mtime_ns] for p in sorted(build.iterdir()) if p.is_file()}
     (build / MANIFEST).write_text(json.dumps({"key": key, "files": files}, indent=1, sort_keys=True))
 
 

@@ -337,10 +337,11 @@ def _gguf_tokenizer_fields(tokenizer, vocab_size: int, tokenizer_gguf=None) -> l
     import gguf
 
     source = _gguf_tokenizer_source(tokenizer, tokenizer_gguf)
-    saved = None if source else load_tokenizer_fields(getattr(tokenizer, "name_or_path", ""))
+    folder = getattr(tokenizer, "name_or_path", "")
+    saved = None if source else load_tokenizer_fields(folder)  # a tokenizer converted from a GGUF keeps its keys
     if source is not None or saved is not None:
         fields = saved or gguf_tokenizer_fields(source)
-        source = source or getattr(tokenizer, "name_or_path", "")
+        source = source or folder
         n = next((len(v) for k, v, *_ in fields if k == "tokenizer.ggml.tokens"), 0)
         if n != vocab_size:
             raise ConfigError(f"{source} holds {n} tokens but the student's vocab is {vocab_size}: use the "

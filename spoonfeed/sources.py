@@ -224,7 +224,8 @@ def _local_builder():
 
     import datasets
 
-    logger, level = logging.getLogger("datasets"), logging.getLogger("datasets").level
+    logger = logging.getLogger("datasets")
+    level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
         with mock.patch.object(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False):
