@@ -55,7 +55,7 @@ from spoonfeed.files import (
     _atomic_write_text, _check_destination, _file_digest, _normal_mode, _remove, _remove_stale, _replacing,
     check_export_destinations, check_free_space, check_writable, FORMAT, RUN_DIR_EXPORTS, TERNARY_FORMAT,
 )
-from spoonfeed.teacher import free_teacher, load_teacher, load_tokenizer
+from spoonfeed.teacher import load_teacher, load_tokenizer
 from spoonfeed.data import CHARS_PER_TOKEN, DataReport, iter_texts, MAX_DOC_BLOCKS, undecodable_note
 from spoonfeed.sources import data_fingerprint
 from spoonfeed.packing import check_eos, pack_blocks
@@ -673,14 +673,16 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
             del out
             if ranks.is_main_process:
                 _remove(folder)  # the build: incomplete, nothing to keep
-            free_teacher(teacher)
+            del teacher, decoder, head
+            release_memory()  # the teacher's reference cycles: reference counting alone would keep it
             raise
         del out
     bar.close()
     total = torch.zeros(D, dtype=torch.float64)
     for batch_sum in ranks.gather(sums):  # every batch's sum, added in the order one process adds them
         total += batch_sum
-    free_teacher(teacher)
+    del teacher, decoder, head  # the last names of the teacher; a transformers model after a forward sits in
+    release_memory()  # reference cycles, which only the collection frees, before the student is built
     with ranks.together():  # the main process writes the rest, the manifest last, after every share is complete
         if ranks.is_main_process:
             _finish_cache(folder, request, train, val, val_docs, total, head16, offsets, report, fingerprint)

@@ -342,11 +342,20 @@ def bench_rss(p, tok, tmp):
 # --- quality at equal budget ------------------------------------------------------------------------------
 
 def _train_texts(n, val_docs, seq):
-    """Documents of the stdlib corpus that are not held out, in the cache's order."""
+    """The first n documents of the stdlib corpus that are not held out (n None: all of them, read lazily), in the
+    cache's order, each cut to seq * 16 characters. The corpus is read no further: every document is a file."""
     skip = set(val_docs)
-    for i, text in enumerate(sf.iter_texts(sf.STDLIB_CORPUS)):
-        if i not in skip:
-            yield text[: seq * 16]
+    texts = sf.iter_texts(sf.STDLIB_CORPUS)
+    try:
+        given = 0
+        for i, text in enumerate(texts):
+            if n is not None and given == n:
+                return
+            if i not in skip:
+                given += 1
+                yield text[: seq * 16]
+    finally:
+        texts.close()
 
 
 @torch.no_grad()
@@ -366,7 +375,7 @@ def bench_quality(cfg, teacher, tok, progress):
     cache = sf.cache_teacher_states(cfg.run, loader=lambda: (ours_teacher(teacher, tok), tok), tokenizer=tok,
                                     progress=progress)
     t = time.perf_counter()
-    texts = _train_texts(cfg.num_samples * 2, cache.manifest["val_docs"], cfg.seq_len)
+    texts = _train_texts(None, cache.manifest["val_docs"], cfg.seq_len)  # read as cache_original asks
     inputs, targets = orig.cache_original(teacher, tok, texts, cfg.num_samples, cfg.seq_len)
     a, a_proj, _ = _models(dict(dim=cfg.student_dim, layers=cfg.student_layers, heads=cfg.student_heads,
                                 seq=cfg.seq_len), cache.vocab_size, cache.teacher_dim)

@@ -137,11 +137,17 @@ class _cuda_oom_hint:
         return False
 
 
-def release_memory() -> None:
+def release_memory(collect: bool = True) -> None:
     """Collect what was just dropped (gc) and give its memory back to CUDA, so that what comes next (the next
-    phase, ablation arm or the student after the teacher) is built in it. On a CPU only the collection runs."""
+    phase, ablation arm or the student after the teacher) is built in it. On a CPU only the collection runs.
+
+    collect=False skips the collection, for callers that drop only what reference counting frees at once (a
+    phase's gradients and optimizer state): a full collection scans every object the process holds (0.15 s in
+    a fresh kernel, 0.6 s in a long test process), while a transformers teacher after a forward is kept alive
+    by reference cycles until one runs."""
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

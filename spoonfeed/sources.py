@@ -6,6 +6,7 @@ a network request (_local_builder)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -49,12 +50,15 @@ def _is_saved_dataset(path) -> bool:
     return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
 
 
-def _stdlib_files() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[str, ...]:
+    """The stdlib corpus's files, sorted: listed once a process (a walk of the stdlib takes 0.5-1 s, and the
+    installed stdlib does not change while Python runs)."""
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(str(p) for p in root.rglob("*.py")
-                  if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    return tuple(sorted(str(p) for p in root.rglob("*.py")
+                        if "site-packages" not in p.parts and "dist-packages" not in p.parts))
 
 
 def is_local_dataset(source: str) -> bool:
@@ -134,7 +138,7 @@ def local_data_files(source: str) -> LocalFiles:
     data file (an empty .py/.md is read, and skipped as too short).
     """
     if source == STDLIB_CORPUS:
-        return LocalFiles(_stdlib_files(), [], [], [])
+        return LocalFiles(list(_stdlib_files()), [], [], [])
     path = os.path.expanduser(source)
     supported = ", ".join(LOCAL_FORMATS)
     left_out, links = [], []

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from .config import BUNDLED_GGUF, BUNDLED_INSTALL, BUNDLED_PACKAGE, BUNDLED_TEACHER, check_teacher_name
 from .converted import load_via_copy, same_model, same_tokenizer, save_model, save_tokenizer
 from .errors import TeacherUnavailableError
-from .precision import pick_device, precision_policy, release_memory
+from .precision import pick_device, precision_policy
 
 if TYPE_CHECKING:
     from .precision import Precision
@@ -138,9 +138,3 @@ def _device_map():
 
     return {"": torch.cuda.current_device()} if world().parallel else "auto"
 
-
-def free_teacher(teacher):
-    """Drop this reference to the teacher and collect (CUDA's cache included). The memory comes back only once no
-    other reference holds the teacher or its tensors (Phase 1's own locals go when it returns)."""
-    del teacher
-    release_memory()

@@ -206,6 +206,55 @@ def test_ablation_frees_each_arm_before_building_the_next(tiny_cache, patch):
     assert len(built) == 3
 
 
+def test_a_phase_frees_its_gradients_and_optimizer_moments_with_no_collection(tiny_cache, monkeypatch):
+    """The end of a phase runs no gc.collect (a full collection scans every object of the process), so what it
+    drops must go by reference counting alone: with the collector off, the moments and gradients are gone."""
+    import gc
+    import weakref
+
+    cfg, cache, _ = tiny_cache
+    held, free = [], spoonfeed.phase._free_training_state
+
+    def watched(model, opt):
+        held.extend(weakref.ref(t) for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        held.extend(weakref.ref(p.grad) for p in model.parameters() if p.grad is not None)
+        free(model, opt)
+
+    monkeypatch.setattr(spoonfeed.phase, "_free_training_state", watched)
+    monkeypatch.setattr(gc, "collect", lambda *a: pytest.fail("a phase's end ran a full collection"))
+    model = sf.build_student(cfg, cache)
+    gc.disable()
+    try:
+        sf.train_superposition(model, cache, cfg, progress=False)
+    finally:
+        gc.enable()
+    assert held and all(ref() is None for ref in held), "a moment or gradient outlived its phase"
+
+
+def test_phase1_frees_a_teacher_that_reference_cycles_keep_alive(tmp_path):
+    """A transformers model after a forward can sit in reference cycles, which reference counting never frees:
+    Phase 1 collects when it drops the teacher, so the teacher's weights are gone before a student is built."""
+    import gc
+    import weakref
+
+    from conftest import make_teacher, make_tokenizer
+
+    refs = []
+
+    def loader():
+        teacher = make_teacher()
+        teacher.cycle = teacher  # a cycle for certain, whatever transformers' version builds
+        refs.append(weakref.ref(teacher.model.embed_tokens.weight))
+        return teacher, make_tokenizer()
+
+    gc.disable()
+    try:
+        sf.cache_teacher_states(tiny_run_config(tmp_path), loader=loader, tokenizer=make_tokenizer(), progress=False)
+        assert refs and refs[0]() is None, "the teacher outlived Phase 1"
+    finally:
+        gc.enable()
+
+
 def test_teacher_head_is_built_from_its_tensor_without_a_random_init(tiny_cache, monkeypatch):
     cfg, cache, _ = tiny_cache
 

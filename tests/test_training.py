@@ -411,3 +411,17 @@ def test_phase3_starts_the_new_head_at_the_teacher_fit(tiny_cache):
     feats = sf.student_features(model, cache.tokens("train", np.arange(cache.num_train)))
     weight, bias = sf.fit_head_to_teacher(cache, feats)
     assert torch.equal(model.head.weight.detach(), weight) and torch.equal(model.head.bias.detach(), bias)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 12 * 13, 2**20])
+def test_logit_scale_is_the_same_whatever_block_of_rows_each_pass_takes(chunk):
+    """The blocked passes (a row or less, a part-filled last block, everything at once) find the s that the
+    CE's minimum has, to float rounding: checked against a grid search of the CE itself."""
+    gen = torch.Generator().manual_seed(1)
+    z = 2 * torch.randn(300, 12, generator=gen) + torch.randn(12, generator=gen)
+    targets = torch.multinomial(torch.softmax(0.7 * z, -1), 1, generator=gen).squeeze(1)
+    grid = torch.linspace(0.3, 1.5, 12001)
+    ce = torch.stack([torch.nn.functional.cross_entropy(g * z.double(), targets) for g in grid])
+    s = sf.fit_logit_scale(z, targets, chunk=chunk)
+    assert s == pytest.approx(grid[ce.argmin()].item(), abs=2e-4)
+    assert s == pytest.approx(sf.fit_logit_scale(z, targets, chunk=z.numel()), rel=1e-5)
