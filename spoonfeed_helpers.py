@@ -51,6 +51,7 @@ except ModuleNotFoundError as e:  # the helper copied without its package
 from spoonfeed.errors import ConfigError, NonFiniteTeacherError, PhaseOrderError, headless, in_notebook  # noqa: F401
 from spoonfeed.config import check_batch_size, HEAD_MODES, RunConfig, StudentConfig
 from spoonfeed.precision import _autocast, _cuda_oom_hint, pick_device, Precision, precision_policy, release_memory
+from spoonfeed.precision import keep_freed_memory  # noqa: F401  (the notebook's setup cell calls it)
 from spoonfeed.files import (
     _atomic_write_text, _check_destination, _file_digest, _normal_mode, _remove, _remove_stale, _replacing,
     check_export_destinations, check_free_space, check_writable, FORMAT, RUN_DIR_EXPORTS, TERNARY_FORMAT,

@@ -151,7 +151,9 @@ def _run(cfg, preset, args, ranks, state) -> dict:
           + f"; batch_size {cfg.batch_size} a process, {cfg.batch_size * n} blocks a step")
     sf.check_runtime(cfg, preset)
     print(sf.check_folders(cfg, ablation=False))
-    print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device, cfg.precision).reason)
+    malloc = sf.keep_freed_memory(sf.pick_device(cfg.device))  # CPU + glibc: a step reuses big tensors' memory
+    print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device, cfg.precision).reason,
+          *(["|", malloc] if malloc else []))
 
     cache = sf.cache_teacher_states(cfg, progress=main)  # cell 3
     tokenizer = sf.load_tokenizer(cfg.teacher)

@@ -113,3 +113,15 @@ def test_head_loss_bench_compile_rows_time_inductor_against_eager_within_toleran
     for what, dtype, first, ratio, dv, dg in rows:
         assert first > 0 and ratio > 0
         assert dv < (1e-3 if dtype == "bfloat16" else 1e-6) and dg < (1e-2 if dtype == "bfloat16" else 1e-6)
+
+
+def test_malloc_bench_times_both_sides_in_processes_of_their_own(tmp_path):
+    """bench/malloc.py --smoke: each side in its own child (the setting is process-wide), the kept side said so
+    (glibc) and the ratio is default / kept."""
+    from bench import malloc
+
+    rows = malloc.main(["--smoke", "--out", str(tmp_path / "m.json")])
+    assert [r["step"] for r in rows] == ["head", "head + states"]
+    for r in rows:
+        assert r["default_ms"] > 0 and r["kept_ms"] > 0 and r["ratio"] == r["default_ms"] / r["kept_ms"]
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == rows

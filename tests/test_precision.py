@@ -324,3 +324,43 @@ def test_phase1_refuses_a_teacher_head_that_is_not_finite_before_any_forward(tmp
     with pytest.raises(sf.NonFiniteTeacherError, match="LM head holds 1 values"):
         sf.cache_teacher_states(cfg, loader=BrokenHead(), progress=False)
     assert not list((tmp_path / "cache").rglob("manifest.json"))
+
+
+MALLOC_CHILD = """
+import os, sys
+import torch
+sys.path.insert(0, {root!r})
+from spoonfeed.precision import keep_freed_memory
+said = keep_freed_memory("cpu")
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+x = torch.ones(200 * 2**20 // 4)  # 200 MiB, every page written
+del x
+print(repr(said))
+print((rss() - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+@pytest.mark.parametrize("env, kept", [({}, True), ({"SPOONFEED_MALLOC": "0"}, False)])
+def test_on_a_cpu_the_memory_of_a_freed_large_tensor_stays_for_the_next_step_unless_turned_off(env, kept):
+    """keep_freed_memory: a freed 200 MiB tensor's pages stay in the process (the next step's tensors reuse them,
+    with no page faults); with SPOONFEED_MALLOC=0 glibc's default gives them back to the kernel at once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", MALLOC_CHILD.format(root=root)], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True).stdout.splitlines()
+    said, grown = eval(out[0]), float(out[1])
+    if kept:
+        assert "SPOONFEED_MALLOC=0" in said and grown > 150, (said, grown)
+    else:
+        assert said == "" and grown < 50, (said, grown)
+
+
+def test_keeping_freed_memory_is_for_cpu_runs_only():
+    assert sf.keep_freed_memory("cuda") == "" and sf.keep_freed_memory(torch.device("cuda", 0)) == ""
