@@ -82,8 +82,8 @@ def main(argv=None):
         kept = statistics.median(r[step] for r in runs[True])
         rows.append(dict(step=step, default_ms=default, kept_ms=kept, ratio=default / kept))
     rss = {k: max(r["peak_rss_mib"] for r in v) for k, v in runs.items()}
-    lines = [f"Machine: {machine_name()}; load average {load:.2f} at the start; {p['rounds']} rounds of {p['steps']} "
-             f"steps, rows {p['rows']}, vocab {p['vocab']}, width {p['dim']}, bf16",
+    lines = [(f"Machine: {machine_name()}; load average {load:.2f} at the start; {p['rounds']} rounds of "
+              f"{p['steps']} steps, rows {p['rows']}, vocab {p['vocab']}, width {p['dim']}, bf16"),
              f"keep_freed_memory said: {runs[True][0]['said'] or '(nothing: not glibc)'}", "",
              "| step | glibc default (ms) | freed memory kept (ms) | default / kept |", "|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['default_ms']:.1f} | {r['kept_ms']:.1f} | {r['ratio']:.2f}x |" for r in rows]
