@@ -156,6 +156,7 @@ def release_memory(collect: bool = True) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MALLOC_KEEP = 512 * 2**20  # bytes: freed memory a process keeps for reuse (M_TRIM_THRESHOLD)
 MALLOC_MMAP_MIN = 2**30  # bytes: blocks from this size up still get pages of their own (M_MMAP_THRESHOLD)
+MALLOC_ON, MALLOC_OFF = ("", "1", "true", "on", "yes"), ("0", "false", "off", "no")  # SPOONFEED_MALLOC's values
 
 
 def keep_freed_memory(device) -> str:
@@ -166,13 +167,18 @@ def keep_freed_memory(device) -> str:
     bf16 logits, 100 MB, and its float32 weight gradient, 50 MB): a Phase 3 head-loss step measured 1.3x faster
     with the change (bench/malloc.py). The cost: up to MALLOC_KEEP (512 MiB) of freed memory stays in the
     process for the next allocations (the bench's children peaked 230 MiB higher). A no-op returning "" on CUDA,
-    without glibc (macOS, Windows, musl) and with SPOONFEED_MALLOC=0 in the environment. device: a torch.device
-    or its name. Returns the line it did it with, for the setup cell's output."""
+    without glibc (macOS, Windows, musl) and with SPOONFEED_MALLOC=0 (or false, off, no) in the environment.
+    device: a torch.device or its name. Returns the line it did it with, for the setup cell's output. Raises
+    ConfigError for a SPOONFEED_MALLOC that is neither on (1, true, on, yes) nor off, before any work."""
     import ctypes
     import os
     import platform
 
-    if torch.device(device).type != "cpu" or os.environ.get("SPOONFEED_MALLOC") == "0":
+    value = os.environ.get("SPOONFEED_MALLOC", "1").strip().lower()
+    if value not in MALLOC_ON + MALLOC_OFF:
+        raise ConfigError(f"SPOONFEED_MALLOC={os.environ['SPOONFEED_MALLOC']!r} is neither on nor off: set it to 0 "
+                          "to leave glibc's malloc as it is, or 1 (the default) to keep freed memory for reuse")
+    if torch.device(device).type != "cpu" or value in MALLOC_OFF:
         return ""
     if platform.libc_ver()[0] != "glibc":
         return ""

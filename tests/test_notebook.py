@@ -280,3 +280,30 @@ def test_the_reload_cell_says_why_it_is_skipped_in_teacher_head_mode(capsys):
     assert calls == []
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith("Reload skipped:") and "HEAD_MODE = 'teacher'" in out
+
+
+@pytest.mark.parametrize("shell", [None, "cpu", "smoke"])
+def test_the_test_commands_notebook_runs_the_smoke_preset_and_the_environment_is_put_back(monkeypatch, shell):
+    """tests/nbmake_smoke.py, the plugin scripts/test.sh loads: SPOONFEED_PRESET=smoke while the notebook's item
+    runs (its kernel inherits it), whatever the shell held, and as it was afterwards; other items untouched."""
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import nbmake_smoke
+
+    if shell is None:
+        monkeypatch.delenv("SPOONFEED_PRESET", raising=False)
+    else:
+        monkeypatch.setenv("SPOONFEED_PRESET", shell)
+    test = SimpleNamespace(path=Path("tests/test_x.py"), stash=pytest.Stash())
+    notebook = SimpleNamespace(path=Path("spoon_feed.ipynb"), stash=pytest.Stash())
+    nbmake_smoke.pytest_runtest_setup(test)
+    assert os.environ.get("SPOONFEED_PRESET") == shell
+    nbmake_smoke.pytest_runtest_setup(notebook)
+    assert os.environ["SPOONFEED_PRESET"] == "smoke"
+    nbmake_smoke.pytest_runtest_teardown(notebook)
+    nbmake_smoke.pytest_runtest_teardown(test)
+    assert os.environ.get("SPOONFEED_PRESET") == shell
+    command = (Path(__file__).parents[1] / "scripts" / "test.sh").read_text()
+    assert "-p tests.nbmake_smoke" in command and "--nbmake" in command and "spoon_feed.ipynb tests" in command

@@ -362,5 +362,19 @@ def test_on_a_cpu_the_memory_of_a_freed_large_tensor_stays_for_the_next_step_unl
         assert said == "" and grown < 50, (said, grown)
 
 
-def test_keeping_freed_memory_is_for_cpu_runs_only():
+def test_keeping_freed_memory_is_for_cpu_runs_only(monkeypatch):
+    monkeypatch.delenv("SPOONFEED_MALLOC", raising=False)
     assert sf.keep_freed_memory("cuda") == "" and sf.keep_freed_memory(torch.device("cuda", 0)) == ""
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False", " no "])
+def test_spoonfeed_malloc_off_in_any_usual_spelling_leaves_malloc_as_it_is(monkeypatch, value):
+    monkeypatch.setenv("SPOONFEED_MALLOC", value)
+    assert sf.keep_freed_memory("cpu") == ""
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "0n"])
+def test_a_spoonfeed_malloc_that_is_neither_on_nor_off_is_refused_naming_both(monkeypatch, value):
+    monkeypatch.setenv("SPOONFEED_MALLOC", value)
+    with pytest.raises(sf.ConfigError, match="SPOONFEED_MALLOC=.*set it to 0.*or 1"):
+        sf.keep_freed_memory("cpu")
