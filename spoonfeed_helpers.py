@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import time
+import traceback
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -626,64 +627,68 @@ def cache_teacher_states(cfg: RunConfig, loader=None, rebuild: bool = False, pro
           f"{report.records:,} records; loading the teacher")
     loader = loader or (lambda: load_teacher(cfg.teacher, cfg.device, tokenizer, precision))
     teacher, _ = loader()
-    teacher_dtype = getattr(teacher, "dtype", torch.float32)
-    context = getattr(teacher.config, "max_position_embeddings", None)
-    if context and cfg.seq_len > context:
-        raise ConfigError(f"MAX_SEQ_LENGTH={cfg.seq_len} is beyond the teacher's context ({context}): lower "
-                          "MAX_SEQ_LENGTH")
-    D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
-    head16 = head.detach().to("cpu", torch.float16).contiguous()  # (V, D), as cached: KD and evaluation use it
-    if not torch.isfinite(head16).all():
-        bad = int((~torch.isfinite(head16)).sum())
-        raise NonFiniteTeacherError(f"Phase 1 stopped before any forward: the teacher's LM head holds {bad} values "
-                                    "that are not finite in float16 (the cache's dtype): its weights are broken or "
-                                    "out of float16's range; check TEACHER_MODEL or pick another teacher. Nothing "
-                                    "was cached")
-    final = folder
-    folder = ranks.on_main(lambda: begin_build(final))  # written beside the cache's folder, renamed into place whole
-    check_free_space(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2, "the cache needs",
-                     "lower NUM_CACHE_SAMPLES or MAX_SEQ_LENGTH, or point CACHE_DIR at a bigger disk")
-    if ranks.is_main_process:
-        np.save(folder / "train_tokens.npy", train)
-        np.save(folder / "val_tokens.npy", val)
-    decoder = teacher.get_decoder()  # the body with its final norm, and no LM head: no logits computed
-    device = next(teacher.parameters()).device
-    splits, bs = {"train": train, "val": val}, cfg.cache_batch_size
-    mine = {s: ranks.share(range(0, len(b), bs)) for s, b in splits.items()}  # this process's batches: all, in one
-    bar = progress_bar(total=sum(len(splits[s][i:i + bs]) for s in mine for i in mine[s]), unit="block",
-                       desc="Phase 1: teacher states", disable=not progress)
-    offsets, sums = {}, []
-    for split, blocks in splits.items():
-        out = ranks.main_first(lambda main: np.lib.format.open_memmap(  # the main process creates the file
-            folder / f"{split}_states.npy", mode="w+" if main else "r+", dtype=np.float16, shape=(*blocks.shape, D)))
-        offsets[split] = out.offset
-        try:
-            with ranks.together():  # a failure on one process stops all of them here, once none is writing
-                for i in mine[split]:
-                    x = torch.from_numpy(blocks[i:i + bs].astype(np.int64)).to(device)
-                    with torch.inference_mode(), _cuda_oom_hint():
-                        h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
-                    h16 = h.to("cpu", torch.float16)
-                    _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", final)
-                    out[i:i + len(x)] = h16.numpy()
-                    if split == "train":
-                        sums.append(h.double().sum(dim=(0, 1)).cpu())  # (D,) float64, one a batch
-                    bar.update(len(x))
-                out.flush()
-        except NonFiniteTeacherError:
+    try:
+        teacher_dtype = getattr(teacher, "dtype", torch.float32)
+        context = getattr(teacher.config, "max_position_embeddings", None)
+        if context and cfg.seq_len > context:
+            raise ConfigError(f"MAX_SEQ_LENGTH={cfg.seq_len} is beyond the teacher's context ({context}): lower "
+                              "MAX_SEQ_LENGTH")
+        D, head = teacher.config.hidden_size, teacher.get_output_embeddings().weight
+        head16 = head.detach().to("cpu", torch.float16).contiguous()  # (V, D), as cached: KD and evaluation use it
+        if not torch.isfinite(head16).all():
+            bad = int((~torch.isfinite(head16)).sum())
+            raise NonFiniteTeacherError(f"Phase 1 stopped before any forward: the teacher's LM head holds {bad} values "
+                                        "that are not finite in float16 (the cache's dtype): its weights are broken or "
+                                        "out of float16's range; check TEACHER_MODEL or pick another teacher. Nothing "
+                                        "was cached")
+        final = folder
+        folder = ranks.on_main(lambda: begin_build(final))  # beside the cache's folder, renamed into place whole
+        check_free_space(folder, (train.size + val.size) * (D * 2 + 4) + head.numel() * 2, "the cache needs",
+                         "lower NUM_CACHE_SAMPLES or MAX_SEQ_LENGTH, or point CACHE_DIR at a bigger disk")
+        if ranks.is_main_process:
+            np.save(folder / "train_tokens.npy", train)
+            np.save(folder / "val_tokens.npy", val)
+        decoder = teacher.get_decoder()  # the body with its final norm, and no LM head: no logits computed
+        device = next(teacher.parameters()).device
+        splits, bs = {"train": train, "val": val}, cfg.cache_batch_size
+        mine = {s: ranks.share(range(0, len(b), bs)) for s, b in splits.items()}  # this process's batches: all, in one
+        bar = progress_bar(total=sum(len(splits[s][i:i + bs]) for s in mine for i in mine[s]), unit="block",
+                           desc="Phase 1: teacher states", disable=not progress)
+        offsets, sums = {}, []
+        for split, blocks in splits.items():
+            out = ranks.main_first(lambda main: np.lib.format.open_memmap(  # the main process creates the file
+                folder / f"{split}_states.npy", mode="w+" if main else "r+", dtype=np.float16,
+                shape=(*blocks.shape, D)))
+            offsets[split] = out.offset
+            try:
+                with ranks.together():  # a failure on one process stops all of them here, once none is writing
+                    for i in mine[split]:
+                        x = torch.from_numpy(blocks[i:i + bs].astype(np.int64)).to(device)
+                        with torch.inference_mode(), _cuda_oom_hint():
+                            h = decoder(input_ids=x, use_cache=False).last_hidden_state  # (B, T, D), final-normed
+                        h16 = h.to("cpu", torch.float16)
+                        _check_teacher_states(h, h16, teacher_dtype, f"{split} blocks {i} to {i + len(x) - 1}", final)
+                        out[i:i + len(x)] = h16.numpy()
+                        if split == "train":
+                            sums.append(h.double().sum(dim=(0, 1)).cpu())  # (D,) float64, one a batch
+                        bar.update(len(x))
+                    out.flush()
+            except NonFiniteTeacherError:
+                del out
+                if ranks.is_main_process:
+                    _remove(folder)  # the build: incomplete, nothing to keep
+                raise
             del out
-            if ranks.is_main_process:
-                _remove(folder)  # the build: incomplete, nothing to keep
-            del teacher, decoder, head
-            release_memory()  # the teacher's reference cycles: reference counting alone would keep it
-            raise
-        del out
-    bar.close()
-    total = torch.zeros(D, dtype=torch.float64)
-    for batch_sum in ranks.gather(sums):  # every batch's sum, added in the order one process adds them
-        total += batch_sum
-    del teacher, decoder, head  # the last names of the teacher; a transformers model after a forward sits in
-    release_memory()  # reference cycles, which only the collection frees, before the student is built
+        bar.close()
+        total = torch.zeros(D, dtype=torch.float64)
+        for batch_sum in ranks.gather(sums):  # every batch's sum, added in the order one process adds them
+            total += batch_sum
+    except BaseException as e:  # an error or an interrupt: Jupyter keeps the traceback, whose frames (the
+        traceback.clear_frames(e.__traceback__)  # teacher's forward among them) would keep the teacher alive
+        raise
+    finally:  # on every exit: the last names of the teacher, then the collection, since a transformers model
+        teacher = decoder = head = None  # after a forward sits in reference cycles that reference counting
+        release_memory()  # never frees
     with ranks.together():  # the main process writes the rest, the manifest last, after every share is complete
         if ranks.is_main_process:
             _finish_cache(folder, request, train, val, val_docs, total, head16, offsets, report, fingerprint)

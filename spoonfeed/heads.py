@@ -43,14 +43,15 @@ def fit_logit_scale(logits: torch.Tensor, targets: torch.Tensor, iters: int = 10
     Newton's method, whose gradient and curvature are the softmax's mean and variance of the logits minus the
     target's logit. Each pass goes over the rows in blocks of about `chunk` elements (4 MiB in float32), so that
     a block's softmax and its two dot products stay in cache: 4-8x faster than whole-matrix passes at 62M
-    elements, same figure to float rounding. Returns s in [0.01, 10]."""
+    elements, same figure to float rounding. The passes run in float32 whatever the logits' dtype (in bf16 the
+    variance of logits far from zero cancels to noise). Returns s in [0.01, 10]."""
     s = 1.0
-    picked = logits.gather(1, targets[:, None]).squeeze(1)
+    picked = logits.gather(1, targets[:, None]).squeeze(1).float()
     rows = max(1, chunk // logits.size(1))
-    mean, second = (logits.new_empty(len(logits)) for _ in range(2))  # E_p[z] and E_p[z^2], a row each
+    mean, second = (logits.new_empty(len(logits), dtype=torch.float32) for _ in range(2))  # E_p[z], E_p[z^2]
     for _ in range(iters):
         for i in range(0, len(logits), rows):
-            z = logits[i:i + rows]
+            z = logits[i:i + rows].float()  # float32 whatever the logits' dtype: E[z^2] - E[z]^2 cancels
             p = torch.softmax(s * z, dim=-1)
             mean[i:i + rows] = torch.linalg.vecdot(p, z)
             second[i:i + rows] = torch.linalg.vecdot(p.mul_(z), z)

@@ -157,6 +157,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 MALLOC_KEEP = 512 * 2**20  # bytes: freed memory a process keeps for reuse (M_TRIM_THRESHOLD)
 MALLOC_MMAP_MIN = 2**30  # bytes: blocks from this size up still get pages of their own (M_MMAP_THRESHOLD)
 MALLOC_ON, MALLOC_OFF = ("", "1", "true", "on", "yes"), ("0", "false", "off", "no")  # SPOONFEED_MALLOC's values
+GLIBC_DEFAULT = 128 * 2**10  # bytes: glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD before any mallopt
+_MALLOC_KEPT: list = []  # non-empty once keep_freed_memory turned reuse on in this process
 
 
 def keep_freed_memory(device) -> str:
@@ -168,6 +170,8 @@ def keep_freed_memory(device) -> str:
     with the change (bench/malloc.py). The cost: up to MALLOC_KEEP (512 MiB) of freed memory stays in the
     process for the next allocations (the bench's children peaked 230 MiB higher). A no-op returning "" on CUDA,
     without glibc (macOS, Windows, musl) and with SPOONFEED_MALLOC=0 (or false, off, no) in the environment.
+    Turned off after it was on in the same process (a rerun of the setup cell), it sets glibc's thresholds back
+    to their defaults (128 KiB; glibc's dynamic raising of the mmap threshold stays off) and says so.
     device: a torch.device or its name. Returns the line it did it with, for the setup cell's output. Raises
     ConfigError for a SPOONFEED_MALLOC that is neither on (1, true, on, yes) nor off, before any work."""
     import ctypes
@@ -178,12 +182,18 @@ def keep_freed_memory(device) -> str:
     if value not in MALLOC_ON + MALLOC_OFF:
         raise ConfigError(f"SPOONFEED_MALLOC={os.environ['SPOONFEED_MALLOC']!r} is neither on nor off: set it to 0 "
                           "to leave glibc's malloc as it is, or 1 (the default) to keep freed memory for reuse")
-    if torch.device(device).type != "cpu" or value in MALLOC_OFF:
-        return ""
     if platform.libc_ver()[0] != "glibc":
         return ""
     libc = ctypes.CDLL(None)  # the process's own C library
+    if torch.device(device).type != "cpu" or value in MALLOC_OFF:
+        if not _MALLOC_KEPT:
+            return ""
+        _MALLOC_KEPT.clear()  # turned on earlier in this process (a rerun of the setup cell): back to the defaults
+        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT)
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT)
+        return "malloc: back to glibc's default thresholds (128 KiB)"
     if not (libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_MIN) and libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP)):
         return ""
+    _MALLOC_KEPT.append(True)
     return (f"malloc: freed tensors' memory kept for reuse (glibc, up to {MALLOC_KEEP // 2**20} MiB; "
             "SPOONFEED_MALLOC=0 turns it off)")

@@ -39,6 +39,14 @@ def seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def malloc_as_glibc_has_it(monkeypatch):
+    """SPOONFEED_MALLOC=0 in every test: a test that runs the setup cell's or spoonfeed_run's code in this process
+    would otherwise change the allocator (keep_freed_memory) for every later test of its worker. The tests of
+    keep_freed_memory set the variable themselves, in processes of their own."""
+    monkeypatch.setenv("SPOONFEED_MALLOC", "0")
+
+
 def _looks_up(caller, module, name: str) -> bool:
     """Whether function `caller` (or a lambda/def inside it) looks `name` up in `module`: as a global of the module
     it was defined in, or as an attribute of a global alias of it (sf.name)."""

@@ -255,6 +255,51 @@ def test_phase1_frees_a_teacher_that_reference_cycles_keep_alive(tmp_path):
         gc.enable()
 
 
+@pytest.mark.parametrize("error", [RuntimeError("out of memory"), KeyboardInterrupt()])
+def test_phase1_frees_the_teacher_when_it_stops_on_any_error_even_with_the_traceback_kept(tmp_path, monkeypatch,
+                                                                                        error):
+    """An error or an interrupt in the middle of Phase 1 (here from its progress bar, after the first batch):
+    the teacher is freed all the same, although the traceback, which Jupyter keeps as sys.last_traceback, holds
+    Phase 1's frame and the frames below it."""
+    import gc
+    import weakref
+
+    from conftest import make_teacher, make_tokenizer
+
+    refs = []
+
+    def loader():
+        teacher = make_teacher()
+        teacher.cycle = teacher
+        refs.append(weakref.ref(teacher.model.embed_tokens.weight))
+        return teacher, make_tokenizer()
+
+    class Bar:
+        calls = 0
+
+        def __init__(self, *a, **k):
+            pass
+
+        def update(self, n):
+            Bar.calls += 1
+            if Bar.calls == 2:
+                raise error
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sf, "progress_bar", Bar)
+    gc.disable()
+    try:
+        with pytest.raises(type(error)) as caught:
+            sf.cache_teacher_states(tiny_run_config(tmp_path, cache_batch_size=2), loader=loader,
+                                    tokenizer=make_tokenizer(), progress=False)
+        assert caught.value.__traceback__ is not None and Bar.calls == 2  # kept, as Jupyter keeps it
+        assert refs and refs[0]() is None, "the teacher outlived a Phase 1 that stopped"
+    finally:
+        gc.enable()
+
+
 def test_teacher_head_is_built_from_its_tensor_without_a_random_init(tiny_cache, monkeypatch):
     cfg, cache, _ = tiny_cache
 
@@ -343,7 +388,7 @@ print((rss() - before) / 2**20)
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt only")
-@pytest.mark.parametrize("env, kept", [({}, True), ({"SPOONFEED_MALLOC": "0"}, False)])
+@pytest.mark.parametrize("env, kept", [({"SPOONFEED_MALLOC": "1"}, True), ({"SPOONFEED_MALLOC": "0"}, False)])
 def test_on_a_cpu_the_memory_of_a_freed_large_tensor_stays_for_the_next_step_unless_turned_off(env, kept):
     """keep_freed_memory: a freed 200 MiB tensor's pages stay in the process (the next step's tensors reuse them,
     with no page faults); with SPOONFEED_MALLOC=0 glibc's default gives them back to the kernel at once."""
@@ -362,8 +407,25 @@ def test_on_a_cpu_the_memory_of_a_freed_large_tensor_stays_for_the_next_step_unl
         assert said == "" and grown < 50, (said, grown)
 
 
+def test_turned_off_after_it_was_on_in_the_same_process_malloc_is_back_to_glibcs_defaults():
+    """A rerun of the setup cell with SPOONFEED_MALLOC=0 after a run with it on: the thresholds go back, so a
+    freed 200 MiB tensor leaves the process again, and the line says so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = MALLOC_CHILD.format(root=root).replace(
+        'said = keep_freed_memory("cpu")',
+        'keep_freed_memory("cpu"); os.environ["SPOONFEED_MALLOC"] = "0"; said = keep_freed_memory("cpu")')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "SPOONFEED_MALLOC": "1"}).stdout.splitlines()
+    said, grown = eval(out[0]), float(out[1])
+    assert "back to glibc's default" in said and grown < 50, (said, grown)
+
+
 def test_keeping_freed_memory_is_for_cpu_runs_only(monkeypatch):
-    monkeypatch.delenv("SPOONFEED_MALLOC", raising=False)
+    monkeypatch.setenv("SPOONFEED_MALLOC", "1")
     assert sf.keep_freed_memory("cuda") == "" and sf.keep_freed_memory(torch.device("cuda", 0)) == ""
 
 

@@ -425,3 +425,15 @@ def test_logit_scale_is_the_same_whatever_block_of_rows_each_pass_takes(chunk):
     s = sf.fit_logit_scale(z, targets, chunk=chunk)
     assert s == pytest.approx(grid[ce.argmin()].item(), abs=2e-4)
     assert s == pytest.approx(sf.fit_logit_scale(z, targets, chunk=z.numel()), rel=1e-5)
+
+
+def test_logit_scale_of_bf16_logits_far_from_zero_is_the_float32_figure():
+    """The Newton passes run in float32 whatever the logits' dtype: in bf16, E[z^2] - E[z]^2 of logits near 100
+    cancels to noise (a reviewer saw 10.0 for a true 0.51)."""
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(400, 64, generator=gen)
+    targets = torch.multinomial(torch.softmax(0.5 * z, -1), 1, generator=gen).squeeze(1)
+    shifted = (z + 100).bfloat16()
+    assert sf.fit_logit_scale(shifted, targets) == pytest.approx(sf.fit_logit_scale(shifted.float(), targets),
+                                                                 rel=1e-5)
+    assert sf.fit_logit_scale(shifted, targets) == pytest.approx(0.5, abs=0.1)
