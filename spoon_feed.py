@@ -129,8 +129,8 @@ sf.check_export_settings(GGUF_QTYPE, HUB_REPO_ID)
 sf.check_switches(RETRAIN=RETRAIN, RUN_ABLATION=RUN_ABLATION)
 print(sf.describe(cfg, PRESET))
 sf.check_runtime(cfg, PRESET)
-print(sf.check_folders(cfg, ablation=RUN_ABLATION))  # writable, with room for what the run writes, before any work
 malloc = sf.keep_freed_memory(sf.pick_device(cfg.device))  # CPU + glibc: a step reuses the big tensors' memory
+print(sf.check_folders(cfg, ablation=RUN_ABLATION))  # writable, with room for what the run writes, before any work
 print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device, cfg.precision).reason,
       *(["|", malloc] if malloc else []))
 print("code:", os.path.dirname(os.path.abspath(sf.__file__)))  # the helper file and spoonfeed/ beside it

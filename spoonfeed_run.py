@@ -150,8 +150,8 @@ def _run(cfg, preset, args, ranks, state) -> dict:
     print(f"processes: {n}" + (f" ({state.distributed_type.value}, {state.backend})" if n > 1 else "")
           + f"; batch_size {cfg.batch_size} a process, {cfg.batch_size * n} blocks a step")
     sf.check_runtime(cfg, preset)
-    print(sf.check_folders(cfg, ablation=False))
     malloc = sf.keep_freed_memory(sf.pick_device(cfg.device))  # CPU + glibc: a step reuses big tensors' memory
+    print(sf.check_folders(cfg, ablation=False))  # (after: a bad SPOONFEED_MALLOC is refused before any folder)
     print("device:", sf.pick_device(cfg.device), "|", sf.precision_policy(cfg.device, cfg.precision).reason,
           *(["|", malloc] if malloc else []))
 

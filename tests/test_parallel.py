@@ -394,3 +394,13 @@ def test_one_process_run_makes_the_notebooks_calls_and_writes_run_json(tmp_path)
     assert saved["metrics"]["student_ce"] == pytest.approx(result["metrics"]["student_ce"])
     for name in ("student", "student-ternary", "plots/4_evaluation.png", "checkpoints/phase2.pt"):
         assert (tmp_path / "run" / name).exists(), name
+
+
+def test_a_spoonfeed_malloc_neither_on_nor_off_stops_spoonfeed_run_before_any_folder_is_made(tmp_path, monkeypatch):
+    import spoonfeed_run
+
+    monkeypatch.setenv("SPOONFEED_MALLOC", "maybe")
+    with pytest.raises(sf.ConfigError, match="SPOONFEED_MALLOC"):
+        spoonfeed_run.main(["--preset", "smoke", "--set", f"run_dir={tmp_path / 'run'}",
+                            "--set", f"cache_dir={tmp_path / 'cache'}"])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
