@@ -16,6 +16,7 @@ Results go to stdout as one markdown table, and to --out as JSON.
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -347,13 +348,7 @@ def _train_texts(n, val_docs, seq):
     skip = set(val_docs)
     texts = sf.iter_texts(sf.STDLIB_CORPUS)
     try:
-        given = 0
-        for i, text in enumerate(texts):
-            if n is not None and given == n:
-                return
-            if i not in skip:
-                given += 1
-                yield text[: seq * 16]
+        yield from itertools.islice((t[: seq * 16] for i, t in enumerate(texts) if i not in skip), n)
     finally:
         texts.close()
 

@@ -459,6 +459,7 @@ def _teacher_shape(name: str):
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # the PRECISION setting; see precision_policy
+ENV_OFF = ("0", "off", "false", "no")  # turns off SPOONFEED_TEACHER_CACHE and SPOONFEED_MALLOC
 
 
 @dataclass

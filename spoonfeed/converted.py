@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from .cache import begin_build
+from .config import ENV_OFF
 from .files import _remove, space_problem
 
 CACHE_ENV = "SPOONFEED_TEACHER_CACHE"  # a folder, or 0 / off / false / no: no converted copies
@@ -49,7 +50,7 @@ def cache_root() -> Path | None:
     else ~/.cache/spoonfeed/teacher. None when SPOONFEED_TEACHER_CACHE is 0, off, false or no (every load then
     parses the GGUF file, as before the copies existed)."""
     value = os.environ.get(CACHE_ENV, "").strip()
-    if value.lower() in ("0", "off", "false", "no"):
+    if value.lower() in ENV_OFF:
         return None
     if value:
         return Path(os.path.expanduser(value)).absolute()  # one folder, whichever folder a run starts in

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PRECISIONS
+from .config import ENV_OFF, PRECISIONS
 from .errors import ConfigError, in_notebook
 
 
@@ -156,9 +156,9 @@ def release_memory(collect: bool = True) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MALLOC_KEEP = 512 * 2**20  # bytes: freed memory a process keeps for reuse (M_TRIM_THRESHOLD)
 MALLOC_MMAP_MIN = 2**30  # bytes: blocks from this size up still get pages of their own (M_MMAP_THRESHOLD)
-MALLOC_ON, MALLOC_OFF = ("", "1", "true", "on", "yes"), ("0", "false", "off", "no")  # SPOONFEED_MALLOC's values
+MALLOC_ON = ("", "1", "true", "on", "yes")  # SPOONFEED_MALLOC's on values (ENV_OFF: its off ones)
 GLIBC_DEFAULT = 128 * 2**10  # bytes: glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD before any mallopt
-_MALLOC_KEPT: list = []  # non-empty once keep_freed_memory turned reuse on in this process
+_malloc_kept = False  # whether keep_freed_memory turned reuse on in this process
 
 
 def keep_freed_memory(device) -> str:
@@ -178,22 +178,24 @@ def keep_freed_memory(device) -> str:
     import os
     import platform
 
+    global _malloc_kept
+
     value = os.environ.get("SPOONFEED_MALLOC", "1").strip().lower()
-    if value not in MALLOC_ON + MALLOC_OFF:
+    if value not in MALLOC_ON + ENV_OFF:
         raise ConfigError(f"SPOONFEED_MALLOC={os.environ['SPOONFEED_MALLOC']!r} is neither on nor off: set it to 0 "
                           "to leave glibc's malloc as it is, or 1 (the default) to keep freed memory for reuse")
     if platform.libc_ver()[0] != "glibc":
         return ""
     libc = ctypes.CDLL(None)  # the process's own C library
-    if torch.device(device).type != "cpu" or value in MALLOC_OFF:
-        if not _MALLOC_KEPT:
+    if torch.device(device).type != "cpu" or value in ENV_OFF:
+        if not _malloc_kept:
             return ""
-        _MALLOC_KEPT.clear()  # turned on earlier in this process (a rerun of the setup cell): back to the defaults
+        _malloc_kept = False  # turned on earlier in this process (a rerun of the setup cell): back to the defaults
         libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT)
         libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT)
         return "malloc: back to glibc's default thresholds (128 KiB)"
     if not (libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_MIN) and libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP)):
         return ""
-    _MALLOC_KEPT.append(True)
+    _malloc_kept = True
     return (f"malloc: freed tensors' memory kept for reuse (glibc, up to {MALLOC_KEEP // 2**20} MiB; "
             "SPOONFEED_MALLOC=0 turns it off)")
