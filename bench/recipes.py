@@ -309,11 +309,13 @@ class Study:
         if k in self.data["results"]:
             return self.data["results"][k]
         steps = self.steps(budget, name)
-        twin = key("steps", name, lr, variant, seed)  # (a) at equal wall-clock is (a) at equal steps: not rerun
-        if budget != "steps" and steps == equal_steps(self.arms[name]) and twin in self.data["results"]:
-            self.data["results"][k] = {**self.data["results"][twin], "budget": budget, "same_run_as": twin}
-            sf._atomic_write_text(self.out, _json(self.data))
-            return self.data["results"][k]
+        for other in ("steps", "wallclock"):  # (a) at equal wall-clock is (a) at equal steps: run once, either order
+            twin = self.data["results"].get(key(other, name, lr, variant, seed))
+            if other != budget and twin is not None and twin["steps"] == steps:
+                self.data["results"][k] = {**twin, "budget": budget,
+                                           "same_run_as": twin.get("same_run_as", key(other, name, lr, variant, seed))}
+                sf._atomic_write_text(self.out, _json(self.data))
+                return self.data["results"][k]
         if self.max_runs is not None and self.done >= self.max_runs:
             raise _Stop
         arm = self.arms[name]

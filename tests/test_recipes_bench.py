@@ -182,15 +182,18 @@ def test_a_setting_added_later_at_its_default_does_not_orphan_the_results(tiny_c
         rc.Study(cache, cache, cfg, out, ["a"], range(1), ["steps"])
 
 
-def test_equal_wall_clock_reuses_a_run_whose_steps_are_the_equal_steps_ones(tiny_cache, tmp_path, patch):
+@pytest.mark.parametrize("order", [["steps", "wallclock"], ["wallclock", "steps"]])
+def test_a_run_whose_steps_are_the_same_at_both_budgets_runs_once_in_either_order(tiny_cache, tmp_path, patch, order):
     cfg, cache, _ = tiny_cache
     calls = []
     patch(rc, "run_one", _fake({"a": cfg.lr}, calls))
     speeds = {"arms": {"a": {"p2": {"s_per_step": 0.1, "overhead_s": 1.0}, "p3": {"s_per_step": 0.1, "overhead_s": 1.0}}}}
-    data = rc.Study(cache, cache, cfg, tmp_path / "r.json", ["a"], range(2), ["steps", "wallclock"], speeds).run()
-    wall = [r for r in data["results"].values() if r["budget"] == "wallclock"]
-    assert wall and all(r["same_run_as"].startswith("steps/") for r in wall)
-    assert len(calls) == len({k for k, r in data["results"].items() if r["budget"] == "steps"})
+    out = tmp_path / "r.json"
+    for budget in order:  # one study per budget, as `--budgets wallclock` then `--budgets steps` would run
+        data = rc.Study(cache, cache, cfg, out, ["a"], range(2), [budget], speeds).run()
+    later = [r for r in data["results"].values() if r["budget"] == order[1]]
+    assert later and all(r["same_run_as"].startswith(f"{order[0]}/") for r in later)
+    assert len(calls) == len({k for k, r in data["results"].items() if r["budget"] == order[0]})
 
 
 # --- the verdict ------------------------------------------------------------------------------------------
