@@ -28,7 +28,8 @@
 # 1. **Phase 1, cache**: run the teacher over packed text blocks and keep its last (final-normed) hidden states on disk.
 # 2. **Phase 2, superposition**: train a ternary student plus a *decompressor* MLP so that `projector(student)` matches the teacher (cosine loss; MSE and logit KD optional).
 # 3. **Phase 3, speech therapy**: train an LM head on the frozen student.
-# 4. **Evaluate** on held-out text against a constant predictor and the teacher, **save**, **generate**, and ask whether ternary superposition helps (**ablation**).
+# 4. **Phase 4, logit KD** (`RECIPE = "spoonfeed+kd"`): train the whole student, body and head, on CE plus KL to the teacher's logits.
+# 5. **Evaluate** on held-out text against a constant predictor and the teacher, **save**, **generate**, and ask whether ternary superposition helps (**ablation**).
 #
 # Press *Run all*. Headless: `papermill spoon_feed.ipynb out.ipynb -p PRESET cpu` (bundled teacher, stdlib corpus, 2 CPU cores) or `-p PRESET smoke`; any setting below can be passed with `-p NAME value`. `bash scripts/run_cpu.sh -p SEED 1` does the same on the `cpu` preset and shows each cell's title, the phase bars and the results in the terminal as they come. The research lives in `spoonfeed_helpers.py` and the plumbing in the package `spoonfeed/`, where they are tested.
 
@@ -50,11 +51,15 @@ STUDENT_DIM = 768  # @param {type:"integer"}
 STUDENT_LAYERS = 12  # @param {type:"integer"}
 STUDENT_HEADS = 12  # @param {type:"integer"}
 
-# Training settings
+# Training settings. RECIPE: "spoonfeed" runs Phase 2, then Phase 3 (LM_HEAD_STEPS); "spoonfeed+kd" runs Phase 2, the
+# head's closed-form fit, then Phase 4: logit KD of the whole student for LOGIT_KD_STEPS at LOGIT_KD_LR (docs/recipes.md)
+RECIPE = "spoonfeed"  # @param ["spoonfeed", "spoonfeed+kd"]
 SUPERPOSITION_STEPS = 500  # @param {type:"slider", min:100, max:2000, step:100}
 LM_HEAD_STEPS = 200  # @param {type:"slider", min:50, max:500, step:50}
 BATCH_SIZE = 16  # @param {type:"slider", min:4, max:64, step:4}
 LEARNING_RATE = 1e-3  # @param {type:"number"}
+LOGIT_KD_STEPS = 150  # @param {type:"slider", min:50, max:1000, step:50}
+LOGIT_KD_LR = 1e-3  # @param {type:"number"}
 
 # New knobs
 EMBED_LR_MULT = 100.0  # @param {type:"number"}
@@ -74,17 +79,17 @@ PRECISION = "auto"  # @param ["auto", "fp32", "bf16"]
 EMBEDDING_UPDATE = "dense"  # @param ["dense", "lazy"]
 COMPILE = False  # @param {type:"boolean"}
 
-# Export (cell 8): the GGUF's weight type; HUB_REPO_ID "user/name" uploads the HF folder (token: HF_TOKEN secret)
+# Export (cell 9): the GGUF's weight type; HUB_REPO_ID "user/name" uploads the HF folder (token: HF_TOKEN secret)
 GGUF_QTYPE = "TQ2_0"  # @param ["TQ2_0", "TQ1_0", "F16"]
 HUB_REPO_ID = ""  # @param {type:"string"}
 
-# Generation (cells 9 and 10)
+# Generation (cells 10 and 11)
 MAX_NEW_TOKENS = 30  # @param {type:"integer"}
 TEMPERATURE = 0.7  # @param {type:"number"}
 TOP_K = 50  # @param {type:"integer"}
 TOP_P = 0.95  # @param {type:"number"}
 
-# Ablation (cell 11)
+# Ablation (cell 12)
 RUN_ABLATION = True  # @param {type:"boolean"}
 ABLATION_STEPS = 300  # @param {type:"slider", min:50, max:1000, step:50}
 ABLATION_HEAD_STEPS = 100  # @param {type:"slider", min:0, max:500, step:25}
@@ -122,7 +127,7 @@ cfg = sf.make_config(
     ckpt_every=CHECKPOINT_EVERY, seed=SEED, ablation_steps=ABLATION_STEPS, ablation_head_steps=ABLATION_HEAD_STEPS,
     ablation_widths=sf.parse_widths(ABLATION_WIDTHS), text_field=TEXT_FIELD,
     head_bias=HEAD_BIAS, precision=PRECISION, encoding=ENCODING, embedding_update=EMBEDDING_UPDATE,
-    compile=COMPILE,
+    compile=COMPILE, recipe=RECIPE, logit_kd_steps=LOGIT_KD_STEPS, logit_kd_lr=LOGIT_KD_LR,
 )
 sf.check_generation_settings(MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P)
 sf.check_export_settings(GGUF_QTYPE, HUB_REPO_ID)
@@ -166,22 +171,29 @@ sf.plot_phase3(history3, path=sf.run_path(cfg.run_dir, "plots/3_lm_head.png"))
 plt.show()
 
 # %% cellView="form"
-# @title 7. Evaluate on held-out text
-# @markdown The mean teacher vector is the constant baseline every student must beat; the unigram distribution is the constant predictor for CE.
-report = sf.evaluate(student, cache, precision=cfg.precision)
-print(sf.format_report(report))
-sf.plot_evaluation(report, sf.run_path(cfg.run_dir, "plots/4_evaluation.png"))
+# @title 7. Phase 4: logit KD of the whole student (`RECIPE = "spoonfeed+kd"`)
+# @markdown Body, embedding and head train together from where Phases 2 and 3 left them, on α·CE + (1 − α)·T²·KL(teacher ‖ student), the teacher's logits computed from its cached states and head (no logit cache). `LOGIT_KD_STEPS` steps at `LOGIT_KD_LR`; the plot's right panel starts at Phase 3's held-out CE. Checkpointed like Phases 2 and 3: a rerun resumes, and a finished phase is kept unless `RETRAIN`. Under `RECIPE = "spoonfeed"` the cell trains nothing and says so.
+history4 = sf.train_logit_kd(student, cache, cfg, checkpoint=True, fresh=RETRAIN) if "logit_kd" in sf.recipe_phases(cfg.recipe) else None
+sf.plot_logit_kd(history4, sf.run_path(cfg.run_dir, "plots/4_logit_kd.png"))
 plt.show()
 
 # %% cellView="form"
-# @title 8. Save and export
+# @title 8. Evaluate on held-out text
+# @markdown The mean teacher vector is the constant baseline every student must beat; the unigram distribution is the constant predictor for CE.
+report = sf.evaluate(student, cache, precision=cfg.precision)
+print(sf.format_report(report))
+sf.plot_evaluation(report, sf.run_path(cfg.run_dir, "plots/5_evaluation.png"))
+plt.show()
+
+# %% cellView="form"
+# @title 9. Save and export
 # @markdown Four files in `RUN_DIR`: `student/` (config.json + safetensors, fp32 latent weights, reloadable for training), `student-ternary/` (packed 1.6 bits a weight), `student-hf/` (a stock `LlamaForCausalLM` with transformers' BitNet quantization, for `from_pretrained`, `pipeline` and lm-evaluation-harness) and `student.gguf` (llama.cpp, `GGUF_QTYPE`; F16 when the student's rows are not a multiple of 256, as in the smoke preset). A head bias is folded into the weights, with the held-out CE printed before and after. A form this run skips (`HEAD_MODE = "teacher"` has no Llama form) has an earlier run's file removed, with a line saying so. `HUB_REPO_ID` uploads `student-hf/`.
 exported = sf.export_all(student, tokenizer, cfg.run_dir, cache, cfg, report, GGUF_QTYPE)
 if HUB_REPO_ID and "hf" in exported:
     print("uploaded:", sf.push_to_hub(exported["hf"], HUB_REPO_ID))
 
 # %% cellView="form"
-# @title 9. Generate
+# @title 10. Generate
 # @markdown The original's three prompts ("Once upon a time", "The capital of France is", and a Python function header), decoded with a KV cache and transformers' sampling (temperature, top-k, top-p); each stops at EOS or at the student's position limit. Tokens stream as they are produced, then each prompt's full output is printed; a prompt too long for the student is reported on its own. `MAX_NEW_TOKENS`, `TEMPERATURE` (0 is greedy), `TOP_K` (0 keeps every token) and `TOP_P` are in cell 1.
 from transformers import TextStreamer
 
@@ -194,8 +206,8 @@ print("-" * 40)
 print(sf.format_generations(generations))
 
 # %% cellView="form"
-# @title 10. Reload the export with transformers
-# @markdown The HF folder from cell 8 through a stock `pipeline("text-generation")`, no Spoon Feed model code: the same prompts, decoded by transformers with cell 9's settings (`TEMPERATURE`, 0 is greedy; `TOP_K`, 0 keeps every token; `TOP_P`; `MAX_NEW_TOKENS`), each stopping at EOS or at the student's position limit (`sf.pipeline_settings`). Sampling is seeded with `SEED`, so a rerun prints the same text.
+# @title 11. Reload the export with transformers
+# @markdown The HF folder from cell 9 through a stock `pipeline("text-generation")`, no Spoon Feed model code: the same prompts, decoded by transformers with cell 10's settings (`TEMPERATURE`, 0 is greedy; `TOP_K`, 0 keeps every token; `TOP_P`; `MAX_NEW_TOKENS`), each stopping at EOS or at the student's position limit (`sf.pipeline_settings`). Sampling is seeded with `SEED`, so a rerun prints the same text.
 from transformers import pipeline, set_seed
 
 if "hf" in exported:
@@ -210,14 +222,14 @@ if "hf" in exported:
         text = generator(prompt, **settings)[0]["generated_text"]
         print(f"Prompt: {prompt!r}\nOutput: {text!r}\n" + "-" * 40)
 else:
-    print(f"Reload skipped: cell 8 wrote no HF folder, because HEAD_MODE = {cfg.head_mode!r} has no Llama form "
+    print(f"Reload skipped: cell 9 wrote no HF folder, because HEAD_MODE = {cfg.head_mode!r} has no Llama form "
           "(set HEAD_MODE = 'new' or 'tied' to export one)")
 
 # %% cellView="form"
-# @title 11. Does ternary superposition help? (ablation)
+# @title 12. Does ternary superposition help? (ablation)
 # @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures of one seed, and says so: the multi-seed table in `docs/ablation.md` ("Ablation across seeds and widths", from `bench/ablation.py`) gives intervals across seeds, widths and equal memory. `RUN_ABLATION`, its steps and widths are in cell 1.
 if RUN_ABLATION:
     ablation = sf.run_ablation(cache, cfg)
     print(sf.format_ablation(ablation))
-    sf.plot_ablation(ablation, sf.run_path(cfg.run_dir, "plots/5_ablation.png"))
+    sf.plot_ablation(ablation, sf.run_path(cfg.run_dir, "plots/6_ablation.png"))
     plt.show()

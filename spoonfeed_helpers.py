@@ -85,7 +85,7 @@ from spoonfeed.errors import (  # noqa: F401
 )
 from spoonfeed.config import (  # noqa: F401
     BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, FORM_NAMES,
-    make_config, named_as, ORIGINAL_PROMPTS, setting, settings_by_field, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS,
+    make_config, named_as, ORIGINAL_PROMPTS, setting, settings_by_field, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS, recipe_phases, RECIPES,
 )
 from spoonfeed.precision import cpu_bf16_instructions, make_grad_scaler  # noqa: F401
 from spoonfeed.files import HF_FORMAT, RUN_DIR_LAYOUT, run_path  # noqa: F401
@@ -96,7 +96,7 @@ from spoonfeed.data import (  # noqa: F401
 from spoonfeed.losses import kd_loss, next_token_ce  # noqa: F401
 from spoonfeed.optim import _adamw, lr_schedule  # noqa: F401
 from spoonfeed.checkpoints import _non_finite, _signature_changes, save_checkpoint  # noqa: F401
-from spoonfeed.metrics import format_report, ternary_stats  # noqa: F401
+from spoonfeed.metrics import format_ablation, format_report, ternary_stats  # noqa: F401
 from spoonfeed.generation import (  # noqa: F401
     _sample_next, check_compatible, check_generation_settings, decode_head, format_generations, generate,
     generate_text, left_pad, logits_processors, MIN_TEMPERATURE, prompt_ids, StaticKVCache,
@@ -105,7 +105,7 @@ from spoonfeed.export import (  # noqa: F401
     _hub_token, _permute_for_llamacpp, GGUF_LINEAR_NAMES, GGUF_QTYPES, pipeline_settings, push_to_hub,
 )
 from spoonfeed.checks import _run_dir_bytes, check_folders, check_runtime  # noqa: F401
-from spoonfeed.plots import plot_ablation, plot_cache, plot_evaluation, plot_phase2, plot_phase3  # noqa: F401
+from spoonfeed.plots import plot_ablation, plot_cache, plot_evaluation, plot_logit_kd, plot_phase2, plot_phase3  # noqa: F401
 # isort: on
 
 # -------------------------------------------------------------------------------------------------------------
@@ -1013,6 +1013,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     decodes whatever student it is given (tests, benchmarks). Its checkpoint holds only what Phase 3 trains
     (the head; the embedding in tied mode) and is valid only for the exact student it decodes: one made for
     another Phase 2 result is moved aside with a line that says why, and Phase 3 is redone.
+    Trains cfg.phase_steps()["lm_head"] steps (0 under RECIPE "spoonfeed+kd": the head's closed-form fit alone).
     """
     check_batch_size(cfg.batch_size * world().num_processes, cache.num_train, f"the {cache.num_train} cached blocks")
     check_writable(cfg.run_dir, "RUN_DIR")
@@ -1049,7 +1050,8 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         history["val_ce"].append(ce)
         history["val_ppl"].append(math.exp(min(ce, 50)))
 
-    if cfg.head_mode == "teacher" or cfg.lm_head_steps == 0:
+    steps = cfg.phase_steps()["lm_head"]  # 0 under RECIPE "spoonfeed+kd": the closed-form fit alone
+    if cfg.head_mode == "teacher" or steps == 0:
         record(0)
         return history
     model.requires_grad_(False)
@@ -1060,7 +1062,6 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
         trainable = [model.tok_embeddings.weight]
     for p in trainable:
         p.requires_grad_(True)
-    steps = cfg.lm_head_steps
     run = Phase("Phase 3", model, trainable, cfg, lr=cfg.head_lr, steps=steps, warmup=min(cfg.warmup_steps, steps // 10),
                 seed=cfg.seed + 1, lr_fix=f"Lower the head's learning rate ({setting('head_lr')}, now {cfg.head_lr})",
                 history=history, key="phase3", signature=_signature(cfg, "phase3", model, cache, body), names=names,
@@ -1139,7 +1140,9 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     of its own. AdamW at cfg.logit_kd_lr (the embedding at lr * embed_lr_mult), warmup then cosine decay over
     `steps` (default cfg.logit_kd_steps), clipping over every trainable weight, seed cfg.seed + 2 for batches.
     checkpoint=True checkpoints every cfg.ckpt_every steps ("logit_kd") and resumes a run with the same
-    settings and the same starting weights; fresh=True ignores it. Returns {"step", "loss", "lr", "skipped"}.
+    settings and the same starting weights; fresh=True ignores it. Returns {"step", "loss", "lr", "skipped",
+    "eval_step", "val_ce"}: the held-out CE (nats/token, held_out_ce) before the first step, every
+    cfg.eval_every steps and after the last.
     Raises ConfigError for head_mode other than 'new', a batch larger than the cache, or an unwritable RUN_DIR;
     the fault guard's errors (see train_superposition) for non-finite losses.
     """
@@ -1151,7 +1154,7 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     if checkpoint:
         check_writable(cfg.run_dir, "RUN_DIR")
     device = model.tok_embeddings.weight.device
-    history = {"step": [], "loss": [], "lr": [], "skipped": []}
+    history = {"step": [], "loss": [], "lr": [], "skipped": [], "eval_step": [], "val_ce": []}
     if steps == 0:
         return history
     model.requires_grad_(True)
@@ -1175,6 +1178,16 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     history, policy = run.history, run.policy
     teacher_head = _frozen_teacher_head(cache, device, policy.autocast)
     alpha, temperature = cfg.logit_kd_alpha, cfg.logit_kd_temperature
+    for k in ("eval_step", "val_ce"):  # a checkpoint written before the phase recorded them
+        history.setdefault(k, [])
+
+    def record(step):  # the held-out CE of the student as it is now (the body moves: its states are recomputed)
+        history["eval_step"].append(step)
+        history["val_ce"].append(held_out_ce(model, cache, precision=cfg.precision))
+        model.train()
+
+    if not history["val_ce"]:  # a fresh start (or a checkpoint that kept none): the CE it starts from
+        record(run.start)
     model.train()
     bar = run.bar("logit KD: whole student", progress)
     for step in bar:
@@ -1190,7 +1203,9 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
         history["loss"].append(run.update(step, loss, t_states))  # the mean over the processes
         history["step"].append(step)
         history["lr"].append(lr_now)
-        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            record(step + 1)
+        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_ce=f"{history['val_ce'][-1]:.3f}")
         run.checkpoint(step + 1)
     run.close()
     model.eval()
@@ -1453,16 +1468,6 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
     result = {"arms": arms, "widths": widths, "baseline_cosine": base_cos, "teacher_ce": teacher_ce}
     result["verdict"] = ablation_verdict(result)
     return result
-
-
-def format_ablation(result: dict) -> str:
-    lines = [f"{'arm':<16} {'width':>5} {'cosine':>8} {'gain':>8} {'CE':>8}"]
-    for (arm, width), r in result["arms"].items():
-        lines.append(f"{arm:<16} {width:>5} {r['cosine']:8.4f} {r['cosine'] - result['baseline_cosine']:8.4f} "
-                     f"{r['ce']:8.3f}")
-    lines.append(f"mean-vector baseline cosine {result['baseline_cosine']:.4f}, teacher CE {result['teacher_ce']:.3f}")
-    lines.append("verdict: " + result["verdict"])
-    return "\n".join(lines)
 
 
 MULTI_SEED_PAGE = "docs/ablation.md"  # the page and section ablation_verdict points to

@@ -1,15 +1,17 @@
-"""Headless runs of the notebook's path on one process or several: Phase 1, Phases 2 and 3, evaluation, export.
+"""Headless runs of the notebook's path on one process or several: Phase 1, the phases RECIPE trains, evaluation,
+export.
 
     python -m spoonfeed_run --preset smoke                                        # one process
     accelerate launch --multi_gpu --num_processes 4 -m spoonfeed_run --preset cpu --set device=cuda   # 4 GPUs
     accelerate launch --multi_gpu --num_processes 2 -m spoonfeed_run --preset smoke   # 2 CPU processes (gloo)
 
-It makes the same helper calls as the notebook's cells 2 to 8, with the same presets and settings
+It makes the same helper calls as the notebook's cells 2 to 9, with the same presets and settings
 (spoonfeed.config.make_config): the checks made before work, cache_teacher_states (each process runs the teacher
-on its share of the blocks), build_student, train_superposition and train_lm_head (data-parallel: BATCH_SIZE is
-each process's batch, the gradients are averaged), evaluate, the plots and export_all (the main process). It then
-writes RUN_DIR/run.json: the settings, the process count, both loss histories and the held-out figures. The
-notebook itself stays one process. Generation and the ablation are the notebook's (cells 9 to 11).
+on its share of the blocks), build_student, train_superposition, train_lm_head and, under RECIPE "spoonfeed+kd",
+train_logit_kd (data-parallel: BATCH_SIZE is each process's batch, the gradients are averaged), evaluate, the
+plots and export_all (the main process). It then writes RUN_DIR/run.json: the settings, the process count, the
+phases' histories and the held-out figures. The notebook itself stays one process. Generation and the ablation
+are the notebook's (cells 10 to 12).
 See docs/multi-gpu.md.
 """
 
@@ -160,19 +162,22 @@ def _run(cfg, preset, args, ranks, state) -> dict:
     student = sf.build_student(cfg, cache)  # cell 4
     history2 = sf.train_superposition(student, cache, cfg, progress=main, fresh=args.retrain)  # cell 5
     history3 = sf.train_lm_head(student, cache, cfg, progress=main, fresh=args.retrain)  # cell 6
-    report = sf.evaluate(student, cache, precision=cfg.precision)  # cell 7
+    history4 = sf.train_logit_kd(student, cache, cfg, progress=main, checkpoint=True, fresh=args.retrain) \
+        if "logit_kd" in sf.recipe_phases(cfg.recipe) else None  # cell 7
+    report = sf.evaluate(student, cache, precision=cfg.precision)  # cell 8
     print(sf.format_report(report))
     result = {"preset": preset, "processes": n, "batch_size": cfg.batch_size, "global_batch_size": cfg.batch_size * n,
               "config": {k: v for k, v in vars(cfg).items()}, "cache": str(cache.path),
-              "phase2": history2, "phase3": history3, "metrics": report["metrics"]}
+              "phase2": history2, "phase3": history3, "logit_kd": history4, "metrics": report["metrics"]}
     with ranks.together():  # the main process writes the plots, the exports and run.json; a failure stops all
         if main:
             plots = sf.run_path(cfg.run_dir, "plots")
             sf.plot_cache(cache, sf.run_path(cfg.run_dir, "plots/1_cache.png"))
             sf.plot_phase2(history2, sf.run_path(cfg.run_dir, "plots/2_superposition.png"))
             sf.plot_phase3(history3, path=sf.run_path(cfg.run_dir, "plots/3_lm_head.png"))
-            sf.plot_evaluation(report, sf.run_path(cfg.run_dir, "plots/4_evaluation.png"))
-            exported = sf.export_all(student, tokenizer, cfg.run_dir, cache, cfg, report, args.gguf_qtype)  # cell 8
+            sf.plot_logit_kd(history4, sf.run_path(cfg.run_dir, "plots/4_logit_kd.png"))
+            sf.plot_evaluation(report, sf.run_path(cfg.run_dir, "plots/5_evaluation.png"))
+            exported = sf.export_all(student, tokenizer, cfg.run_dir, cache, cfg, report, args.gguf_qtype)  # cell 9
             result["exported"] = {k: str(v) for k, v in exported.items()}
             path = sf.run_path(cfg.run_dir, "run.json")
             _atomic_write_text(path, json.dumps(result, indent=1, default=str))

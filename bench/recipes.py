@@ -243,9 +243,13 @@ def key(budget, arm, lr, variant, seed) -> str:
     return f"{budget}/{arm}/{v}/lr={lr:.6g}/s{seed}"
 
 
+# RunConfig fields that do not change a run's figures: where it writes, its seed (in the key), and what each arm
+# sets itself (its phases and their step counts: Arm.phases, not RECIPE and LOGIT_KD_STEPS)
+NOT_SETTINGS = {"seed", "run_dir", "cache_dir", "device", "ckpt_every", "eval_every", "recipe", "logit_kd_steps"}
+
+
 def settings(base: sf.RunConfig, cache, second) -> dict:
-    skip = {"seed", "run_dir", "cache_dir", "device", "ckpt_every", "eval_every"}
-    s = {k: v for k, v in dataclasses.asdict(base).items() if k not in skip}
+    s = {k: v for k, v in dataclasses.asdict(base).items() if k not in NOT_SETTINGS}
     # the caches' content (a rebuild in the same folder differs), not their folder names
     s.update(cache_content=cache.content_digest, second_cache_content=second.content_digest,
              precision=sf.precision_policy(base.device, base.precision).name)
@@ -258,7 +262,7 @@ def load_results(path: Path, expected: dict, cache=None, second=None) -> dict:
     if not path.exists():
         return {"settings": expected, "results": {}}
     data = json.loads(path.read_text())
-    old = data.get("settings") or {}
+    old = {k: v for k, v in (data.get("settings") or {}).items() if k not in NOT_SETTINGS}
     # a setting added to RunConfig since the file was written, at its default, is the behaviour the file's runs had
     # (the content digests are no RunConfig fields, so re-keying a legacy file below leaves this set as it is)
     defaults = json.loads(_json(dataclasses.asdict(sf.RunConfig())))

@@ -62,6 +62,21 @@ HEAD_MODES = ("new", "tied", "teacher")
 HEAD_INITS = ("teacher", "unigram")  # how Phase 3 starts a new head: see train_lm_head
 
 
+# RECIPE: the phases a run trains after Phase 1 (docs/recipes.md). "spoonfeed": Phase 2 (superposition), then Phase 3
+# (the head, LM_HEAD_STEPS). "spoonfeed+kd": Phase 2, Phase 3's closed-form head fit only, then Phase 4: logit KD of
+# the whole student (body, embedding and head) for LOGIT_KD_STEPS (recipe arm (d) of bench/recipes.py)
+RECIPES = ("spoonfeed", "spoonfeed+kd")
+
+
+def recipe_phases(recipe: str) -> tuple:
+    """The training phases RECIPE runs, in order: ("superposition", "lm_head") for "spoonfeed",
+    ("superposition", "lm_head", "logit_kd") for "spoonfeed+kd" (its lm_head phase is the closed-form fit, 0
+    steps). Raises ConfigError for a recipe not in RECIPES."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"RECIPE={recipe!r} is not one of {RECIPES}: set RECIPE to one of them")
+    return ("superposition", "lm_head") + (("logit_kd",) if recipe == "spoonfeed+kd" else ())
+
+
 EMBEDDING_UPDATES = ("dense", "lazy")  # EMBEDDING_UPDATE: AdamW on every row, or only the rows a batch touches
 
 
@@ -110,9 +125,10 @@ class RunConfig:
     encoding: str = "utf-8"  # the text encoding of local data files (ENCODING); undecodable bytes are counted
     embedding_update: str = "dense"  # dense | lazy: how AdamW updates the input embedding (LazyAdamW, spoonfeed/optim)
     compile: bool = False  # torch.compile Phase 2's and the direct-CE arm's forward, and decoding (spoonfeed/compile)
-    # logit KD of the whole student (body, embedding, head): alpha * CE + (1 - alpha) * T^2 * KL through the cached
-    # teacher head (train_logit_kd); after Phase 3 it is optional and off by default (0 steps)
-    logit_kd_steps: int = 0
+    recipe: str = "spoonfeed"  # the phases the run trains: RECIPES, recipe_phases
+    # Phase 4 of RECIPE "spoonfeed+kd", logit KD of the whole student (body, embedding, head):
+    # alpha * CE + (1 - alpha) * T^2 * KL through the cached teacher head (train_logit_kd)
+    logit_kd_steps: int = 150
     logit_kd_lr: float = 1e-3
     logit_kd_alpha: float = 0.5  # the CE weight alpha; 1 - alpha goes to the KD term
     logit_kd_temperature: float = 1.0
@@ -121,6 +137,17 @@ class RunConfig:
         return StudentConfig(vocab_size=vocab_size, teacher_dim=teacher_dim, dim=self.student_dim if dim is None else dim,
                              n_layers=self.student_layers, n_heads=self.student_heads, max_seq_len=self.seq_len,
                              head_mode=self.head_mode, **kw)
+
+    def phase_steps(self) -> dict:
+        """Optimiser steps of each training phase RECIPE runs (recipe_phases), by phase: {"superposition":
+        SUPERPOSITION_STEPS, "lm_head": LM_HEAD_STEPS, or 0 under "spoonfeed+kd", whose Phase 4 trains the head
+        with the rest (its Phase 3 is the head's closed-form fit), "logit_kd": LOGIT_KD_STEPS}."""
+        phases = recipe_phases(self.recipe)
+        steps = {"superposition": self.superposition_steps, "lm_head": self.lm_head_steps,
+                 "logit_kd": self.logit_kd_steps}
+        if "logit_kd" in phases:
+            steps["lm_head"] = 0
+        return {phase: steps[phase] for phase in phases}
 
     def validate(self) -> "RunConfig":
         """Check every setting before any work starts. Raises ConfigError naming the setting as the user typed
@@ -170,7 +197,8 @@ class RunConfig:
                               f"({context} tokens): lower {setting('seq_len')}")
         check_batch_size(self.batch_size, self.num_samples, _show("num_samples", self.num_samples))
         for name, choices in (("loss", LOSSES), ("head_mode", HEAD_MODES), ("head_init", HEAD_INITS),
-                              ("precision", PRECISIONS), ("embedding_update", EMBEDDING_UPDATES)):
+                              ("precision", PRECISIONS), ("embedding_update", EMBEDDING_UPDATES),
+                              ("recipe", RECIPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{_show(name, getattr(self, name))} is not one of {choices}: set "
                                   f"{setting(name)} to one of them")
@@ -179,6 +207,10 @@ class RunConfig:
         except ConfigError as e:
             raise ConfigError(f"{_show('student_dim', self.student_dim)} with "
                               f"{_show('student_heads', self.student_heads)}: {e}") from None
+        if "logit_kd" in recipe_phases(self.recipe) and self.logit_kd_steps == 0:
+            raise ConfigError(f"{_show('recipe', self.recipe)} trains the whole student with logit KD for "
+                              f"{setting('logit_kd_steps')} steps, now 0: {set_it('logit_kd_steps', '1 or more')}, "
+                              f"or {set_it('recipe', repr(RECIPES[0]))}")
         for w in self.ablation_widths:
             try:
                 self.student_config(vocab_size=2, teacher_dim=2, dim=w)
@@ -199,7 +231,8 @@ FORM_NAMES = {"teacher": "TEACHER_MODEL", "dataset": "DATASET", "text_field": "T
               "run_dir": "RUN_DIR", "ckpt_every": "CHECKPOINT_EVERY", "seed": "SEED", "precision": "PRECISION",
               "ablation_steps": "ABLATION_STEPS", "ablation_head_steps": "ABLATION_HEAD_STEPS",
               "ablation_widths": "ABLATION_WIDTHS", "encoding": "ENCODING",
-              "embedding_update": "EMBEDDING_UPDATE", "compile": "COMPILE"}
+              "embedding_update": "EMBEDDING_UPDATE", "compile": "COMPILE", "recipe": "RECIPE",
+              "logit_kd_steps": "LOGIT_KD_STEPS", "logit_kd_lr": "LOGIT_KD_LR"}
 
 
 FORM_FIELDS = {v: k for k, v in FORM_NAMES.items()}  # form setting -> RunConfig field

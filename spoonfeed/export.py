@@ -244,10 +244,10 @@ def export_hf(student: nn.Module, tokenizer, path, cache: TeacherCache | None = 
 
 def pipeline_settings(generator, prompt: str, max_new_tokens: int = 30, temperature: float = 0.7, top_k=50,
                       top_p=0.95) -> dict:
-    """Keyword arguments for a stock pipeline("text-generation") over an export_hf folder (cell 10), so that it
-    decodes with cell 9's settings: greedy at temperature 0, else sampling at that temperature with top_k (0 or
+    """Keyword arguments for a stock pipeline("text-generation") over an export_hf folder (cell 11), so that it
+    decodes with cell 10's settings: greedy at temperature 0, else sampling at that temperature with top_k (0 or
     None keeps every token) and top_p (1 or None keeps every token). The prompt is tokenized with
-    add_special_tokens=False, as the training blocks and cell 9's prompts were. The length is given as max_length
+    add_special_tokens=False, as the training blocks and cell 10's prompts were. The length is given as max_length
     (prompt + up to max_new_tokens new tokens) and cut at the model's max_position_embeddings (the student's
     max_seq_len): an explicit max_new_tokens would override generation_config.json's max_length, with a warning,
     and transformers would then decode past the last position with only another warning.

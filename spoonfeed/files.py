@@ -201,7 +201,8 @@ RUN_DIR_EXPORTS = {"safetensors": "student", "ternary": "student-ternary", "hf":
 CHECKPOINT_PHASES = ("phase2", "phase3", "logit_kd")  # the phases that write <phase>.pt and <phase>.prev.pt
 
 
-PLOTS = ("1_cache.png", "2_superposition.png", "3_lm_head.png", "4_evaluation.png", "5_ablation.png")
+PLOTS = ("1_cache.png", "2_superposition.png", "3_lm_head.png", "4_logit_kd.png", "5_evaluation.png",
+         "6_ablation.png")
 
 
 # every path a run writes under RUN_DIR, relative to it, and whether it is a "file" or a "folder". The writers take

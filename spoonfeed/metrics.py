@@ -147,3 +147,15 @@ def format_report(report: dict) -> str:
     lines = [f"{name:<{width}}  {value:10.4f}" for name, value in rows]
     lines.append(f"({report['tokens']} held-out next-token predictions)")
     return "\n".join(lines)
+
+
+def format_ablation(result: dict) -> str:
+    """run_ablation's result as a table: each arm and width with its held-out cosine, its gain over the mean-vector
+    baseline and its CE (nats/token), then the baseline, the teacher's CE and the verdict."""
+    lines = [f"{'arm':<16} {'width':>5} {'cosine':>8} {'gain':>8} {'CE':>8}"]
+    for (arm, width), r in result["arms"].items():
+        lines.append(f"{arm:<16} {width:>5} {r['cosine']:8.4f} {r['cosine'] - result['baseline_cosine']:8.4f} "
+                     f"{r['ce']:8.3f}")
+    lines.append(f"mean-vector baseline cosine {result['baseline_cosine']:.4f}, teacher CE {result['teacher_ce']:.3f}")
+    lines.append("verdict: " + result["verdict"])
+    return "\n".join(lines)

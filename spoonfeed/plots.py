@@ -91,6 +91,26 @@ def plot_phase3(history: dict, teacher_ce: float | None = None, path=None):
     return _save(fig, path)
 
 
+def plot_logit_kd(history: dict | None, path=None):
+    """Phase 4 (RECIPE "spoonfeed+kd", train_logit_kd's history): left, the training loss a step,
+    alpha * CE + (1 - alpha) * T^2 * KL in nats/token; right, the held-out CE (nats/token) from the student Phase 3
+    left (step 0) to the end. Saved to `path` when given; returns the figure. history None (a recipe without
+    Phase 4) draws nothing, says so, and removes the plot an earlier run left at `path`; returns None."""
+    if history is None:
+        if path is not None:
+            Path(path).unlink(missing_ok=True)
+        print("Phase 4 (logit KD) is not part of this RECIPE: no plot")
+        return None
+    fig, (ax1, ax2) = _figure(2)
+    ax1.plot(history["step"], history["loss"], lw=0.8)
+    ax1.set(title="Phase 4 train loss (CE + KD)", xlabel="step", ylabel="nats/token")
+    ax2.plot(history["eval_step"], history["val_ce"], "o-")
+    ax2.set(title="held-out cross-entropy", xlabel="step", ylabel="nats/token")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_evaluation(report: dict, path=None):
     m = report["metrics"]
     fig, (ax1, ax2, ax3) = _figure(3, width=14)

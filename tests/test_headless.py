@@ -87,7 +87,7 @@ def test_run_cpu_streams_titles_bars_and_results_passes_its_arguments_and_saves_
     reload = json.dumps(saved["# @title 10. Reload the export with transformers"])
     assert reload.count("Output: ") == 3 and "predefined maximum length" not in reload + r.stderr
     # the closing line names the run's real RUN_DIR and every form the save cell wrote there (no GGUF: the test
-    # teacher's word-level tokenizer has no GGUF form, and cell 8 says so)
+    # teacher's word-level tokenizer has no GGUF form, and cell 9 says so)
     assert "GGUF skipped" in r.stdout and not (run_dir / "student.gguf").exists()
     forms = ", ".join(f"{run_dir}/{f}" for f in ("plots/", "student/", "student-ternary/", "student-hf/"))
     assert re.search(rf"^done in \d+ s: runs/smoke/spoon_feed.ipynb, {re.escape(forms)}$", r.stdout, re.M), \

@@ -179,7 +179,7 @@ def test_setup_cell_uses_the_code_beside_the_notebook_and_redoes_a_cut_clone(tmp
     assert all((tmp_path / "spoon-feed" / f).exists() for f in ("spoonfeed_helpers.py", "spoonfeed/__init__.py"))
 
 
-# --- cell 2 checks every setting; cell 10 decodes with the form's settings (issue 17) ---------------------------
+# --- cell 2 checks every setting; cell 11 decodes with the form's settings (issue 17) ---------------------------
 
 def test_cell_2_reads_every_form_setting_of_cell_1():
     """Every setting reaches a check in cell 2 (make_config, or a check_* call), so a bad one stops there."""
@@ -242,7 +242,7 @@ class RecordingPipeline:
 
 
 def run_reload_cell(exported, limit=12, **settings):
-    """Cell 10 with transformers' pipeline replaced by a RecordingPipeline; returns the calls' keyword arguments."""
+    """Cell 11 with transformers' pipeline replaced by a RecordingPipeline; returns the calls' keyword arguments."""
     recorder = RecordingPipeline(limit)
     cell = next(c for c in CODE if 'pipeline("text-generation"' in c)
     assert "from transformers import pipeline, set_seed\n" in cell

@@ -392,8 +392,42 @@ def test_one_process_run_makes_the_notebooks_calls_and_writes_run_json(tmp_path)
     assert saved["processes"] == 1 and saved["global_batch_size"] == cfg.batch_size
     assert saved["phase2"]["loss"] == result["phase2"]["loss"] and len(saved["phase2"]["loss"]) == 4
     assert saved["metrics"]["student_ce"] == pytest.approx(result["metrics"]["student_ce"])
-    for name in ("student", "student-ternary", "plots/4_evaluation.png", "checkpoints/phase2.pt"):
+    for name in ("student", "student-ternary", "plots/5_evaluation.png", "checkpoints/phase2.pt"):
         assert (tmp_path / "run" / name).exists(), name
+    assert result["logit_kd"] is None and not (tmp_path / "run" / "plots/4_logit_kd.png").exists()
+
+
+@pytest.mark.slow  # Phase 1 on the tiny teacher, three short runs, the plots and the exports: about 60 s
+def test_recipe_spoonfeed_kd_runs_phase_4_after_the_head_fit_resumes_it_done_and_switching_back_drops_its_plot(
+        tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    make_teacher().save_pretrained(teacher)
+    make_tokenizer().save_pretrained(teacher)
+    cfg = tiny_run_config(tmp_path, teacher=str(teacher), superposition_steps=4, lm_head_steps=3, eval_every=2,
+                          ckpt_every=2, precision="fp32")
+    keys = ("teacher", "dataset", "num_samples", "val_samples", "seq_len", "student_dim", "student_layers",
+            "student_heads", "superposition_steps", "lm_head_steps", "batch_size", "lr", "head_lr",
+            "warmup_steps", "eval_every", "ckpt_every", "cache_batch_size", "cache_dir", "run_dir", "device",
+            "precision")
+    args = ["--preset", "none", *[a for k in keys for a in ("--set", f"{k}={getattr(cfg, k)}")]]
+    kd = [*args, "--set", "RECIPE=spoonfeed+kd", "--set", "LOGIT_KD_STEPS=5"]
+    first = spoonfeed_run.main(kd)
+    run = tmp_path / "run"
+    assert first["phase3"]["step"] == [] and first["phase3"]["eval_step"] == [0]  # the closed-form fit alone
+    assert first["logit_kd"]["step"] == list(range(5)) and first["logit_kd"]["eval_step"] == [0, 2, 4, 5]
+    assert first["logit_kd"]["val_ce"][0] == pytest.approx(first["phase3"]["val_ce"][-1], abs=1e-4)
+    assert first["metrics"]["student_ce"] == pytest.approx(first["logit_kd"]["val_ce"][-1], abs=1e-4)
+    for name in ("plots/4_logit_kd.png", "checkpoints/logit_kd.pt", "student-hf"):
+        assert (run / name).exists(), name
+    capsys.readouterr()
+    again = spoonfeed_run.main(kd)  # "Run all" again: every phase found finished, nothing retrained
+    out = capsys.readouterr().out
+    assert "logit KD: already done" in out, out
+    assert again["logit_kd"]["loss"] == first["logit_kd"]["loss"]
+    assert again["metrics"]["student_ce"] == pytest.approx(first["metrics"]["student_ce"], abs=1e-6)
+    back = spoonfeed_run.main(args)  # RECIPE back to "spoonfeed": Phase 3 trains, no Phase 4, no stale plot
+    assert back["logit_kd"] is None and back["phase3"]["step"] == [0, 1, 2]
+    assert not (run / "plots/4_logit_kd.png").exists()
 
 
 def test_a_spoonfeed_malloc_neither_on_nor_off_stops_spoonfeed_run_before_any_folder_is_made(tmp_path, monkeypatch):

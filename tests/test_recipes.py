@@ -183,19 +183,57 @@ def test_logit_kd_rerun_with_checkpoints_finds_it_done_and_a_settings_change_tra
     assert other["loss"] != first["loss"]
 
 
-@pytest.mark.parametrize("field,value", [("logit_kd_alpha", 1.5), ("logit_kd_temperature", 0.0),
-                                         ("logit_kd_lr", -1e-3), ("logit_kd_steps", -1)])
-def test_logit_kd_settings_are_checked_before_any_work(field, value):
-    """The form has no logit KD settings: the error names the keyword that was given (make_config's, spoonfeed_run's
-    --set), never a form name that does not exist."""
-    with pytest.raises(sf.ConfigError, match=rf"^{field}={value}") as e:
+@pytest.mark.parametrize("field,value,named", [("logit_kd_alpha", 1.5, "logit_kd_alpha"),
+                                               ("logit_kd_temperature", 0.0, "logit_kd_temperature"),
+                                               ("logit_kd_lr", -1e-3, "LOGIT_KD_LR"),
+                                               ("logit_kd_steps", -1, "LOGIT_KD_STEPS")])
+def test_logit_kd_settings_are_checked_before_any_work(field, value, named):
+    """A setting the form has is named by its form name (LOGIT_KD_LR); one it lacks by the keyword that was
+    given (make_config's, spoonfeed_run's --set), never by a form name that does not exist."""
+    with pytest.raises(sf.ConfigError, match=rf"^{named}={value}") as e:
         sf.make_config("smoke", **{field: value})
-    assert field.upper() not in str(e.value)
+    if named == field:
+        assert field.upper() not in str(e.value)
 
 
-def test_the_defaults_run_no_logit_kd_phase():
-    for preset in (None, "cpu", "smoke"):
-        assert sf.make_config(preset).logit_kd_steps == 0
+# --- RECIPE: the phases a run trains ---------------------------------------------------------------------------
+
+def test_each_recipe_names_its_phases_and_their_steps():
+    cfg = sf.make_config("smoke", superposition_steps=7, lm_head_steps=5, logit_kd_steps=9)
+    assert sf.RECIPES == ("spoonfeed", "spoonfeed+kd")
+    assert cfg.phase_steps() == {"superposition": 7, "lm_head": 5}
+    kd = dataclasses.replace(cfg, recipe="spoonfeed+kd").validate()
+    assert kd.phase_steps() == {"superposition": 7, "lm_head": 0, "logit_kd": 9}  # Phase 4 trains the head
+
+
+@pytest.mark.parametrize("form", [dict(RECIPE="kd"), dict(RECIPE="Spoonfeed"), dict(recipe=""),
+                                  dict(RECIPE="spoonfeed+kd", LOGIT_KD_STEPS=0)])
+def test_a_recipe_that_cannot_run_is_refused_before_any_work_naming_the_fix(form):
+    with pytest.raises(sf.ConfigError, match="RECIPE|recipe") as e:
+        sf.make_config("smoke", **form)
+    assert "spoonfeed" in str(e.value) and ("LOGIT_KD_STEPS" in str(e.value)) == ("LOGIT_KD_STEPS" in form)
+
+
+def test_under_recipe_spoonfeed_kd_phase_3_is_the_closed_form_fit_and_phase_4_starts_from_it(tiny_cache):
+    cfg, cache, _ = tiny_cache
+    cfg = dataclasses.replace(cfg, recipe="spoonfeed+kd", superposition_steps=3, lm_head_steps=4, eval_every=2)
+    model = sf.build_student(cfg, cache)
+    sf.train_superposition(model, cache, cfg, progress=False)
+    h3 = sf.train_lm_head(model, cache, cfg, progress=False)
+    assert h3["step"] == [] and h3["eval_step"] == [0]
+    h4 = sf.train_logit_kd(model, cache, cfg, steps=3, progress=False)
+    assert h4["eval_step"] == [0, 2, 3] and h4["val_ce"][0] == pytest.approx(h3["val_ce"][0], abs=1e-5)
+    assert h4["val_ce"][-1] == pytest.approx(sf.held_out_ce(model, cache, precision=cfg.precision), abs=1e-6)
+
+
+def test_the_logit_kd_plot_draws_loss_and_held_out_ce_and_a_recipe_without_it_removes_an_old_one(tmp_path, capsys):
+    path = tmp_path / "4_logit_kd.png"
+    history = {"step": [0, 1, 2], "loss": [5.0, 4.5, 4.2], "eval_step": [0, 3], "val_ce": [4.8, 4.6]}
+    fig = sf.plot_logit_kd(history, path)
+    assert path.is_file() and [ax.get_ylabel() for ax in fig.axes] == ["nats/token", "nats/token"]
+    assert list(fig.axes[1].lines[0].get_ydata()) == [4.8, 4.6]
+    assert sf.plot_logit_kd(None, path) is None and not path.exists()
+    assert "not part of this RECIPE" in capsys.readouterr().out
 
 
 # --- plots that show the difference (issue 26, item 7) -----------------------------------------------------
