@@ -226,8 +226,8 @@ else:
           "(set HEAD_MODE = 'new' or 'tied' to export one)")
 
 # %% cellView="form"
-# @title 12. Does ternary superposition help? (ablation)
-# @markdown Equal width, data and budget: (a) ternary + Spoon Feed, (b) full-precision linears + Spoon Feed, (c) ternary trained directly with next-token CE. The verdict is computed from the figures of one seed, and says so: the multi-seed table in `docs/ablation.md` ("Ablation across seeds and widths", from `bench/ablation.py`) gives intervals across seeds, widths and equal memory. `RUN_ABLATION`, its steps and widths are in cell 1.
+# @title 12. Does ternary superposition help, and does the other recipe beat this one? (ablation)
+# @markdown Equal width, data and optimiser steps, one seed: (a) ternary and (b) full-precision linears, both trained by `RECIPE`, (c) ternary trained directly with next-token CE, and the ternary student trained by the other recipe (`spoonfeed` against `spoonfeed+kd`: the strongest alternative in `docs/recipes.md`). The verdict is computed from these figures and says it rests on one seed: `docs/recipes.md` compares the recipes at equal wall-clock with intervals across seeds, and `docs/ablation.md` ("Ablation across seeds and widths", from `bench/ablation.py`) ternary against full precision. `RUN_ABLATION`, its steps and widths are in cell 1.
 if RUN_ABLATION:
     ablation = sf.run_ablation(cache, cfg)
     print(sf.format_ablation(ablation))

@@ -96,7 +96,7 @@ from spoonfeed.data import (  # noqa: F401
 from spoonfeed.losses import kd_loss, next_token_ce  # noqa: F401
 from spoonfeed.optim import _adamw, lr_schedule  # noqa: F401
 from spoonfeed.checkpoints import _non_finite, _signature_changes, save_checkpoint  # noqa: F401
-from spoonfeed.metrics import format_ablation, format_report, ternary_stats  # noqa: F401
+from spoonfeed.metrics import ablation_verdict, format_ablation, format_report, ternary_stats  # noqa: F401
 from spoonfeed.generation import (  # noqa: F401
     _sample_next, check_compatible, check_generation_settings, decode_head, format_generations, generate,
     generate_text, left_pad, logits_processors, MIN_TEMPERATURE, prompt_ids, StaticKVCache,
@@ -1441,57 +1441,40 @@ def train_direct_ce(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, p
 
 
 def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> dict:
-    """Three arms at equal width, data and budget: (a) ternary + Spoon Feed, (b) full precision + Spoon Feed,
-    (c) ternary + direct next-token CE. Optionally over several widths. Returns figures and a verdict."""
+    """Arms at equal width, data and optimiser steps (ABLATION_STEPS, then ABLATION_HEAD_STEPS of Phase 3 or, under
+    RECIPE "spoonfeed+kd", of Phase 4): (a) ternary and (b) full precision, both trained by RECIPE, (c) ternary +
+    direct next-token CE, optionally over several widths; and at the main width the ternary student trained by
+    the other recipe (RECIPES: the strongest alternative in docs/recipes.md), arm ("recipe <name>", width).
+    One seed. Returns {"arms": {(arm, width): {"cosine", "ce" (nats/token)}}, "widths", "baseline_cosine",
+    "teacher_ce", "recipe", "other_recipe", "verdict"} (ablation_verdict)."""
     arms = {}
     widths = tuple(dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)))
+    other = next(r for r in RECIPES if r != cfg.recipe)
     base = dataclasses.replace(cfg, superposition_steps=cfg.ablation_steps, lm_head_steps=cfg.ablation_head_steps,
-                               head_mode="new", eval_every=max(cfg.ablation_steps, 1))
-    for width in widths:
-        wcfg = dataclasses.replace(base, student_dim=width)
-        for arm, ternary in (("ternary", True), ("full precision", False)):
-            acfg = dataclasses.replace(wcfg, run_dir=str(Path(cfg.run_dir) / "ablation" / f"{arm.split()[0]}-{width}"))
-            model = build_student(acfg, cache, ternary=ternary)
-            train_superposition(model, cache, acfg, progress=progress)  # own checkpoints: resumable too
-            train_lm_head(model, cache, acfg, progress=progress)
-            m = evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
-            arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
-            del model  # before the next arm is built: one arm in memory at a time
-            release_memory()
-        model = build_student(wcfg, cache)
-        train_direct_ce(model, cache, wcfg, progress=progress)
+                               logit_kd_steps=max(cfg.ablation_head_steps, 1), head_mode="new",
+                               eval_every=max(cfg.ablation_steps, 1))
+    plan = [(arm, w, ternary, cfg.recipe) for w in widths for arm, ternary in (("ternary", True), ("full precision", False))]
+    for arm, width, ternary, recipe in plan + [(f"recipe {other}", cfg.student_dim, True, other)]:
+        folder = f"{arm.split()[0]}-{width}" if recipe == cfg.recipe else f"{other}-{width}"
+        acfg = dataclasses.replace(base, student_dim=width, recipe=recipe,
+                                   run_dir=str(Path(cfg.run_dir) / "ablation" / folder))
+        model = build_student(acfg, cache, ternary=ternary)
+        train_superposition(model, cache, acfg, progress=progress)  # own checkpoints: resumable too
+        train_lm_head(model, cache, acfg, progress=progress)
+        if "logit_kd" in recipe_phases(recipe):
+            train_logit_kd(model, cache, acfg, progress=progress, checkpoint=True)
         m = evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
-        arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
-        del model
+        arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
+        del model  # before the next arm is built: one arm in memory at a time
         release_memory()
-        teacher_ce, base_cos = m["teacher_ce"], m["baseline_cosine"]
-    result = {"arms": arms, "widths": widths, "baseline_cosine": base_cos, "teacher_ce": teacher_ce}
+        if arm == "full precision":
+            model = build_student(dataclasses.replace(base, student_dim=width), cache)
+            train_direct_ce(model, cache, dataclasses.replace(base, student_dim=width), progress=progress)
+            m = evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
+            arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
+            del model
+            release_memory()
+    result = {"arms": arms, "widths": widths, "baseline_cosine": m["baseline_cosine"], "teacher_ce": m["teacher_ce"],
+              "recipe": cfg.recipe, "other_recipe": other}
     result["verdict"] = ablation_verdict(result)
     return result
-
-
-MULTI_SEED_PAGE = "docs/ablation.md"  # the page and section ablation_verdict points to
-MULTI_SEED_SECTION = "Ablation across seeds and widths"
-
-
-def ablation_verdict(result: dict) -> str:
-    """One line computed from the figures, at the main (first) width. It rests on one seed, and says so: it
-    points to the multi-seed table in docs/ablation.md (bench/ablation.py), which gives intervals across seeds."""
-    w, arms, base = result["widths"][0], result["arms"], result["baseline_cosine"]
-    t, fp, direct = arms[("ternary", w)], arms[("full precision", w)], arms[("direct CE", w)]
-    gain_t, gain_fp = t["cosine"] - base, fp["cosine"] - base
-    ratio = gain_t / gain_fp if gain_fp > 0 else float("nan")
-    if not gain_fp > 0:
-        first = f"at width {w} full precision did not beat the mean-vector baseline, so ternary cannot be compared"
-    else:
-        first = (f"at width {w} ternary reaches {ratio:.2f}x the cosine gain of full precision "
-                 f"({'ternary ahead' if ratio > 1 else 'full precision ahead'})")
-    dce = t["ce"] - direct["ce"]
-    if abs(dce) < 0.05:  # below what one small run can tell apart
-        second = (f"Spoon Feed and direct CE training reach the same CE within 0.05 nats ({t['ce']:.3f} vs "
-                  f"{direct['ce']:.3f}): no clear benefit from distillation at this budget")
-    else:
-        second = (f"Spoon Feed CE is {abs(dce):.2f} nats {'lower' if dce < 0 else 'higher'} than direct CE "
-                  f"training ({'distillation helps' if dce < 0 else 'distillation does not help'} at this budget)")
-    return (f"{first}; {second}. This rests on one seed per arm: the multi-seed table ({MULTI_SEED_PAGE}, "
-            f"'{MULTI_SEED_SECTION}', from bench/ablation.py) says whether it holds across seeds and widths")

@@ -159,3 +159,40 @@ def format_ablation(result: dict) -> str:
     lines.append(f"mean-vector baseline cosine {result['baseline_cosine']:.4f}, teacher CE {result['teacher_ce']:.3f}")
     lines.append("verdict: " + result["verdict"])
     return "\n".join(lines)
+
+
+MULTI_SEED_PAGE = "docs/ablation.md"  # the page and section ablation_verdict points to
+MULTI_SEED_SECTION = "Ablation across seeds and widths"
+RECIPES_PAGE = "docs/recipes.md"  # where the recipes are compared with intervals (bench/recipes.py)
+
+
+def ablation_verdict(result: dict) -> str:
+    """One line computed from run_ablation's figures (CE in nats/token), at the main (first) width: ternary against
+    full precision, Spoon Feed against direct CE, and the recipe against the other one when that arm ran. It rests
+    on one seed, and says so: it points to the multi-seed table in docs/ablation.md (bench/ablation.py) and to
+    docs/recipes.md (bench/recipes.py), which give intervals across seeds."""
+    w, arms, base = result["widths"][0], result["arms"], result["baseline_cosine"]
+    t, fp, direct = arms[("ternary", w)], arms[("full precision", w)], arms[("direct CE", w)]
+    gain_t, gain_fp = t["cosine"] - base, fp["cosine"] - base
+    ratio = gain_t / gain_fp if gain_fp > 0 else float("nan")
+    if not gain_fp > 0:
+        first = f"at width {w} full precision did not beat the mean-vector baseline, so ternary cannot be compared"
+    else:
+        first = (f"at width {w} ternary reaches {ratio:.2f}x the cosine gain of full precision "
+                 f"({'ternary ahead' if ratio > 1 else 'full precision ahead'})")
+    dce = t["ce"] - direct["ce"]
+    if abs(dce) < 0.05:  # below what one small run can tell apart
+        second = (f"Spoon Feed and direct CE training reach the same CE within 0.05 nats ({t['ce']:.3f} vs "
+                  f"{direct['ce']:.3f}): no clear benefit from distillation at this budget")
+    else:
+        second = (f"Spoon Feed CE is {abs(dce):.2f} nats {'lower' if dce < 0 else 'higher'} than direct CE "
+                  f"training ({'distillation helps' if dce < 0 else 'distillation does not help'} at this budget)")
+    third = ""
+    other = arms.get((f"recipe {result.get('other_recipe')}", w))
+    if other is not None:
+        d = other["ce"] - t["ce"]
+        third = (f"; RECIPE {result['other_recipe']!r} reaches CE {other['ce']:.3f} against {t['ce']:.3f} for "
+                 f"{result['recipe']!r} ({abs(d):.3f} nats {'lower' if d < 0 else 'higher'}) at equal steps, one "
+                 f"seed: {RECIPES_PAGE} compares them at equal wall-clock across seeds")
+    return (f"{first}; {second}{third}. This rests on one seed per arm: the multi-seed table ({MULTI_SEED_PAGE}, "
+            f"'{MULTI_SEED_SECTION}', from bench/ablation.py) says whether it holds across seeds and widths")

@@ -141,19 +141,23 @@ def plot_ablation(result: dict, path=None):
     far below or above, are named in the titles instead of stretching the axes. Legend outside the data."""
     fig, (ax1, ax2) = _figure(2, width=11)
     names = ["ternary", "full precision", "direct CE"]
+    other = f"recipe {result.get('other_recipe')}"  # the other recipe's arm, main width only (run_ablation)
+    names += [other] if any(arm == other for arm, _ in result["arms"]) else []
     widths = result["widths"]
     for j, w in enumerate(widths):
         dx = (j - (len(widths) - 1) / 2) * 0.12
         for ax, metric, arms in ((ax1, "cosine", names[:2]), (ax2, "ce", names)):
-            ys = [result["arms"][(n, w)][metric] for n in arms]
-            ax.plot(np.arange(len(arms)) + dx, ys, "os^D"[j % 4], color=f"C{j}", ms=8, ls="none", label=f"width {w}")
-            for x, y in zip(np.arange(len(arms)) + dx, ys):
+            xs = [i + dx for i, n in enumerate(arms) if (n, w) in result["arms"]]
+            ys = [result["arms"][(n, w)][metric] for n in arms if (n, w) in result["arms"]]
+            ax.plot(xs, ys, "os^D"[j % 4], color=f"C{j}", ms=8, ls="none", label=f"width {w}")
+            for x, y in zip(xs, ys):
                 ax.annotate(f"{y:.4f}" if metric == "cosine" else f"{y:.3f}", (x, y), textcoords="offset points",
                             xytext=(8, -3), fontsize=8)
     ax1.set(title=f"held-out cosine (higher is better; mean-vector baseline {result['baseline_cosine']:.4f})",
             xticks=np.arange(2), xticklabels=names[:2], xlim=(-0.5, 1.7), ylabel="cosine")
-    ax2.set(title=f"held-out CE (lower is better; teacher {result['teacher_ce']:.3f})", xticks=np.arange(3),
-            xticklabels=names, xlim=(-0.5, 2.7), ylabel="nats/token")
+    ax2.set(title=f"held-out CE (lower is better; teacher {result['teacher_ce']:.3f})", xticks=np.arange(len(names)),
+            xticklabels=[n.replace("recipe ", "recipe\n") for n in names], xlim=(-0.5, len(names) - 0.3),
+            ylabel="nats/token")
     for ax in (ax1, ax2):
         ax.margins(y=0.25)  # fitted to the points, with room for their labels
         ax.grid(alpha=0.3, axis="y")

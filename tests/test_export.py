@@ -1,5 +1,6 @@
 """The packed 1.6-bit ternary export and the ablation."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import torch
 from conftest import tiny_student_config
 
 import spoonfeed_helpers as sf
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pack_unpack_round_trip():
@@ -80,7 +83,10 @@ def test_ternary_stats_show_the_share_of_each_value():
 def test_ablation_runs_three_arms_with_finite_figures(tiny_cache):
     cfg, cache, _ = tiny_cache
     result = sf.run_ablation(cache, cfg, progress=False)
-    assert set(result["arms"]) == {("ternary", 16), ("full precision", 16), ("direct CE", 16)}
+    assert set(result["arms"]) == {("ternary", 16), ("full precision", 16), ("direct CE", 16),
+                                   ("recipe spoonfeed+kd", 16)}
+    assert result["recipe"] == "spoonfeed" and "'spoonfeed+kd' reaches CE" in result["verdict"]
+    assert (Path(cfg.run_dir) / "ablation" / "spoonfeed+kd-16" / "checkpoints" / "logit_kd.pt").is_file()
     for arm, r in result["arms"].items():
         assert math.isfinite(r["ce"])
         if arm[0] != "direct CE":
@@ -106,7 +112,7 @@ def test_the_ablation_leaves_out_only_the_figure_it_does_not_read(tiny_cache, mo
     real = spoonfeed.metrics.evaluate
     monkeypatch.setattr(sf, "evaluate", lambda *a, **kw: asked.append(kw.get("via_teacher_head", True)) or real(*a, **kw))
     sf.run_ablation(cache, cfg, progress=False)
-    assert asked == [False, False, False]
+    assert asked == [False, False, False, False]
 
 
 def test_verdict_is_computed_from_the_figures():
@@ -120,6 +126,21 @@ def test_verdict_is_computed_from_the_figures():
     assert "0.50x the cosine gain" in a and "full precision ahead" in a and "distillation helps" in a
     b = sf.ablation_verdict(result(0.7, 0.6, 6.0, 5.0))  # figures swapped: the verdict flips
     assert "2.00x the cosine gain" in b and "ternary ahead" in b and "distillation does not help" in b
+
+
+@pytest.mark.parametrize("other_ce,word", [(4.9, "lower"), (5.2, "higher")])
+def test_verdict_compares_the_recipe_with_the_other_one_and_points_to_the_recipes_page(other_ce, word):
+    result = {"widths": (64,), "baseline_cosine": 0.5, "teacher_ce": 2.0, "recipe": "spoonfeed",
+              "other_recipe": "spoonfeed+kd",
+              "arms": {("ternary", 64): {"cosine": 0.6, "ce": 5.0}, ("full precision", 64): {"cosine": 0.6, "ce": 5.1},
+                       ("direct CE", 64): {"cosine": float("nan"), "ce": 6.0},
+                       ("recipe spoonfeed+kd", 64): {"cosine": 0.55, "ce": other_ce}}}
+    verdict = sf.ablation_verdict(result)
+    assert f"RECIPE 'spoonfeed+kd' reaches CE {other_ce:.3f} against 5.000 for 'spoonfeed'" in verdict
+    assert f"nats {word}" in verdict and "docs/recipes.md" in verdict and (ROOT / "docs/recipes.md").is_file()
+    fig = sf.plot_ablation(result)
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()][-1] == "recipe\nspoonfeed+kd"
+    assert other_ce in list(fig.axes[1].lines[0].get_ydata())
 
 
 def test_verdict_calls_a_tiny_ce_difference_a_tie():

@@ -203,7 +203,7 @@ def test_ablation_frees_each_arm_before_building_the_next(tiny_cache, patch):
 
     patch(sf, "build_student", tracked)
     sf.run_ablation(cache, sf.dataclasses.replace(cfg, ablation_steps=2, ablation_head_steps=1), progress=False)
-    assert len(built) == 3
+    assert len(built) == 4  # ternary, full precision, direct CE, the other recipe
 
 
 def test_a_phase_frees_its_gradients_and_optimizer_moments_with_no_collection(tiny_cache, monkeypatch):
