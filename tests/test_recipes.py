@@ -183,6 +183,76 @@ def test_logit_kd_rerun_with_checkpoints_finds_it_done_and_a_settings_change_tra
     assert other["loss"] != first["loss"]
 
 
+def _interrupt_after(patch, calls: int):
+    """head_loss raises KeyboardInterrupt once, on its call number `calls` + 1: the user's stop in the middle of a
+    phase; every other call is the real one."""
+    real, seen = sf.head_loss, []
+
+    def stop(*a, **k):
+        seen.append(1)
+        if len(seen) == calls + 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    patch(sf, "head_loss", stop)
+
+
+def test_an_interrupted_phase_4_rerun_alone_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_does(
+        tiny_cache, patch, capsys):
+    cfg, cache, _ = tiny_cache
+    cfg = dataclasses.replace(cfg, ckpt_every=2)
+    unbroken = sf.build_student(cfg, cache)
+    start = {k: v.clone() for k, v in unbroken.state_dict().items()}
+    want = sf.train_logit_kd(unbroken, cache, dataclasses.replace(cfg, run_dir=cfg.run_dir + "-unbroken"), steps=5,
+                             progress=False, checkpoint=True)
+    model = sf.build_student(cfg, cache)
+    model.load_state_dict(start)
+    _interrupt_after(patch, 3)  # steps 0-2 done, a checkpoint at 2, step 3 stopped
+    with pytest.raises(KeyboardInterrupt):
+        sf.train_logit_kd(model, cache, cfg, steps=5, progress=False, checkpoint=True)
+    got = sf.train_logit_kd(model, cache, cfg, steps=5, progress=False, checkpoint=True)  # the cell, rerun alone
+    assert "logit KD: resuming at step 2 of 5" in capsys.readouterr().out
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert all(torch.allclose(v, unbroken.state_dict()[k], atol=1e-6) for k, v in model.state_dict().items())
+
+
+def test_a_phase_4_stopped_before_its_first_checkpoint_asks_for_the_cells_that_rebuild_its_start(tiny_cache, patch):
+    cfg, cache, _ = tiny_cache
+    cfg = dataclasses.replace(cfg, ckpt_every=100)
+    model = sf.build_student(cfg, cache)
+    _interrupt_after(patch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        sf.train_logit_kd(model, cache, cfg, steps=5, progress=False, checkpoint=True)
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(sf.PhaseOrderError, match="cells 5 and 6"):  # not a silent restart from moved weights
+        sf.train_logit_kd(model, cache, cfg, steps=5, progress=False, checkpoint=True)
+    assert all(torch.equal(moved[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("changed", [{}, {"lr": 3e-3}])
+def test_after_a_phase_4_cut_short_rerunning_phases_2_and_3_gives_phase_4_a_new_start(tiny_cache, patch, changed):
+    """The fix the error names works, with the same settings and with a Phase 2 setting changed: Phase 4 then
+    trains from the student cells 5 and 6 leave, as an unbroken run from there does."""
+    cfg, cache, _ = tiny_cache
+    cfg = dataclasses.replace(cfg, recipe="spoonfeed+kd", superposition_steps=3, ckpt_every=100)
+    model = sf.build_student(cfg, cache)
+    sf.train_superposition(model, cache, cfg, progress=False)
+    sf.train_lm_head(model, cache, cfg, progress=False)
+    _interrupt_after(patch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        sf.train_logit_kd(model, cache, cfg, steps=4, progress=False, checkpoint=True)
+    cfg = dataclasses.replace(cfg, **changed)
+    sf.train_superposition(model, cache, cfg, progress=False)  # cell 5, rerun
+    sf.train_lm_head(model, cache, cfg, progress=False)  # cell 6
+    got = sf.train_logit_kd(model, cache, cfg, steps=4, progress=False, checkpoint=True)
+    fresh = sf.build_student(cfg, cache)
+    clean = dataclasses.replace(cfg, run_dir=cfg.run_dir + "-clean")
+    sf.train_superposition(fresh, cache, clean, progress=False)
+    sf.train_lm_head(fresh, cache, clean, progress=False)
+    want = sf.train_logit_kd(fresh, cache, clean, steps=4, progress=False, checkpoint=True)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("field,value,named", [("logit_kd_alpha", 1.5, "logit_kd_alpha"),
                                                ("logit_kd_temperature", 0.0, "logit_kd_temperature"),
                                                ("logit_kd_lr", -1e-3, "LOGIT_KD_LR"),
