@@ -1,0 +1,193 @@
+"""More Phase 1 data with fewer steps, or today's split? The `cpu` preset's recipe at a fixed notebook time.
+
+    python bench/data_steps.py                  # on an IDLE machine: Phase 1 and the step speeds are timed
+    python bench/data_steps.py --smoke          # the same code path at the smoke preset's sizes (tests)
+
+The `cpu` preset caches 512 blocks of 128 tokens and trains on them for 300 + 150 steps (about 4.7 epochs of
+Phase 2). At a fixed notebook time, more Phase 1 data costs training steps. For each size N (--sizes), this
+builds the Phase 1 cache in a folder of its own and times it, measures the recipe's seconds a step and fixed
+seconds on that cache (as bench/recipes.py --measure does), and scales the recipe's steps by one factor k so that
+
+    Phase 1 seconds + fixed seconds + k * (steps x seconds a step)  =  --budget
+
+(--budget: the seconds Phase 1 and training may take in a 10-minute notebook; the default, 336 s, is 600 s less
+the other cells' 264 s in the 453 s `cpu` notebook of 2026-12-07, docs/benchmarks.md). Each size then trains
+--seeds seeds at the arm's chosen learning rate (bench/recipes.py's equal-wall-clock choice) and is scored on a
+held-out set common to all sizes, the largest cache's (its documents are held out of every smaller cache too:
+checked from the caches' manifests), and on the second domain of bench/recipes.py. Today's split (512 blocks,
+the preset's steps, below the budget) runs as the reference. Each size is compared with the budget's 512-block
+point seed by seed, with a 95% t interval. Results go to --out as they come (resumable, run by run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import spoonfeed_helpers as sf  # noqa: E402
+from bench import recipes as rc  # noqa: E402
+from bench.ablation import _json, interval_verdict, t_interval  # noqa: E402
+from bench.run import machine_name  # noqa: E402
+
+PRESETS = {"full": dict(preset="cpu", sizes=(512, 1024, 2048), seeds=3, budget=336.0, short=10, long=30),
+           "smoke": dict(preset="smoke", sizes=(16, 32), seeds=2, budget=60.0, short=2, long=10)}
+
+
+def held_out_docs_common(caches: dict) -> None:
+    """The largest cache's held-out documents must be held out of every smaller cache as well: each is one of the
+    smaller cache's held-out documents, or lies past the last document it read (when its training blocks filled
+    first, the last document it read is its last held-out one). Raises ConfigError naming the cache otherwise."""
+    manifests = {n: json.loads((c.path / "manifest.json").read_text()) for n, c in caches.items()}
+    common = manifests[max(caches)]["val_docs"]
+    for n, m in manifests.items():
+        own = set(m["val_docs"])
+        last = max(own) if m["val_docs"][-1] % 10 != 9 else None  # pack_blocks: every 10th document is held out
+        leaked = [d for d in common if d not in own and (last is None or d <= last)]
+        if leaked:
+            raise sf.ConfigError(f"the {max(caches)}-block cache's held-out documents {leaked[:5]} may be training "
+                                 f"text of the {n}-block cache: no common held-out set")
+
+
+def budget_steps(arm: rc.Arm, speed: dict, phase1_s: float, budget: float) -> dict:
+    """The arm's steps scaled by one factor so that phase1_s + fixed + k * variable = budget (at least 1 a phase)."""
+    fixed = sum(speed[p]["overhead_s"] for p, _ in arm.phases)
+    variable = sum(n * speed[p]["s_per_step"] for p, n in arm.phases)
+    if not variable > 0:
+        raise sf.ConfigError(f"the measured speed {speed} gives no seconds a step: measure on an idle machine")
+    k = max(budget - phase1_s - fixed, 0.0) / variable
+    return {p: (0 if n == 0 else max(1, round(k * n))) for p, n in arm.phases}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="the smoke preset's sizes")
+    ap.add_argument("--arm", default="a", help="bench/recipes.py's arm to train (default a, Spoon Feed)")
+    ap.add_argument("--lr", type=float, help="its learning rate (default: its equal-wall-clock choice in --recipes)")
+    ap.add_argument("--recipes", default=str(ROOT / "bench/results/recipes-cpu-2026-12-07.json"),
+                    help="the recipes study's JSON, for the chosen learning rate")
+    ap.add_argument("--sizes", help="comma-separated NUM_CACHE_SAMPLES values (default 512,1024,2048)")
+    ap.add_argument("--seeds", type=int, help="seeds 0..n-1 (default 3)")
+    ap.add_argument("--budget", type=float, help="seconds for Phase 1 + training (default 336)")
+    ap.add_argument("--out", help="results JSON (default runs/data-steps[-smoke]/data-steps.json)")
+    args = ap.parse_args(argv)
+    p = PRESETS["smoke" if args.smoke else "full"]
+    sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else p["sizes"]
+    seeds = range(args.seeds if args.seeds is not None else p["seeds"])
+    budget = args.budget if args.budget is not None else p["budget"]
+    out = Path(args.out) if args.out else ROOT / "runs" / ("data-steps-smoke" if args.smoke else "data-steps") / "data-steps.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = dataclasses.replace(sf.make_config(p["preset"]), eval_every=10**6, kd_weight=0.0, recipe="spoonfeed",
+                               cache_dir=str(out.parent / f"{out.stem}-cache"))
+    arm = rc.arms(base)[args.arm]
+    lr = args.lr
+    if lr is None:
+        chosen = json.loads(Path(args.recipes).read_text()).get("chosen", {}).get("wallclock", {}).get(args.arm) \
+            if Path(args.recipes).exists() else None
+        lr = chosen["lr"] if chosen else arm.lrs[1]
+    data = json.loads(out.read_text()) if out.exists() else {}
+    want = {"arm": args.arm, "lr": lr, "budget": budget, "preset": p["preset"], "sizes": list(sizes)}
+    if data and data.get("settings") != want:
+        raise sf.ConfigError(f"{out} holds results from other settings ({data.get('settings')}): pass another --out")
+    data.setdefault("settings", want)
+    data.setdefault("machine", machine_name())
+    data.setdefault("sizes", {})
+    save = lambda: sf._atomic_write_text(out, _json(data))  # noqa: E731
+    caches = {}
+    for n in sizes:  # Phase 1 for each size, in a folder of its own, timed when built
+        cfg = dataclasses.replace(base, num_samples=n).validate()
+        entry = data["sizes"].setdefault(str(n), {})
+        t0, load = time.perf_counter(), os.getloadavg()[0]
+        caches[n] = sf.cache_teacher_states(cfg, progress=not args.smoke)
+        if "phase1_s" not in entry:
+            entry.update(phase1_s=time.perf_counter() - t0, phase1_load=load, num_train=caches[n].num_train)
+            save()
+    held_out_docs_common(caches)
+    common = caches[max(sizes)]
+    second = rc.second_domain_cache(base, Path(base.cache_dir) / "second-domain")
+    for n in sizes:  # the arm's speed on each cache (Phase 3's fixed cost grows with the blocks)
+        entry = data["sizes"][str(n)]
+        if "speed" not in entry:
+            cfg = dataclasses.replace(base, num_samples=n)
+            speed = rc.measure(caches[n], cfg, [args.arm], out.parent / f"{out.stem}-speed-{n}.json", p["short"],
+                               p["long"])
+            entry["speed"] = speed["arms"][args.arm]
+            save()
+        entry["steps"] = budget_steps(arm, entry["speed"], entry["phase1_s"], budget)
+    points = [("today", sizes[0], rc.equal_steps(arm))] + [(f"budget-{n}", n, data["sizes"][str(n)]["steps"])
+                                                             for n in sizes]
+    data.setdefault("runs", {})
+    for seed in seeds:
+        for name, n, steps in points:
+            k = f"{name}/s{seed}"
+            if k in data["runs"]:
+                continue
+            run_dir = out.parent / f"{out.stem}-runs" / k.replace("/", "_")
+            cfg = rc.run_config(dataclasses.replace(base, num_samples=n), arm, lr, {}, seed, run_dir)
+            t0 = time.perf_counter()
+            model, _ = rc.train(caches[n], cfg, arm, steps, progress=not args.smoke)
+            r = {"point": name, "num_samples": n, "seed": seed, "steps": steps, "train_seconds": time.perf_counter() - t0,
+                 "ce_common": sf.held_out_ce(model, common, precision=cfg.precision),
+                 "ce_own": sf.held_out_ce(model, caches[n], precision=cfg.precision),
+                 "second_ce": sf.held_out_ce(model, second, precision=cfg.precision), "loadavg": os.getloadavg()[0]}
+            data["runs"][k] = r
+            save()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"  {name} ({n} blocks, steps {steps}) seed {seed}: common held-out CE {r['ce_common']:.4f}, own "
+                  f"{r['ce_own']:.4f}, second domain {r['second_ce']:.4f}, {r['train_seconds']:.0f} s", flush=True)
+    data["summary"] = summarise(data, [name for name, _, _ in points], f"budget-{sizes[0]}", base.student_dim)
+    save()
+    report = format_report(data)
+    out.with_suffix(".md").write_text(report + "\n")
+    print("\n" + report)
+    return data
+
+
+def summarise(data: dict, names, ref: str, width: int) -> dict:
+    """Per point: mean and 95% t interval of each CE over seeds; against `ref` (the budget's smallest size), the
+    paired per-seed differences with their interval and a verdict that names a winner only where it excludes 0."""
+    runs = data["runs"]
+    out = {}
+    for name in names:
+        mine = {r["seed"]: r for r in runs.values() if r["point"] == name}
+        theirs = {r["seed"]: r for r in runs.values() if r["point"] == ref}
+        row = {m: t_interval([r[m] for r in mine.values()]) for m in ("ce_common", "ce_own", "second_ce")}
+        seeds = sorted(set(mine) & set(theirs))
+        if name != ref and seeds:
+            diff = t_interval([mine[s]["ce_common"] - theirs[s]["ce_common"] for s in seeds])
+            row["vs_ref"] = {**diff, "verdict": interval_verdict(diff, (name, ref), "nats/token (common held-out)",
+                                                                 width, higher_is_better=False)}
+        row["steps"] = next(iter(mine.values()))["steps"] if mine else {}
+        out[name] = row
+    return out
+
+
+def format_report(data: dict) -> str:
+    s = data["settings"]
+    lines = [f"# Data against steps at {s['budget']:.0f} s of Phase 1 + training ({data['machine']})", "",
+             f"Arm ({s['arm']}) at LR {s['lr']:g}; CE in nats/token, mean ± 95% t half-width over seeds.", "",
+             "| size | Phase 1 s | speed (phase: s/step + fixed s) |", "|---|---|---|"]
+    for n, e in data["sizes"].items():
+        speed = "; ".join(f"{p} {v['s_per_step']:.3f} + {v['overhead_s']:.1f}" for p, v in e.get("speed", {}).items())
+        lines.append(f"| {n} | {e['phase1_s']:.1f} | {speed} |")
+    lines += ["", "| point | steps | common held-out CE | own held-out CE | second-domain CE | against the smallest "
+              "budget point |", "|---|---|---|---|---|---|"]
+    for name, row in data["summary"].items():
+        pm = {m: f"{row[m]['mean']:.4f} ± {row[m]['half_width']:.4f}" for m in ("ce_common", "ce_own", "second_ce")}
+        vs = row.get("vs_ref")
+        lines.append(f"| {name} | {' + '.join(str(v) for v in row['steps'].values())} | {pm['ce_common']} | "
+                     f"{pm['ce_own']} | {pm['second_ce']} | "
+                     + (f"{vs['mean']:+.4f} ± {vs['half_width']:.4f}: {vs['verdict']}" if vs else "–") + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

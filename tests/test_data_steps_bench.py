@@ -1,0 +1,44 @@
+"""bench/data_steps.py: more Phase 1 data against more steps at a fixed notebook time (issue 26, item 5)."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import spoonfeed_helpers as sf
+from bench import data_steps as ds
+from bench import recipes as rc
+
+SPEED = {"p2": {"s_per_step": 0.15, "overhead_s": 3.0}, "p3": {"s_per_step": 0.45, "overhead_s": 12.0}}
+
+
+def test_the_steps_fill_the_budget_after_phase_1_and_keep_the_recipes_ratio():
+    arm = rc.arms(sf.make_config("cpu"))["a"]  # 300 + 150
+    for phase1 in (68.0, 130.0, 250.0):
+        steps = ds.budget_steps(arm, SPEED, phase1, 336.0)
+        spent = phase1 + 15.0 + sum(n * SPEED[p]["s_per_step"] for p, n in steps.items())
+        assert spent == pytest.approx(336.0, abs=0.5) and steps["p2"] == pytest.approx(2 * steps["p3"], abs=1)
+    assert ds.budget_steps(arm, SPEED, 68.0, 336.0)["p2"] > ds.budget_steps(arm, SPEED, 250.0, 336.0)["p2"]
+    assert ds.budget_steps(arm, SPEED, 400.0, 336.0) == {"p2": 1, "p3": 1}  # over budget: the least it can run
+
+
+def test_a_speed_of_zero_seconds_a_step_is_refused():
+    arm = rc.arms(sf.make_config("cpu"))["a"]
+    with pytest.raises(sf.ConfigError, match="idle machine"):
+        ds.budget_steps(arm, {p: {"s_per_step": 0.0, "overhead_s": 1.0} for p in ("p2", "p3")}, 10.0, 100.0)
+
+
+def _cache(tmp_path, n, val_docs):
+    folder = tmp_path / str(n)
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"val_docs": val_docs}))
+    return SimpleNamespace(path=folder)
+
+
+def test_the_common_held_out_set_is_the_largest_caches_and_must_be_held_out_of_every_smaller_one(tmp_path):
+    every_tenth = list(range(9, 160, 10))
+    small = _cache(tmp_path, 512, every_tenth + [161])  # training filled first: documents past 161 were never read
+    large = _cache(tmp_path, 2048, every_tenth + [169, 179])
+    ds.held_out_docs_common({512: small, 2048: large})
+    read = _cache(tmp_path, 513, every_tenth)  # the last held-out one is a 10th: it may have read on as training
+    with pytest.raises(sf.ConfigError, match="169.*513-block"):
+        ds.held_out_docs_common({513: read, 2048: large})
