@@ -889,7 +889,7 @@ def train_superposition(model: BitNetStudent, cache: TeacherCache, cfg: RunConfi
                 weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path, compiled=cfg.compile,
                 restart=lambda: _init_phase2(model, cfg, cache))  # the student as build_student made it
     history = run.history
-    model.phase2_result = model.logit_kd_unfinished = None  # a Phase 4 cut short no longer starts from here
+    model.phase2_result = model.logit_kd_start = None  # an earlier Phase 4 no longer starts from here
     teacher_head = _frozen_teacher_head(cache, device, run.policy.autocast) if cfg.kd_weight > 0 else None
     model.train()
     bar = run.bar("Phase 2: superposition", progress)
@@ -1019,7 +1019,7 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
     check_writable(cfg.run_dir, "RUN_DIR")
     device = model.tok_embeddings.weight.device
     body = _ensure_phase2(model, cache, cfg) if need_phase2 else _frozen_digest(model)
-    model.logit_kd_unfinished = None  # the body is Phase 2's and the head starts afresh: a new start for Phase 4
+    model.logit_kd_start = None  # the body is Phase 2's and the head starts afresh: a new start for Phase 4
     model.set_head_mode(cfg.head_mode, bias=cfg.head_bias)
     if cfg.head_mode == "teacher":
         model.attach_teacher_head(cache.teacher_head())
@@ -1126,8 +1126,9 @@ def _logit_kd_signature(cfg: RunConfig, model: BitNetStudent, cache: TeacherCach
 
 
 def _moved_start():
-    raise PhaseOrderError("Phase 4 was stopped before its first checkpoint, so the student in memory has moved from "
-                          "where it starts and nothing can resume it: " + in_notebook(
+    raise PhaseOrderError("Phase 4 starts from the student Phases 2 and 3 leave, but an earlier Phase 4 has moved the "
+                          "student in memory (stopped before its first checkpoint, or run with other settings) and no "
+                          "checkpoint resumes this one: " + in_notebook(
                               "rerun cells 5 and 6 (they load the finished Phase 2 and refit the head), then this cell",
                               "call train_superposition and train_lm_head again, then train_logit_kd"))
 
@@ -1172,8 +1173,9 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     names = [n for n in model.state_dict() if not n.startswith("teacher_head.")]
     key = "logit_kd" if checkpoint else None
     every = ("teacher_head.",)  # the digest skips only the frozen teacher head: this phase trains all the rest
-    # a run stopped part-way left the weights moved: its start is the one it began from, so its checkpoint resumes
-    start = getattr(model, "logit_kd_unfinished", None) or _frozen_digest(model, every)
+    # an earlier Phase 4 moved the weights: its start is this one's too (Phases 2 and 3 set a new one), so its
+    # checkpoint resumes (or finds it done), and other settings ask for Phases 2 and 3 rather than train on from there
+    start = getattr(model, "logit_kd_start", None) or _frozen_digest(model, every)
     signature = _logit_kd_signature(cfg, model, cache, steps, start) if checkpoint else None
     mark = getattr(model, "logit_kd_result", None)  # a finished run with these settings left these weights
     if checkpoint and not fresh and mark is not None and mark["digest"] == signature["start"] and \
@@ -1189,7 +1191,7 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     history, policy = run.history, run.policy
     teacher_head = _frozen_teacher_head(cache, device, policy.autocast)
     alpha, temperature = cfg.logit_kd_alpha, cfg.logit_kd_temperature
-    model.logit_kd_unfinished = start if checkpoint else None
+    model.logit_kd_start = start if checkpoint else None
     for k in ("eval_step", "val_ce"):  # a checkpoint written before the phase recorded them
         history.setdefault(k, [])
 
@@ -1221,7 +1223,6 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
         run.checkpoint(step + 1)
     run.close()
     model.eval()
-    model.logit_kd_unfinished = None
     model.phase2_result = None  # the body has moved: Phase 3 would no longer decode a finished Phase 2 student
     if checkpoint and len(history["step"]) == steps:
         model.logit_kd_result = {"signature": signature, "digest": _frozen_digest(model, every), "history": history}

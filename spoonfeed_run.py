@@ -1,5 +1,4 @@
-"""Headless runs of the notebook's path on one process or several: Phase 1, the phases RECIPE trains, evaluation,
-export.
+"""Headless runs of the notebook's path, one process or several: Phase 1, RECIPE's phases, evaluation, export.
 
     python -m spoonfeed_run --preset smoke                                        # one process
     accelerate launch --multi_gpu --num_processes 4 -m spoonfeed_run --preset cpu --set device=cuda   # 4 GPUs
@@ -100,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                                                   "SPOONFEED_PRESET from the environment")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                    help="a setting, e.g. --set batch_size=4 --set LEARNING_RATE=1e-3 (repeatable)")
-    p.add_argument("--retrain", action="store_true", help="train Phases 2 and 3 afresh (the notebook's RETRAIN)")
+    p.add_argument("--retrain", action="store_true", help="train Phases 2, 3 and 4 afresh (the notebook's RETRAIN)")
     p.add_argument("--gguf-qtype", default="TQ2_0", help="the GGUF's weight type (GGUF_QTYPE): TQ2_0, TQ1_0, F16")
     return p
 

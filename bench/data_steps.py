@@ -57,6 +57,15 @@ def held_out_docs_common(caches: dict) -> None:
                                  f"text of the {n}-block cache: no common held-out set")
 
 
+def common_speed(speed: dict, ref: dict, short: int) -> dict:
+    """One size's speed with the seconds a step of the reference (smallest) size: a step costs the same whatever the
+    cache holds, so only the fixed cost is the size's own, the rest of its short run (measure's `short` steps). This
+    keeps measurement noise in the seconds a step from deciding which size gets more steps."""
+    return {p: {"s_per_step": ref[p]["s_per_step"],
+                "overhead_s": max(v["overhead_s"] + short * (v["s_per_step"] - ref[p]["s_per_step"]), 0.0)}
+            for p, v in speed.items()}
+
+
 def budget_steps(arm: rc.Arm, speed: dict, phase1_s: float, budget: float) -> dict:
     """The arm's steps scaled by one factor so that phase1_s + fixed + k * variable = budget (at least 1 a phase)."""
     fixed = sum(speed[p]["overhead_s"] for p, _ in arm.phases)
@@ -121,7 +130,11 @@ def main(argv=None):
                                p["long"])
             entry["speed"] = speed["arms"][args.arm]
             save()
-        entry["steps"] = budget_steps(arm, entry["speed"], entry["phase1_s"], budget)
+    ref = data["sizes"][str(sizes[0])]["speed"]
+    for n in sizes:
+        entry = data["sizes"][str(n)]
+        entry["budget_speed"] = common_speed(entry["speed"], ref, p["short"])
+        entry["steps"] = budget_steps(arm, entry["budget_speed"], entry["phase1_s"], budget)
     points = [("today", sizes[0], rc.equal_steps(arm))] + [(f"budget-{n}", n, data["sizes"][str(n)]["steps"])
                                                              for n in sizes]
     data.setdefault("runs", {})
@@ -147,7 +160,7 @@ def main(argv=None):
     save()
     report = format_report(data)
     out.with_suffix(".md").write_text(report + "\n")
-    print("\n" + report)
+    print("\n" + report + f"\n\nwrote {out} and {out.with_suffix('.md')}")
     return data
 
 
@@ -174,9 +187,10 @@ def format_report(data: dict) -> str:
     s = data["settings"]
     lines = [f"# Data against steps at {s['budget']:.0f} s of Phase 1 + training ({data['machine']})", "",
              f"Arm ({s['arm']}) at LR {s['lr']:g}; CE in nats/token, mean ± 95% t half-width over seeds.", "",
-             "| size | Phase 1 s | speed (phase: s/step + fixed s) |", "|---|---|---|"]
+             "| size | Phase 1 s | speed used (phase: s/step of the smallest size + this size's fixed s) |", "|---|---|---|"]
     for n, e in data["sizes"].items():
-        speed = "; ".join(f"{p} {v['s_per_step']:.3f} + {v['overhead_s']:.1f}" for p, v in e.get("speed", {}).items())
+        speed = "; ".join(f"{p} {v['s_per_step']:.3f} + {v['overhead_s']:.1f}"
+                          for p, v in e.get("budget_speed", {}).items())
         lines.append(f"| {n} | {e['phase1_s']:.1f} | {speed} |")
     lines += ["", "| point | steps | common held-out CE | own held-out CE | second-domain CE | against the smallest "
               "budget point |", "|---|---|---|---|---|---|"]

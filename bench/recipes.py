@@ -244,8 +244,10 @@ def key(budget, arm, lr, variant, seed) -> str:
 
 
 # RunConfig fields that do not change a run's figures: where it writes, its seed (in the key), and what each arm
-# sets itself (its phases and their step counts: Arm.phases, not RECIPE and LOGIT_KD_STEPS)
-NOT_SETTINGS = {"seed", "run_dir", "cache_dir", "device", "ckpt_every", "eval_every", "recipe", "logit_kd_steps"}
+# sets itself (its phases and their step counts: Arm.phases, not RECIPE and LOGIT_KD_STEPS; its swept LR, in the
+# key: an arm that sweeps another LR runs no logit KD, so LOGIT_KD_LR is never read from the base)
+NOT_SETTINGS = {"seed", "run_dir", "cache_dir", "device", "ckpt_every", "eval_every", "recipe", "logit_kd_steps",
+                "logit_kd_lr"}
 
 
 def settings(base: sf.RunConfig, cache, second) -> dict:
@@ -532,7 +534,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = PRESETS["smoke" if args.smoke else "full"]
     cfg = sf.make_config(p["preset"], cache_dir=args.cache_dir, precision=args.precision)
-    base = dataclasses.replace(cfg, eval_every=10**6, kd_weight=0.0)  # one evaluation a phase, at its end
+    base = dataclasses.replace(cfg, eval_every=10**6, kd_weight=0.0, recipe="spoonfeed")  # one evaluation a phase, at
+    # its end; each arm runs its own phases (Arm.phases), which read Phase 3's steps under the original recipe
     table = arms(base)
     names = [n.strip() for n in args.arms.split(",")] if args.arms else list(table)
     if not names or set(names) - set(table):
@@ -566,7 +569,7 @@ def main(argv=None):
     report = format_report(data, summary)
     out.with_suffix(".md").write_text(report + "\n")
     plot(data, summary, out.with_suffix(".png"))
-    print("\n" + report)
+    print("\n" + report + f"\n\nwrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return data
 
 

@@ -207,6 +207,10 @@ class RunConfig:
         except ConfigError as e:
             raise ConfigError(f"{_show('student_dim', self.student_dim)} with "
                               f"{_show('student_heads', self.student_heads)}: {e}") from None
+        if "logit_kd" in recipe_phases(self.recipe) and self.head_mode != "new":
+            raise ConfigError(f"{_show('recipe', self.recipe)} trains the student's own head in Phase 4, and "
+                              f"{_show('head_mode', self.head_mode)} has none: {set_it('head_mode', repr('new'))}, "
+                              f"or {set_it('recipe', repr(RECIPES[0]))}")
         if "logit_kd" in recipe_phases(self.recipe) and self.logit_kd_steps == 0:
             raise ConfigError(f"{_show('recipe', self.recipe)} trains the whole student with logit KD for "
                               f"{setting('logit_kd_steps')} steps, now 0: {set_it('logit_kd_steps', '1 or more')}, "
@@ -441,13 +445,14 @@ PRESETS = {
                 student_dim=256, student_layers=4, student_heads=4, superposition_steps=300, lm_head_steps=150,
                 batch_size=8, lr=2e-3, warmup_steps=30, loss="cosine", kd_weight=0.0, kd_temperature=1.0,
                 head_mode="new", head_kd_weight=1.0, head_lr=5e-3, eval_every=50, ckpt_every=100,
-                run_dir="runs/cpu", device="cpu", ablation_steps=150, ablation_head_steps=75),
+                run_dir="runs/cpu", device="cpu", ablation_steps=150, ablation_head_steps=75,
+                logit_kd_steps=150, logit_kd_lr=2e-3),  # Phase 4 of "spoonfeed+kd": (d)'s equal-steps budget, its LR
     # the same code path with tiny numbers, for CI: a few minutes at most
     "smoke": dict(teacher=BUNDLED_TEACHER, dataset=STDLIB_CORPUS, num_samples=16, val_samples=4, seq_len=32,
                   student_dim=32, student_layers=2, student_heads=2, superposition_steps=8, lm_head_steps=4,
                   batch_size=4, lr=2e-3, warmup_steps=2, kd_weight=0.5, kd_temperature=1.0, head_kd_weight=1.0,
                   eval_every=4, ckpt_every=4, run_dir="runs/smoke", device="cpu",
-                  ablation_steps=4, ablation_head_steps=2),
+                  ablation_steps=4, ablation_head_steps=2, logit_kd_steps=4),
 }
 
 

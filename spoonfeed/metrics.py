@@ -152,9 +152,10 @@ def format_report(report: dict) -> str:
 def format_ablation(result: dict) -> str:
     """run_ablation's result as a table: each arm and width with its held-out cosine, its gain over the mean-vector
     baseline and its CE (nats/token), then the baseline, the teacher's CE and the verdict."""
-    lines = [f"{'arm':<16} {'width':>5} {'cosine':>8} {'gain':>8} {'CE':>8}"]
+    name = max(16, *(len(arm) for arm, _ in result["arms"]))
+    lines = [f"{'arm':<{name}} {'width':>5} {'cosine':>8} {'gain':>8} {'CE':>8}"]
     for (arm, width), r in result["arms"].items():
-        lines.append(f"{arm:<16} {width:>5} {r['cosine']:8.4f} {r['cosine'] - result['baseline_cosine']:8.4f} "
+        lines.append(f"{arm:<{name}} {width:>5} {r['cosine']:8.4f} {r['cosine'] - result['baseline_cosine']:8.4f} "
                      f"{r['ce']:8.3f}")
     lines.append(f"mean-vector baseline cosine {result['baseline_cosine']:.4f}, teacher CE {result['teacher_ce']:.3f}")
     lines.append("verdict: " + result["verdict"])
@@ -181,18 +182,20 @@ def ablation_verdict(result: dict) -> str:
         first = (f"at width {w} ternary reaches {ratio:.2f}x the cosine gain of full precision "
                  f"({'ternary ahead' if ratio > 1 else 'full precision ahead'})")
     dce = t["ce"] - direct["ce"]
+    who = "Spoon Feed" if result.get("recipe", "spoonfeed") == "spoonfeed" else f"RECIPE {result['recipe']!r}"
     if abs(dce) < 0.05:  # below what one small run can tell apart
-        second = (f"Spoon Feed and direct CE training reach the same CE within 0.05 nats ({t['ce']:.3f} vs "
+        second = (f"{who} and direct CE training reach the same CE within 0.05 nats ({t['ce']:.3f} vs "
                   f"{direct['ce']:.3f}): no clear benefit from distillation at this budget")
     else:
-        second = (f"Spoon Feed CE is {abs(dce):.2f} nats {'lower' if dce < 0 else 'higher'} than direct CE "
+        second = (f"{who} CE is {abs(dce):.2f} nats {'lower' if dce < 0 else 'higher'} than direct CE "
                   f"training ({'distillation helps' if dce < 0 else 'distillation does not help'} at this budget)")
     third = ""
     other = arms.get((f"recipe {result.get('other_recipe')}", w))
     if other is not None:
         d = other["ce"] - t["ce"]
         third = (f"; RECIPE {result['other_recipe']!r} reaches CE {other['ce']:.3f} against {t['ce']:.3f} for "
-                 f"{result['recipe']!r} ({abs(d):.3f} nats {'lower' if d < 0 else 'higher'}) at equal steps, one "
-                 f"seed: {RECIPES_PAGE} compares them at equal wall-clock across seeds")
+                 f"{result['recipe']!r} (" + ("the same within 0.05 nats" if abs(d) < 0.05 else
+                                                f"{abs(d):.2f} nats {'lower' if d < 0 else 'higher'}")
+                 + f") at equal steps, one seed: {RECIPES_PAGE} compares them at equal wall-clock across seeds")
     return (f"{first}; {second}{third}. This rests on one seed per arm: the multi-seed table ({MULTI_SEED_PAGE}, "
             f"'{MULTI_SEED_SECTION}', from bench/ablation.py) says whether it holds across seeds and widths")

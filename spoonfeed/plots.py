@@ -36,7 +36,7 @@ def _plain_ticks(ax, axis: str = "y"):
     """Plain numbers on a log axis (155, 200, 300), not matplotlib's 1.55x10^2, on major and minor ticks."""
     from matplotlib.ticker import FuncFormatter
 
-    fmt = FuncFormatter(lambda v, _: f"{v:.4g}")
+    fmt = FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}")  # 10,000, not 1e+04
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_formatter(fmt)
     target.set_minor_formatter(fmt)
@@ -76,12 +76,16 @@ def plot_phase2(history: dict, path=None):
 
 
 def plot_phase3(history: dict, teacher_ce: float | None = None, path=None):
+    """Phase 3's train and held-out CE (nats/token) and held-out perplexity by step. A Phase 3 of no steps (the
+    head's closed-form fit alone, as under RECIPE "spoonfeed+kd") draws its one held-out point and says so."""
     fig, (ax1, ax2) = _figure(2)
-    ax1.plot(history["step"], history["loss"], lw=0.8, label="train")
+    if history["step"]:
+        ax1.plot(history["step"], history["loss"], lw=0.8, label="train")
     ax1.plot(history["eval_step"], history["val_ce"], "o-", label="held-out")
     if teacher_ce is not None:
         ax1.axhline(teacher_ce, color="gray", ls="--", label="teacher")
-    ax1.set(title="Phase 3 cross-entropy", xlabel="step", ylabel="nats/token")
+    ax1.set(title="Phase 3 cross-entropy" + ("" if history["step"] else ": the closed-form head fit, no steps"),
+            xlabel="step", ylabel="nats/token")
     ax1.legend()
     ax2.plot(history["eval_step"], history["val_ppl"], "o-")
     ax2.set(title="held-out perplexity", xlabel="step", ylabel="perplexity", yscale="log")

@@ -42,3 +42,14 @@ def test_the_common_held_out_set_is_the_largest_caches_and_must_be_held_out_of_e
     read = _cache(tmp_path, 513, every_tenth)  # the last held-out one is a 10th: it may have read on as training
     with pytest.raises(sf.ConfigError, match="169.*513-block"):
         ds.held_out_docs_common({513: read, 2048: large})
+
+
+def test_every_size_budgets_with_the_smallest_sizes_seconds_a_step_and_its_own_fixed_cost():
+    """A noisy seconds-a-step on a larger cache must not buy it more steps: the step costs the same, only the
+    fixed cost (the short run's rest) is the size's own."""
+    noisy = {"p2": {"s_per_step": 0.05, "overhead_s": 5.0}, "p3": {"s_per_step": 0.45, "overhead_s": 20.0}}
+    used = ds.common_speed(noisy, SPEED, short=10)
+    assert used["p2"] == {"s_per_step": 0.15, "overhead_s": pytest.approx(4.0)}  # 5 + 10 x 0.05 - 10 x 0.15
+    assert used["p3"] == {"s_per_step": 0.45, "overhead_s": pytest.approx(20.0)}
+    arm = rc.arms(sf.make_config("cpu"))["a"]
+    assert ds.budget_steps(arm, used, 130.0, 336.0)["p2"] < ds.budget_steps(arm, SPEED, 68.0, 336.0)["p2"]

@@ -167,20 +167,32 @@ def test_logit_kd_needs_a_head_of_its_own(tiny_cache):
         sf.train_logit_kd(model, cache, cfg, steps=2, progress=False)
 
 
-def test_logit_kd_rerun_with_checkpoints_finds_it_done_and_a_settings_change_trains_again(tiny_cache, capsys):
+def test_logit_kd_rerun_with_checkpoints_finds_it_done_and_a_settings_change_trains_again_from_its_start(
+        tiny_cache, capsys):
+    """A finished Phase 4 rerun with its settings is found done. With other settings (or a cache rebuilt in its
+    folder from other data) it trains again, but never on top of the weights the first run left: from the
+    student it started from, or, while the student in memory is the first run's result, not at all
+    (PhaseOrderError naming cells 5 and 6, which give Phase 4 its start back)."""
     cfg, cache, _ = tiny_cache
     model = sf.build_student(cfg, cache)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     first = sf.train_logit_kd(model, cache, cfg, steps=6, progress=False, checkpoint=True)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     again = sf.train_logit_kd(model, cache, cfg, steps=6, progress=False, checkpoint=True)
     assert "logit KD: already done" in capsys.readouterr().out
     assert again["loss"] == first["loss"]
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    sf.train_logit_kd(model, rebuilt_in_place(cache), cfg, steps=6, progress=False, checkpoint=True)
-    assert "already done" not in capsys.readouterr().out  # a cache rebuilt in its folder from other data: again
-    other = sf.train_logit_kd(model, cache, dataclasses.replace(cfg, logit_kd_alpha=0.9), steps=6, progress=False,
+    for other_cache, other_cfg in ((rebuilt_in_place(cache), cfg), (cache, dataclasses.replace(cfg, logit_kd_lr=3e-3))):
+        with pytest.raises(sf.PhaseOrderError, match="cells 5 and 6"):
+            sf.train_logit_kd(model, other_cache, other_cfg, steps=6, progress=False, checkpoint=True)
+        assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    model.load_state_dict(start)  # what cells 5 and 6 do: the student Phase 4 starts from
+    other = sf.train_logit_kd(model, cache, dataclasses.replace(cfg, logit_kd_lr=3e-3), steps=6, progress=False,
                               checkpoint=True)
-    assert other["loss"] != first["loss"]
+    fresh = sf.build_student(cfg, cache)
+    want = sf.train_logit_kd(fresh, cache, dataclasses.replace(cfg, logit_kd_lr=3e-3, run_dir=cfg.run_dir + "-2"),
+                             steps=6, progress=False, checkpoint=True)
+    assert other["loss"] != first["loss"] and other["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
 def _interrupt_after(patch, calls: int):
@@ -277,11 +289,22 @@ def test_each_recipe_names_its_phases_and_their_steps():
 
 
 @pytest.mark.parametrize("form", [dict(RECIPE="kd"), dict(RECIPE="Spoonfeed"), dict(recipe=""),
-                                  dict(RECIPE="spoonfeed+kd", LOGIT_KD_STEPS=0)])
+                                  dict(RECIPE="spoonfeed+kd", LOGIT_KD_STEPS=0),
+                                  dict(RECIPE="spoonfeed+kd", HEAD_MODE="tied"),
+                                  dict(RECIPE="spoonfeed+kd", HEAD_MODE="teacher")])
 def test_a_recipe_that_cannot_run_is_refused_before_any_work_naming_the_fix(form):
     with pytest.raises(sf.ConfigError, match="RECIPE|recipe") as e:
         sf.make_config("smoke", **form)
-    assert "spoonfeed" in str(e.value) and ("LOGIT_KD_STEPS" in str(e.value)) == ("LOGIT_KD_STEPS" in form)
+    assert "spoonfeed" in str(e.value)
+    for name in ("LOGIT_KD_STEPS", "HEAD_MODE"):
+        assert (name in str(e.value)) == (name in form)
+
+
+def test_each_preset_gives_phase_4_a_budget_of_its_size():
+    assert sf.make_config("smoke", recipe="spoonfeed+kd").phase_steps() == {"superposition": 8, "lm_head": 0,
+                                                                              "logit_kd": 4}
+    cpu = sf.make_config("cpu", recipe="spoonfeed+kd")
+    assert cpu.phase_steps() == {"superposition": 300, "lm_head": 0, "logit_kd": 150} and cpu.logit_kd_lr == 2e-3
 
 
 def test_under_recipe_spoonfeed_kd_phase_3_is_the_closed_form_fit_and_phase_4_starts_from_it(tiny_cache):
@@ -348,4 +371,18 @@ def test_phase3_plot_gives_each_panel_room_and_plain_numbers_on_the_log_axis():
     right_label = ax2.yaxis.label.get_window_extent(renderer)
     left_edge = ax1.get_tightbbox(renderer).x1  # the left panel with every label and tick it draws
     assert right_label.x0 > left_edge  # the right panel's y label clears the left panel and its ticks
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("ppl", [9_800.0, 12_345.0, 151.0])
+def test_phase3_plot_of_the_closed_form_fit_alone_draws_its_point_with_plain_numbers_and_says_so(ppl):
+    """Under RECIPE "spoonfeed+kd" Phase 3 has no steps: one held-out point, no empty train line, and no 1e+04."""
+    import matplotlib.pyplot as plt
+
+    fig = sf.plot_phase3({"step": [], "loss": [], "eval_step": [0], "val_ce": [9.2], "val_ppl": [ppl]})
+    _render(fig)
+    ax1, ax2 = fig.axes
+    assert "no steps" in ax1.get_title() and [line.get_label() for line in ax1.lines] == ["held-out"]
+    labels = [t.get_text() for t in ax2.get_yticklabels(minor=True) + ax2.get_yticklabels() if t.get_text()]
+    assert labels and all("e+" not in t and "10^" not in t and "$" not in t for t in labels), labels
     plt.close(fig)
