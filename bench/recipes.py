@@ -483,33 +483,36 @@ def _pm(x: dict) -> str:
 
 
 def plot(data: dict, summary: dict, path=None):
-    """Each arm's chosen setting as a point with its 95% t interval over seeds (a line where one seed gives
-    none), on an axis fitted to the points, for both held-out sets, one marker per budget; (a)'s mean dashed."""
+    """What the verdict reads: each arm's paired difference from (a), seed by seed (dots), with its mean and 95%
+    t interval (bar), on an axis fitted to them, a line at 0 (no difference), both held-out sets and one marker
+    per budget. Below 0 the arm beats Spoon Feed; a bar that crosses 0 is not resolved. Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")
+    names = list(dict.fromkeys(d["arm"] for sm in summary.values() for d in sm["differences"]))
     for ax, (m, what) in zip(axes, METRICS):
         for j, (budget, sm) in enumerate(summary.items()):
-            names = [r["arm"] for r in sm["rows"]]
-            for i, r in enumerate(sm["rows"]):
-                runs = chosen_runs(data, budget, r["arm"])
-                ci = t_interval([_num(x[m]) for x in runs.values()])
-                half = ci["half_width"] if ci["half_width"] == ci["half_width"] else 0.0
-                ax.errorbar(i + 0.15 * (j - 0.5 * (len(summary) - 1)), ci["mean"], yerr=half, capsize=3,
-                            marker="os"[j % 2], color=f"C{j}", label=budget if i == 0 else None)
-                ax.plot(np.full(len(runs), i + 0.15 * (j - 0.5 * (len(summary) - 1))), [_num(x[m]) for x in runs.values()],
-                        ".", color=f"C{j}", alpha=0.4)
-            ref = next((r for r in sm["rows"] if r["arm"] == "a"), None)
-            if ref:
-                ax.axhline(ref[m]["mean"], color=f"C{j}", ls="--", lw=0.8)
-            ax.set_xticks(range(len(names)), [f"({n})" for n in names])
-        ax.set(title=what, ylabel="nats/token", xlabel="arm (points: seeds; bars: 95% t interval)")
+            ref = chosen_runs(data, budget, "a")
+            dx = 0.15 * (j - 0.5 * (len(summary) - 1))
+            for d in (d for d in sm["differences"] if d["metric"] == m):
+                x = names.index(d["arm"]) + dx
+                runs = chosen_runs(data, budget, d["arm"])
+                per_seed = [_num(runs[s][m]) - _num(ref[s][m]) for s in d["seeds"]]
+                half = d["half_width"] if d["half_width"] == d["half_width"] else 0.0
+                ax.errorbar(x, d["mean"], yerr=half, capsize=3, marker="os"[j % 2], color=f"C{j}",
+                            label=budget if d["arm"] == names[0] or names.index(d["arm"]) == 0 else None)
+                ax.plot(np.full(len(per_seed), x), per_seed, ".", color=f"C{j}", alpha=0.4)
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(names)), [f"({n})" for n in names])
+        ax.set(title=f"{what}: arm - (a) Spoon Feed (below 0: better than (a))", ylabel="nats/token",
+               xlabel="arm (dots: seeds; bars: paired 95% t interval)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
     if path:
         fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -221,8 +221,14 @@ def test_the_verdict_names_a_winner_only_where_the_interval_excludes_zero(tiny_c
     assert s["best"] == "c"
     report = rc.format_report(data, summary)
     assert "equal optimiser steps" in report and own["verdict"] in report
-    rc.plot(data, summary, tmp_path / "p.png")
+    fig = rc.plot(data, summary, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+    own_ax = fig.axes[0]  # the plot draws what the verdict reads: the paired difference and its interval
+    bar = own_ax.containers[0]
+    assert bar.lines[0].get_ydata()[0] == pytest.approx(own["mean"])
+    (_, low), (_, high) = bar.lines[2][0].get_segments()[0]  # the bar: from (x, low) to (x, high)
+    assert (low, high) == (pytest.approx(own["low"]), pytest.approx(own["high"]))
+    assert any(line.get_ydata()[0] == 0.0 and len(line.get_ydata()) == 2 for line in own_ax.lines)  # the 0 line
 
 
 # --- the second held-out domain ----------------------------------------------------------------------------
