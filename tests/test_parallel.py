@@ -376,18 +376,25 @@ def test_a_cuda_run_with_more_processes_on_this_machine_than_gpus_is_refused(mon
     spoonfeed_run.check_launch_devices(cuda, _torchrun(1, 2))
 
 
-@pytest.mark.slow  # Phase 1 on the tiny teacher, the plots and the exports: about 30 s
-def test_one_process_run_makes_the_notebooks_calls_and_writes_run_json(tmp_path):
+def _tiny_run_args(tmp_path, lm_head_steps: int):
+    """(cfg, spoonfeed_run arguments) for a one-process run on a tiny teacher saved in tmp_path, every setting
+    passed with --set, as a user of spoonfeed_run would."""
     teacher = tmp_path / "teacher"
     make_teacher().save_pretrained(teacher)
     make_tokenizer().save_pretrained(teacher)
-    cfg = tiny_run_config(tmp_path, teacher=str(teacher), superposition_steps=4, lm_head_steps=2, eval_every=2,
-                          ckpt_every=2, precision="fp32")
+    cfg = tiny_run_config(tmp_path, teacher=str(teacher), superposition_steps=4, lm_head_steps=lm_head_steps,
+                          eval_every=2, ckpt_every=2, precision="fp32")
     keys = ("teacher", "dataset", "num_samples", "val_samples", "seq_len", "student_dim", "student_layers",
             "student_heads", "superposition_steps", "lm_head_steps", "batch_size", "lr", "head_lr",
             "warmup_steps", "eval_every", "ckpt_every", "cache_batch_size", "cache_dir", "run_dir", "device",
             "precision")
-    result = spoonfeed_run.main(["--preset", "none", *[a for k in keys for a in ("--set", f"{k}={getattr(cfg, k)}")]])
+    return cfg, ["--preset", "none", *[a for k in keys for a in ("--set", f"{k}={getattr(cfg, k)}")]]
+
+
+@pytest.mark.slow  # Phase 1 on the tiny teacher, the plots and the exports: about 30 s
+def test_one_process_run_makes_the_notebooks_calls_and_writes_run_json(tmp_path):
+    cfg, args = _tiny_run_args(tmp_path, lm_head_steps=2)
+    result = spoonfeed_run.main(args)
     saved = sf.json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["processes"] == 1 and saved["global_batch_size"] == cfg.batch_size
     assert saved["phase2"]["loss"] == result["phase2"]["loss"] and len(saved["phase2"]["loss"]) == 4
@@ -400,16 +407,7 @@ def test_one_process_run_makes_the_notebooks_calls_and_writes_run_json(tmp_path)
 @pytest.mark.slow  # Phase 1 on the tiny teacher, three short runs, the plots and the exports: about 60 s
 def test_recipe_spoonfeed_kd_runs_phase_4_after_the_head_fit_resumes_it_done_and_switching_back_drops_its_plot(
         tmp_path, capsys):
-    teacher = tmp_path / "teacher"
-    make_teacher().save_pretrained(teacher)
-    make_tokenizer().save_pretrained(teacher)
-    cfg = tiny_run_config(tmp_path, teacher=str(teacher), superposition_steps=4, lm_head_steps=3, eval_every=2,
-                          ckpt_every=2, precision="fp32")
-    keys = ("teacher", "dataset", "num_samples", "val_samples", "seq_len", "student_dim", "student_layers",
-            "student_heads", "superposition_steps", "lm_head_steps", "batch_size", "lr", "head_lr",
-            "warmup_steps", "eval_every", "ckpt_every", "cache_batch_size", "cache_dir", "run_dir", "device",
-            "precision")
-    args = ["--preset", "none", *[a for k in keys for a in ("--set", f"{k}={getattr(cfg, k)}")]]
+    _, args = _tiny_run_args(tmp_path, lm_head_steps=3)
     kd = [*args, "--set", "RECIPE=spoonfeed+kd", "--set", "LOGIT_KD_STEPS=5"]
     first = spoonfeed_run.main(kd)
     run = tmp_path / "run"
