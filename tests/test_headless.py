@@ -80,11 +80,11 @@ def test_run_cpu_streams_titles_bars_and_results_passes_its_arguments_and_saves_
         assert re.search(rf"{bar}: 100%\|.*\| (\d+)/\1 ", r.stderr), bar  # text bars, streamed as they move
     assert "held-out cosine (student)" in r.stdout and "student CE" in r.stdout  # the evaluation table
     saved = outputs(project / "runs" / "smoke" / "spoon_feed.ipynb")
-    report = "".join("".join(o.get("text", "")) for o in saved["# @title 7. Evaluate on held-out text"])
+    report = "".join("".join(o.get("text", "")) for o in saved["# @title 8. Evaluate on held-out text"])
     assert "held-out cosine (student)" in report
     assert (run_dir / "student" / "config.json").exists()
     # the reload cell decodes within the student's 32 positions: transformers never warns that it went past them
-    reload = json.dumps(saved["# @title 10. Reload the export with transformers"])
+    reload = json.dumps(saved["# @title 11. Reload the export with transformers"])
     assert reload.count("Output: ") == 3 and "predefined maximum length" not in reload + r.stderr
     # the closing line names the run's real RUN_DIR and every form the save cell wrote there (no GGUF: the test
     # teacher's word-level tokenizer has no GGUF form, and cell 9 says so)
