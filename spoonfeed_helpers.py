@@ -1175,11 +1175,11 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
     every = ("teacher_head.",)  # the digest skips only the frozen teacher head: this phase trains all the rest
     # an earlier Phase 4 moved the weights: its start is this one's too (Phases 2 and 3 set a new one), so its
     # checkpoint resumes (or finds it done), and other settings ask for Phases 2 and 3 rather than train on from there
-    start = getattr(model, "logit_kd_start", None) or _frozen_digest(model, every)
+    now = _frozen_digest(model, every)
+    start = getattr(model, "logit_kd_start", None) or now
     signature = _logit_kd_signature(cfg, model, cache, steps, start) if checkpoint else None
     mark = getattr(model, "logit_kd_result", None)  # a finished run with these settings left these weights
-    if checkpoint and not fresh and mark is not None and mark["digest"] == signature["start"] and \
-            {**mark["signature"], "start": None} == {**signature, "start": None}:
+    if checkpoint and not fresh and mark is not None and mark["digest"] == now and mark["signature"] == signature:
         print("logit KD: already done")
         return mark["history"]
     lr = cfg.logit_kd_lr
@@ -1187,7 +1187,7 @@ def train_logit_kd(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, st
                 seed=cfg.seed + 2, lr_fix=f"Lower {setting('logit_kd_lr')} (now {lr})", history=history, key=key,
                 signature=signature, names=names, embedding=model.tok_embeddings.weight,
                 embed_lr_mult=cfg.embed_lr_mult, weight_decay=cfg.weight_decay, fresh=fresh, cache_path=cache.path,
-                restart=_moved_start if start != _frozen_digest(model, every) else None)
+                restart=_moved_start if start != now else None)
     history, policy = run.history, run.policy
     teacher_head = _frozen_teacher_head(cache, device, policy.autocast)
     alpha, temperature = cfg.logit_kd_alpha, cfg.logit_kd_temperature
@@ -1462,33 +1462,26 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
     One seed. Returns {"arms": {(arm, width): {"cosine", "ce" (nats/token)}}, "widths", "baseline_cosine",
     "teacher_ce", "recipe", "other_recipe", "verdict"} (ablation_verdict)."""
     arms = {}
-    widths = tuple(dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)))
-    other = next(r for r in RECIPES if r != cfg.recipe)
-    base = dataclasses.replace(cfg, superposition_steps=cfg.ablation_steps, lm_head_steps=cfg.ablation_head_steps,
-                               logit_kd_steps=max(cfg.ablation_head_steps, 1), head_mode="new",
-                               eval_every=max(cfg.ablation_steps, 1))
-    plan = [(arm, w, ternary, cfg.recipe) for w in widths for arm, ternary in (("ternary", True), ("full precision", False))]
-    for arm, width, ternary, recipe in plan + [(f"recipe {other}", cfg.student_dim, True, other)]:
-        folder = f"{arm.split()[0]}-{width}" if recipe == cfg.recipe else f"{other}-{width}"
-        acfg = dataclasses.replace(base, student_dim=width, recipe=recipe,
-                                   run_dir=str(Path(cfg.run_dir) / "ablation" / folder))
+    plan = cfg.ablation_arms()
+    for arm, width, ternary, acfg in plan:
         model = build_student(acfg, cache, ternary=ternary)
         train_superposition(model, cache, acfg, progress=progress)  # own checkpoints: resumable too
         train_lm_head(model, cache, acfg, progress=progress)
-        if "logit_kd" in recipe_phases(recipe):
+        if "logit_kd" in recipe_phases(acfg.recipe):
             train_logit_kd(model, cache, acfg, progress=progress, checkpoint=True)
         m = evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
         arms[(arm, width)] = {"cosine": m["student_cosine"], "ce": m["student_ce"]}
         del model  # before the next arm is built: one arm in memory at a time
         release_memory()
-        if arm == "full precision":
-            model = build_student(dataclasses.replace(base, student_dim=width), cache)
-            train_direct_ce(model, cache, dataclasses.replace(base, student_dim=width), progress=progress)
+        if arm == "full precision":  # (c) at this width: the same budget, no checkpoint
+            dcfg = dataclasses.replace(acfg, run_dir=cfg.run_dir)
+            model = build_student(dcfg, cache)
+            train_direct_ce(model, cache, dcfg, progress=progress)
             m = evaluate(model, cache, precision=cfg.precision, via_teacher_head=False)["metrics"]
             arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
             del model
             release_memory()
-    result = {"arms": arms, "widths": widths, "baseline_cosine": m["baseline_cosine"], "teacher_ce": m["teacher_ce"],
-              "recipe": cfg.recipe, "other_recipe": other}
+    result = {"arms": arms, "widths": tuple(dict.fromkeys(w for _, w, _, _ in plan)), "recipe": cfg.recipe,
+              "baseline_cosine": m["baseline_cosine"], "teacher_ce": m["teacher_ce"], "other_recipe": plan[-1][3].recipe}
     result["verdict"] = ablation_verdict(result)
     return result

@@ -67,13 +67,12 @@ def common_speed(speed: dict, ref: dict, short: int) -> dict:
 
 
 def budget_steps(arm: rc.Arm, speed: dict, phase1_s: float, budget: float) -> dict:
-    """The arm's steps scaled by one factor so that phase1_s + fixed + k * variable = budget (at least 1 a phase)."""
-    fixed = sum(speed[p]["overhead_s"] for p, _ in arm.phases)
-    variable = sum(n * speed[p]["s_per_step"] for p, n in arm.phases)
-    if not variable > 0:
+    """The arm's steps scaled by one factor to fill what Phase 1 leaves of the budget (rc.steps_for_seconds). Raises
+    ConfigError when the speed gives no seconds a step."""
+    steps = rc.steps_for_seconds(arm, speed, budget - phase1_s)
+    if steps is None:
         raise sf.ConfigError(f"the measured speed {speed} gives no seconds a step: measure on an idle machine")
-    k = max(budget - phase1_s - fixed, 0.0) / variable
-    return {p: (0 if n == 0 else max(1, round(k * n))) for p, n in arm.phases}
+    return steps
 
 
 def main(argv=None):

@@ -189,22 +189,29 @@ def equal_steps(arm: Arm) -> dict:
     return {p: n for p, n in arm.phases}
 
 
+def steps_for_seconds(arm: Arm, speed: dict, seconds: float) -> dict | None:
+    """The arm's step counts scaled by one factor k so that its phases take `seconds`, from speed[phase] =
+    {"s_per_step", "overhead_s"}: sum(overhead) + k * sum(steps x s/step) = seconds (a phase of 0 steps stays 0,
+    any other gets 1 at least). None when the speed gives no seconds a step."""
+    fixed = sum(speed[p]["overhead_s"] for p, _ in arm.phases)
+    variable = sum(n * speed[p]["s_per_step"] for p, n in arm.phases)
+    if not variable > 0:
+        return None
+    k = max(seconds - fixed, 0.0) / variable
+    return {p: (0 if n == 0 else max(1, round(k * n))) for p, n in arm.phases}
+
+
 def wallclock_steps(arm: Arm, speeds: dict, reference: Arm, ref_name: str, name: str) -> dict:
     """Step counts that make `arm` take the seconds `reference` takes at equal steps, from speeds[arm][phase] =
     {"s_per_step", "overhead_s"}: budget B = sum over the reference's phases of overhead + steps x s/step; every
     phase of `arm` is scaled by one factor k with sum(overhead) + k sum(steps x s/step) = B (a phase of 0 steps
     stays 0, any other gets 1 at least). Raises ConfigError when an arm's speeds are missing."""
-    def cost(nm, a, k=1.0):
+    for nm, a in ((ref_name, reference), (name, arm)):
         if nm not in speeds or any(p not in speeds[nm] for p, _ in a.phases):
             raise sf.ConfigError(f"no measured speed for arm ({nm}): run `python bench/recipes.py --measure` first")
-        fixed = sum(speeds[nm][p]["overhead_s"] for p, _ in a.phases)
-        return fixed, sum(n * speeds[nm][p]["s_per_step"] for p, n in a.phases)
-
-    fixed_r, var_r = cost(ref_name, reference)
-    budget = fixed_r + var_r
-    fixed, var = cost(name, arm)
-    k = max(budget - fixed, 0.0) / var if var > 0 else 1.0
-    return {p: (0 if n == 0 else max(1, round(k * n))) for p, n in arm.phases}
+    ref = speeds[ref_name]
+    budget = sum(ref[p]["overhead_s"] + n * ref[p]["s_per_step"] for p, n in reference.phases)
+    return steps_for_seconds(arm, speeds[name], budget) or equal_steps(arm)
 
 
 def measure(cache, base: sf.RunConfig, names, out: Path, short: int, long: int, progress=False) -> dict:
@@ -502,17 +509,16 @@ def plot(data: dict, summary: dict, path=None):
                 runs = chosen_runs(data, budget, d["arm"])
                 per_seed = [_num(runs[s][m]) - _num(ref[s][m]) for s in d["seeds"]]
                 half = d["half_width"] if d["half_width"] == d["half_width"] else 0.0
-                ax.errorbar(x, d["mean"], yerr=half, capsize=3, marker="os"[j % 2], color=f"C{j}",
-                            label=budget if d["arm"] == names[0] or names.index(d["arm"]) == 0 else None)
+                ax.errorbar(x, d["mean"], yerr=half, capsize=3, marker="os"[j % 2], color=f"C{j}", label=budget)
                 ax.plot(np.full(len(per_seed), x), per_seed, ".", color=f"C{j}", alpha=0.4)
         ax.axhline(0.0, color="gray", lw=0.8)
         ax.set_xticks(range(len(names)), [f"({n})" for n in names])
         ax.set(title=f"{what}: arm - (a) Spoon Feed (below 0: better than (a))", ylabel="nats/token",
                xlabel="arm (dots: seeds; bars: paired 95% t interval)")
         ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        if handles:
-            ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
+        one = dict(zip(*ax.get_legend_handles_labels()[::-1]))  # label -> handle: one entry a budget
+        if one:
+            ax.legend(one.values(), one.keys(), fontsize=8)
     if path:
         fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cache import cache_folder, cache_request
-from .config import BUNDLED_TEACHER, _teacher_shape, recipe_phases, RECIPES
+from .config import BUNDLED_TEACHER, _teacher_shape
 from .errors import ConfigError, in_notebook
 from .files import (
     RUN_DIR_EXPORTS,
@@ -62,14 +62,10 @@ def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool)
     total = n["phase2"] + n["head"] + (vocab * teacher_dim if cfg.head_mode == "teacher" else 0)
     out["student/model.safetensors"] = 4 * total
     out["student-ternary/ternary.safetensors"] = 2 * total  # an upper bound: the BitLinears take 1.6 bits
-    if ablation:  # run_ablation's arms (a) and (b) at each width, the other recipe's at the main one; (c) writes none
-        kd = cfg.ablation_head_steps if "logit_kd" in recipe_phases(cfg.recipe) else 0
-        for width in dict.fromkeys((cfg.student_dim, *cfg.ablation_widths)):
-            for arm in ("ternary", "full"):
-                checkpoints(f"ablation/{arm}-{width}/", width, "new", cfg.ablation_head_steps - kd, kd)
-        other = next(r for r in RECIPES if r != cfg.recipe)
-        kd = cfg.ablation_head_steps if "logit_kd" in recipe_phases(other) else 0
-        checkpoints(f"ablation/{other}-{cfg.student_dim}/", cfg.student_dim, "new", cfg.ablation_head_steps - kd, kd)
+    for _, width, _, arm in cfg.ablation_arms() if ablation else ():  # run_ablation's checkpointed arms
+        steps = arm.phase_steps()
+        prefix = f"{Path(arm.run_dir).relative_to(cfg.run_dir).as_posix()}/"
+        checkpoints(prefix, width, "new", steps["lm_head"], steps.get("logit_kd", 0))
     return out
 
 

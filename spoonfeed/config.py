@@ -149,6 +149,25 @@ class RunConfig:
             steps["lm_head"] = 0
         return {phase: steps[phase] for phase in phases}
 
+    def ablation_arms(self) -> list:
+        """run_ablation's checkpointed arms, in order, as (arm, width, ternary, its RunConfig): "ternary" and "full
+        precision" trained by RECIPE at each width (STUDENT_DIM, then ABLATION_WIDTHS), then "recipe <other>", the
+        ternary student trained by the other recipe at STUDENT_DIM. Each RunConfig has the ablation's budget
+        (ABLATION_STEPS of Phase 2, then ABLATION_HEAD_STEPS of Phase 3 or, under "spoonfeed+kd", of Phase 4, at
+        least 1), HEAD_MODE "new", and its own RUN_DIR/ablation/<folder> for its checkpoints. The direct-CE arm
+        writes no checkpoint and is not listed."""
+        base = dataclasses.replace(self, superposition_steps=self.ablation_steps, lm_head_steps=self.ablation_head_steps,
+                                   logit_kd_steps=max(self.ablation_head_steps, 1), head_mode="new",
+                                   eval_every=max(self.ablation_steps, 1))
+        other = next(r for r in RECIPES if r != self.recipe)
+        plan = [(arm, w, arm == "ternary", self.recipe, f"{arm.split()[0]}-{w}")
+                for w in dict.fromkeys((self.student_dim, *self.ablation_widths))
+                for arm in ("ternary", "full precision")]
+        plan.append((f"recipe {other}", self.student_dim, True, other, f"{other}-{self.student_dim}"))
+        return [(arm, w, ternary, dataclasses.replace(base, student_dim=w, recipe=recipe,
+                                                      run_dir=str(Path(self.run_dir) / "ablation" / folder)))
+                for arm, w, ternary, recipe, folder in plan]
+
     def validate(self) -> "RunConfig":
         """Check every setting before any work starts. Raises ConfigError naming the setting as the user typed
         it (its form setting, e.g. LEARNING_RATE, when it has one: FORM_NAMES), its value and the fix."""
