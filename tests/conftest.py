@@ -18,7 +18,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import spoonfeed_helpers as sf  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `pytest -n N`'s workers: one thread each, or N workers fight
-    torch.set_num_threads(1)             # over the cores with torch's own threads
+    torch.set_num_threads(1)             # over the cores with torch's own threads; the processes a test starts
+    os.environ["OMP_NUM_THREADS"] = "1"  # (notebook kernels, run_cpu.sh, accelerate launch, the benches' smoke runs)
+    # too: a kernel with an OpenMP thread a core next to another worker spins on its barriers and runs 2-3x slower
 
 WORDS = ("the cat dog sat ran on a mat log big small red blue and then it was happy sad over under "
          "tree house sun moon day night saw jumped ate fish bird flew away home").split()
