@@ -1459,13 +1459,16 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
     RECIPE "spoonfeed+kd", of Phase 4): (a) ternary and (b) full precision, both trained by RECIPE, (c) ternary +
     direct next-token CE, optionally over several widths; and at the main width the ternary student trained by
     the other recipe (RECIPES: the strongest alternative in docs/recipes.md), arm ("recipe <name>", width).
-    One seed. Returns {"arms": {(arm, width): {"cosine", "ce" (nats/token)}}, "widths", "baseline_cosine",
+    One seed. Arms with the same Phase 2 (the recipes share it: ternary, same width) train it once: the later arm
+    loads the earlier one's finished Phase 2 checkpoint (the same weights it would train, in a fraction of the
+    time). Returns {"arms": {(arm, width): {"cosine", "ce" (nats/token)}}, "widths", "baseline_cosine",
     "teacher_ce", "recipe", "other_recipe", "verdict"} (ablation_verdict)."""
-    arms = {}
+    arms, phase2_dirs = {}, {}
     plan = cfg.ablation_arms()
     for arm, width, ternary, acfg in plan:
         model = build_student(acfg, cache, ternary=ternary)
-        train_superposition(model, cache, acfg, progress=progress)  # own checkpoints: resumable too
+        p2_dir = phase2_dirs.setdefault((ternary, width), acfg.run_dir)  # own checkpoints: resumable too
+        train_superposition(model, cache, dataclasses.replace(acfg, run_dir=p2_dir), progress=progress)
         train_lm_head(model, cache, acfg, progress=progress)
         if "logit_kd" in recipe_phases(acfg.recipe):
             train_logit_kd(model, cache, acfg, progress=progress, checkpoint=True)

@@ -48,11 +48,11 @@ def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool)
     moments, fp32: 12 bytes a trained parameter) as newest and .prev, the float32 student, the packed export."""
     out = {}
 
-    def checkpoints(prefix, dim, head_mode, head_steps, kd_steps=0):
+    def checkpoints(prefix, dim, head_mode, head_steps, kd_steps=0, phase2=True):
         n = cfg.student_config(vocab, teacher_dim, dim=dim).param_counts()
         trained3 = {"new": n["head"], "tied": n["embedding"], "teacher": 0}[head_mode] if head_steps else 0
         trained4 = n["phase2"] + n["head"] if kd_steps else 0  # Phase 4 trains all but the projector: a bound
-        for phase, numel in (("phase2", n["phase2"]), ("phase3", trained3), ("logit_kd", trained4)):
+        for phase, numel in (("phase2", n["phase2"] if phase2 else 0), ("phase3", trained3), ("logit_kd", trained4)):
             for name in (f"{phase}.pt", f"{phase}.prev.pt") if numel else ():
                 out[f"{prefix}checkpoints/{name}"] = 12 * numel
         return n
@@ -62,10 +62,12 @@ def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool)
     total = n["phase2"] + n["head"] + (vocab * teacher_dim if cfg.head_mode == "teacher" else 0)
     out["student/model.safetensors"] = 4 * total
     out["student-ternary/ternary.safetensors"] = 2 * total  # an upper bound: the BitLinears take 1.6 bits
-    for _, width, _, arm in cfg.ablation_arms() if ablation else ():  # run_ablation's checkpointed arms
+    phase2s = set()  # run_ablation trains a Phase 2 once for the arms that share it (ternary or not, width)
+    for _, width, ternary, arm in cfg.ablation_arms() if ablation else ():  # run_ablation's checkpointed arms
         steps = arm.phase_steps()
         prefix = f"{Path(arm.run_dir).relative_to(cfg.run_dir).as_posix()}/"
-        checkpoints(prefix, width, "new", steps["lm_head"], steps.get("logit_kd", 0))
+        checkpoints(prefix, width, "new", steps["lm_head"], steps.get("logit_kd", 0), (ternary, width) not in phase2s)
+        phase2s.add((ternary, width))
     return out
 
 

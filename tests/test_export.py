@@ -1,4 +1,5 @@
 """The packed 1.6-bit ternary export and the ablation."""
+import dataclasses
 import math
 from pathlib import Path
 
@@ -94,6 +95,30 @@ def test_ablation_runs_three_arms_with_finite_figures(tiny_cache):
     assert "verdict" in sf.format_ablation(result)
     fp_layers = sf.BitNetStudent(tiny_student_config(ternary=False))
     assert not any(m.quantize for _, m in fp_layers.bitlinears())
+
+
+@pytest.mark.slow
+def test_the_recipe_arm_takes_the_ternary_arms_phase_2_and_reaches_the_figures_of_training_its_own(tiny_cache):
+    """The two recipes share Phase 2: the ablation trains it once (the ternary arm's checkpoint), and the other
+    recipe's arm, which loads it, ends with the CE and cosine it reaches when it trains its own Phase 2. The
+    size estimate counts that Phase 2 once, and every checkpoint the ablation writes."""
+    cfg, cache, _ = tiny_cache
+    result = sf.run_ablation(cache, cfg, progress=False)
+    ablation = Path(cfg.run_dir) / "ablation"
+    assert (ablation / "ternary-16" / "checkpoints" / "phase2.pt").is_file()
+    assert not list((ablation / "spoonfeed+kd-16").rglob("phase2*.pt"))
+    arm, width, ternary, acfg = cfg.ablation_arms()[-1]
+    alone = dataclasses.replace(acfg, run_dir=str(Path(cfg.run_dir) / "alone"))
+    model = sf.build_student(alone, cache, ternary=ternary)
+    sf.train_superposition(model, cache, alone, progress=False)  # its own Phase 2, from scratch
+    sf.train_lm_head(model, cache, alone, progress=False)
+    sf.train_logit_kd(model, cache, alone, progress=False, checkpoint=True)
+    m = sf.evaluate(model, cache, via_teacher_head=False)["metrics"]
+    assert result["arms"][(arm, width)] == {"cosine": m["student_cosine"], "ce": m["student_ce"]}
+    estimate = {rel for rel in sf._run_dir_bytes(cfg, cache.vocab_size, cache.teacher_dim, ablation=True)
+                if rel.startswith("ablation/")}
+    written = {p.relative_to(cfg.run_dir).as_posix() for p in ablation.rglob("*.pt")}
+    assert written <= estimate and {r for r in estimate if "spoonfeed+kd" in r and "phase2" in r} == set()
 
 
 def test_the_ablation_leaves_out_only_the_figure_it_does_not_read(tiny_cache, monkeypatch):
