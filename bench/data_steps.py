@@ -3,8 +3,8 @@
     python bench/data_steps.py                  # on an IDLE machine: Phase 1 and the step speeds are timed
     python bench/data_steps.py --smoke          # the same code path at the smoke preset's sizes (tests)
 
-The `cpu` preset caches 512 blocks of 128 tokens and trains on them for 300 + 150 steps (about 4.7 epochs of
-Phase 2). At a fixed notebook time, more Phase 1 data costs training steps. For each size N (--sizes), this
+The `cpu` preset cached 512 blocks of 128 tokens and trained on them for 300 + 150 steps (about 4.7 epochs of
+Phase 2); "today's split" here is that one (bench/recipes.py's STUDY_CPU), which this bench's result replaced. At a fixed notebook time, more Phase 1 data costs training steps. For each size N (--sizes), this
 builds the Phase 1 cache in a folder of its own and times it, measures the recipe's seconds a step and fixed
 seconds on that cache (as bench/recipes.py --measure does), and scales the recipe's steps by one factor k so that
 
@@ -93,7 +93,8 @@ def main(argv=None):
     budget = args.budget if args.budget is not None else p["budget"]
     out = Path(args.out) if args.out else ROOT / "runs" / ("data-steps-smoke" if args.smoke else "data-steps") / "data-steps.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = dataclasses.replace(sf.make_config(p["preset"]), eval_every=10**6, kd_weight=0.0, recipe="spoonfeed",
+    pinned = rc.STUDY_CPU if p["preset"] == "cpu" else {}  # today's split: the recipes study's (bench/recipes.py)
+    base = dataclasses.replace(sf.make_config(p["preset"]), **pinned, eval_every=10**6, kd_weight=0.0, recipe="spoonfeed",
                                cache_dir=str(out.parent / f"{out.stem}-cache"))
     arm = rc.arms(base)[args.arm]
     lr = args.lr

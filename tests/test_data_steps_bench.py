@@ -1,4 +1,5 @@
 """bench/data_steps.py: more Phase 1 data against more steps at a fixed notebook time (issue 26, item 5)."""
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -8,11 +9,13 @@ import spoonfeed_helpers as sf
 from bench import data_steps as ds
 from bench import recipes as rc
 
+STUDY = dataclasses.replace(sf.make_config("cpu"), **rc.STUDY_CPU)  # the study's base: 512 blocks, 300 + 150
+
 SPEED = {"p2": {"s_per_step": 0.15, "overhead_s": 3.0}, "p3": {"s_per_step": 0.45, "overhead_s": 12.0}}
 
 
 def test_the_steps_fill_the_budget_after_phase_1_and_keep_the_recipes_ratio():
-    arm = rc.arms(sf.make_config("cpu"))["a"]  # 300 + 150
+    arm = rc.arms(STUDY)["a"]  # 300 + 150
     for phase1 in (68.0, 130.0, 250.0):
         steps = ds.budget_steps(arm, SPEED, phase1, 336.0)
         spent = phase1 + 15.0 + sum(n * SPEED[p]["s_per_step"] for p, n in steps.items())
@@ -22,7 +25,7 @@ def test_the_steps_fill_the_budget_after_phase_1_and_keep_the_recipes_ratio():
 
 
 def test_a_speed_of_zero_seconds_a_step_is_refused():
-    arm = rc.arms(sf.make_config("cpu"))["a"]
+    arm = rc.arms(STUDY)["a"]
     with pytest.raises(sf.ConfigError, match="idle machine"):
         ds.budget_steps(arm, {p: {"s_per_step": 0.0, "overhead_s": 1.0} for p in ("p2", "p3")}, 10.0, 100.0)
 
@@ -51,5 +54,5 @@ def test_every_size_budgets_with_the_smallest_sizes_seconds_a_step_and_its_own_f
     used = ds.common_speed(noisy, SPEED, short=10)
     assert used["p2"] == {"s_per_step": 0.15, "overhead_s": pytest.approx(4.0)}  # 5 + 10 x 0.05 - 10 x 0.15
     assert used["p3"] == {"s_per_step": 0.45, "overhead_s": pytest.approx(20.0)}
-    arm = rc.arms(sf.make_config("cpu"))["a"]
+    arm = rc.arms(STUDY)["a"]
     assert ds.budget_steps(arm, used, 130.0, 336.0)["p2"] < ds.budget_steps(arm, SPEED, 68.0, 336.0)["p2"]

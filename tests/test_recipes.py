@@ -304,7 +304,7 @@ def test_each_preset_gives_phase_4_a_budget_of_its_size():
     assert sf.make_config("smoke", recipe="spoonfeed+kd").phase_steps() == {"superposition": 8, "lm_head": 0,
                                                                               "logit_kd": 4}
     cpu = sf.make_config("cpu", recipe="spoonfeed+kd")
-    assert cpu.phase_steps() == {"superposition": 300, "lm_head": 0, "logit_kd": 150} and cpu.logit_kd_lr == 2e-3
+    assert cpu.phase_steps() == {"superposition": 371, "lm_head": 0, "logit_kd": 110} and cpu.logit_kd_lr == 2e-3
 
 
 def test_under_recipe_spoonfeed_kd_phase_3_is_the_closed_form_fit_and_phase_4_starts_from_it(tiny_cache):

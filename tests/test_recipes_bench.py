@@ -1,6 +1,7 @@
 """bench/recipes.py: the recipe comparison. Budgets (equal steps, equal wall-clock from measured seconds a step), the
 LR sweep and its choice, seeds paired against (a), a verdict only where the interval excludes zero, resuming run by
 run, the second held-out domain, and the smoke run on the bundled teacher."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -11,7 +12,7 @@ from conftest import SMOKE_RUNS, rebuilt_in_place
 import spoonfeed_helpers as sf
 from bench import recipes as rc
 
-CPU = sf.make_config("cpu")
+CPU = dataclasses.replace(sf.make_config("cpu"), **rc.STUDY_CPU)  # the study's base: the preset it ran on
 
 
 # --- budgets ----------------------------------------------------------------------------------------------
@@ -283,3 +284,19 @@ def test_smoke_measure_then_study_on_the_bundled_teacher(tmp_path, smoke_cache_d
     assert set(data["chosen"]) == {"steps", "wallclock"}
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
     assert {r["arm"] for r in data["results"].values()} == {"a", "c"}
+
+
+def test_the_study_keeps_its_results_files_settings_when_the_cpu_preset_moves_on():
+    """The committed study ran on the `cpu` preset of 2026-12-07 (512 blocks, 300 + 150 steps); the preset has
+    since taken the data-against-steps point. The study's base pins what changed, so a rerun resumes its file."""
+    from pathlib import Path
+
+    committed = json.loads((Path(rc.__file__).parent / "results" / "recipes-cpu-2026-12-07.json").read_text())
+    base = dataclasses.replace(sf.make_config("cpu"), **rc.PRESETS["full"]["pinned"])
+    mine = json.loads(rc._json({k: v for k, v in dataclasses.asdict(base).items() if k not in rc.NOT_SETTINGS}))
+    theirs = {k: v for k, v in committed["settings"].items()
+              if k not in rc.NOT_SETTINGS and not k.endswith("cache_content") and k != "precision"}
+    for k in ("cache_dir", "kd_weight", "eval_every", "precision"):  # set by main(), or as the policy computes
+        mine.pop(k, None), theirs.pop(k, None)
+    assert mine == theirs
+    assert sf.make_config("cpu").num_samples != base.num_samples  # the pin matters: the preset did move on
