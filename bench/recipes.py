@@ -53,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spoonfeed_helpers as sf  # noqa: E402
-from bench.ablation import _json, _num, interval_verdict, legacy_cache_key, t_interval  # noqa: E402
+from bench.ablation import (CPU_2026_12_07, _json, _num, interval_verdict, legacy_cache_key,  # noqa: E402
+                            t_interval)
 from bench.run import machine_name  # noqa: E402
 
 
@@ -94,8 +95,7 @@ def arms(cfg: sf.RunConfig) -> dict:
 
 # the study's base: the `cpu` preset with the data and steps it had when the study ran (2026-12-07), so that its
 # results file keeps its settings when the preset moves on (the preset took the study's data point since)
-STUDY_CPU = dict(num_samples=512, superposition_steps=300, lm_head_steps=150, lr=2e-3, ablation_steps=150,
-                 ablation_head_steps=75)
+STUDY_CPU = CPU_2026_12_07
 PRESETS = {"full": dict(preset="cpu", seeds=3, sweep_seed=0, pinned=STUDY_CPU),
            "smoke": dict(preset="smoke", seeds=2, sweep_seed=0, pinned={})}
 MAX_EXTENSIONS = 2  # the sweep goes on past an edge at most this many times

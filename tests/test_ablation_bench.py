@@ -235,3 +235,19 @@ def test_smoke_run_is_killed_after_one_arm_then_finishes_without_redoing_it(tmp_
     assert data["summary"]["verdict"] and data["equal_memory_widths"] == {"16": 4, "32": 8}
     for suffix in (".png", ".md"):
         assert out.with_suffix(suffix).stat().st_size > 0
+
+
+def test_the_multi_seed_study_reruns_on_the_preset_it_ran_on_after_the_cpu_preset_moved_on():
+    """docs/ablation.md's table came from the `cpu` preset of 2026-11-30 (512 blocks, LR 2e-3, 150 + 75 steps an
+    arm); the preset has since changed, and the bench's base pins what changed, so a rerun resumes its file."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    committed = json.loads((Path(ab.__file__).parent / "results" / "ablation-cpu-2026-11-30.json").read_text())
+    cfg = dataclasses.replace(sf.make_config("cpu"), **ab.FULL["pinned"])
+    base = dataclasses.asdict(ab.base_config(cfg))
+    for k in ("num_samples", "lr", "superposition_steps", "lm_head_steps", "ablation_steps", "ablation_head_steps",
+              "warmup_steps", "batch_size", "head_lr"):
+        assert base[k] == committed["settings"][k], k
+    assert sf.make_config("cpu").num_samples != cfg.num_samples  # the pin matters: the preset did move on
