@@ -1460,15 +1460,14 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
     direct next-token CE, optionally over several widths; and at the main width the ternary student trained by
     the other recipe (RECIPES: the strongest alternative in docs/recipes.md), arm ("recipe <name>", width).
     One seed. Arms with the same Phase 2 (the recipes share it: ternary, same width) train it once: the later arm
-    loads the earlier one's finished Phase 2 checkpoint (the same weights it would train, in a fraction of the
-    time). Returns {"arms": {(arm, width): {"cosine", "ce" (nats/token)}}, "widths", "baseline_cosine",
-    "teacher_ce", "recipe", "other_recipe", "verdict"} (ablation_verdict)."""
-    arms, phase2_dirs = {}, {}
+    loads the earlier one's finished Phase 2 checkpoint (RunConfig.ablation_arms names its folder: the same weights
+    it would train, in a fraction of the time). Returns {"arms": {(arm, width): {"cosine", "ce" (nats/token)}},
+    "widths", "baseline_cosine", "teacher_ce", "recipe", "other_recipe", "verdict"} (ablation_verdict)."""
+    arms = {}
     plan = cfg.ablation_arms()
-    for arm, width, ternary, acfg in plan:
+    for arm, width, ternary, acfg, phase2_dir in plan:
         model = build_student(acfg, cache, ternary=ternary)
-        p2_dir = phase2_dirs.setdefault((ternary, width), acfg.run_dir)  # own checkpoints: resumable too
-        train_superposition(model, cache, dataclasses.replace(acfg, run_dir=p2_dir), progress=progress)
+        train_superposition(model, cache, dataclasses.replace(acfg, run_dir=phase2_dir), progress=progress)  # resumable
         train_lm_head(model, cache, acfg, progress=progress)
         if "logit_kd" in recipe_phases(acfg.recipe):
             train_logit_kd(model, cache, acfg, progress=progress, checkpoint=True)
@@ -1484,7 +1483,7 @@ def run_ablation(cache: TeacherCache, cfg: RunConfig, progress: bool = True) -> 
             arms[("direct CE", width)] = {"cosine": float("nan"), "ce": m["student_ce"]}
             del model
             release_memory()
-    result = {"arms": arms, "widths": tuple(dict.fromkeys(w for _, w, _, _ in plan)), "recipe": cfg.recipe,
+    result = {"arms": arms, "widths": tuple(dict.fromkeys(w for _, w, *_ in plan)), "recipe": cfg.recipe,
               "baseline_cosine": m["baseline_cosine"], "teacher_ce": m["teacher_ce"], "other_recipe": plan[-1][3].recipe}
     result["verdict"] = ablation_verdict(result)
     return result

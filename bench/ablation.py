@@ -57,9 +57,17 @@ CONFIDENCE = 0.95
 # blocks, 371 + 186 steps at LR 1e-3 and a 100 + 50 ablation): pinned so that their results files still resume
 CPU_2026_12_07 = dict(num_samples=512, superposition_steps=300, lm_head_steps=150, lr=2e-3, ablation_steps=150,
                       ablation_head_steps=75)
-FULL = dict(preset="cpu", widths=(128, 256, 512), seeds=3, pinned=CPU_2026_12_07)
+FULL = dict(preset="cpu", widths=(128, 256, 512), seeds=3)
 # smoke: the smoke preset's sizes, but without its Phase 2 logit KD, which the cpu preset's arms do not use either
 SMOKE = dict(preset="smoke", widths=(16, 32), seeds=2, kd_weight=0.0)
+
+
+def study_config(preset: str, **form) -> sf.RunConfig:
+    """make_config for the benches' studies (this one, bench/recipes.py, bench/data_steps.py): the `cpu` preset with
+    CPU_2026_12_07 pinned, the settings their committed results ran on; other presets as they are. The pin goes
+    in with dataclasses.replace, not make_config, where a pin equal to a form default would lose to the preset."""
+    cfg = sf.make_config(preset, **form)
+    return dataclasses.replace(cfg, **CPU_2026_12_07) if preset == "cpu" else cfg
 
 
 # --- memory: the equal-memory width -----------------------------------------------------------------------
@@ -472,8 +480,7 @@ def main(argv=None):
     if set(args.arms) - set(ARMS) or not args.arms:
         ap.error(f"--arms takes letters from {''.join(ARMS)}")
     out = Path(args.out or ROOT / "runs" / ("ablation-smoke" if args.smoke else "ablation") / "ablation.json")
-    cfg = dataclasses.replace(sf.make_config(p["preset"], cache_dir=args.cache_dir, precision=args.precision),
-                              **p.get("pinned", {}))
+    cfg = study_config(p["preset"], cache_dir=args.cache_dir, precision=args.precision)
     if "kd_weight" in p:
         cfg = dataclasses.replace(cfg, kd_weight=p["kd_weight"])
     base = base_config(cfg, args.steps, args.head_steps)

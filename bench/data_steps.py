@@ -4,7 +4,8 @@
     python bench/data_steps.py --smoke          # the same code path at the smoke preset's sizes (tests)
 
 The `cpu` preset cached 512 blocks of 128 tokens and trained on them for 300 + 150 steps (about 4.7 epochs of
-Phase 2); "today's split" here is that one (bench/recipes.py's STUDY_CPU), which this bench's result replaced. At a fixed notebook time, more Phase 1 data costs training steps. For each size N (--sizes), this
+Phase 2); "today's split" here is that one (bench/ablation.py's study_config), which this bench's result
+replaced. At a fixed notebook time, more Phase 1 data costs training steps. For each size N (--sizes), this
 builds the Phase 1 cache in a folder of its own and times it, measures the recipe's seconds a step and fixed
 seconds on that cache (as bench/recipes.py --measure does), and scales the recipe's steps by one factor k so that
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import spoonfeed_helpers as sf  # noqa: E402
 from bench import recipes as rc  # noqa: E402
-from bench.ablation import _json, interval_verdict, t_interval  # noqa: E402
+from bench.ablation import _json, interval_verdict, study_config, t_interval  # noqa: E402
 from bench.run import machine_name  # noqa: E402
 
 PRESETS = {"full": dict(preset="cpu", sizes=(512, 1024, 2048), seeds=3, budget=336.0, short=10, long=30),
@@ -93,8 +94,7 @@ def main(argv=None):
     budget = args.budget if args.budget is not None else p["budget"]
     out = Path(args.out) if args.out else ROOT / "runs" / ("data-steps-smoke" if args.smoke else "data-steps") / "data-steps.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    pinned = rc.STUDY_CPU if p["preset"] == "cpu" else {}  # today's split: the recipes study's (bench/recipes.py)
-    base = dataclasses.replace(sf.make_config(p["preset"]), **pinned, eval_every=10**6, kd_weight=0.0, recipe="spoonfeed",
+    base = dataclasses.replace(study_config(p["preset"]), eval_every=10**6, kd_weight=0.0, recipe="spoonfeed",
                                cache_dir=str(out.parent / f"{out.stem}-cache"))
     arm = rc.arms(base)[args.arm]
     lr = args.lr

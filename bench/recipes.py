@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spoonfeed_helpers as sf  # noqa: E402
-from bench.ablation import (CPU_2026_12_07, _json, _num, interval_verdict, legacy_cache_key,  # noqa: E402
+from bench.ablation import (_json, _num, interval_verdict, legacy_cache_key, study_config,  # noqa: E402
                             t_interval)
 from bench.run import machine_name  # noqa: E402
 
@@ -93,11 +93,9 @@ def arms(cfg: sf.RunConfig) -> dict:
     }
 
 
-# the study's base: the `cpu` preset with the data and steps it had when the study ran (2026-12-07), so that its
-# results file keeps its settings when the preset moves on (the preset took the study's data point since)
-STUDY_CPU = CPU_2026_12_07
-PRESETS = {"full": dict(preset="cpu", seeds=3, sweep_seed=0, pinned=STUDY_CPU),
-           "smoke": dict(preset="smoke", seeds=2, sweep_seed=0, pinned={})}
+# the study's base is study_config's: the `cpu` preset as it was when the study ran (bench/ablation.CPU_2026_12_07)
+PRESETS = {"full": dict(preset="cpu", seeds=3, sweep_seed=0),
+           "smoke": dict(preset="smoke", seeds=2, sweep_seed=0)}
 MAX_EXTENSIONS = 2  # the sweep goes on past an edge at most this many times
 SECOND_DOMAIN_PACKAGES = ("transformers", "datasets", "accelerate", "safetensors", "gguf", "tqdm", "matplotlib",
                           "numpy", "torch", "huggingface_hub", "tokenizers", "scipy")
@@ -422,7 +420,7 @@ def summarise(data: dict, names=None) -> dict:
     held-out sets with a 95% t interval and a verdict, the fair ternary-against-full-precision comparison, and the
     arm with the lowest mean own CE."""
     out = {}
-    labels = {n: a.label for n, a in arms(dataclasses.replace(sf.make_config("cpu"), **STUDY_CPU)).items()}
+    labels = {n: a.label for n, a in arms(study_config("cpu")).items()}
     for budget, chosen in data.get("chosen", {}).items():
         rows, diffs = [], []
         ref = chosen_runs(data, budget, "a")
@@ -546,8 +544,7 @@ def main(argv=None):
     ap.add_argument("--max-runs", type=int, help=argparse.SUPPRESS)  # stop after this many runs (tests)
     args = ap.parse_args(argv)
     p = PRESETS["smoke" if args.smoke else "full"]
-    cfg = dataclasses.replace(sf.make_config(p["preset"], cache_dir=args.cache_dir, precision=args.precision),
-                              **p["pinned"])  # replace, not make_config: a pin equal to a form default would lose
+    cfg = study_config(p["preset"], cache_dir=args.cache_dir, precision=args.precision)
     base = dataclasses.replace(cfg, eval_every=10**6, kd_weight=0.0, recipe="spoonfeed")  # one evaluation a phase, at
     # its end; each arm runs its own phases (Arm.phases), which read Phase 3's steps under the original recipe
     table = arms(base)

@@ -62,12 +62,10 @@ def _run_dir_bytes(cfg: RunConfig, vocab: int, teacher_dim: int, ablation: bool)
     total = n["phase2"] + n["head"] + (vocab * teacher_dim if cfg.head_mode == "teacher" else 0)
     out["student/model.safetensors"] = 4 * total
     out["student-ternary/ternary.safetensors"] = 2 * total  # an upper bound: the BitLinears take 1.6 bits
-    phase2s = set()  # run_ablation trains a Phase 2 once for the arms that share it (ternary or not, width)
-    for _, width, ternary, arm in cfg.ablation_arms() if ablation else ():  # run_ablation's checkpointed arms
+    for _, width, _, arm, phase2_dir in cfg.ablation_arms() if ablation else ():  # run_ablation's checkpointed arms
         steps = arm.phase_steps()
         prefix = f"{Path(arm.run_dir).relative_to(cfg.run_dir).as_posix()}/"
-        checkpoints(prefix, width, "new", steps["lm_head"], steps.get("logit_kd", 0), (ternary, width) not in phase2s)
-        phase2s.add((ternary, width))
+        checkpoints(prefix, width, "new", steps["lm_head"], steps.get("logit_kd", 0), phase2_dir == arm.run_dir)
     return out
 
 

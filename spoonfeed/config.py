@@ -150,12 +150,13 @@ class RunConfig:
         return {phase: steps[phase] for phase in phases}
 
     def ablation_arms(self) -> list:
-        """run_ablation's checkpointed arms, in order, as (arm, width, ternary, its RunConfig): "ternary" and "full
-        precision" trained by RECIPE at each width (STUDENT_DIM, then ABLATION_WIDTHS), then "recipe <other>", the
-        ternary student trained by the other recipe at STUDENT_DIM. Each RunConfig has the ablation's budget
-        (ABLATION_STEPS of Phase 2, then ABLATION_HEAD_STEPS of Phase 3 or, under "spoonfeed+kd", of Phase 4, at
-        least 1), HEAD_MODE "new", and its own RUN_DIR/ablation/<folder> for its checkpoints. The direct-CE arm
-        writes no checkpoint and is not listed."""
+        """run_ablation's checkpointed arms, in order, as (arm, width, ternary, its RunConfig, its Phase 2 folder):
+        "ternary" and "full precision" trained by RECIPE at each width (STUDENT_DIM, then ABLATION_WIDTHS), then
+        "recipe <other>", the ternary student trained by the other recipe at STUDENT_DIM. Each RunConfig has the
+        ablation's budget (ABLATION_STEPS of Phase 2, then ABLATION_HEAD_STEPS of Phase 3 or, under "spoonfeed+kd",
+        of Phase 4, at least 1), HEAD_MODE "new", and its own RUN_DIR/ablation/<folder> for its checkpoints. Arms
+        with the same Phase 2 (the recipes share it: ternary, same width) train it once: the Phase 2 folder is the
+        first such arm's RUN_DIR. The direct-CE arm writes no checkpoint and is not listed."""
         base = dataclasses.replace(self, superposition_steps=self.ablation_steps, lm_head_steps=self.ablation_head_steps,
                                    logit_kd_steps=max(self.ablation_head_steps, 1), head_mode="new",
                                    eval_every=max(self.ablation_steps, 1))
@@ -164,9 +165,12 @@ class RunConfig:
                 for w in dict.fromkeys((self.student_dim, *self.ablation_widths))
                 for arm in ("ternary", "full precision")]
         plan.append((f"recipe {other}", self.student_dim, True, other, f"{other}-{self.student_dim}"))
-        return [(arm, w, ternary, dataclasses.replace(base, student_dim=w, recipe=recipe,
-                                                      run_dir=str(Path(self.run_dir) / "ablation" / folder)))
-                for arm, w, ternary, recipe, folder in plan]
+        out, phase2 = [], {}
+        for arm, w, ternary, recipe, folder in plan:
+            run_dir = str(Path(self.run_dir) / "ablation" / folder)
+            out.append((arm, w, ternary, dataclasses.replace(base, student_dim=w, recipe=recipe, run_dir=run_dir),
+                        phase2.setdefault((ternary, w), run_dir)))
+        return out
 
     def validate(self) -> "RunConfig":
         """Check every setting before any work starts. Raises ConfigError naming the setting as the user typed

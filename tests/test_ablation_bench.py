@@ -245,7 +245,7 @@ def test_the_multi_seed_study_reruns_on_the_preset_it_ran_on_after_the_cpu_prese
     from pathlib import Path
 
     committed = json.loads((Path(ab.__file__).parent / "results" / "ablation-cpu-2026-11-30.json").read_text())
-    cfg = dataclasses.replace(sf.make_config("cpu"), **ab.FULL["pinned"])
+    cfg = ab.study_config("cpu")
     base = dataclasses.asdict(ab.base_config(cfg))
     for k in ("num_samples", "lr", "superposition_steps", "lm_head_steps", "ablation_steps", "ablation_head_steps",
               "warmup_steps", "batch_size", "head_lr"):

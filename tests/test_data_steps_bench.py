@@ -1,15 +1,15 @@
 """bench/data_steps.py: more Phase 1 data against more steps at a fixed notebook time (issue 26, item 5)."""
-import dataclasses
 import json
 from types import SimpleNamespace
 
 import pytest
 
 import spoonfeed_helpers as sf
+from bench import ablation as ab
 from bench import data_steps as ds
 from bench import recipes as rc
 
-STUDY = dataclasses.replace(sf.make_config("cpu"), **rc.STUDY_CPU)  # the study's base: 512 blocks, 300 + 150
+STUDY = ab.study_config("cpu")  # the study's base: 512 blocks, 300 + 150
 
 SPEED = {"p2": {"s_per_step": 0.15, "overhead_s": 3.0}, "p3": {"s_per_step": 0.45, "overhead_s": 12.0}}
 

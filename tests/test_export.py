@@ -107,7 +107,7 @@ def test_the_recipe_arm_takes_the_ternary_arms_phase_2_and_reaches_the_figures_o
     ablation = Path(cfg.run_dir) / "ablation"
     assert (ablation / "ternary-16" / "checkpoints" / "phase2.pt").is_file()
     assert not list((ablation / "spoonfeed+kd-16").rglob("phase2*.pt"))
-    arm, width, ternary, acfg = cfg.ablation_arms()[-1]
+    arm, width, ternary, acfg, _ = cfg.ablation_arms()[-1]
     alone = dataclasses.replace(acfg, run_dir=str(Path(cfg.run_dir) / "alone"))
     model = sf.build_student(alone, cache, ternary=ternary)
     sf.train_superposition(model, cache, alone, progress=False)  # its own Phase 2, from scratch

@@ -12,7 +12,7 @@ from conftest import SMOKE_RUNS, rebuilt_in_place
 import spoonfeed_helpers as sf
 from bench import recipes as rc
 
-CPU = dataclasses.replace(sf.make_config("cpu"), **rc.STUDY_CPU)  # the study's base: the preset it ran on
+CPU = rc.study_config("cpu")  # the study's base: the preset it ran on
 
 
 # --- budgets ----------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_the_study_keeps_its_results_files_settings_when_the_cpu_preset_moves_on
     from pathlib import Path
 
     committed = json.loads((Path(rc.__file__).parent / "results" / "recipes-cpu-2026-12-07.json").read_text())
-    base = dataclasses.replace(sf.make_config("cpu"), **rc.PRESETS["full"]["pinned"])
+    base = rc.study_config("cpu")
     mine = json.loads(rc._json({k: v for k, v in dataclasses.asdict(base).items() if k not in rc.NOT_SETTINGS}))
     theirs = {k: v for k, v in committed["settings"].items()
               if k not in rc.NOT_SETTINGS and not k.endswith("cache_content") and k != "precision"}
