@@ -413,14 +413,18 @@ def chosen_runs(data: dict, budget: str, name: str) -> dict:
 
 
 METRICS = (("ce", "own held-out CE"), ("second_ce", "second-domain CE"))
+GAIN = ("cosine_gain", "held-out cosine gain")  # Phase 2's figure: the full-precision arms are also compared by it,
+LABELS = dict(METRICS + (GAIN,))                # the metric of the ablation's ternary-against-full-precision verdict
 
 
 def summarise(data: dict, names=None) -> dict:
     """Per budget: each arm's chosen setting with mean and sd over seeds, its paired difference from (a) on both
-    held-out sets with a 95% t interval and a verdict, the fair ternary-against-full-precision comparison, and the
-    arm with the lowest mean own CE."""
+    held-out sets with a 95% t interval and a verdict, for the full-precision arms (fp256, fp512: each at its own
+    best LR, against the ternary (a) at its own) also the difference in held-out cosine gain over the mean-vector
+    baseline (higher is better), and the arm with the lowest mean own CE."""
     out = {}
-    labels = {n: a.label for n, a in arms(study_config("cpu")).items()}
+    table = arms(dataclasses.replace(study_config("cpu"), student_dim=data["settings"]["student_dim"]))
+    labels = {n: a.label for n, a in table.items()}
     for budget, chosen in data.get("chosen", {}).items():
         rows, diffs = [], []
         ref = chosen_runs(data, budget, "a")
@@ -437,11 +441,21 @@ def summarise(data: dict, names=None) -> dict:
             rows.append(row)
             if name == "a":
                 continue
+            dim = data["settings"]["student_dim"]  # (a)'s width; an arm of another width names both
+            own = table[name].student.get("dim", dim) if name in table else dim
+            width = dim if own == dim else f"{own} (against (a) at {dim})"
             for m, what in METRICS:
                 seeds = sorted(s for s in set(runs) & set(ref))
                 d = t_interval([_num(runs[s][m]) - _num(ref[s][m]) for s in seeds])
-                v = interval_verdict(d, (f"({name}) {row['label']}", "(a) Spoon Feed"), f"nats {what}",
-                                     data["settings"]["student_dim"], higher_is_better=False)
+                v = interval_verdict(d, (f"({name}) {row['label']}", "(a) Spoon Feed"), f"nats {what}", width,
+                                     higher_is_better=False)
+                diffs.append({"arm": name, "metric": m, **d, "seeds": seeds, "verdict": v})
+            if name.startswith("fp"):
+                m, what = GAIN
+                seeds = sorted(s for s in set(runs) & set(ref))
+                d = t_interval([_num(runs[s][m]) - _num(ref[s][m]) for s in seeds])
+                v = interval_verdict(d, (f"({name}) {row['label']}", "(a) Spoon Feed, ternary"), what, width,
+                                     higher_is_better=True)
                 diffs.append({"arm": name, "metric": m, **d, "seeds": seeds, "verdict": v})
         best = min(rows, key=lambda r: _finite(r["ce"]["mean"]), default=None)
         out[budget] = {"rows": rows, "differences": diffs, "best": best and best["arm"]}
@@ -467,7 +481,7 @@ def format_report(data: dict, summary: dict) -> str:
                   "| arm | held-out set | seeds | difference (arm - (a)) | verdict |", "|---|---|---|---|---|"]
         for d in sm["differences"]:
             half = "" if d["half_width"] != d["half_width"] else f" ± {d['half_width']:.4f}"
-            lines.append(f"| ({d['arm']}) | {dict(METRICS)[d['metric']]} | {d['n']} | {d['mean']:+.4f}{half} | "
+            lines.append(f"| ({d['arm']}) | {LABELS[d['metric']]} | {d['n']} | {d['mean']:+.4f}{half} | "
                          f"{d['verdict']} |")
         if sm["best"]:
             lines += ["", f"Lowest mean own held-out CE at this budget: ({sm['best']})"]
@@ -574,7 +588,7 @@ def main(argv=None):
     study = Study(cache, second, base, out, names, seeds, budgets, speeds, progress=not args.smoke,
                   max_runs=args.max_runs)
     data = study.run()
-    summary = summarise(data, names)
+    summary = summarise(data, list(table))  # every arm the file holds, not only this run's: the report is the study's
     data["summary"] = summary
     sf._atomic_write_text(out, _json(data))
     report = format_report(data, summary)

@@ -232,6 +232,33 @@ def test_the_verdict_names_a_winner_only_where_the_interval_excludes_zero(tiny_c
     assert any(line.get_ydata()[0] == 0.0 and len(line.get_ydata()) == 2 for line in own_ax.lines)  # the 0 line
 
 
+def test_full_precision_is_also_compared_by_cosine_gain_and_a_wider_arm_names_both_widths(tiny_cache, tmp_path, patch):
+    """The ablation's ternary-against-full-precision verdict is in cosine gain (higher is better): the study re-makes
+    it with each arm at its own best LR, so the full-precision arms' differences from (a) include it."""
+    cfg, cache, _ = tiny_cache
+    fake = _fake({"a": cfg.lr, "fp256": cfg.lr / 2, "fp512": cfg.lr / 2}, [])
+    gain = {"a": 0.10, "fp256": 0.09, "fp512": 0.13}  # ternary ahead of fp256 by 0.01, behind fp512 by 0.03
+
+    def run_one(cache, second, base, name, arm, lr, variant, seed, steps, run_dir, progress=False):
+        r = fake(cache, second, base, name, arm, lr, variant, seed, steps, run_dir)
+        r["cosine_gain"] = gain[name] + 0.001 * seed * (1 + (name == "fp512"))
+        return r
+
+    patch(rc, "run_one", run_one)
+    data = rc.Study(cache, cache, cfg, tmp_path / "r.json", ["a", "fp256", "fp512"], range(3), ["steps"]).run()
+    summary = rc.summarise(data)
+    gains = {d["arm"]: d for d in summary["steps"]["differences"] if d["metric"] == "cosine_gain"}
+    assert set(gains) == {"fp256", "fp512"}  # the full-precision arms only
+    assert gains["fp256"]["mean"] == pytest.approx(-0.01)
+    assert gains["fp256"]["verdict"].startswith("(a) Spoon Feed, ternary ahead of (fp256)")
+    assert f"at width {cfg.student_dim} " in gains["fp256"]["verdict"]
+    assert gains["fp512"]["verdict"].startswith("(fp512) full precision + Spoon Feed, width 512 ahead of (a)")
+    assert f"at width {2 * cfg.student_dim} (against (a) at {cfg.student_dim})" in gains["fp512"]["verdict"]
+    report = rc.format_report(data, summary)
+    assert "| (fp256) | held-out cosine gain | 3 | -0.0100" in report
+    rc.plot(data, summary, tmp_path / "p.png")  # the plot draws the CE panels; the gain rows do not break it
+
+
 # --- the second held-out domain ----------------------------------------------------------------------------
 
 def test_the_second_domain_is_the_requirements_package_descriptions_written_once(tmp_path):
@@ -284,6 +311,13 @@ def test_smoke_measure_then_study_on_the_bundled_teacher(tmp_path, smoke_cache_d
     assert set(data["chosen"]) == {"steps", "wallclock"}
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
     assert {r["arm"] for r in data["results"].values()} == {"a", "c"}
+    # a later run of some arms (here nothing is left to run) reports the study: every arm the file holds
+    again = rc.main(["--smoke", "--arms", "a", "--cache-dir", str(smoke_cache_dir), "--seeds", "2", "--speeds",
+                     str(speeds), "--out", str(out)])
+    assert again["results"] == data["results"]
+    for budget in ("steps", "wallclock"):
+        assert [r["arm"] for r in again["summary"][budget]["rows"]] == ["a", "c"]
+    assert "| (c) plain logit KD" in out.with_suffix(".md").read_text()
 
 
 def test_the_study_keeps_its_results_files_settings_when_the_cpu_preset_moves_on():
