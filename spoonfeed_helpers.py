@@ -85,7 +85,7 @@ from spoonfeed.errors import (  # noqa: F401
 )
 from spoonfeed.config import (  # noqa: F401
     BUNDLED_GGUF, BUNDLED_MODEL, BUNDLED_TEACHER, check_switches, check_teacher_name, describe, FORM_NAMES,
-    make_config, named_as, ORIGINAL_PROMPTS, setting, settings_by_field, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS, recipe_phases, RECIPES,
+    explicit_settings, make_config, named_as, ORIGINAL_PROMPTS, setting, settings_by_field, parse_widths, PRECISIONS, preset_from_env, PRESETS, resolve_preset, STDLIB_CORPUS, recipe_phases, RECIPES,
 )
 from spoonfeed.precision import cpu_bf16_instructions, make_grad_scaler  # noqa: F401
 from spoonfeed.files import HF_FORMAT, RUN_DIR_LAYOUT, run_path  # noqa: F401

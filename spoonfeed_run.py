@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
 
 
 def _main(args, preset, settings) -> dict:
-    cfg = sf.make_config(preset, **settings)
+    cfg = sf.make_config(preset, explicit=settings, **settings)  # every --set wins over the preset, at any value
     sf.check_export_settings(args.gguf_qtype)
     check_launch_devices(cfg)
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots go to files

@@ -3,7 +3,7 @@
     python scripts/run_notebook.py spoon_feed.ipynb out.ipynb -p PRESET smoke -p SEED 1   # any papermill option
 
 It is papermill's click command unchanged, except that its call to papermill.execute_notebook gets a few
-more keyword arguments, which papermill hands on to nbclient's NotebookClient, and the kernel two environment
+more keyword arguments, which papermill hands on to nbclient's NotebookClient, and the kernel three environment
 variables. What they add:
 - each cell's `# @title` line as the cell starts, with the seconds since the start (nbclient's `on_cell_start`);
 - the kernel's stdout and stderr copied to the terminal as they arrive (papermill's `stdout_file`/`stderr_file`);
@@ -11,7 +11,10 @@ variables. What they add:
   headless kernel has no front end to draw a widget, so a widget bar would never reach the terminal;
 - each cell's stream output merged into one in the saved notebook (nbclient's `coalesce_streams`);
 - a failing cell named by its title, with its traceback, and exit status 1 (papermill's own message is a
-  long traceback through its command-line code).
+  long traceback through its command-line code);
+- the names given with -p, in SPOONFEED_SET, so that a setting typed at its form default wins over the preset
+  (spoonfeed.config.make_config's `explicit`): `-p PRESET cpu -p LOGIT_KD_STEPS 150` trains 150 steps, not the
+  preset's 110.
 """
 import os
 import re
@@ -64,6 +67,8 @@ def check_parameters(input_path, parameters) -> None:
 
 def execute_notebook(input_path, output_path, *args, stdout_file=None, stderr_file=None, **kwargs):
     check_parameters(input_path, kwargs.get("parameters"))
+    # the kernel inherits it: cell 2 lets these settings win over the preset even at their form default
+    os.environ["SPOONFEED_SET"] = ",".join(kwargs.get("parameters") or {})
     execute_notebook.output_path = output_path
     return papermill_execute_notebook(
         input_path, output_path, *args, stdout_file=stdout_file or sys.stdout, stderr_file=stderr_file or sys.stderr,

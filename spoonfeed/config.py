@@ -413,19 +413,32 @@ def check_batch_size(batch_size: int, blocks: int, what: str) -> None:
                           f"raise {setting('num_samples')}")
 
 
-def make_config(preset: str | None = None, **form) -> RunConfig:
+def make_config(preset: str | None = None, explicit=(), **form) -> RunConfig:
     """RunConfig from form values and a preset. The preset fills in every setting left at its form default
     (RunConfig's default); a value the user changed (a slider moved, `papermill -p NAME value`) wins over it.
-    A key is a RunConfig field or its form setting (make_config(lr=...) or make_config(LEARNING_RATE=...)).
+    A form alone cannot tell a value typed at its default from one left alone, so `explicit` names the settings
+    the user gave on a command line (spoonfeed_run's --set; scripts/run_notebook.py's -p names, which the notebook
+    reads with explicit_settings): those win over the preset even at their form default (--set LOGIT_KD_STEPS=150
+    on the cpu preset is 150, not the preset's 110). A name in `explicit` that is no setting (PRESET, RETRAIN) is
+    ignored. A key is a RunConfig field or its form setting (make_config(lr=...) or make_config(LEARNING_RATE=...)).
     Unknown keys, wrong types and impossible values raise ConfigError before any work starts, naming the setting
     by its form name (LEARNING_RATE: cell 2 passes the form's values by field), or by the name named_as gives."""
     form = settings_by_field(form)[0]
     if preset and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: PRESET (or SPOONFEED_PRESET) must be one of "
                           f"{sorted(PRESETS)} or 'none'")
-    defaults = RunConfig()
-    changed = {k: v for k, v in form.items() if v != getattr(defaults, k)}
+    defaults, named = RunConfig(), {FORM_FIELDS.get(n, n) for n in explicit}
+    changed = {k: v for k, v in form.items() if k in named or v != getattr(defaults, k)}
     return RunConfig(**{**(PRESETS[preset] if preset else {}), **changed}).validate()
+
+
+EXPLICIT_ENV = "SPOONFEED_SET"  # scripts/run_notebook.py: the -p names of a headless notebook run, comma-separated
+
+
+def explicit_settings(env=os.environ) -> tuple:
+    """Cell 2's `explicit` for make_config: the names of the settings given on run_notebook.py's command line (-p
+    NAME value), from SPOONFEED_SET, which it sets for the kernel; () in Colab, Jupyter and plain papermill."""
+    return tuple(n.strip() for n in env.get(EXPLICIT_ENV, "").split(",") if n.strip())
 
 
 def resolve_preset(form_value: str | None = None, env=os.environ) -> str | None:

@@ -54,7 +54,9 @@ def outputs(nb_path):
 
 def test_run_cpu_streams_titles_bars_and_results_passes_its_arguments_and_saves_the_notebook(project):
     run_dir = project / "elsewhere"
-    args = tiny(project, "-p", "SEED", "7", "-p", "STUDENT_DIM", "48", "-p", "RUN_DIR", str(run_dir))
+    # LEARNING_RATE at the form's 0.001, not the smoke preset's 0.002: typed on the command line, so it wins
+    args = tiny(project, "-p", "SEED", "7", "-p", "STUDENT_DIM", "48", "-p", "RUN_DIR", str(run_dir),
+                "-p", "LEARNING_RATE", "0.001")
     with open(project / "stderr.txt", "w+") as err:
         proc = subprocess.Popen(["bash", "scripts/run_cpu.sh", *args], cwd=project, env=ENV, text=True,
                                 stdout=subprocess.PIPE, stderr=err)
@@ -75,7 +77,8 @@ def test_run_cpu_streams_titles_bars_and_results_passes_its_arguments_and_saves_
     assert "parameters from the command line: " in r.stdout
     assert re.search(r"^  seed += 7$", r.stdout, re.M)  # the overrides reached the effective configuration,
     assert re.search(r"^  student_dim += 48$", r.stdout, re.M)  # one of them over the preset's 32,
-    assert re.search(r"^  student_layers += 2$", r.stdout, re.M)  # and the preset filled in the rest
+    assert re.search(r"^  student_layers += 2$", r.stdout, re.M)  # and the preset filled in the rest,
+    assert re.search(r"^  lr += 0.001$", r.stdout, re.M)  # but not a -p at the form's default (the preset's 0.002)
     for bar in ("Phase 1: teacher states", "Phase 2: superposition", "Phase 3: LM head"):
         assert re.search(rf"{bar}: 100%\|.*\| (\d+)/\1 ", r.stderr), bar  # text bars, streamed as they move
     assert "held-out cosine (student)" in r.stdout and "student CE" in r.stdout  # the evaluation table

@@ -261,6 +261,27 @@ def test_settings_on_the_command_line_are_python_literals_or_text():
         spoonfeed_run.main(["--set", "batchsize=2"])
 
 
+def test_every_set_wins_over_the_preset_even_at_the_forms_default(monkeypatch):
+    """The cpu preset's Phase 4 is 110 steps at LR 2e-3; the form's are 150 and 1e-3. `--set` says what the user
+    wants, at any value: a --set equal to the form's default is not 'left alone' (it was dropped, silently)."""
+    default, cpu = sf.RunConfig(), sf.PRESETS["cpu"]
+    assert (cpu["logit_kd_steps"], cpu["logit_kd_lr"]) != (default.logit_kd_steps, default.logit_kd_lr)
+
+    class Got(Exception):  # the config as the run would use it, caught before any work
+        pass
+
+    def got(cfg, *a, **k):
+        raise Got(cfg)
+
+    monkeypatch.setattr(spoonfeed_run, "check_launch_devices", got)
+    with pytest.raises(Got) as e:
+        spoonfeed_run.main(["--preset", "cpu", "--set", f"LOGIT_KD_STEPS={default.logit_kd_steps}",
+                            "--set", f"logit_kd_lr={default.logit_kd_lr}"])
+    cfg = e.value.args[0]
+    assert (cfg.logit_kd_steps, cfg.logit_kd_lr) == (default.logit_kd_steps, default.logit_kd_lr)
+    assert cfg.lm_head_steps == cpu["lm_head_steps"]  # what was not --set is the preset's
+
+
 _WRONG_TYPE = {"int": "abc", "float": "abc", "str": "3", "bool": "maybe", "tuple": "abc"}
 
 

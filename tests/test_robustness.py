@@ -333,6 +333,22 @@ def test_preset_fills_the_settings_left_at_their_defaults_and_changed_ones_win(m
     assert sf.make_config(None, **form).teacher == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
 
 
+def test_a_setting_named_on_a_command_line_wins_over_the_preset_even_at_its_form_default(monkeypatch):
+    """A form cannot tell a value typed at its default from one left alone, so the preset takes both; a headless
+    run names what its command line set (spoonfeed_run's --set; run_notebook.py's -p, through SPOONFEED_SET), and
+    those win at any value."""
+    default, cpu = sf.RunConfig(), sf.PRESETS["cpu"]
+    form = dict(logit_kd_steps=default.logit_kd_steps, lr=default.lr, seed=default.seed)
+    assert cpu["logit_kd_steps"] != default.logit_kd_steps and cpu["lr"] == default.lr
+    assert sf.make_config("cpu", **form).logit_kd_steps == cpu["logit_kd_steps"]  # the form alone: the preset's
+    cfg = sf.make_config("cpu", explicit=("LOGIT_KD_STEPS", "PRESET", "RETRAIN"), **form)  # non-settings ignored
+    assert cfg.logit_kd_steps == default.logit_kd_steps and cfg.lm_head_steps == cpu["lm_head_steps"]
+    monkeypatch.setenv("SPOONFEED_SET", "PRESET,LOGIT_KD_STEPS, SEED,")
+    assert sf.explicit_settings() == ("PRESET", "LOGIT_KD_STEPS", "SEED")
+    monkeypatch.delenv("SPOONFEED_SET")
+    assert sf.explicit_settings() == ()  # Colab, Jupyter, plain papermill: the form's rule alone
+
+
 # --- a device torch cannot use here -----------------------------------------------------------------------
 
 def _gpus(monkeypatch, n: int, mps: bool = False):
