@@ -15,7 +15,9 @@ Arms, on the `cpu` preset's Phase 1 cache (bundled teacher, stdlib corpus), the 
   (e)  BitDistill-style: a SubLN student (RMSNorm on the inputs of o_proj and down_proj), logit KD at T = 5;
   (f)  next-token CE alone, no teacher (the reference);
   (fp256), (fp512)  Spoon Feed with full-precision linears at widths 256 and 512, each at its own best LR, so
-       that the ternary-against-full-precision verdict is made with every arm tuned.
+       that the ternary-against-full-precision verdict is made with every arm tuned;
+  (fpmem)  the same at the width whose bf16 BitLinear weights take the ternary student's bytes (80 for 256:
+       bench/ablation.py's equal-memory arm), at equal steps only (the budget of that verdict).
 Each arm's LR is swept on seed 0 (three values, extended by a factor 2 while the best sits at an edge, twice at
 most); its variants (alpha and T for (c)) run at that LR; the best setting then runs seeds 1 and 2. Selection is
 on the project's own held-out CE, and the held-out sets are the ones reported: seeds 1 and 2 are fresh draws,
@@ -53,8 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spoonfeed_helpers as sf  # noqa: E402
-from bench.ablation import (_json, _num, interval_verdict, legacy_cache_key, study_config,  # noqa: E402
-                            t_interval)
+from bench.ablation import (_json, _num, equal_memory_width, interval_verdict, legacy_cache_key,  # noqa: E402
+                            study_config, t_interval)
 from bench.run import machine_name  # noqa: E402
 
 
@@ -67,12 +69,14 @@ class Arm:
     overrides: dict = dataclasses.field(default_factory=dict)  # RunConfig fields
     student: dict = dataclasses.field(default_factory=dict)  # StudentConfig fields (subln, ternary), and width
     variants: tuple = ({},)  # RunConfig overrides tried at the best LR; the first is the sweep's own
+    budgets: tuple = ("steps", "wallclock")  # the budgets it runs under
 
 
 def arms(cfg: sf.RunConfig) -> dict:
     """The arms at this preset's budget: (a)'s Phase 2 and Phase 3 steps, every other arm the same total."""
     s2, s3 = cfg.superposition_steps, cfg.lm_head_steps
     total, lr = s2 + s3, cfg.lr
+    mem = equal_memory_width(cfg, cfg.student_dim)  # bf16 weights in the bytes of the ternary ones: 80 for 256
     spoon = (("p2", s2), ("p3", s3))
     around = (lr / 2, lr, lr * 2)
     return {
@@ -90,6 +94,9 @@ def arms(cfg: sf.RunConfig) -> dict:
                      student={"ternary": False, "dim": cfg.student_dim}),
         "fp512": Arm("full precision + Spoon Feed, width 512", spoon, "lr", (lr / 4, lr / 2, lr),
                      student={"ternary": False, "dim": 2 * cfg.student_dim}),
+        # the ablation's equal-memory arm, tuned: it re-makes that verdict, which bench/ablation.py made at equal steps
+        "fpmem": Arm(f"full precision + Spoon Feed, width {mem}: the ternary student's BitLinear bytes", spoon, "lr",
+                     (lr / 4, lr / 2, lr), student={"ternary": False, "dim": mem}, budgets=("steps",)),
     }
 
 
@@ -385,7 +392,8 @@ class Study:
                           "`python bench/recipes.py --measure`, then pass it with --speeds", flush=True)
                     continue
                 chosen = {}
-                for name in self.arms:  # each arm's choice is written as soon as its sweep is done
+                for name in (n for n, a in self.arms.items() if budget in a.budgets):  # each arm's choice is
+                    # written as soon as its sweep is done
                     chosen[name] = lr, variant = self.best(budget, name)
                     self.data.setdefault("chosen", {}).setdefault(budget, {})[name] = {"lr": lr, "variant": variant}
                     sf._atomic_write_text(self.out, _json(self.data))
@@ -546,7 +554,7 @@ def plot(data: dict, summary: dict, path=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the smoke preset's sizes, 2 seeds")
-    ap.add_argument("--arms", help="comma-separated arms (default: all, a,c,d,e,b,f,fp256,fp512)")
+    ap.add_argument("--arms", help="comma-separated arms (default: all, a,c,d,e,b,f,fp256,fp512,fpmem)")
     ap.add_argument("--seeds", type=int, help="seeds 0..n-1 (default 3; seed 0 is the sweep's)")
     ap.add_argument("--budgets", default="steps,wallclock", help="steps, wallclock or both (default both)")
     ap.add_argument("--measure", action="store_true", help="measure seconds per step of every arm and exit")

@@ -11,6 +11,7 @@ from conftest import SMOKE_RUNS, rebuilt_in_place
 
 import spoonfeed_helpers as sf
 from bench import recipes as rc
+from bench.ablation import equal_memory_width
 
 CPU = rc.study_config("cpu")  # the study's base: the preset it ran on
 
@@ -23,9 +24,13 @@ def test_every_arm_gets_the_notebooks_steps_at_the_equal_steps_budget():
     assert rc.equal_steps(table["a"]) == {"p2": CPU.superposition_steps, "p3": CPU.lm_head_steps}
     for name, arm in table.items():
         assert sum(rc.equal_steps(arm).values()) == total, name
-    assert set(table) == {"a", "b", "c", "d", "e", "f", "fp256", "fp512"}
+    assert set(table) == {"a", "b", "c", "d", "e", "f", "fp256", "fp512", "fpmem"}
     assert table["e"].student == {"subln": True} and table["e"].overrides["logit_kd_temperature"] == 5.0
     assert table["fp512"].student == {"ternary": False, "dim": 512}
+    # the ablation's equal-memory arm: bf16 weights in the ternary 256's BitLinear bytes, at equal steps only
+    assert table["fpmem"].student == {"ternary": False, "dim": 80} == {"ternary": False,
+                                                                        "dim": equal_memory_width(CPU, 256)}
+    assert table["fpmem"].budgets == ("steps",) and table["a"].budgets == ("steps", "wallclock")
     assert all(len(arm.lrs) >= 3 for arm in table.values())
 
 
@@ -70,6 +75,18 @@ def test_the_sweep_takes_the_best_lr_extends_past_an_edge_and_runs_the_other_see
     assert f_sweep == pytest.approx([lr / 2, lr, 2 * lr, 4 * lr, 8 * lr])
     assert sorted(c[3] for c in calls if c[0] == "a" and c[1] == pytest.approx(lr)) == [0, 1, 2]
     assert len(calls) == len(set(calls))  # nothing run twice
+
+
+def test_an_arm_runs_only_under_its_own_budgets(tiny_cache, tmp_path, patch):
+    cfg, cache, _ = tiny_cache
+    calls = []
+    patch(rc, "run_one", _fake({"a": cfg.lr, "fpmem": cfg.lr / 2}, calls))
+    speeds = {"arms": {"a": {"p2": {"s_per_step": 0.1, "overhead_s": 1.0}, "p3": {"s_per_step": 0.1,
+                                                                                    "overhead_s": 1.0}}}}
+    data = rc.Study(cache, cache, cfg, tmp_path / "r.json", ["a", "fpmem"], range(2), ["steps", "wallclock"],
+                    speeds).run()  # no speed for fpmem: it would stop the study if the wall-clock budget asked
+    assert set(data["chosen"]["steps"]) == {"a", "fpmem"} and set(data["chosen"]["wallclock"]) == {"a"}
+    assert {r["budget"] for r in data["results"].values() if r["arm"] == "fpmem"} == {"steps"}
 
 
 def test_the_variants_run_at_the_best_lr_and_win_only_when_lower(tiny_cache, tmp_path, patch):
