@@ -227,7 +227,7 @@ else:
 
 # %% cellView="form"
 # @title 12. Does ternary superposition help, and does the other recipe beat this one? (ablation)
-# @markdown Equal width, data and optimiser steps, one seed: (a) ternary and (b) full-precision linears, both trained by `RECIPE`, (c) ternary trained directly with next-token CE, and the ternary student trained by the other recipe (`spoonfeed` against `spoonfeed+kd`: the strongest alternative in `docs/recipes.md`). The verdict is computed from these figures and says it rests on one seed: `docs/recipes.md` compares the recipes at equal wall-clock with intervals across seeds, and `docs/ablation.md` ("Ablation across seeds and widths", from `bench/ablation.py`) ternary against full precision. `RUN_ABLATION`, its steps and widths are in cell 1.
+# @markdown Equal width, data and optimiser steps, one seed: (a) ternary and (b) full-precision linears, both trained by `RECIPE`, (c) ternary trained directly with next-token CE, and the ternary student trained by the other recipe (`spoonfeed` against `spoonfeed+kd`: the strongest alternative in `docs/recipes.md`). The verdict is computed from these figures and says it rests on one seed: `docs/recipes.md` compares the recipes at equal wall-clock with intervals across seeds, and `docs/ablation.md` ("Ablation across seeds and widths", from `bench/ablation.py`) ternary against full precision, which arm (b) trains at the ternary arm's learning rate ("Re-made with each arm tuned" gives each its own). `RUN_ABLATION`, its steps and widths are in cell 1.
 if RUN_ABLATION:
     ablation = sf.run_ablation(cache, cfg)
     print(sf.format_ablation(ablation))

@@ -164,13 +164,15 @@ def format_ablation(result: dict) -> str:
 
 MULTI_SEED_PAGE = "docs/ablation.md"  # the page and section ablation_verdict points to
 MULTI_SEED_SECTION = "Ablation across seeds and widths"
+TUNED_SECTION = "Re-made with each arm tuned"  # its subsection: full precision at its own LR (bench/recipes.py)
 RECIPES_PAGE = "docs/recipes.md"  # where the recipes are compared with intervals (bench/recipes.py)
 
 
 def ablation_verdict(result: dict) -> str:
     """One line computed from run_ablation's figures (CE in nats/token), at the main (first) width: ternary against
     full precision, Spoon Feed against direct CE, and the recipe against the other one when that arm ran. It rests
-    on one seed, and says so: it points to the multi-seed table in docs/ablation.md (bench/ablation.py) and to
+    on one seed, and says so: it points to the multi-seed table in docs/ablation.md (bench/ablation.py), to its
+    re-make with full precision at its own learning rate (the arm here trains at the ternary arm's), and to
     docs/recipes.md (bench/recipes.py), which give intervals across seeds."""
     w, arms, base = result["widths"][0], result["arms"], result["baseline_cosine"]
     t, fp, direct = arms[("ternary", w)], arms[("full precision", w)], arms[("direct CE", w)]
@@ -198,4 +200,5 @@ def ablation_verdict(result: dict) -> str:
                                                 f"{abs(d):.2f} nats {'lower' if d < 0 else 'higher'}")
                  + f") at equal steps, one seed: {RECIPES_PAGE} compares them at equal wall-clock across seeds")
     return (f"{first}; {second}{third}. This rests on one seed per arm: the multi-seed table ({MULTI_SEED_PAGE}, "
-            f"'{MULTI_SEED_SECTION}', from bench/ablation.py) says whether it holds across seeds and widths")
+            f"'{MULTI_SEED_SECTION}', from bench/ablation.py) says whether it holds across seeds and widths, and "
+            f"its '{TUNED_SECTION}' gives full precision its own learning rate (here it trains at the ternary arm's)")

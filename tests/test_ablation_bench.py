@@ -209,6 +209,9 @@ def test_the_notebooks_single_seed_verdict_says_so_and_points_to_the_multi_seed_
     verdict = sf.ablation_verdict({"widths": (64,), "baseline_cosine": 0.5, "teacher_ce": 2.0, "arms": arms})
     page, section = re.search(r"one seed per arm: the multi-seed table \(([^,]+), '([^']+)'", verdict).groups()
     assert re.search(rf"^#+ {re.escape(section)}$", (ROOT / page).read_text(), re.M)
+    tuned = re.search(r"its '([^']+)' gives full precision its own learning rate \(here it trains at the ternary",
+                      verdict).group(1)  # the notebook's full-precision arm is untuned, and the verdict says so
+    assert re.search(rf"^#+ {re.escape(tuned)}$", (ROOT / page).read_text(), re.M)
 
 
 # --- the smoke run on the bundled teacher -----------------------------------------------------------------
