@@ -61,7 +61,7 @@ def check_parameters(input_path, parameters) -> None:
     for name in parameters or {}:
         if name not in known:
             near = difflib.get_close_matches(name, known, n=1)
-            raise UnknownParameter(f"unknown parameter {name!r}" + (f": did you mean {near[0]!r}?" if near else "")
+            raise UnknownParameter(f"unknown parameter {name!r}" + (f": did you mean {near[0]!r}?" if near else ".")
                                    + f" The notebook's settings are: {', '.join(sorted(known))}")
 
 

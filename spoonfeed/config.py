@@ -104,7 +104,7 @@ class RunConfig:
     grad_clip: float = 1.0
     loss: str = "cosine"
     kd_weight: float = 0.0  # logit KD through the cached teacher head; 0 turns it off
-    kd_temperature: float = 2.0
+    kd_temperature: float = 1.0
     kd_tokens: int = 256  # positions per batch that get the KD term (each costs two vocab projections); 0 = all
     head_mode: str = "new"
     head_kd_weight: float = 1.0  # Phase 3: KD from the teacher's logits next to the CE (0 = CE only)

@@ -35,6 +35,28 @@ def test_form_defaults_are_the_original_notebooks():
         assert re.search(rf"^{knob} = .*# @param", src, re.M), knob
 
 
+def test_every_form_settings_default_is_its_runconfig_fields_default():
+    """A preset fills in the settings left at their default, judged against RunConfig's defaults: a form default
+    that differs (KD_TEMPERATURE was 1.0 on the form, 2.0 in RunConfig) always counts as changed in the notebook,
+    and a headless run without the form (spoonfeed_run) trains something else from the same settings."""
+    import ast
+
+    import spoonfeed_helpers as sf
+    from spoonfeed.config import FORM_FIELDS
+
+    values = {}
+    for node in ast.parse(CODE[0]).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+    default = sf.RunConfig()
+    checked = [name for name in sf.FORM_NAMES.values() if name in values]
+    assert len(checked) >= 25  # every form setting that feeds a RunConfig field
+    for name in checked:
+        field = FORM_FIELDS[name]
+        value = sf.parse_widths(values[name]) if name == "ABLATION_WIDTHS" else values[name]
+        assert value == getattr(default, field), f"{name} = {value!r} on the form, {field} = {getattr(default, field)!r}"
+
+
 def test_every_phase_has_a_plot():
     for step in ("plot_cache", "plot_phase2", "plot_phase3", "plot_evaluation", "plot_ablation"):
         assert any(step in src and "plt.show()" in src for src in CODE), step
