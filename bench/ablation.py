@@ -64,10 +64,10 @@ SMOKE = dict(preset="smoke", widths=(16, 32), seeds=2, kd_weight=0.0)
 
 def study_config(preset: str, **form) -> sf.RunConfig:
     """make_config for the benches' studies (this one, bench/recipes.py, bench/data_steps.py): the `cpu` preset with
-    CPU_2026_12_07 pinned, the settings their committed results ran on; other presets as they are. The pin goes
-    in with dataclasses.replace, not make_config, where a pin equal to a form default would lose to the preset."""
-    cfg = sf.make_config(preset, **form)
-    return dataclasses.replace(cfg, **CPU_2026_12_07) if preset == "cpu" else cfg
+    CPU_2026_12_07 pinned, the settings their committed results ran on; other presets as they are. The pin is
+    named `explicit`, so that a pinned value equal to a form default (lr 2e-3 is not; it need not be) still wins."""
+    pin = CPU_2026_12_07 if preset == "cpu" else {}
+    return sf.make_config(preset, explicit=pin, **{**form, **pin})
 
 
 # --- memory: the equal-memory width -----------------------------------------------------------------------

@@ -431,7 +431,8 @@ def summarise(data: dict, names=None) -> dict:
     best LR, against the ternary (a) at its own) also the difference in held-out cosine gain over the mean-vector
     baseline (higher is better), and the arm with the lowest mean own CE."""
     out = {}
-    table = arms(dataclasses.replace(study_config("cpu"), student_dim=data["settings"]["student_dim"]))
+    dim = data["settings"]["student_dim"]  # (a)'s width; an arm of another width names both
+    table = arms(dataclasses.replace(study_config("cpu"), student_dim=dim))
     labels = {n: a.label for n, a in table.items()}
     for budget, chosen in data.get("chosen", {}).items():
         rows, diffs = [], []
@@ -449,21 +450,16 @@ def summarise(data: dict, names=None) -> dict:
             rows.append(row)
             if name == "a":
                 continue
-            dim = data["settings"]["student_dim"]  # (a)'s width; an arm of another width names both
             own = table[name].student.get("dim", dim) if name in table else dim
             width = dim if own == dim else f"{own} (against (a) at {dim})"
-            for m, what in METRICS:
-                seeds = sorted(s for s in set(runs) & set(ref))
+            seeds = sorted(set(runs) & set(ref))
+            compared = [(m, f"nats {what}", "(a) Spoon Feed", False) for m, what in METRICS]  # lower CE is better
+            if name.startswith("fp"):  # full precision against the ternary (a), also in the ablation's metric
+                compared.append((GAIN[0], GAIN[1], "(a) Spoon Feed, ternary", True))
+            for m, metric, reference, higher in compared:
                 d = t_interval([_num(runs[s][m]) - _num(ref[s][m]) for s in seeds])
-                v = interval_verdict(d, (f"({name}) {row['label']}", "(a) Spoon Feed"), f"nats {what}", width,
-                                     higher_is_better=False)
-                diffs.append({"arm": name, "metric": m, **d, "seeds": seeds, "verdict": v})
-            if name.startswith("fp"):
-                m, what = GAIN
-                seeds = sorted(s for s in set(runs) & set(ref))
-                d = t_interval([_num(runs[s][m]) - _num(ref[s][m]) for s in seeds])
-                v = interval_verdict(d, (f"({name}) {row['label']}", "(a) Spoon Feed, ternary"), what, width,
-                                     higher_is_better=True)
+                v = interval_verdict(d, (f"({name}) {row['label']}", reference), metric, width,
+                                     higher_is_better=higher)
                 diffs.append({"arm": name, "metric": m, **d, "seeds": seeds, "verdict": v})
         best = min(rows, key=lambda r: _finite(r["ce"]["mean"]), default=None)
         out[budget] = {"rows": rows, "differences": diffs, "best": best and best["arm"]}
