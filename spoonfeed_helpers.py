@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -67,7 +66,7 @@ from spoonfeed.cache import (
 )
 from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss, mse_loss
 from spoonfeed.optim import _check_finite, optimizer_step
-from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint
+from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint, weights_digest
 from spoonfeed.phase import Phase
 from spoonfeed.parallel import world
 from spoonfeed.compile import Compiled
@@ -822,13 +821,8 @@ def _forward(fn, cfg: RunConfig):
 
 
 def _frozen_digest(model: BitNetStudent, skip=("head.", "teacher_head.")) -> str:
-    """sha256 of every weight whose name does not start with `skip` (default: the body Phase 3 keeps frozen)."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if not name.startswith(skip):
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """weights_digest of every weight whose name does not start with `skip` (default: the body Phase 3 keeps frozen)."""
+    return weights_digest(model, skip)
 
 
 def superposition_step(model, opt, params, tokens, target, cfg: RunConfig, teacher_head=None, gen=None,

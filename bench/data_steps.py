@@ -18,6 +18,11 @@ held-out set common to all sizes, the largest cache's (its documents are held ou
 checked from the caches' manifests), and on the second domain of bench/recipes.py. Today's split (512 blocks,
 the preset's steps, below the budget) runs as the reference. Each size is compared with the budget's 512-block
 point seed by seed, with a 95% t interval. Results go to --out as they come (resumable, run by run).
+
+--phase3-steps n1,n2,... asks the other question at the largest size: at the same seconds of training, is
+Phase 2 or Phase 3 worth more? Each value is a Phase 3 step count; Phase 2 gets the steps that keep the budget
+point's training seconds (split_steps). Those points run instead of today's split and the smaller sizes, and each
+is compared with the largest size's budget point, seed by seed.
 """
 
 from __future__ import annotations
@@ -76,6 +81,18 @@ def budget_steps(arm: rc.Arm, speed: dict, phase1_s: float, budget: float) -> di
     return steps
 
 
+def split_steps(steps: dict, speed: dict, p3: int) -> dict:
+    """The budget point's training seconds, spent on `p3` Phase 3 steps and as many Phase 2 steps as the rest pays
+    for: p2' = p2 + (p3_budget - p3) * s3 / s2 (speed's seconds a step), rounded. Raises ConfigError when Phase 3
+    would leave Phase 2 no step."""
+    s2, s3 = speed["p2"]["s_per_step"], speed["p3"]["s_per_step"]
+    p2 = round(steps["p2"] + (steps["p3"] - p3) * s3 / s2)
+    if p2 < 1 or p3 < 0:
+        raise sf.ConfigError(f"{p3} Phase 3 steps take all of the {steps['p2']} + {steps['p3']} steps' seconds "
+                             f"and more: pick fewer than {steps['p3'] + int(steps['p2'] * s2 / s3)}")
+    return {"p2": p2, "p3": p3}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the smoke preset's sizes")
@@ -87,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, help="seeds 0..n-1 (default 3)")
     ap.add_argument("--budget", type=float, help="seconds for Phase 1 + training (default 336)")
     ap.add_argument("--out", help="results JSON (default runs/data-steps[-smoke]/data-steps.json)")
+    ap.add_argument("--phase3-steps", help="comma-separated Phase 3 step counts at the largest size, Phase 2 filling "
+                                           "the same seconds (split_steps); runs these against its budget point")
     args = ap.parse_args(argv)
     p = PRESETS["smoke" if args.smoke else "full"]
     sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else p["sizes"]
@@ -103,7 +122,9 @@ def main(argv=None):
             if Path(args.recipes).exists() else None
         lr = chosen["lr"] if chosen else arm.lrs[1]
     data = json.loads(out.read_text()) if out.exists() else {}
-    want = {"arm": args.arm, "lr": lr, "budget": budget, "preset": p["preset"], "sizes": list(sizes)}
+    splits = [int(v) for v in args.phase3_steps.split(",")] if args.phase3_steps else []
+    want = {"arm": args.arm, "lr": lr, "budget": budget, "preset": p["preset"], "sizes": list(sizes),
+            **({"phase3_steps": splits} if splits else {})}
     if data and data.get("settings") != want:
         raise sf.ConfigError(f"{out} holds results from other settings ({data.get('settings')}): pass another --out")
     data.setdefault("settings", want)
@@ -114,6 +135,8 @@ def main(argv=None):
     for n in sizes:  # Phase 1 for each size, in a folder of its own, timed when built
         cfg = dataclasses.replace(base, num_samples=n).validate()
         entry = data["sizes"].setdefault(str(n), {})
+        if splits and n != max(sizes) and {"phase1_s", "speed"} <= set(entry):
+            continue  # only its timings are read: the split points train on the largest size
         t0, load = time.perf_counter(), os.getloadavg()[0]
         caches[n] = sf.cache_teacher_states(cfg, progress=not args.smoke)
         if "phase1_s" not in entry:
@@ -124,7 +147,7 @@ def main(argv=None):
     second = rc.second_domain_cache(base, Path(base.cache_dir) / "second-domain")
     for n in sizes:  # the arm's speed on each cache (Phase 3's fixed cost grows with the blocks)
         entry = data["sizes"][str(n)]
-        if "speed" not in entry:
+        if "speed" not in entry:  # (a size whose cache was not built above has its speed)
             cfg = dataclasses.replace(base, num_samples=n)
             speed = rc.measure(caches[n], cfg, [args.arm], out.parent / f"{out.stem}-speed-{n}.json", p["short"],
                                p["long"])
@@ -137,6 +160,10 @@ def main(argv=None):
         entry["steps"] = budget_steps(arm, entry["budget_speed"], entry["phase1_s"], budget)
     points = [("today", sizes[0], rc.equal_steps(arm))] + [(f"budget-{n}", n, data["sizes"][str(n)]["steps"])
                                                              for n in sizes]
+    if splits:  # the largest size's budget point against its own seconds split otherwise between the phases
+        big = data["sizes"][str(max(sizes))]
+        points = [(f"budget-{max(sizes)}", max(sizes), big["steps"])] + [
+            (f"phase3-{n}", max(sizes), split_steps(big["steps"], big["budget_speed"], n)) for n in splits]
     data.setdefault("runs", {})
     for seed in seeds:
         for name, n, steps in points:
@@ -156,7 +183,8 @@ def main(argv=None):
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"  {name} ({n} blocks, steps {steps}) seed {seed}: common held-out CE {r['ce_common']:.4f}, own "
                   f"{r['ce_own']:.4f}, second domain {r['second_ce']:.4f}, {r['train_seconds']:.0f} s", flush=True)
-    data["summary"] = summarise(data, [name for name, _, _ in points], f"budget-{sizes[0]}", base.student_dim)
+    data["summary"] = summarise(data, [name for name, _, _ in points], points[0][0] if splits else
+                                f"budget-{sizes[0]}", base.student_dim)
     save()
     report = format_report(data)
     out.with_suffix(".md").write_text(report + "\n")
@@ -192,14 +220,21 @@ def format_report(data: dict) -> str:
         speed = "; ".join(f"{p} {v['s_per_step']:.3f} + {v['overhead_s']:.1f}"
                           for p, v in e.get("budget_speed", {}).items())
         lines.append(f"| {n} | {e['phase1_s']:.1f} | {speed} |")
-    lines += ["", "| point | steps | common held-out CE | own held-out CE | second-domain CE | against the smallest "
-              "budget point |", "|---|---|---|---|---|---|"]
+    ref = f"the {max(s['sizes'])}-block budget point" if s.get("phase3_steps") else "the smallest budget point"
+    lines += ["", f"| point | steps | common held-out CE | own held-out CE | second-domain CE | against {ref} |",
+              "|---|---|---|---|---|---|"]
     for name, row in data["summary"].items():
         pm = {m: f"{row[m]['mean']:.4f} ± {row[m]['half_width']:.4f}" for m in ("ce_common", "ce_own", "second_ce")}
         vs = row.get("vs_ref")
         lines.append(f"| {name} | {' + '.join(str(v) for v in row['steps'].values())} | {pm['ce_common']} | "
                      f"{pm['ce_own']} | {pm['second_ce']} | "
                      + (f"{vs['mean']:+.4f} ± {vs['half_width']:.4f}: {vs['verdict']}" if vs else "–") + " |")
+    dropped = data.get("runs_dropped", {})  # points given up after some seeds, kept with the reason
+    if dropped:
+        lines += ["", "Runs of points the study gave up (not in the table above):", "",
+                  "| run | steps | common held-out CE | second-domain CE | why |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {' + '.join(str(v) for v in r['steps'].values())} | {r['ce_common']:.4f} | "
+                  f"{r['second_ce']:.4f} | {r['why']} |" for k, r in dropped.items()]
     return "\n".join(lines)
 
 

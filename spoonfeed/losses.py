@@ -57,14 +57,16 @@ def mean_ce(states, tokens: torch.Tensor, logits_fn, batch_size: int = 16) -> fl
     """Next-token CE in nats/token over whole blocks, batch by batch: tokens (N, T); states (N, T, ...), or a function
     (i, j) -> states of blocks i..j (read lazily, e.g. from the cache); logits_fn maps (b, T - 1, ...) states to
     (b, T - 1, V) logits, position by position or causally (a head, a projector and a head, a causal LM over token
-    ids). Each block gives T - 1 predictions: logits_fn sees the first T - 1 positions only (the last predicts
-    nothing), so no (b, T, V) logits are made and sliced into a copy. The CE is computed in float32."""
+    ids), as a new tensor: it is written over. Each block gives T - 1 predictions: logits_fn sees the first T - 1
+    positions only (the last predicts nothing), so no (b, T, V) logits are made and sliced into a copy. The CE is
+    computed in float32, as a log-softmax written over the logits (one (b (T - 1), V) float32 tensor a batch, no
+    second one for F.cross_entropy's log-probabilities), each batch's sum in float64. No gradient."""
     total = 0.0
     for i in range(0, len(tokens), batch_size):
         j = min(i + batch_size, len(tokens))
         x = states(i, j) if callable(states) else states[i:j]
-        logits = logits_fn(x[:, :-1])  # (b, T - 1, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), tokens[i:j, 1:].flatten(), reduction="sum").item()
+        logp = _log_softmax_(logits_fn(x[:, :-1]).float().flatten(0, 1).contiguous())  # (b (T - 1), V), in place
+        total -= logp.gather(1, tokens[i:j, 1:].reshape(-1, 1).to(logp.device)).sum(dtype=torch.float64).item()
     return total / (len(tokens) * (tokens.size(1) - 1))
 
 

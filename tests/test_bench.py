@@ -104,6 +104,14 @@ def test_head_loss_bench_smoke_runs_every_case_and_before_and_after_agree():
         assert r["grad_diff"] < (1e-2 if r["dtype"] == "bfloat16" else 1e-6), r
 
 
+def test_held_out_bench_smoke_times_before_and_now_and_they_agree():
+    from bench import held_out
+
+    r = held_out.main(["--smoke", "--repeat", "1"])
+    assert abs(r["values"]["before"] - r["values"]["now"]) < 1e-5
+    assert all(t > 0 for t in (*r["median"].values(), r["first"], r["again"]))
+
+
 @pytest.mark.slow
 def test_head_loss_bench_compile_rows_time_inductor_against_eager_within_tolerance():
     from bench import head_loss

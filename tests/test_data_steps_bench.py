@@ -56,3 +56,16 @@ def test_every_size_budgets_with_the_smallest_sizes_seconds_a_step_and_its_own_f
     assert used["p3"] == {"s_per_step": 0.45, "overhead_s": pytest.approx(20.0)}
     arm = rc.arms(STUDY)["a"]
     assert ds.budget_steps(arm, used, 130.0, 336.0)["p2"] < ds.budget_steps(arm, SPEED, 68.0, 336.0)["p2"]
+
+
+def test_a_phase3_split_spends_the_budget_points_training_seconds_and_refuses_one_that_leaves_phase2_nothing():
+    """--phase3-steps: at the largest size's budget, Phase 3's step count moves and Phase 2 fills the same seconds."""
+    steps = {"p2": 371, "p3": 186}
+    seconds = lambda st: sum(n * SPEED[p]["s_per_step"] for p, n in st.items())  # noqa: E731
+    for p3 in (0, 100, 186, 224, 300):
+        split = ds.split_steps(steps, SPEED, p3)
+        assert split["p3"] == p3 and seconds(split) == pytest.approx(seconds(steps), abs=SPEED["p2"]["s_per_step"])
+    assert ds.split_steps(steps, SPEED, 186) == steps
+    assert ds.split_steps(steps, SPEED, 224)["p2"] < 371 < ds.split_steps(steps, SPEED, 148)["p2"]
+    with pytest.raises(sf.ConfigError, match="pick fewer than"):
+        ds.split_steps(steps, SPEED, 320)  # 371 x 0.15 + 186 x 0.45 = 139.4 s: 310 Phase 3 steps at most

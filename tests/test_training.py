@@ -72,6 +72,39 @@ def test_mean_ce_is_the_mean_next_token_ce_of_every_prediction_and_makes_no_logi
     assert all(shape[1] == 8 for shape in seen) and sum(shape[0] for shape in seen) == 7
 
 
+def test_held_out_ce_is_computed_once_for_the_same_weights_and_again_after_any_change(tiny_cache, monkeypatch):
+    """held_out_ce remembers its figure on the model: a second call on unchanged weights (a phase's last record,
+    then evaluate) makes no head product; a change to any weight, another cache's content or another precision
+    computes it again, and every figure equals a fresh computation."""
+    from conftest import rebuilt_in_place
+
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    calls = []
+    real = spoonfeed.metrics.mean_ce
+    monkeypatch.setattr(spoonfeed.metrics, "mean_ce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = sf.held_out_ce(model, cache)
+    assert sf.held_out_ce(model, cache) == first and len(calls) == 1
+    assert sf.evaluate(model, cache, via_teacher_head=False)["metrics"]["student_ce"] == first and len(calls) == 1
+    with torch.no_grad():
+        model.layers[0].feed_forward.w2.weight.mul_(-1)  # a body weight: the head's inputs change
+    moved = sf.held_out_ce(model, cache)
+    assert len(calls) == 2 and moved != first
+    with torch.no_grad():
+        model.head.bias[3] += 5.0  # the head alone
+    assert sf.held_out_ce(model, cache) != moved and len(calls) == 3
+    fresh = _student(cfg, cache)
+    fresh.load_state_dict(model.state_dict())
+    assert sf.held_out_ce(fresh, cache) == real(sf.student_features(fresh, cache.tokens("val", np.arange(
+        cache.num_val))), cache.tokens("val", np.arange(cache.num_val)), fresh.logits)
+    n = len(calls)
+    sf.held_out_ce(model, rebuilt_in_place(cache))  # the same folder, other content
+    assert len(calls) == n + 1
+    other_dtype = sf.precision_policy("cpu", "auto").autocast != sf.precision_policy("cpu", "fp32").autocast
+    sf.held_out_ce(model, cache, precision="fp32")  # another autocast dtype (where "auto" is bf16 here)
+    assert len(calls) == n + 1 + other_dtype
+
+
 def test_kd_is_zero_for_equal_logits_and_finite_on_random_input():
     logits = torch.randn(3, 4, 50)
     assert sf.kd_loss(logits, logits.clone(), 2.0).abs().item() < 1e-6
