@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -88,8 +89,9 @@ def split_steps(steps: dict, speed: dict, p3: int) -> dict:
     s2, s3 = speed["p2"]["s_per_step"], speed["p3"]["s_per_step"]
     p2 = round(steps["p2"] + (steps["p3"] - p3) * s3 / s2)
     if p2 < 1 or p3 < 0:
+        most = math.floor(steps["p3"] + (steps["p2"] - 0.5) * s2 / s3)  # the last count that leaves Phase 2 a step
         raise sf.ConfigError(f"{p3} Phase 3 steps take all of the {steps['p2']} + {steps['p3']} steps' seconds "
-                             f"and more: pick fewer than {steps['p3'] + int(steps['p2'] * s2 / s3)}")
+                             f"and more: pick {most} or fewer")
     return {"p2": p2, "p3": p3}
 
 

@@ -19,13 +19,14 @@ from .optim import non_finite
 
 def weights_digest(model: torch.nn.Module, skip: tuple = ()) -> str:
     """sha256 (hex) of every tensor in model.state_dict() whose name does not start with one of `skip`, name by name
-    in sorted order: two models with the same digest hold the same weights bit for bit. About 0.1 s for the cpu
-    preset's 30M weights. Checkpoint signatures name the student they continue by it."""
+    in sorted order, over the tensors' bytes whatever their dtype: two models with the same digest hold the same
+    weights bit for bit. About 0.1 s for the cpu preset's 30M float32 weights (about 1 GB/s, plus the copy to the
+    CPU for a model elsewhere). Checkpoint signatures name the student they continue by it."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         if not name.startswith(tuple(skip)):
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # its bytes, not copied
     return h.hexdigest()
 
 

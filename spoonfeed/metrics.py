@@ -74,22 +74,30 @@ def held_out_ce(model: nn.Module, cache: TeacherCache, features=None, batch_size
     autocast (student_features); the head, its logits and the softmax stay float32, so the figure carries no
     bf16 rounding of the logits. features: the held-out blocks' student_features at `precision`, (num_val, T, dim),
     when the caller has them.
-    The figure is remembered on the model, keyed by its weights (weights_digest of every tensor, about 0.1 s), its
-    config, the cache's content_digest, the precision's autocast dtype and batch_size: a second call on weights that
-    have not changed since (a phase's last record, then evaluate; Phase 3's, then Phase 4's first) returns it
-    without the (num_val (T - 1), dim) x (dim, V) float32 head product (3.4 s on the cpu preset). Any change to any
-    weight changes the key."""
+    On a CPU the figure is remembered on the model, keyed by its weights (weights_digest of every tensor, 0.13 s
+    for the cpu preset's 30M weights), its config, the cache's content_digest, the precision's autocast dtype and
+    batch_size: a second call on weights that have not changed since (a phase's last record, then evaluate; Phase
+    3's, then Phase 4's first) returns it without the (num_val (T - 1), dim) x (dim, V) float32 head product (3.4 s
+    on the cpu preset; bench/held_out.py). Any change to any weight changes the key. `features`, when given, are
+    trusted to be this model's at `precision`. On an accelerator the product costs less than hashing the weights
+    there, so nothing is remembered."""
     model.eval()
     device = model.tok_embeddings.weight.device
+
+    def compute() -> float:
+        tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
+        feats = student_features(model, tokens, batch_size, precision) if features is None else features
+        return mean_ce(feats, tokens, model.logits, batch_size)
+
+    if device.type != "cpu":
+        return compute()
     key = (weights_digest(model), repr(getattr(model, "cfg", None)), cache.content_digest,
            str(precision_policy(device, precision).autocast), batch_size)
     memo = model.__dict__.setdefault("_held_out_ce", {})  # a plain attribute, not a module or a buffer
     if key not in memo:
-        tokens = cache.tokens("val", np.arange(cache.num_val)).to(device)
-        feats = student_features(model, tokens, batch_size, precision) if features is None else features
         if len(memo) >= 8:  # a few caches or precisions at most; weights that moved on are not asked again
             memo.clear()
-        memo[key] = mean_ce(feats, tokens, model.logits, batch_size)
+        memo[key] = compute()
     return memo[key]
 
 

@@ -67,5 +67,8 @@ def test_a_phase3_split_spends_the_budget_points_training_seconds_and_refuses_on
         assert split["p3"] == p3 and seconds(split) == pytest.approx(seconds(steps), abs=SPEED["p2"]["s_per_step"])
     assert ds.split_steps(steps, SPEED, 186) == steps
     assert ds.split_steps(steps, SPEED, 224)["p2"] < 371 < ds.split_steps(steps, SPEED, 148)["p2"]
-    with pytest.raises(sf.ConfigError, match="pick fewer than"):
-        ds.split_steps(steps, SPEED, 320)  # 371 x 0.15 + 186 x 0.45 = 139.4 s: 310 Phase 3 steps at most
+    most = 309  # 371 x 0.15 + 186 x 0.45 = 139.35 s: 309 Phase 3 steps leave 2 Phase 2 steps, 310 none
+    assert ds.split_steps(steps, SPEED, most)["p2"] == 2
+    for p3 in (most + 1, 400):
+        with pytest.raises(sf.ConfigError, match=f"pick {most} or fewer"):
+            ds.split_steps(steps, SPEED, p3)

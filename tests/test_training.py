@@ -93,16 +93,37 @@ def test_held_out_ce_is_computed_once_for_the_same_weights_and_again_after_any_c
     with torch.no_grad():
         model.head.bias[3] += 5.0  # the head alone
     assert sf.held_out_ce(model, cache) != moved and len(calls) == 3
-    fresh = _student(cfg, cache)
-    fresh.load_state_dict(model.state_dict())
-    assert sf.held_out_ce(fresh, cache) == real(sf.student_features(fresh, cache.tokens("val", np.arange(
-        cache.num_val))), cache.tokens("val", np.arange(cache.num_val)), fresh.logits)
+    remembered = sf.held_out_ce(model, cache)
+    tokens = cache.tokens("val", np.arange(cache.num_val))
+    assert remembered == real(sf.student_features(model, tokens), tokens, model.logits)  # a fresh computation
+    n = len(calls)
+    sf.held_out_ce(model, cache, batch_size=2)  # another batch size: its own figure
+    assert len(calls) == n + 1
     n = len(calls)
     sf.held_out_ce(model, rebuilt_in_place(cache))  # the same folder, other content
     assert len(calls) == n + 1
     other_dtype = sf.precision_policy("cpu", "auto").autocast != sf.precision_policy("cpu", "fp32").autocast
     sf.held_out_ce(model, cache, precision="fp32")  # another autocast dtype (where "auto" is bf16 here)
     assert len(calls) == n + 1 + other_dtype
+
+
+def test_weights_digest_reads_every_dtype_and_tells_weights_apart_bit_for_bit(tiny_cache):
+    """The key of checkpoint signatures and of held_out_ce's memo: a bf16 student has one too, and one changed bit
+    changes it."""
+    from spoonfeed.checkpoints import weights_digest
+
+    cfg, cache, _ = tiny_cache
+    model = _student(cfg, cache)
+    digest = weights_digest(model)
+    assert weights_digest(_student(cfg, cache)) == digest  # the same seed, the same weights
+    half = _student(cfg, cache).to(torch.bfloat16)
+    assert weights_digest(half) not in (digest, None)
+    with torch.no_grad():
+        w = model.layers[0].feed_forward.w2.weight
+        w.view(torch.int32)[0, 0] ^= 1  # the last bit of one float32
+    assert weights_digest(model) != digest
+    assert weights_digest(model, skip=("layers.0.feed_forward.w2",)) == weights_digest(
+        _student(cfg, cache), skip=("layers.0.feed_forward.w2",))
 
 
 def test_kd_is_zero_for_equal_logits_and_finite_on_random_input():
