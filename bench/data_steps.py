@@ -149,7 +149,7 @@ def main(argv=None):
     second = rc.second_domain_cache(base, Path(base.cache_dir) / "second-domain")
     for n in sizes:  # the arm's speed on each cache (Phase 3's fixed cost grows with the blocks)
         entry = data["sizes"][str(n)]
-        if "speed" not in entry:  # (a size whose cache was not built above has its speed)
+        if "speed" not in entry:  # a size skipped above has its speed already
             cfg = dataclasses.replace(base, num_samples=n)
             speed = rc.measure(caches[n], cfg, [args.arm], out.parent / f"{out.stem}-speed-{n}.json", p["short"],
                                p["long"])
@@ -160,12 +160,14 @@ def main(argv=None):
         entry = data["sizes"][str(n)]
         entry["budget_speed"] = common_speed(entry["speed"], ref, p["short"])
         entry["steps"] = budget_steps(arm, entry["budget_speed"], entry["phase1_s"], budget)
-    points = [("today", sizes[0], rc.equal_steps(arm))] + [(f"budget-{n}", n, data["sizes"][str(n)]["steps"])
-                                                             for n in sizes]
     if splits:  # the largest size's budget point against its own seconds split otherwise between the phases
-        big = data["sizes"][str(max(sizes))]
-        points = [(f"budget-{max(sizes)}", max(sizes), big["steps"])] + [
-            (f"phase3-{n}", max(sizes), split_steps(big["steps"], big["budget_speed"], n)) for n in splits]
+        n, big = max(sizes), data["sizes"][str(max(sizes))]
+        points = [(f"budget-{n}", n, big["steps"])] + [
+            (f"phase3-{p3}", n, split_steps(big["steps"], big["budget_speed"], p3)) for p3 in splits]
+    else:
+        points = [("today", sizes[0], rc.equal_steps(arm))] + [(f"budget-{n}", n, data["sizes"][str(n)]["steps"])
+                                                                 for n in sizes]
+    ref = points[0][0] if splits else f"budget-{sizes[0]}"  # what every other point is compared with
     data.setdefault("runs", {})
     for seed in seeds:
         for name, n, steps in points:
@@ -185,8 +187,7 @@ def main(argv=None):
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"  {name} ({n} blocks, steps {steps}) seed {seed}: common held-out CE {r['ce_common']:.4f}, own "
                   f"{r['ce_own']:.4f}, second domain {r['second_ce']:.4f}, {r['train_seconds']:.0f} s", flush=True)
-    data["summary"] = summarise(data, [name for name, _, _ in points], points[0][0] if splits else
-                                f"budget-{sizes[0]}", base.student_dim)
+    data["summary"] = summarise(data, [name for name, _, _ in points], ref, base.student_dim)
     save()
     report = format_report(data)
     out.with_suffix(".md").write_text(report + "\n")
