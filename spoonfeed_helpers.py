@@ -64,7 +64,8 @@ from spoonfeed.cache import (
     begin_build, CACHE_FILES, cache_folder, cache_request, data_change, open_cache, open_shared_cache, publish,
     TeacherCache,
 )
-from spoonfeed.losses import _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss, mse_loss
+from spoonfeed.losses import (IGNORE_INDEX, _frozen_teacher_head, _real, _teacher_logits, cosine_loss, head_loss,
+                              mse_loss)
 from spoonfeed.optim import _check_finite, optimizer_step
 from spoonfeed.checkpoints import _ckpt_paths, load_checkpoint, weights_digest
 from spoonfeed.phase import Phase
@@ -1075,18 +1076,18 @@ def train_lm_head(model: BitNetStudent, cache: TeacherCache, cfg: RunConfig, pro
                 model.train()
                 h = model(tokens)
             weight, bias = model.head_weights()
-            # position t predicts token t+1: CE over the (B * (T-1), V) logits, fused with the head
-            loss = head_loss(h[:, :-1].flatten(0, 1), weight, bias, policy, targets=tokens[:, 1:].flatten())
-            if teacher_head is not None:  # KD from the teacher's logits on kd_tokens positions of the batch
+            if teacher_head is None:  # position t predicts token t+1: CE over the (B * (T-1), V) logits
+                loss = head_loss(h[:, :-1].flatten(0, 1), weight, bias, policy, targets=tokens[:, 1:].flatten())
+            else:  # the same CE + KD from the teacher's logits on kd_tokens positions of the batch, one head pass
                 numel = tokens.numel() * run.world.num_processes  # the whole batch's, every process's rows
                 pos, share = run.world.positions(torch.randperm(numel, generator=run.gen)[:cfg.kd_tokens or numel],
                                                  tokens.numel())
-                pos = pos.to(device)
-                t_states = cache.states("train", idx).to(device).flatten(0, 1)[pos]
-                if len(pos):  # under several processes, this one may hold none of the batch's KD positions
-                    loss = loss + cfg.head_kd_weight * share * head_loss(
-                        h.flatten(0, 1)[pos], weight, bias, policy,
-                        teacher_logits=_teacher_logits(teacher_head, t_states), temperature=cfg.kd_temperature)
+                pos = pos.sort().values.to(device)  # (K,) rows of the (B * T) positions; under several processes
+                t_states = cache.states("train", idx).to(device).flatten(0, 1)[pos]  # this one may hold none
+                targets = F.pad(tokens[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # (B * T,): the last has none
+                loss = head_loss(h.flatten(0, 1), weight, bias, policy, targets=targets,
+                                 teacher_logits=_teacher_logits(teacher_head, t_states), kd_rows=pos,
+                                 kd_weight=cfg.head_kd_weight * share, temperature=cfg.kd_temperature)
         history["loss"].append(run.update(step, loss, t_states))  # the mean over the processes
         history["step"].append(step)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:

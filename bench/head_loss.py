@@ -4,12 +4,15 @@ one process, at the `cpu` preset's shapes (not CI):
     nice -n 5 python bench/head_loss.py           # about two minutes on 2 cores
     python bench/head_loss.py --smoke             # toy sizes (run by the tests)
     nice -n 5 python bench/head_loss.py --compile # + the chunk's loss through torch.compile (inductor), a minute more
+    python bench/head_loss.py --only "Phase 3" --keep-freed-memory  # one case, with the notebook's allocator
 
 Each row is one forward + backward of sf.head_loss (the head product, the loss, the gradients for the head's
 weight) at 1016 rows (8 x 127, Phase 3's CE, the direct-CE arm and logit KD) or 256 rows (Phase 3's KD positions),
 vocab 49,152, student width 256, the teacher's logits from its 576-wide head (as _teacher_logits computes them), in
 bf16 and in float32. "before" is the loss code this bench replaced (kept below, frozen), run through the same
-_FusedHeadLoss. The runs alternate, before then after, --repeat times; the figure is the ratio of the medians
+_FusedHeadLoss; in the last row (Phase 3's whole loss), "before" is the two head_loss calls Phase 3 made until
+2026-12-08 (CE on the 1016 rows with a next token, then KD on 256 of the 1024 rows, each its own head product) and
+"after" the one call with kd_rows, whose head product covers the rows the two terms share. The runs alternate, before then after, --repeat times; the figure is the ratio of the medians
 (before / after: above 1 is faster), with the largest difference in value and weight gradient between the two.
 The machine, its load average and the date are printed with the table: on a loaded machine the ratio holds but
 the seconds are not speed figures.
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.run import machine_name  # noqa: E402
 from spoonfeed import losses  # noqa: E402
-from spoonfeed.precision import precision_policy  # noqa: E402
+from spoonfeed.precision import keep_freed_memory, precision_policy  # noqa: E402
 
 VOCAB, STUDENT, TEACHER = 49152, 256, 576
 CASES = [  # (what, rows, loss, temperature)
@@ -48,7 +51,9 @@ CASES = [  # (what, rows, loss, temperature)
     ("KD, 8 x 127 rows, T 2", 1016, "kd", 2.0),
     ("mixed 0.5, 8 x 127 rows, T 1 (logit KD)", 1016, "mixed", 1.0),
     ("mixed 0.5, 8 x 127 rows, T 2", 1016, "mixed", 2.0),
+    ("Phase 3: CE on 8 x 127 rows + KD on 256 of the 8 x 128, T 1, one pass (kd_rows)", 1024, "ce+kd", 1.0),
 ]
+SEQ = 128  # the ce+kd case's block length: the last row of each block has no target
 
 
 def before_loss_grad(targets, teacher_logits, t, ce_weight):
@@ -88,6 +93,8 @@ def case(rows, loss, t, dtype, shrink, seed=0):
     head = head.to(dtype)  # as _frozen_teacher_head casts it to the autocast dtype
     targets = torch.randint(vocab, (rows,), generator=g)
     policy = precision_policy("cpu", "bf16" if dtype == torch.bfloat16 else "fp32")
+    if loss == "ce+kd":
+        return _phase3_case(h, w, t_states, head, targets, t, policy, g)
     kw = dict(targets=None if loss == "kd" else targets, temperature=t, ce_weight=0.5 if loss == "mixed" else None,
               teacher_logits=None if loss == "ce" else losses._teacher_logits(head, t_states))
     chunk_rows = max(1, 2**26 // vocab)
@@ -98,7 +105,29 @@ def case(rows, loss, t, dtype, shrink, seed=0):
 
     def before():
         fn = before_loss_grad(targets, kw["teacher_logits"], t, kw["ce_weight"])[loss]
-        out = losses._FusedHeadLoss.apply(h, w, None, fn, policy.autocast or torch.float32, chunk_rows)
+        out = losses._FusedHeadLoss.apply(h, w, None, fn, policy.autocast or torch.float32, chunk_rows, rows)
+        return out.item(), torch.autograd.grad(out, [w])[0]
+
+    return before, after
+
+
+def _phase3_case(h, w, t_states, head, targets, t, policy, g, kd_tokens=256):
+    """Phase 3's step loss: before, two head_loss calls (CE on the rows with a next token, then KD on kd_tokens
+    sampled rows, each its own head product); after, one call with kd_rows over the rows the two share."""
+    targets = targets.clone()
+    targets[SEQ - 1::SEQ] = losses.IGNORE_INDEX  # each block's last position predicts nothing
+    keep = targets != losses.IGNORE_INDEX
+    rows = torch.randperm(len(h), generator=g)[:kd_tokens].sort().values
+    teacher = losses._teacher_logits(head, t_states[rows])
+
+    def before():
+        out = losses.head_loss(h[keep], w, None, policy, targets=targets[keep]) + losses.head_loss(
+            h[rows], w, None, policy, teacher_logits=teacher, temperature=t)
+        return out.item(), torch.autograd.grad(out, [w])[0]
+
+    def after():
+        out = losses.head_loss(h, w, None, policy, targets=targets, teacher_logits=teacher, kd_rows=rows,
+                               temperature=t)
         return out.item(), torch.autograd.grad(out, [w])[0]
 
     return before, after
@@ -161,15 +190,20 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also eager against torch.compile for the chunk's loss")
+    ap.add_argument("--only", default="", help="only the cases whose name holds this text (e.g. 'Phase 3')")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc's allocator as the notebook sets it (keep_freed_memory); default: glibc's own")
     args = ap.parse_args(argv)
+    said = keep_freed_memory("cpu") if args.keep_freed_memory else ""
     shrink = 64 if args.smoke else 1
     repeat = 2 if args.smoke else args.repeat
     print(f"Machine: {machine_name()} ({platform.machine()}), {torch.get_num_threads()} threads, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; allocator: "
+          f"{said or 'glibc defaults (the notebook raises its thresholds: --keep-freed-memory)'}\n")
     print("| head_loss, forward + backward | dtype | before / after | value diff | grad diff (max rel) |\n"
           "|---|---|---|---|---|")
     rows = []
-    for what, n, loss, t in CASES:
+    for what, n, loss, t in [c for c in CASES if args.only in c[0]]:
         for dtype in (torch.bfloat16, torch.float32):
             before, after = case(n, loss, t, dtype, shrink)
             (vb, gb), (va, ga) = before(), after()  # warm-up, and the two results compared

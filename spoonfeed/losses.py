@@ -120,7 +120,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     """The LM head and its loss in one pass over row chunks, gradients computed on the way (see head_loss)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, loss_grad, dtype, chunk_rows):
+    def forward(ctx, h, weight, bias, loss_grad, dtype, chunk_rows, denom):
         n, vocab = h.size(0), weight.size(0)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         with torch.autocast(h.device.type, enabled=False), torch.no_grad():
@@ -145,18 +145,19 @@ class _FusedHeadLoss(torch.autograd.Function):
                     gw = g.T @ x  # contiguous, like the weight: the optimiser's grad takes it without a copy
                     grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.n = n
-        return (total / n).float()
+        ctx.denom = denom
+        return (total / denom).float()
 
     @staticmethod
     def backward(ctx, grad_out):
-        scale = grad_out / ctx.n  # the loss is a mean over the n rows
-        return tuple(None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors) + (None,) * 3
+        scale = grad_out / ctx.denom  # the loss is a sum over rows divided by denom (a mean)
+        return tuple(None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors) + (None,) * 4
 
 
 def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, policy: Precision,
               targets: torch.Tensor | None = None, teacher_logits=None, temperature: float = 1.0,
-              chunk_rows: int | None = None, ce_weight: float | None = None) -> torch.Tensor:
+              chunk_rows: int | None = None, ce_weight: float | None = None, kd_rows: torch.Tensor | None = None,
+              kd_weight: float = 1.0) -> torch.Tensor:
     """Training loss of a linear LM head, fused with the head: mean over rows, nats/token.
 
     h: (N, D) states; weight: (V, D) and bias: (V,) or None, the head. Either targets (N,) token ids, for the
@@ -188,13 +189,28 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     Both targets and teacher_logits, with ce_weight = alpha in [0, 1], give the mixed loss of plain logit KD,
     alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) (Hinton et al., 2015; DistillKit's default), from one
     head product a chunk: the gradient is alpha (softmax(z) - one-hot) + (1 - alpha) T (softmax(z/T) - p_teacher).
+    Both targets and teacher_logits, with kd_rows, give CE on every row plus KD on some: the mean CE over the rows
+    whose target is not IGNORE_INDEX (-100, as in transformers' labels) + kd_weight * the mean T^2 KL over kd_rows
+    (K,), increasing row indices into h, whose teacher logits teacher_logits(j, c) gives for kd_rows[j:j + c]. This
+    is Phase 3's loss (CE on the B (T - 1) rows that have a next token, KD on kd_tokens sampled positions, the last
+    ones included) from one head product a chunk over the rows the two terms share, instead of one for each: the
+    gradient is (p - one-hot) on rows with a target plus c T (softmax(z/T) - p_teacher) on kd_rows, c = kd_weight *
+    (rows with a target) / K, one softmax for both at T = 1; a row in neither gets none. Same value and gradients as
+    the two calls it replaces (head_loss with targets on the rows with one, + kd_weight * head_loss with
+    teacher_logits on h[kd_rows]) to 1e-6 in float32; in bf16 the two gradients are summed before the (V, D)
+    product, so each logit's gradient is rounded to bf16 once instead of twice.
     Raises ValueError unless exactly one of targets and teacher_logits is given (or both, with ce_weight in
-    [0, 1]), for h that is not (N, D) or targets that are not (N,), and for chunk_rows < 1.
+    [0, 1] or with kd_rows), for h that is not (N, D) or targets that are not (N,), for kd_rows that are not
+    increasing indices into h or without both targets and teacher_logits, when no row has a target, and for
+    chunk_rows < 1.
     """
     both = targets is not None and teacher_logits is not None
-    if (targets is None and teacher_logits is None) or (both and ce_weight is None):
+    if (targets is None and teacher_logits is None) or (both and ce_weight is None and kd_rows is None):
         raise ValueError("head_loss takes either targets (CE) or teacher_logits (KD), not both or neither; both "
-                         "only with ce_weight (the mixed KD loss)")
+                         "only with ce_weight (the mixed KD loss) or kd_rows (CE plus KD on those rows)")
+    if kd_rows is not None and not (both and ce_weight is None):
+        raise ValueError("kd_rows gives CE plus KD on those rows: it needs both targets and teacher_logits, and no "
+                         "ce_weight")
     if ce_weight is not None and not (both and 0 <= ce_weight <= 1):
         raise ValueError(f"ce_weight={ce_weight} weighs CE against KD: it needs both targets and teacher_logits, "
                          "and a value in [0, 1]")
@@ -229,8 +245,62 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         g[torch.arange(len(g), device=g.device), y[:, 0]] -= a
         return a * l_ce + (1 - a) * l_kd, g
 
+    if kd_rows is not None:
+        return _ce_plus_kd(h, weight, bias, dtype, chunk_rows, targets, teacher_logits, t, kd_rows, kd_weight)
     loss_grad = mixed_grad if both else ce_grad if targets is not None else kd_grad
-    return _FusedHeadLoss.apply(h, weight, bias, loss_grad, dtype, chunk_rows)
+    return _FusedHeadLoss.apply(h, weight, bias, loss_grad, dtype, chunk_rows, h.size(0))
+
+
+IGNORE_INDEX = -100  # a row without a target (transformers' labels convention)
+
+
+def _ce_plus_kd(h, weight, bias, dtype, chunk_rows, targets, teacher_logits, t, kd_rows, kd_weight):
+    """head_loss with kd_rows: sum over rows with a target of CE + c * sum over kd_rows of T^2 KL, divided by the
+    number of rows with a target (c = kd_weight * that number / K), one head product a chunk."""
+    n = h.size(0)
+    kd_rows = kd_rows.to(device="cpu", dtype=torch.long)
+    if kd_rows.dim() != 1 or (len(kd_rows) and (kd_rows[0] < 0 or kd_rows[-1] >= n or (kd_rows.diff() <= 0).any())):
+        raise ValueError(f"kd_rows must be increasing row indices into h's {n} rows (sort them, and their teacher "
+                         "states with them); got " + (str(kd_rows.tolist()) if len(kd_rows) <= 8 else
+                                                      f"{len(kd_rows)} indices from {int(kd_rows.min())} to "
+                                                      f"{int(kd_rows.max())}"))
+    has_target = targets != IGNORE_INDEX  # (N,)
+    n_ce = int(has_target.sum())
+    if n_ce == 0:
+        raise ValueError("head_loss with kd_rows: no row has a target (all are IGNORE_INDEX); pass the KD rows "
+                         "alone as teacher_logits")
+    c = float(kd_weight) * n_ce / len(kd_rows) if len(kd_rows) else 0.0
+    bounds = torch.searchsorted(kd_rows, torch.arange(0, n + chunk_rows, chunk_rows)).tolist()  # chunk -> kd slice
+
+    def loss_grad(z, i):
+        j0, j1 = bounds[i // chunk_rows], bounds[i // chunk_rows + 1]
+        local = (kd_rows[j0:j1] - i).to(z.device)  # this chunk's kd rows, as row indices into z
+        y, keep = targets[i:i + len(z)], has_target[i:i + len(z)]
+        y = torch.where(keep, y, 0)[:, None]  # any valid id on rows without a target: they get no CE below
+        t_logp = _teacher_logp(teacher_logits(j0, j1 - j0), z.dtype, t) if j1 > j0 else None
+        if t != 1 and t_logp is not None:  # KD's softmax at T over a scaled copy of the kd rows, CE's over z
+            l_kd, g_kd = _kd(z[local] / t, t_logp, t)
+            logp = _log_softmax_(z)
+        else:  # one softmax for both terms
+            logp = _log_softmax_(z)
+            l_kd, g_kd = (None, None) if t_logp is None else _kd_from_logp(logp[local], t_logp)
+        l_ce = -logp.gather(1, y)[keep].sum(dtype=torch.float64)
+        g = logp.exp_()
+        g[torch.arange(len(g), device=g.device), y[:, 0]] -= 1
+        if not bool(keep.all()):  # no target, no CE gradient (kd rows among them get theirs below)
+            g.index_fill_(0, (~keep).nonzero().squeeze(1), 0)  # those rows alone (a boolean mask would pass all)
+        if g_kd is None:
+            return l_ce, g
+        return l_ce + c * l_kd, g.index_add_(0, local, g_kd, alpha=c)
+
+    return _FusedHeadLoss.apply(h, weight, bias, loss_grad, dtype, chunk_rows, n_ce)
+
+
+def _kd_from_logp(s_logp, t_logp):
+    """KD at T = 1 from the student's log-probabilities s_logp (k, V), a copy of them (overwritten), and the
+    teacher's t_logp (overwritten). Returns KL summed (float64) and its gradient p_s - p_t in s_logp's memory."""
+    loss, p_t = _kl_sum(s_logp, t_logp)
+    return loss, s_logp.exp_().sub_(p_t)
 
 
 def _frozen_teacher_head(cache: TeacherCache, device, dtype: torch.dtype | None = None) -> nn.Linear:

@@ -104,6 +104,13 @@ def test_head_loss_bench_smoke_runs_every_case_and_before_and_after_agree():
         assert r["grad_diff"] < (1e-2 if r["dtype"] == "bfloat16" else 1e-6), r
 
 
+def test_head_loss_bench_only_runs_the_named_cases():
+    from bench import head_loss
+
+    rows = head_loss.main(["--smoke", "--only", "one pass"])  # Phase 3's two calls against its one
+    assert [(r["what"].startswith("Phase 3: CE"), r["dtype"]) for r in rows] == [(True, "bfloat16"), (True, "float32")]
+
+
 def test_held_out_bench_smoke_times_before_and_now_and_they_agree():
     from bench import held_out
 

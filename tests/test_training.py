@@ -8,6 +8,7 @@ import torch
 import spoonfeed.cache
 import spoonfeed.metrics
 import spoonfeed_helpers as sf
+from spoonfeed.losses import IGNORE_INDEX
 
 
 def _student(cfg, cache, **kw):
@@ -228,6 +229,108 @@ def test_head_loss_kd_value_is_summed_in_float64_not_rounded_to_bf16():
     assert value != float(torch.tensor(value).bfloat16())  # not a bf16 number
     ref = sf.kd_loss(torch.nn.functional.linear(h, w, b)[None], teacher[None]).item()
     assert value == pytest.approx(ref, rel=0.02)
+
+
+def _ce_plus_kd_case(seed=0, n=37, k=9):
+    """Rows 12, 25 and 36 have no target (a block's last position); the KD rows include two of them."""
+    h, w, b, g = _head_case(seed=seed, n=n)
+    y = torch.randint(300, (n,), generator=g)
+    y[[12, 25, 36]] = IGNORE_INDEX
+    rows = torch.cat([torch.randperm(n - 2, generator=g)[:k - 2], torch.tensor([12, 36])]).unique()  # sorted
+    teacher = torch.randn(len(rows), 300, generator=g) * 3
+    return h, w, b, y, rows, (lambda i, c: teacher[i:i + c])
+
+
+def _ce_plus_kd_reference(h, w, b, y, rows, teacher_logits, kd_weight, t, policy=FP32):
+    """Phase 3's loss as two head_loss calls: CE on the rows with a target, + kd_weight x KD on h[rows]."""
+    keep = y != IGNORE_INDEX
+    return sf.head_loss(h[keep], w, b, policy, targets=y[keep]) + kd_weight * sf.head_loss(
+        h[rows], w, b, policy, teacher_logits=teacher_logits, temperature=t)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 10, 13])  # one chunk, a row a chunk, chunks with 0 to several KD rows
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_loss_with_kd_rows_is_ce_on_rows_with_a_target_plus_weighted_kd_on_those_rows(temperature, chunk_rows,
+                                                                                           bias):
+    h, w, b, y, rows, teacher = _ce_plus_kd_case()
+    b = b if bias else None
+    one = sf.head_loss(h, w, b, FP32, targets=y, teacher_logits=teacher, kd_rows=rows, kd_weight=0.7,
+                       temperature=temperature, chunk_rows=chunk_rows)
+    two = _ce_plus_kd_reference(h, w, b, y, rows, teacher, 0.7, temperature)
+    assert one.item() == pytest.approx(two.item(), rel=1e-6)
+    for a, r in zip(_grads(one, h, w, b), _grads(two, h, w, b)):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-7)
+    gh, = _grads(sf.head_loss(h, w, b, FP32, targets=y, teacher_logits=teacher, kd_rows=rows, kd_weight=0.7,
+                              temperature=temperature, chunk_rows=chunk_rows), h)
+    assert gh[25].abs().max() == 0 and gh[12].abs().max() > 0  # no target and no KD: no gradient; KD alone: some
+
+
+def test_head_loss_with_kd_rows_in_bf16_stays_near_the_two_calls_and_takes_no_kd_rows_as_the_ce_alone():
+    h, w, b, y, rows, teacher = _ce_plus_kd_case(seed=1)
+    bf16 = sf.precision_policy("cpu", "bf16")
+    one = sf.head_loss(h, w, b, bf16, targets=y, teacher_logits=teacher, kd_rows=rows, kd_weight=1.0)
+    two = _ce_plus_kd_reference(h, w, b, y, rows, teacher, 1.0, 1.0, policy=bf16)
+    assert one.item() == pytest.approx(two.item(), rel=1e-3)
+    (g1,), (g2,) = _grads(one, w), _grads(two, w)
+    assert torch.nn.functional.cosine_similarity(g1.flatten(), g2.flatten(), 0) > 0.999
+    keep = y != IGNORE_INDEX  # a process that holds none of the batch's KD positions: the CE alone
+    none = sf.head_loss(h, w, b, FP32, targets=y, teacher_logits=teacher, kd_rows=rows[:0], kd_weight=1.0)
+    assert none.item() == pytest.approx(sf.head_loss(h[keep], w, b, FP32, targets=y[keep]).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(kd_rows=torch.tensor([3, 1, 7])), "increasing"),  # unsorted: the teacher's rows would not line up
+    (dict(kd_rows=torch.tensor([1, 1, 7])), "increasing"),  # a row twice
+    (dict(kd_rows=torch.tensor([1, 37])), "increasing row indices into h's 37 rows"),  # past the end
+    (dict(kd_rows=torch.tensor([-1, 3])), "increasing"),
+    (dict(kd_rows=torch.tensor([1, 3]), teacher=False), "needs both"),
+    (dict(kd_rows=torch.tensor([1, 3]), ce_weight=0.5), "no ce_weight"),
+    (dict(kd_rows=torch.tensor([1, 3]), no_targets=True), "no row has a target"),
+])
+def test_head_loss_refuses_kd_rows_it_cannot_line_up_before_any_work(bad, message):
+    h, w, b, y, _, teacher = _ce_plus_kd_case()
+    if bad.get("no_targets"):
+        y = torch.full_like(y, IGNORE_INDEX)
+    with pytest.raises(ValueError, match=message):
+        sf.head_loss(h, w, b, FP32, targets=y, teacher_logits=teacher if bad.get("teacher", True) else None,
+                     kd_rows=bad["kd_rows"], ce_weight=bad.get("ce_weight"))
+
+
+def test_phase3_loss_is_the_ce_of_every_next_token_plus_kd_on_the_sampled_positions(tiny_cache, patch):
+    """Each Phase 3 step's loss, checked against the formula on the full logits: the mean next-token CE over the
+    B (T - 1) positions with a next token + head_kd_weight x the mean KD over kd_tokens distinct positions of the
+    B T (the teacher's logits from its cached states at those very positions)."""
+    cfg, cache, _ = tiny_cache
+    cfg = sf.make_config(**{**vars(cfg), "lm_head_steps": 3, "kd_tokens": 10, "head_kd_weight": 0.6,
+                            "precision": "fp32"})
+    model = _student(cfg, cache)
+    teacher_head = cache.teacher_head()  # (V, D_teacher)
+    tokens = cache.tokens("train", np.arange(cache.num_train))  # (N, T)
+    states = cache.states("train", np.arange(cache.num_train))  # (N, T, D_teacher)
+    seen, head_loss = [], sf.head_loss
+
+    def checked(h, weight, bias, policy, **kw):
+        loss = head_loss(h, weight, bias, policy, **kw)
+        rows, y = kw["kd_rows"], kw["targets"]
+        b, t = len(h) // cache.seq_len, cache.seq_len
+        y = y.view(b, t)
+        assert (y[:, -1] == IGNORE_INDEX).all()  # the last position has no next token
+        blocks = [int((tokens[:, 1:] == y[i, :-1]).all(1).nonzero()[0]) for i in range(b)]  # each row's next tokens
+        assert len(rows) == 10 and (rows.diff() > 0).all()  # kd_tokens distinct positions, in order
+        t_logits = torch.cat([kw["teacher_logits"](j, 1) for j in range(len(rows))])
+        for j, r in enumerate(rows.tolist()):  # the teacher's logits at that very block and position
+            assert torch.allclose(t_logits[j], states[blocks[r // t], r % t] @ teacher_head.T, atol=1e-4)
+        logits = torch.nn.functional.linear(h.detach(), weight.detach(), bias.detach())  # (B T, V)
+        want = torch.nn.functional.cross_entropy(logits.view(b, t, -1)[:, :-1].flatten(0, 1), y[:, :-1].flatten()) \
+            + 0.6 * sf.kd_loss(logits[rows][None], t_logits[None])
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+        seen.append(loss.item())
+        return loss
+
+    patch(sf, "head_loss", checked)
+    sf.train_lm_head(model, cache, cfg, progress=False, need_phase2=False)
+    assert len(seen) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
