@@ -188,22 +188,29 @@ def timed(fn):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=None, help="alternating runs of each (default 5; 2 with --smoke)")
     ap.add_argument("--compile", action="store_true", help="also eager against torch.compile for the chunk's loss")
-    ap.add_argument("--only", default="", help="only the cases whose name holds this text (e.g. 'Phase 3')")
+    ap.add_argument("--only", default="", help="only the cases whose name holds this text, in any case (e.g. "
+                    "'one pass')")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc's allocator as the notebook sets it (keep_freed_memory); default: glibc's own")
     args = ap.parse_args(argv)
     said = keep_freed_memory("cpu") if args.keep_freed_memory else ""
+    cases = [c for c in CASES if args.only.lower() in c[0].lower()]
+    if not cases:
+        ap.error(f"--only {args.only!r} names no case; the cases: " + "; ".join(c[0] for c in CASES))
     shrink = 64 if args.smoke else 1
-    repeat = 2 if args.smoke else args.repeat
+    repeat = args.repeat or (2 if args.smoke else 5)
     print(f"Machine: {machine_name()} ({platform.machine()}), {torch.get_num_threads()} threads, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; allocator: "
           f"{said or 'glibc defaults (the notebook raises its thresholds: --keep-freed-memory)'}\n")
     print("| head_loss, forward + backward | dtype | before / after | value diff | grad diff (max rel) |\n"
           "|---|---|---|---|---|")
     rows = []
-    for what, n, loss, t in [c for c in CASES if args.only in c[0]]:
+    if args.smoke:
+        print(f"--smoke: the vocabulary is {VOCAB // shrink}, not {VOCAB}; the rows are as named. The ratios are not "
+              "speed figures.\n")
+    for what, n, loss, t in cases:
         for dtype in (torch.bfloat16, torch.float32):
             before, after = case(n, loss, t, dtype, shrink)
             (vb, gb), (va, ga) = before(), after()  # warm-up, and the two results compared

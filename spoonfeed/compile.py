@@ -11,6 +11,7 @@ BACKEND = "inductor"  # torch.compile's default: C++/OpenMP kernels on a CPU, Tr
 
 
 COMPILE_TIMES: dict = {}  # (name, shapes) -> seconds of the first call, the compile included: reported apart
+EAGER_CALLS = [0]  # calls that ran eager because their compile had failed (progress())
 
 
 def shapes(args) -> tuple:
@@ -45,6 +46,7 @@ class Compiled:
 
     def __call__(self, *args):
         if self.failed is not None:
+            EAGER_CALLS[0] += 1
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=False, backend=BACKEND)
@@ -61,10 +63,18 @@ class Compiled:
             self.failed = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0]}"[:300]
             warnings.warn(f"torch.compile failed for {self.name} ({self.failed}); it runs eager from now on. "
                           "COMPILE = False skips the attempt")
+            EAGER_CALLS[0] += 1
             return self.fn(*args)
         COMPILE_TIMES[key] = seconds = time.perf_counter() - start
         print(f"{self.name}: compiled in {seconds:.1f} s for these shapes (torch.compile, once per shape)")
         return out
+
+
+def progress() -> tuple[int, int]:
+    """Where compiling stands in this process: (how many step shapes have been compiled, how many calls ran eager
+    after their compile failed). Two readings, before and after a step, say whether that step compiled a graph,
+    ran eager, or reused a graph compiled before (neither count moved)."""
+    return len(COMPILE_TIMES), EAGER_CALLS[0]
 
 
 def reset() -> None:

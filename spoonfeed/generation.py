@@ -279,8 +279,14 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
         ids[:, :T0] = torch.where(mask, idx, first)
     t = T0
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    # compiled, the first decode step prints its compile line: the stream starts after it, not around it
+    held = [] if streamer is not None and compile else None
+
+    def stream(tokens):  # (B, n) ids to the streamer, or held until the first compiled step has run
+        (held.append if held is not None else streamer.put)(tokens.cpu())
+
     if streamer is not None:
-        streamer.put(idx.cpu())
+        stream(idx)
     weight, bias = _head_weights(model, precision_policy(idx.device, precision).autocast)
     dtype = model.tok_embeddings.weight.dtype
     if compile:  # every call the same shapes: the student's whole context
@@ -301,11 +307,16 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
             ids[:, t] = nxt
             t += 1
             if streamer is not None:
-                streamer.put(nxt.cpu())
+                stream(nxt)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             out = step_fn(model, nxt[:, None], cache, weight, bias)  # (B, V) float32, or (B,) ids
+            for tokens in held or ():
+                streamer.put(tokens)
+            held = None
     if streamer is not None:
+        for tokens in held or ():
+            streamer.put(tokens)
         streamer.end()
     ids[:, :T0] = idx
     return ids[:, :t]

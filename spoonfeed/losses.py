@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -183,7 +184,8 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     of the student's (docs/precision.md, 'Is bf16 within noise?'; end to end, the cpu preset's held-out figures
     stay within the issue's noise targets of float32's). The KD value's products are rounded to bf16 like
     F.kl_div's, each row's float32 sum once more (2^-9 relative), and the rows are summed in float64. No
-    ignore_index: every row has a target. The teacher's logits get no gradient, and create_graph (double
+    ignore_index in the CE and mixed losses: every row has a target there (leave rows without one out of h); with
+kd_rows, IGNORE_INDEX marks them. The teacher's logits get no gradient, and create_graph (double
     backward) is not supported: the gradients are computed in the forward pass, and not at all under
     torch.no_grad().
     Both targets and teacher_logits, with ce_weight = alpha in [0, 1], give the mixed loss of plain logit KD,
@@ -199,10 +201,11 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     the two calls it replaces (head_loss with targets on the rows with one, + kd_weight * head_loss with
     teacher_logits on h[kd_rows]) to 1e-6 in float32; in bf16 the two gradients are summed before the (V, D)
     product, so each logit's gradient is rounded to bf16 once instead of twice.
-    Raises ValueError unless exactly one of targets and teacher_logits is given (or both, with ce_weight in
-    [0, 1] or with kd_rows), for h that is not (N, D) or targets that are not (N,), for kd_rows that are not
-    increasing indices into h or without both targets and teacher_logits, when no row has a target, and for
-    chunk_rows < 1.
+    Raises ValueError, before any work, unless exactly one of targets and teacher_logits is given (or both, with
+    ce_weight in [0, 1] or with kd_rows); for h that is not (N, D), targets that are not (N,) integer ids in
+    [0, V) (or IGNORE_INDEX, with kd_rows); kd_rows that are not a 1-d integer tensor of increasing indices into h,
+    or given without both targets and teacher_logits; a temperature that is not finite and above 0; when no row
+    has a target; and for chunk_rows < 1.
     """
     both = targets is not None and teacher_logits is not None
     if (targets is None and teacher_logits is None) or (both and ce_weight is None and kd_rows is None):
@@ -219,6 +222,12 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
                          f"{None if targets is None else tuple(targets.shape)}: flatten the positions first")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be 1 or more (None: the default)")
+    if teacher_logits is not None and not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(f"temperature={temperature} must be a finite number above 0 (1: the plain softmax)")
+    if targets is not None:
+        _check_targets(targets, weight.size(0), kd_rows is not None)
+    if kd_rows is not None:
+        _check_kd_rows(kd_rows, h.size(0))
     if not torch.is_grad_enabled():  # no graph will be built: compute the loss alone, no gradients
         h, weight, bias = h.detach(), weight.detach(), None if bias is None else bias.detach()
     dtype = policy.autocast or torch.float32
@@ -254,16 +263,40 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 IGNORE_INDEX = -100  # a row without a target (transformers' labels convention)
 
 
+def _check_targets(targets: torch.Tensor, vocab: int, ignore: bool) -> None:
+    """head_loss's targets: integer token ids in [0, vocab), and IGNORE_INDEX where `ignore` (with kd_rows)."""
+    if targets.dtype in (torch.bool,) or targets.dtype.is_floating_point or targets.dtype.is_complex:
+        raise ValueError(f"targets must be integer token ids; got dtype {targets.dtype}")
+    real = targets[targets != IGNORE_INDEX] if ignore else targets
+    if len(real) and (int(real.min()) < 0 or int(real.max()) >= vocab):
+        raise ValueError(f"targets must be token ids in [0, {vocab}) (the head's vocabulary)"
+                         + (f", or IGNORE_INDEX ({IGNORE_INDEX}) for a row without one" if ignore else
+                            f"; a row without a target (IGNORE_INDEX, {IGNORE_INDEX}) is taken only with kd_rows: "
+                            "leave such rows out of h and targets")
+                         + f"; got ids from {int(real.min())} to {int(real.max())}")
+
+
+def _check_kd_rows(kd_rows: torch.Tensor, n: int) -> None:
+    """head_loss's kd_rows: a 1-D tensor of integer row indices into h's n rows, strictly increasing."""
+    if not torch.is_tensor(kd_rows) or kd_rows.dim() != 1 or kd_rows.dtype == torch.bool \
+            or kd_rows.dtype.is_floating_point or kd_rows.dtype.is_complex:
+        got = (f"a {kd_rows.dim()}-d {kd_rows.dtype} tensor" if torch.is_tensor(kd_rows) else type(kd_rows).__name__)
+        raise ValueError(f"kd_rows must be a 1-d tensor of integer row indices into h's {n} rows (a boolean mask "
+                         f"m: m.nonzero().squeeze(1)); got {got}")
+    rows = kd_rows.cpu()
+    if len(rows) and (rows[0] < 0 or rows[-1] >= n or (rows.diff() <= 0).any()):
+        raise ValueError(f"kd_rows must be increasing row indices into h's {n} rows (sort them, and their teacher "
+                         "states with them); got " + (str(rows.tolist()) if len(rows) <= 8 else
+                                                      f"{len(rows)} indices from {int(rows.min())} to "
+                                                      f"{int(rows.max())}"))
+
+
 def _ce_plus_kd(h, weight, bias, dtype, chunk_rows, targets, teacher_logits, t, kd_rows, kd_weight):
-    """head_loss with kd_rows: sum over rows with a target of CE + c * sum over kd_rows of T^2 KL, divided by the
-    number of rows with a target (c = kd_weight * that number / K), one head product a chunk."""
+    """head_loss with kd_rows (checked by head_loss): sum over rows with a target of CE + c * sum over kd_rows of
+    T^2 KL, divided by the number of rows with a target (c = kd_weight * that number / K), one head product a
+    chunk."""
     n = h.size(0)
     kd_rows = kd_rows.to(device="cpu", dtype=torch.long)
-    if kd_rows.dim() != 1 or (len(kd_rows) and (kd_rows[0] < 0 or kd_rows[-1] >= n or (kd_rows.diff() <= 0).any())):
-        raise ValueError(f"kd_rows must be increasing row indices into h's {n} rows (sort them, and their teacher "
-                         "states with them); got " + (str(kd_rows.tolist()) if len(kd_rows) <= 8 else
-                                                      f"{len(kd_rows)} indices from {int(kd_rows.min())} to "
-                                                      f"{int(kd_rows.max())}"))
     has_target = targets != IGNORE_INDEX  # (N,)
     n_ce = int(has_target.sum())
     if n_ce == 0:

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .checkpoints import _checkpoint_due, _checkpoint_every, _resume, load_checkpoint
+from .compile import progress as compile_progress
 from .optim import _adamw, _FaultGuard, _free_training_state, lr_schedule, optimizer_step
 from .parallel import world
 from .plots import progress_bar
@@ -52,6 +53,7 @@ class Phase:
                  restart=None, compiled: bool = False):
         self.name, self.model, self.cfg, self.key = name, model, cfg, key
         self.compiled, self.first_step_s, self._t0 = compiled, None, time.perf_counter()
+        self._compiling = compile_progress()
         self.params, self.steps, self.signature, self.names = list(params), steps, signature, names
         lazy = embedding is not None and getattr(cfg, "embedding_update", "dense") == "lazy"
         self.sparse = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is embedding
@@ -81,7 +83,7 @@ class Phase:
 
     def bar(self, desc: str, progress: bool = True):
         """The steps still to run, start..steps, as a progress bar."""
-        self.first_step_s, self._t0 = None, time.perf_counter()
+        self.first_step_s, self._t0, self._compiling = None, time.perf_counter(), compile_progress()
         return progress_bar(range(self.start, self.steps), desc=desc, disable=not progress)
 
     def batch(self, num_blocks: int) -> torch.Tensor:
@@ -109,8 +111,16 @@ class Phase:
         self.sched.step()
         if self.compiled and self.first_step_s is None:  # torch.compile's time, apart from the steps' time
             self.first_step_s = time.perf_counter() - self._t0
-            print(f"{self.name}: the first step took {self.first_step_s:.1f} s, compiling its forward and backward "
-                  "(COMPILE, once per shape); the others run compiled")
+            (shapes_before, eager_before), (shapes_now, eager_now) = self._compiling, compile_progress()
+            if eager_now > eager_before:  # its compile failed (now or before; a warning named why): eager
+                print(f"{self.name}: the first step took {self.first_step_s:.1f} s; torch.compile failed (see the "
+                      "warning), so every step runs eager")
+            elif shapes_now > shapes_before:
+                print(f"{self.name}: the first step took {self.first_step_s:.1f} s, compiling its forward and "
+                      "backward (COMPILE, once per shape); the others run compiled")
+            else:  # a graph this process compiled before for these shapes (another arm, a rerun of the cell)
+                print(f"{self.name}: the first step took {self.first_step_s:.1f} s; its graph was compiled earlier "
+                      "in this process for these shapes, so every step runs compiled")
         return shown.item()
 
     def checkpoint(self, done: int) -> None:

@@ -109,6 +109,8 @@ def test_head_loss_bench_only_runs_the_named_cases():
 
     rows = head_loss.main(["--smoke", "--only", "one pass"])  # Phase 3's two calls against its one
     assert [(r["what"].startswith("Phase 3: CE"), r["dtype"]) for r in rows] == [(True, "bfloat16"), (True, "float32")]
+    with pytest.raises(SystemExit):  # a filter that names no case is an error, not an empty table
+        head_loss.main(["--smoke", "--only", "no such case"])
 
 
 def test_held_out_bench_smoke_times_before_and_now_and_they_agree():

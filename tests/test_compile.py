@@ -95,6 +95,28 @@ def test_train_superposition_and_the_direct_ce_arm_compile_their_forwards_and_re
     assert len(graphs) == 2
 
 
+def test_the_first_step_line_says_whether_it_compiled_reused_a_graph_or_ran_eager(tiny_cache, backend, capsys):
+    backend()
+    cfg, cache, _ = tiny_cache
+    cfg = sf.make_config(**{**vars(cfg), "superposition_steps": 2, "eval_every": 100, "compile": True})
+    sf.train_superposition(sf.build_student(cfg, cache), cache, cfg, progress=False)
+    assert "compiling its forward and backward" in capsys.readouterr().out
+    again = sf.make_config(**{**vars(cfg), "run_dir": cfg.run_dir + "-again"})  # same shapes: the graph is reused
+    sf.train_superposition(sf.build_student(again, cache), cache, again, progress=False)
+    out = capsys.readouterr().out
+    assert "compiled earlier in this process" in out and "compiling its forward" not in out
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    backend(broken)
+    eager = sf.make_config(**{**vars(cfg), "run_dir": cfg.run_dir + "-eager"})
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        sf.train_superposition(sf.build_student(eager, cache), cache, eager, progress=False)
+    out = capsys.readouterr().out
+    assert "torch.compile failed (see the warning), so every step runs eager" in out and "runs compiled" not in out
+
+
 def test_the_static_cache_decodes_as_the_growing_cache_without_compiling():
     torch.manual_seed(0)
     model = sf.BitNetStudent(tiny_student_config()).eval()
@@ -124,6 +146,35 @@ def test_compiled_decoding_gives_eagers_tokens_and_compiles_once_per_batch_size(
         assert torch.equal(sf.generate(model, ids, 12, compile=True, **kw), sf.generate(model, ids, 12, **kw))
     assert len(graphs) == 2
     assert len(spoonfeed.compile.COMPILE_TIMES) == 2
+
+
+def test_a_compiled_streamed_generation_prints_its_compile_line_before_the_text_and_streams_eagers_tokens(
+        backend, capsys):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Printing(BaseStreamer):  # prints what it is given, as TextStreamer does in the notebook's cell 10
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+            print(f"<{value.tolist()}>", end="")
+
+        def end(self):
+            print("<end>")
+
+    backend()
+    torch.manual_seed(0)
+    model = sf.BitNetStudent(tiny_student_config()).eval()
+    runs = {}
+    for compile in (False, True):
+        streamer = Printing()
+        sf.generate(model, torch.tensor([[3, 5, 7]]), 6, temperature=0, streamer=streamer, compile=compile)
+        runs[compile] = streamer.puts, capsys.readouterr().out
+    assert runs[True][0] == runs[False][0]  # the same puts: the prompt, then each new token
+    out = runs[True][1]
+    assert out.index("the greedy decode step: compiled in") < out.index("<")  # not inside the streamed text
+    assert out.count("<end>") == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -287,6 +287,11 @@ def test_head_loss_with_kd_rows_in_bf16_stays_near_the_two_calls_and_takes_no_kd
     (dict(kd_rows=torch.tensor([1, 3]), teacher=False), "needs both"),
     (dict(kd_rows=torch.tensor([1, 3]), ce_weight=0.5), "no ce_weight"),
     (dict(kd_rows=torch.tensor([1, 3]), no_targets=True), "no row has a target"),
+    (dict(kd_rows=torch.tensor(3)), "1-d tensor of integer row indices"),  # not even a list
+    (dict(kd_rows=torch.tensor([0.0, 2.5, 3.9])), "1-d tensor of integer row indices"),  # would truncate to 0, 2, 3
+    (dict(kd_rows=torch.arange(37) % 2 == 0), "boolean mask"),  # a mask, not indices
+    (dict(kd_rows=torch.tensor([[1, 3]])), "1-d tensor"),
+    (dict(kd_rows=torch.tensor([1, 3]), temperature=0.0), "temperature=0.0 must be a finite number above 0"),
 ])
 def test_head_loss_refuses_kd_rows_it_cannot_line_up_before_any_work(bad, message):
     h, w, b, y, _, teacher = _ce_plus_kd_case()
@@ -294,7 +299,42 @@ def test_head_loss_refuses_kd_rows_it_cannot_line_up_before_any_work(bad, messag
         y = torch.full_like(y, IGNORE_INDEX)
     with pytest.raises(ValueError, match=message):
         sf.head_loss(h, w, b, FP32, targets=y, teacher_logits=teacher if bad.get("teacher", True) else None,
-                     kd_rows=bad["kd_rows"], ce_weight=bad.get("ce_weight"))
+                     kd_rows=bad["kd_rows"], ce_weight=bad.get("ce_weight"), temperature=bad.get("temperature", 1.0))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("mode", ["kd", "mixed", "kd_rows"])
+def test_head_loss_refuses_a_temperature_that_is_not_a_positive_number_in_every_kd_mode(temperature, mode):
+    h, w, b, y, rows, teacher = _ce_plus_kd_case()
+    kw = {"kd": dict(), "mixed": dict(targets=y.clamp(min=0), ce_weight=0.5),
+          "kd_rows": dict(targets=y, kd_rows=rows)}[mode]
+    with pytest.raises(ValueError, match="must be a finite number above 0"):
+        sf.head_loss(h, w, b, FP32, teacher_logits=teacher if mode != "kd" else lambda i, c: torch.zeros(c, 300),
+                     temperature=temperature, **kw)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (IGNORE_INDEX, r"taken only with kd_rows"),  # -100 without kd_rows: leave the row out instead
+    (-3, r"token ids in \[0, 300\)"),
+    (300, r"token ids in \[0, 300\)"),  # one past the vocabulary
+])
+@pytest.mark.parametrize("mode", ["ce", "mixed"])
+def test_head_loss_refuses_targets_outside_the_vocabulary_naming_the_range(bad, message, mode):
+    h, w, b, g = _head_case()
+    y = torch.randint(300, (37,), generator=g)
+    y[5] = bad
+    kw = dict(teacher_logits=lambda i, c: torch.zeros(c, 300), ce_weight=0.5) if mode == "mixed" else {}
+    with pytest.raises(ValueError, match=message):
+        sf.head_loss(h, w, b, FP32, targets=y, **kw)
+
+
+def test_head_loss_with_kd_rows_refuses_a_target_outside_the_vocabulary_and_float_targets():
+    h, w, b, y, rows, teacher = _ce_plus_kd_case()
+    with pytest.raises(ValueError, match=r"or IGNORE_INDEX \(-100\)"):
+        sf.head_loss(h, w, b, FP32, targets=torch.where(y == IGNORE_INDEX, -7, y), teacher_logits=teacher,
+                     kd_rows=rows)
+    with pytest.raises(ValueError, match="integer token ids"):
+        sf.head_loss(h, w, b, FP32, targets=y.float(), teacher_logits=teacher, kd_rows=rows)
 
 
 def test_phase3_loss_is_the_ce_of_every_next_token_plus_kd_on_the_sampled_positions(tiny_cache, patch):
