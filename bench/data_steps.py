@@ -162,12 +162,13 @@ def main(argv=None):
         entry["steps"] = budget_steps(arm, entry["budget_speed"], entry["phase1_s"], budget)
     if splits:  # the largest size's budget point against its own seconds split otherwise between the phases
         n, big = max(sizes), data["sizes"][str(max(sizes))]
-        points = [(f"budget-{n}", n, big["steps"])] + [
+        ref = f"budget-{n}"  # what every other point is compared with
+        points = [(ref, n, big["steps"])] + [
             (f"phase3-{p3}", n, split_steps(big["steps"], big["budget_speed"], p3)) for p3 in splits]
     else:
+        ref = f"budget-{sizes[0]}"
         points = [("today", sizes[0], rc.equal_steps(arm))] + [(f"budget-{n}", n, data["sizes"][str(n)]["steps"])
                                                                  for n in sizes]
-    ref = points[0][0] if splits else f"budget-{sizes[0]}"  # what every other point is compared with
     data.setdefault("runs", {})
     for seed in seeds:
         for name, n, steps in points:

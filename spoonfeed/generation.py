@@ -285,6 +285,12 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
     def stream(tokens):  # (B, n) ids to the streamer, or held until the first compiled step has run
         (held.append if held is not None else streamer.put)(tokens.cpu())
 
+    def release():  # what was held, to the streamer; from now on it streams as it comes
+        nonlocal held
+        for tokens in held or ():
+            streamer.put(tokens)
+        held = None
+
     if streamer is not None:
         stream(idx)
     weight, bias = _head_weights(model, precision_policy(idx.device, precision).autocast)
@@ -311,12 +317,9 @@ def generate(model: nn.Module, idx, max_new_tokens=30, temperature=0.7, top_k=No
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             out = step_fn(model, nxt[:, None], cache, weight, bias)  # (B, V) float32, or (B,) ids
-            for tokens in held or ():
-                streamer.put(tokens)
-            held = None
+            release()
     if streamer is not None:
-        for tokens in held or ():
-            streamer.put(tokens)
+        release()
         streamer.end()
     ids[:, :T0] = idx
     return ids[:, :t]

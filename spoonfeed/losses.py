@@ -111,9 +111,7 @@ def _kd(s, t_logp, t: float):
     """head_loss's KD on a chunk: s (c, V) the student's logits divided by t, overwritten; t_logp the teacher's
     log-probabilities at t, overwritten. Returns T^2 KL summed (float64) and the gradient T (p_s - p_t) in s's
     memory."""
-    s_logp = _log_softmax_(s)
-    loss, p_t = _kl_sum(s_logp, t_logp)
-    g = s_logp.exp_().sub_(p_t)
+    loss, g = _kd_from_logp(_log_softmax_(s), t_logp)
     return loss * t * t, g.mul_(t) if t != 1 else g
 
 
@@ -185,7 +183,7 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     stay within the issue's noise targets of float32's). The KD value's products are rounded to bf16 like
     F.kl_div's, each row's float32 sum once more (2^-9 relative), and the rows are summed in float64. No
     ignore_index in the CE and mixed losses: every row has a target there (leave rows without one out of h); with
-kd_rows, IGNORE_INDEX marks them. The teacher's logits get no gradient, and create_graph (double
+    kd_rows, IGNORE_INDEX marks them. The teacher's logits get no gradient, and create_graph (double
     backward) is not supported: the gradients are computed in the forward pass, and not at all under
     torch.no_grad().
     Both targets and teacher_logits, with ce_weight = alpha in [0, 1], give the mixed loss of plain logit KD,
@@ -268,6 +266,9 @@ def _check_targets(targets: torch.Tensor, vocab: int, ignore: bool) -> None:
     if targets.dtype in (torch.bool,) or targets.dtype.is_floating_point or targets.dtype.is_complex:
         raise ValueError(f"targets must be integer token ids; got dtype {targets.dtype}")
     real = targets[targets != IGNORE_INDEX] if ignore else targets
+    if ignore and len(real) == 0:
+        raise ValueError("head_loss with kd_rows: no row has a target (all are IGNORE_INDEX); pass the KD rows "
+                         "alone as teacher_logits")
     if len(real) and (int(real.min()) < 0 or int(real.max()) >= vocab):
         raise ValueError(f"targets must be token ids in [0, {vocab}) (the head's vocabulary)"
                          + (f", or IGNORE_INDEX ({IGNORE_INDEX}) for a row without one" if ignore else
@@ -299,9 +300,6 @@ def _ce_plus_kd(h, weight, bias, dtype, chunk_rows, targets, teacher_logits, t, 
     kd_rows = kd_rows.to(device="cpu", dtype=torch.long)
     has_target = targets != IGNORE_INDEX  # (N,)
     n_ce = int(has_target.sum())
-    if n_ce == 0:
-        raise ValueError("head_loss with kd_rows: no row has a target (all are IGNORE_INDEX); pass the KD rows "
-                         "alone as teacher_logits")
     c = float(kd_weight) * n_ce / len(kd_rows) if len(kd_rows) else 0.0
     bounds = torch.searchsorted(kd_rows, torch.arange(0, n + chunk_rows, chunk_rows)).tolist()  # chunk -> kd slice
 

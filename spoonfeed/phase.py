@@ -113,14 +113,12 @@ class Phase:
             self.first_step_s = time.perf_counter() - self._t0
             (shapes_before, eager_before), (shapes_now, eager_now) = self._compiling, compile_progress()
             if eager_now > eager_before:  # its compile failed (now or before; a warning named why): eager
-                print(f"{self.name}: the first step took {self.first_step_s:.1f} s; torch.compile failed (see the "
-                      "warning), so every step runs eager")
+                what = "; torch.compile failed (see the warning), so every step runs eager"
             elif shapes_now > shapes_before:
-                print(f"{self.name}: the first step took {self.first_step_s:.1f} s, compiling its forward and "
-                      "backward (COMPILE, once per shape); the others run compiled")
+                what = ", compiling its forward and backward (COMPILE, once per shape); the others run compiled"
             else:  # a graph this process compiled before for these shapes (another arm, a rerun of the cell)
-                print(f"{self.name}: the first step took {self.first_step_s:.1f} s; its graph was compiled earlier "
-                      "in this process for these shapes, so every step runs compiled")
+                what = "; its graph was compiled earlier in this process for these shapes, so every step runs compiled"
+            print(f"{self.name}: the first step took {self.first_step_s:.1f} s{what}")
         return shown.item()
 
     def checkpoint(self, done: int) -> None:
